@@ -1,0 +1,167 @@
+"""Decoding images from a dataset root, and decoded RGB tensors for the CNN encoders (cached).
+
+`read_image` is the single place that turns a file into pixels: it raises `DatasetError` naming the
+file when it cannot be decoded. `load_images` resizes every database and query image to (H, W),
+converts grayscale / BGRA / 16-bit to 8-bit RGB and returns channel-first uint8 arrays, cached
+in one `.npz` keyed by the dataset fingerprint, the paths, the size and a format version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from siamese_retrieval.errors import DatasetError
+from siamese_retrieval.io_utils import atomic_path, stable_hash
+
+log = logging.getLogger(__name__)
+
+IMAGES_CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------- decoding
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode `path` as stored (grayscale, BGR or BGRA; any bit depth); DatasetError if impossible."""
+    path = Path(path)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)  # unlike cv2.imread, works for any path encoding
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None or img.size == 0:
+        raise DatasetError(f"{path}: not a decodable image")
+    return img
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Any-depth image -> uint8 (16-bit scaled by 1/257, floats assumed in [0, 1])."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return (img.astype(np.uint32) // 257).astype(np.uint8)
+    if np.issubdtype(img.dtype, np.floating):
+        return np.clip(np.nan_to_num(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def to_gray(img: np.ndarray) -> np.ndarray:
+    """Grayscale (H, W, [1]), BGR or BGRA -> uint8 (H, W). Equal-channel BGR gives back the gray image."""
+    img = to_uint8(np.asarray(img))
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return np.ascontiguousarray(img)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+    raise ValueError(f"unsupported image shape {img.shape}")
+
+
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """Grayscale, BGR or BGRA (as decoded by OpenCV) -> uint8 RGB (H, W, 3)."""
+    img = to_uint8(np.asarray(img))
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    raise ValueError(f"unsupported image shape {img.shape}")
+
+
+# ----------------------------------------------------------------------------------------- tensors
+
+
+def _load_into(out: np.ndarray, paths: Sequence[Path], start: int, size: tuple[int, int]) -> None:
+    h, w = size
+    for i, path in enumerate(paths):
+        rgb = to_rgb(read_image(path))
+        if rgb.shape[:2] != (h, w):
+            shrinking = rgb.shape[0] >= h and rgb.shape[1] >= w
+            rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        out[start + i] = rgb.transpose(2, 0, 1)
+
+
+def decode_resized(paths: Sequence[Path], size: tuple[int, int], workers: int = 2) -> np.ndarray:
+    """(n, 3, H, W) uint8 RGB; threads fill one preallocated array (cv2 releases the GIL)."""
+    h, w = int(size[0]), int(size[1])
+    out = np.empty((len(paths), 3, h, w), dtype=np.uint8)
+    if not len(paths):
+        return out
+    chunk = max(1, min(64, -(-len(paths) // max(1, workers * 4))))
+    starts = range(0, len(paths), chunk)
+    if workers <= 1:
+        for s in starts:
+            _load_into(out, paths[s : s + chunk], s, (h, w))
+        return out
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for fut in [pool.submit(_load_into, out, paths[s : s + chunk], s, (h, w)) for s in starts]:
+            fut.result()  # re-raises the DatasetError of the first bad image
+    return out
+
+
+def images_cache_file(dataset, size: tuple[int, int], cache_dir: str | os.PathLike) -> Path:
+    key = stable_hash(
+        {
+            "fingerprint": dataset.fingerprint,
+            "size": [int(size[0]), int(size[1])],
+            "db_paths": list(dataset.db_paths),
+            "q_paths": list(dataset.q_paths),
+            "version": IMAGES_CACHE_VERSION,
+        }
+    )
+    return Path(cache_dir) / f"images-{int(size[0])}x{int(size[1])}-{key}.npz"
+
+
+def _load_cache(path: Path, n_db: int, n_q: int, size: tuple[int, int]):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            db, q = z["db"], z["q"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("image cache %s is unreadable (%s); rebuilding it", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+    if db.shape != (n_db, 3, *size) or q.shape != (n_q, 3, *size) or db.dtype != np.uint8 or q.dtype != np.uint8:
+        log.warning("image cache %s has unexpected shapes; rebuilding it", path)
+        path.unlink(missing_ok=True)
+        return None
+    return db, q
+
+
+def load_images(
+    dataset,
+    size: tuple[int, int] = (192, 256),
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Database and query images as uint8 RGB (n, 3, H, W), resized to exactly `size` = (H, W)."""
+    size = (int(size[0]), int(size[1]))
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"image size must be positive, got {size}")
+    path = images_cache_file(dataset, size, cache_dir) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = _load_cache(path, dataset.n_db, dataset.n_query, size)
+        if cached is not None:
+            log.info("image cache hit: %s", path)
+            return cached
+    log.info("decoding %d images at %dx%d%s", dataset.n_db + dataset.n_query, size[0], size[1],
+             f" (cache miss: {path})" if path is not None else "")
+    db = decode_resized([dataset.root / p for p in dataset.db_paths], size, workers)
+    q = decode_resized([dataset.root / p for p in dataset.q_paths], size, workers)
+    if path is not None:
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, db=db, q=q)
+    return db, q

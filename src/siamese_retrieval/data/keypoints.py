@@ -1,0 +1,222 @@
+"""ORB keypoints per image (the study's features), with OpenCV, in parallel, cached on disk.
+
+The study ran scikit-image's `ORB(n_keypoints=10)`; OpenCV's ORB gives the same kind of
+32-byte binary descriptors roughly 70x faster. Per image we detect more candidates than needed
+and keep the `n_keypoints` strongest (by response, ties broken by position), so the order is
+deterministic. Images with fewer keypoints (blank, tiny) are zero-padded and masked.
+
+    desc  uint8   (n, 32)  packed BRIEF descriptors
+    geom  float32 (n, 4)   x / width, y / height, size / max(width, height), angle / 360
+    mask  bool    (n,)     True where a keypoint exists
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import cv2
+import numpy as np
+
+from siamese_retrieval.data.images import read_image, to_gray
+from siamese_retrieval.io_utils import atomic_path, stable_hash
+
+log = logging.getLogger(__name__)
+
+KEYPOINTS_CACHE_VERSION = 1
+DESC_BYTES = 32
+
+
+@dataclass(frozen=True)
+class OrbConfig:
+    n_keypoints: int = 10
+    scale_factor: float = 1.2
+    n_levels: int = 8
+    edge_threshold: int = 31
+    fast_threshold: int = 20
+    patch_size: int = 31
+    max_side: int = 1024  # larger images are downscaled first (memory and time stay bounded)
+
+    def __post_init__(self) -> None:
+        if self.n_keypoints < 1:
+            raise ValueError(f"n_keypoints must be >= 1, got {self.n_keypoints}")
+        if self.max_side < 8:
+            raise ValueError(f"max_side must be >= 8, got {self.max_side}")
+
+    def create(self) -> cv2.ORB:
+        return cv2.ORB_create(
+            nfeatures=max(4 * self.n_keypoints, 100),
+            scaleFactor=float(self.scale_factor),
+            nlevels=int(self.n_levels),
+            edgeThreshold=int(self.edge_threshold),
+            firstLevel=0,
+            WTA_K=2,
+            scoreType=cv2.ORB_HARRIS_SCORE,
+            patchSize=int(self.patch_size),
+            fastThreshold=int(self.fast_threshold),
+        )
+
+
+def empty_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.zeros((count, n, DESC_BYTES), np.uint8),
+        np.zeros((count, n, 4), np.float32),
+        np.zeros((count, n), bool),
+    )
+
+
+def extract_orb(image: np.ndarray, cfg: OrbConfig = OrbConfig(), orb: cv2.ORB | None = None):
+    """ORB on one image (grayscale, BGR or BGRA). Never raises for blank, tiny or odd-channel images."""
+    n = cfg.n_keypoints
+    desc, geom, mask = (a[0] for a in empty_features(n))
+    gray = to_gray(image)
+    h, w = gray.shape[:2]
+    if h == 0 or w == 0:
+        return desc, geom, mask
+    if max(h, w) > cfg.max_side:
+        scale = cfg.max_side / max(h, w)
+        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        h, w = gray.shape
+    if min(h, w) <= 2 * max(cfg.edge_threshold, cfg.patch_size // 2 + 1):
+        return desc, geom, mask  # nothing can be detected that far from every border
+    kps, d = (orb or cfg.create()).detectAndCompute(gray, None)
+    if d is None or not len(kps):
+        return desc, geom, mask
+    resp = np.array([k.response for k in kps], np.float64)
+    pts = np.array([k.pt for k in kps], np.float64).reshape(-1, 2)
+    order = np.lexsort((pts[:, 0], pts[:, 1], -resp))[:n]  # strongest first, ties by (y, x)
+    k = len(order)
+    desc[:k] = d[order]
+    geom[:k, 0] = pts[order, 0] / w
+    geom[:k, 1] = pts[order, 1] / h
+    geom[:k, 2] = [kps[i].size / max(h, w) for i in order]
+    geom[:k, 3] = [(kps[i].angle % 360.0) / 360.0 for i in order]
+    np.clip(geom, 0.0, 1.0, out=geom)
+    mask[:k] = True
+    return desc, geom, mask
+
+
+# ----------------------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class KeypointFeatures:
+    db_desc: np.ndarray  # (n_db, n, 32) uint8
+    db_geom: np.ndarray  # (n_db, n, 4) float32
+    db_mask: np.ndarray  # (n_db, n) bool
+    q_desc: np.ndarray
+    q_geom: np.ndarray
+    q_mask: np.ndarray
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("db_desc", "db_geom", "db_mask", "q_desc", "q_geom", "q_mask")
+
+    @property
+    def n_keypoints(self) -> int:
+        return self.db_desc.shape[1]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+
+def _extract_chunk(paths: Sequence[str], cfg: OrbConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Worker: one ORB object per chunk (cv2 objects are not shared between threads)."""
+    orb = cfg.create()
+    desc, geom, mask = empty_features(cfg.n_keypoints, len(paths))
+    for i, p in enumerate(paths):
+        desc[i], geom[i], mask[i] = extract_orb(read_image(p), cfg, orb)
+    return desc, geom, mask
+
+
+def extract_paths(
+    paths: Sequence[str | os.PathLike], cfg: OrbConfig, workers: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ORB for many files, in chunks, on a thread pool.
+
+    Threads, not processes: cv2 releases the GIL while decoding and detecting, and a process pool
+    pays its start-up on every call. Measured on 2 cores, 500 JPEGs of 256x192: 1 thread ~800
+    images/s, 2 threads ~1400 images/s, 2 spawned processes ~800 images/s.
+    """
+    paths = [str(p) for p in paths]
+    if not paths:
+        return empty_features(cfg.n_keypoints, 0)
+    chunk = max(1, min(64, -(-len(paths) // max(1, workers * 4))))
+    chunks = [paths[s : s + chunk] for s in range(0, len(paths), chunk)]
+    if workers <= 1 or len(chunks) == 1:
+        parts = [_extract_chunk(c, cfg) for c in chunks]
+    else:
+        cv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # parallel over images, not inside OpenCV (global setting: restored below)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                parts = list(pool.map(_extract_chunk, chunks, [cfg] * len(chunks)))
+        finally:
+            cv2.setNumThreads(cv_threads)
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+
+def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) -> Path:
+    key = stable_hash(
+        {
+            "fingerprint": dataset.fingerprint,
+            "cfg": asdict(cfg),
+            "db_paths": list(dataset.db_paths),
+            "q_paths": list(dataset.q_paths),
+            "version": KEYPOINTS_CACHE_VERSION,
+            "cv2": cv2.__version__.split(".")[0],
+        }
+    )
+    return Path(cache_dir) / f"keypoints-{key}.npz"
+
+
+def _load_cache(path: Path, n_db: int, n_q: int, n: int) -> KeypointFeatures | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats = KeypointFeatures(**{k: z[k] for k in KeypointFeatures.FIELDS})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("keypoint cache %s is unreadable (%s); rebuilding it", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+    ok = (
+        feats.db_desc.shape == (n_db, n, DESC_BYTES)
+        and feats.q_desc.shape == (n_q, n, DESC_BYTES)
+        and feats.db_geom.shape == (n_db, n, 4)
+        and feats.q_geom.shape == (n_q, n, 4)
+        and feats.db_mask.shape == (n_db, n)
+        and feats.q_mask.shape == (n_q, n)
+    )
+    if not ok:
+        log.warning("keypoint cache %s has unexpected shapes; rebuilding it", path)
+        path.unlink(missing_ok=True)
+        return None
+    return feats
+
+
+def extract_dataset_keypoints(
+    dataset,
+    cfg: OrbConfig = OrbConfig(),
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+) -> KeypointFeatures:
+    """ORB features of every database and query image; cached in `cache_dir` when given."""
+    path = keypoints_cache_file(dataset, cfg, cache_dir) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        feats = _load_cache(path, dataset.n_db, dataset.n_query, cfg.n_keypoints)
+        if feats is not None:
+            log.info("keypoint cache hit: %s", path)
+            return feats
+    log.info("extracting ORB keypoints from %d images%s", dataset.n_db + dataset.n_query,
+             f" (cache miss: {path})" if path is not None else "")
+    files = [dataset.root / p for p in list(dataset.db_paths) + list(dataset.q_paths)]
+    desc, geom, mask = extract_paths(files, cfg, workers)
+    n_db = dataset.n_db
+    feats = KeypointFeatures(desc[:n_db], geom[:n_db], mask[:n_db], desc[n_db:], geom[n_db:], mask[n_db:])
+    if path is not None:
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **feats.arrays())
+    return feats

@@ -1,0 +1,233 @@
+"""Per-epoch (query, database) pair sampling for Siamese training, and fixed evaluation pairs.
+
+Kinds of database image for a query (restricted to the training database images):
+
+    positive       sim = 1
+    soft negative  sim = 0 and 0 < fov < soft_max_fov   (partly overlapping views)
+    hard negative  sim = 0 and fov = 0                 (no overlap; look-alikes live here)
+    negative       sim = 0                             (the study's random negatives, `balance`)
+
+`PairRecipe.study()` is the study's recipe: every positive plus as many random negatives
+(1:1 overall and per query), target = sim; queries without a positive contribute nothing.
+`PairRecipe.default()`: up to 4 positives, 2 soft and 6 hard negatives per query; queries without
+a positive contribute their negatives only; a query with fewer candidates of a kind gets fewer.
+Sampling is deterministic per (seed, epoch) and differs between epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from siamese_retrieval.errors import ConfigError
+
+TARGETS = ("sim", "fov")
+
+
+@dataclass(frozen=True)
+class PairRecipe:
+    positives_per_query: int = 4  # -1: all
+    soft_negatives_per_query: int = 2
+    hard_negatives_per_query: int = 6
+    target: str = "sim"  # "sim" (0/1) or "fov" (graded)
+    soft_max_fov: float = 0.5
+    balance: bool = False  # add one random negative (sim = 0) per positive taken
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ConfigError(f"pair recipe: target must be one of {TARGETS}, got {self.target!r}")
+        counts = {
+            "positives_per_query": self.positives_per_query,
+            "soft_negatives_per_query": self.soft_negatives_per_query,
+            "hard_negatives_per_query": self.hard_negatives_per_query,
+        }
+        for name, value in counts.items():
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < -1:
+                raise ConfigError(f"pair recipe: {name} must be an integer >= 0 or -1 (all), got {value!r}")
+        if not 0 < self.soft_max_fov <= 1:
+            raise ConfigError(f"pair recipe: soft_max_fov must lie in (0, 1], got {self.soft_max_fov}")
+        if self.balance and (self.soft_negatives_per_query or self.hard_negatives_per_query):
+            raise ConfigError("pair recipe: balance=True draws its own negatives; set soft/hard_negatives_per_query to 0")
+        if not self.positives_per_query and not self.balance and not (
+            self.soft_negatives_per_query or self.hard_negatives_per_query
+        ):
+            raise ConfigError("impossible pair recipe: it asks for no pairs at all")
+
+    @classmethod
+    def study(cls, **overrides) -> "PairRecipe":
+        """The study's recipe: all positives + as many random negatives, target sim (fields overridable)."""
+        base = dict(positives_per_query=-1, soft_negatives_per_query=0, hard_negatives_per_query=0, balance=True)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def default(cls, **overrides) -> "PairRecipe":
+        """Up to 4 positives, 2 soft and 6 hard negatives per query, target sim (fields overridable)."""
+        base = dict(positives_per_query=4, soft_negatives_per_query=2, hard_negatives_per_query=6)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PairRecipe":
+        presets = {"study": cls.study, "default": cls.default}
+        if name not in presets:
+            raise ConfigError(f"unknown pair recipe preset {name!r} (one of {', '.join(presets)})")
+        return presets[name](**overrides)
+
+
+class _Csr:
+    """Per-query sorted lists of database indices (compressed rows)."""
+
+    def __init__(self, ptr: np.ndarray, col: np.ndarray):
+        self.ptr, self.col = ptr, col
+
+    def row(self, i: int) -> np.ndarray:
+        return self.col[self.ptr[i] : self.ptr[i + 1]]
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+
+def _to_csr(rows: list[np.ndarray], cols: list[np.ndarray], n_rows: int) -> _Csr:
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    ptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=n_rows), out=ptr[1:])
+    return _Csr(ptr, c.astype(np.int64))  # np.nonzero yields row-major order: rows stay sorted
+
+
+def _choose(rng: np.random.Generator, items: np.ndarray, k: int) -> np.ndarray:
+    if k < 0 or k >= len(items):
+        return items
+    return rng.choice(items, size=k, replace=False)
+
+
+def _draw_excluding(rng: np.random.Generator, pool: np.ndarray, excluded: np.ndarray, k: int) -> np.ndarray:
+    """k distinct items of sorted `pool` not in sorted `excluded` (a subset of pool), uniformly."""
+    n_ok = len(pool) - len(excluded)
+    k = min(k, n_ok)
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if n_ok < 4 * k or n_ok < len(pool) // 2:  # dense exclusions: enumerate the allowed items
+        allowed = pool[~np.isin(pool, excluded, assume_unique=True)]
+        return rng.choice(allowed, size=k, replace=False)
+    got = np.zeros(0, np.int64)
+    while len(got) < k:  # rejection sampling: expected < 2 rounds here
+        cand = pool[rng.integers(len(pool), size=2 * k + 8)]
+        if len(excluded):
+            pos = np.minimum(np.searchsorted(excluded, cand), len(excluded) - 1)
+            cand = cand[excluded[pos] != cand]
+        cand = np.concatenate([got, cand])
+        _, first = np.unique(cand, return_index=True)
+        got = cand[np.sort(first)]
+    return got[:k]
+
+
+class PairSampler:
+    """Training pairs from `query_idx` x `db_idx` (the train split's queries and database images)."""
+
+    def __init__(
+        self,
+        sim: np.ndarray,
+        fov: np.ndarray,
+        query_idx: np.ndarray,
+        db_idx: np.ndarray,
+        recipe: PairRecipe | None = None,
+        seed: int = 0,
+        strict: bool = True,
+    ):
+        self.sim = np.asarray(sim, dtype=bool)
+        self.fov = np.asarray(fov, dtype=np.float32)
+        if self.sim.shape != self.fov.shape or self.sim.ndim != 2:
+            raise ValueError(f"sim {self.sim.shape} and fov {self.fov.shape} must be equal 2-D shapes")
+        self.recipe = recipe or PairRecipe.default()
+        self.seed = int(seed)
+        self.query_idx = np.unique(np.asarray(query_idx, dtype=np.int64))
+        self.db_idx = np.unique(np.asarray(db_idx, dtype=np.int64))
+        n_q, n_db = self.sim.shape
+        for name, idx, n in (("query_idx", self.query_idx, n_q), ("db_idx", self.db_idx, n_db)):
+            if len(idx) and (idx[0] < 0 or idx[-1] >= n):
+                raise ValueError(f"{name} out of range [0, {n})")
+        self._index()
+        if strict:
+            self._check_possible()
+
+    def _index(self) -> None:
+        """CSR lists of positives, soft negatives and non-hard images per query (chunked, vectorised)."""
+        r = self.recipe
+        pos_r, pos_c, soft_r, soft_c, nh_r, nh_c = [], [], [], [], [], []
+        for start in range(0, len(self.query_idx), 256):
+            rows = self.query_idx[start : start + 256]
+            s = self.sim[np.ix_(rows, self.db_idx)]
+            f = self.fov[np.ix_(rows, self.db_idx)]
+            for mask, rr, cc in (
+                (s, pos_r, pos_c),
+                (~s & (f > 0) & (f < r.soft_max_fov), soft_r, soft_c),
+                (s | (f > 0), nh_r, nh_c),
+            ):
+                i, j = np.nonzero(mask)
+                rr.append(i + start)
+                cc.append(self.db_idx[j])
+        n = len(self.query_idx)
+        self.pos, self.soft, self.not_hard = _to_csr(pos_r, pos_c, n), _to_csr(soft_r, soft_c, n), _to_csr(nh_r, nh_c, n)
+
+    def _check_possible(self) -> None:
+        r = self.recipe
+        where = f"{len(self.query_idx)} train queries x {len(self.db_idx)} train database images"
+        if not len(self.query_idx) or not len(self.db_idx):
+            raise ConfigError(f"impossible pair recipe: no training pairs can exist ({where})")
+        n_pos = self.pos.counts()
+        if r.positives_per_query and not n_pos.sum():
+            raise ConfigError(f"impossible pair recipe: no positive (sim=1) pair among {where}; {r}")
+        available = 0
+        if r.balance:
+            available += int(((len(self.db_idx) - n_pos) * (n_pos > 0)).sum())
+        if r.soft_negatives_per_query:
+            available += int(self.soft.counts().sum())
+        if r.hard_negatives_per_query:
+            available += int((len(self.db_idx) - self.not_hard.counts()).sum())
+        needs_neg = r.balance or r.soft_negatives_per_query or r.hard_negatives_per_query
+        if needs_neg and not available:
+            raise ConfigError(f"impossible pair recipe: no negative of the requested kinds among {where}; {r}")
+
+    def sample(self, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query indices int64, database indices int64, targets float32), shuffled; same (seed, epoch) -> same pairs."""
+        r = self.recipe
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        qs, ds = [], []
+        for i, q in enumerate(self.query_idx):
+            pos = _choose(rng, self.pos.row(i), r.positives_per_query)
+            parts = [pos]
+            if r.balance and len(pos):
+                parts.append(_draw_excluding(rng, self.db_idx, self.pos.row(i), len(pos)))
+            if r.soft_negatives_per_query:
+                parts.append(_choose(rng, self.soft.row(i), r.soft_negatives_per_query))
+            if r.hard_negatives_per_query:
+                k = r.hard_negatives_per_query if r.hard_negatives_per_query >= 0 else len(self.db_idx)
+                parts.append(_draw_excluding(rng, self.db_idx, self.not_hard.row(i), k))
+            d = np.concatenate(parts).astype(np.int64)
+            ds.append(d)
+            qs.append(np.full(len(d), q, np.int64))
+        q = np.concatenate(qs) if qs else np.zeros(0, np.int64)
+        d = np.concatenate(ds) if ds else np.zeros(0, np.int64)
+        perm = rng.permutation(len(q))
+        q, d = q[perm], d[perm]
+        source = self.sim if r.target == "sim" else self.fov
+        return q, d, source[q, d].astype(np.float32)
+
+
+def eval_pairs(
+    sim: np.ndarray,
+    fov: np.ndarray,
+    query_idx: np.ndarray,
+    recipe: PairRecipe | None = None,
+    seed: int = 0,
+    *,
+    db_idx: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A fixed set of val/test pairs for range accuracy: by default the study's recipe over the whole
+    database (all positives + as many random negatives). Empty arrays, not an error, if none exist."""
+    if recipe is not None and not isinstance(recipe, PairRecipe):
+        raise TypeError(f"eval_pairs: recipe must be a PairRecipe, got {type(recipe).__name__} (pass db_idx= by keyword)")
+    db_idx = np.arange(np.asarray(sim).shape[1]) if db_idx is None else db_idx
+    sampler = PairSampler(sim, fov, query_idx, db_idx, recipe or PairRecipe.study(), seed, strict=False)
+    return sampler.sample(0)

@@ -1,0 +1,166 @@
+"""Lightning callbacks: retrieval metrics over the full database, and retrieval example grids.
+
+The metrics live in a callback, not in the module, so that every encoder gets the same evaluation:
+embed the database once, index it, search each split query against all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from siamese_retrieval.data.inputs import Tensors, take
+from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
+from siamese_retrieval.retrieval.metrics import RetrievalScores
+from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def embed_all(module: Any, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:
+    """Embeddings of every item of `inputs`, in batches, on the module's device; returned on CPU."""
+    n = len(next(iter(inputs.values())))
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start : start + batch_size].to(module.device) for k, v in inputs.items()}
+        out.append(module.embed(chunk).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+@dataclass
+class Ranking:
+    """What one evaluation found, per query of the split (O(queries x k) memory)."""
+
+    query_idx: np.ndarray  # (m,) dataset query indices
+    top_ids: np.ndarray  # (m, k) database indices, best first
+    top_scores: np.ndarray  # (m, k) relevance scores
+    first_positive_rank: np.ndarray  # (m,) 1-based rank of the first sim=1 image, 0 if the query has none
+    metrics: dict[str, float]
+
+
+def rank_queries(
+    module: Any,
+    db_inputs: Tensors,
+    q_inputs: Tensors,
+    query_idx: np.ndarray,
+    sim: np.ndarray,
+    fov: np.ndarray,
+    top_ks: Sequence[int] = (1, 5, 10),
+    ndcg_k: int = 10,
+    keep_top: int = 10,
+    query_chunk: int = 256,
+    embed_batch: int = 512,
+    index_cfg: IndexConfig | None = None,
+) -> Ranking:
+    """Embed the database once, search every query against all of it, score the full ranking."""
+    db_emb = embed_all(module, db_inputs, embed_batch)
+    q_emb = embed_all(module, take(q_inputs, query_idx), embed_batch)
+    cosine = getattr(module, "distance_kind", "euclidean") == "cosine"
+    if cosine:
+        db_emb, q_emb = torch.nn.functional.normalize(db_emb, dim=-1), torch.nn.functional.normalize(q_emb, dim=-1)
+    index = build_index(db_emb.numpy(), index_cfg or IndexConfig(metric="ip" if cosine else "l2"))
+    n_db = db_emb.shape[0]
+    metric = RetrievalScores(top_ks=tuple(top_ks), ndcg_k=ndcg_k)
+    keep = min(keep_top, n_db)
+    tops, top_scores, first_pos = [], [], []
+    for start in range(0, len(query_idx), query_chunk):
+        qi = query_idx[start : start + query_chunk]
+        dist, ids = search(index, q_emb[start : start + query_chunk].numpy(), k=n_db)
+        dist_t = torch.from_numpy(dist)
+        distance = 1.0 - dist_t if cosine else torch.sqrt(torch.clamp(dist_t, min=1e-7))
+        with torch.inference_mode():
+            ranked_scores = module.score_distances(distance.to(module.device)).float().cpu()
+        scores = torch.empty_like(ranked_scores).scatter_(1, torch.from_numpy(ids), ranked_scores)
+        sim_c, fov_c = torch.from_numpy(sim[qi]), torch.from_numpy(fov[qi])
+        metric.update(scores, sim_c, fov_c)
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        tops.append(order[:, :keep].numpy())
+        top_scores.append(torch.gather(scores, 1, order[:, :keep]).numpy())
+        hits = torch.gather(sim_c, 1, order)
+        has = hits.any(dim=1)
+        first_pos.append(torch.where(has, hits.float().argmax(dim=1) + 1, torch.zeros_like(has, dtype=torch.long)).numpy())
+    values = {k: float(v) for k, v in metric.compute().items()}
+    return Ranking(query_idx, np.concatenate(tops), np.concatenate(top_scores), np.concatenate(first_pos), values)
+
+
+class RetrievalMetrics(pl.Callback):
+    """Logs {val,test}/precision@k, recall@k, mAP, ndcg@10 over the full database each evaluation."""
+
+    def __init__(
+        self,
+        top_ks: Sequence[int] = (1, 5, 10),
+        ndcg_k: int = 10,
+        keep_top: int = 10,
+        query_chunk: int = 256,
+        embed_batch: int = 512,
+        index: dict[str, Any] | None = None,
+    ) -> None:
+        self.top_ks, self.ndcg_k, self.keep_top = tuple(top_ks), ndcg_k, keep_top
+        self.query_chunk, self.embed_batch = query_chunk, embed_batch
+        self.index_cfg = IndexConfig(**index) if index else None
+        self.rankings: dict[str, Ranking] = {}
+
+    def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        query_idx = dm.split_queries(stage)
+        if len(query_idx) == 0:
+            return
+        ds = dm.dataset
+        ranking = rank_queries(module, dm.db_inputs, dm.q_inputs, query_idx, ds.sim, ds.fov, self.top_ks,
+                               self.ndcg_k, self.keep_top, self.query_chunk, self.embed_batch, self.index_cfg)
+        self.rankings[stage] = ranking
+        for name, value in ranking.metrics.items():
+            module.log(f"{stage}/{name}", value, prog_bar=name in ("recall@1", "precision@10"))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._evaluate(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluate(trainer, pl_module, "test")
+
+
+class RetrievalExamples(pl.Callback):
+    """At test end: a grid PNG of queries with their top-k (and the same image + a per-query table in W&B)."""
+
+    def __init__(self, output_dir: str, n_queries: int = 6, top_k: int = 5, seed: int = 0) -> None:
+        self.output_dir = Path(output_dir)
+        self.n_queries, self.top_k, self.seed = n_queries, top_k, seed
+        self.grid_path: Path | None = None
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics_cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalMetrics)), None)
+        if metrics_cb is None or "test" not in metrics_cb.rankings or not trainer.is_global_zero:
+            return
+        ranking, ds = metrics_cb.rankings["test"], trainer.datamodule.dataset
+        rng = np.random.default_rng(self.seed)
+        with_pos = np.flatnonzero(ranking.first_positive_rank > 0)
+        pick = np.sort(rng.choice(with_pos, size=min(self.n_queries, len(with_pos)), replace=False))
+        k = min(self.top_k, ranking.top_ids.shape[1])
+        grid = retrieval_grid(
+            [ds.query_file(int(ranking.query_idx[i])) for i in pick],
+            [[ds.db_file(int(j)) for j in ranking.top_ids[i, :k]] for i in pick],
+            [[bool(ds.sim[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
+            [ranking.top_scores[i, :k].tolist() for i in pick],
+        )
+        self.grid_path = save_png(self.output_dir / "retrieval_grid_test.png", grid)
+        for lg in trainer.loggers:
+            if hasattr(lg, "log_image"):
+                lg.log_image(key="test/retrieval_examples", images=[grid],
+                             caption=["query | top-k (green: sim=1, red: sim=0)"])
+            if hasattr(lg, "log_table"):
+                rows = [
+                    [ds.q_paths[int(q)], int(r), float(ds.sim[q, ranking.top_ids[i]].mean()),
+                     " ".join(ds.db_paths[int(j)] for j in ranking.top_ids[i])]
+                    for i, (q, r) in enumerate(zip(ranking.query_idx, ranking.first_positive_rank))
+                ]
+                lg.log_table(key="test/per_query",
+                             columns=["query", "first_positive_rank", f"precision@{ranking.top_ids.shape[1]}", "top_k"],
+                             data=rows)

@@ -1,0 +1,178 @@
+"""RetrievalDataModule: dataset root -> validated dataset -> place splits -> input tensors -> pair batches.
+
+Training batches are pairs sampled afresh each epoch from the train queries and train-place database
+images; val/test batches are a fixed set of the split's pairs (loss and range accuracy), while the
+retrieval callbacks search the split's queries against the FULL database.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from siamese_retrieval.data.dataset import DatasetFiles, RetrievalDataset, read_dataset
+from siamese_retrieval.data.inputs import InputBuilder, Tensors, take
+from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
+from siamese_retrieval.data.splits import Splits, split_by_place
+from siamese_retrieval.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class PairBatches(IterableDataset):
+    """Yields ready pair batches sliced from the in-memory tensors (no per-item Python work)."""
+
+    def __init__(
+        self,
+        dm: "RetrievalDataModule",
+        pairs_fn: Any,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+    ) -> None:
+        self.dm, self.pairs_fn, self.batch_size, self.shuffle, self.seed = dm, pairs_fn, batch_size, shuffle, seed
+        self._n_pairs = len(pairs_fn(0)[0])
+
+    def __len__(self) -> int:
+        return -(-self._n_pairs // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.dm.current_epoch()
+        q, d, target = self.pairs_fn(epoch)
+        order = np.arange(len(q))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(q))
+        fov = self.dm.dataset.fov
+        for start in range(0, len(order), self.batch_size):
+            sel = order[start : start + self.batch_size]
+            qi, di = q[sel], d[sel]
+            yield {
+                "q": take(self.dm.q_inputs, qi),
+                "d": take(self.dm.db_inputs, di),
+                "target": torch.from_numpy(np.asarray(target[sel], dtype=np.float32)),
+                "fov": torch.from_numpy(fov[qi, di].astype(np.float32)),
+                "q_idx": torch.from_numpy(qi),
+                "d_idx": torch.from_numpy(di),
+            }
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        inputs: InputBuilder,
+        root: str | None = None,
+        synth: Mapping[str, Any] | None = None,
+        files: Mapping[str, Any] | None = None,
+        image_check: str = "decode",
+        split: Mapping[str, Any] | None = None,
+        pairs: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 512,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if root is None and synth is None:
+            raise ConfigError("data: set data.root (a dataset in the MSLS/GCL format) or data.synth")
+        self.inputs = inputs
+        self.root = root
+        self.synth = dict(synth) if synth else None
+        self.files = DatasetFiles(**dict(files or {}))
+        self.image_check = image_check
+        self.split_cfg = dict(split or {})
+        self.pairs_cfg = dict(pairs or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.seed = seed
+        self.name = name
+        self.dataset: RetrievalDataset | None = None
+        self.splits: Splits | None = None
+        self.db_inputs: Tensors = {}
+        self.q_inputs: Tensors = {}
+
+    # ------------------------------------------------------------------ data
+    def resolve_root(self) -> Path:
+        if self.root is not None:
+            return Path(self.root)
+        from siamese_retrieval.data.synth import SynthConfig, ensure_city
+
+        synth = dict(self.synth or {})
+        preset = synth.pop("preset", "default")
+        cache = self.cache_dir or Path("data_cache")
+        return ensure_city(cache, SynthConfig.from_preset(preset, **synth))
+
+    def prepare_data(self) -> None:
+        self.resolve_root()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        dataset = read_dataset(self.resolve_root(), self.files, check=self.image_check, name=self.name)
+        split = dict(self.split_cfg)
+        fractions = tuple(split.pop("fractions", (0.7, 0.15, 0.15)))
+        self.splits = split_by_place(dataset, fractions=fractions, seed=self.seed, **split)
+        self.recipe = make_recipe(self.pairs_cfg)
+        self.eval_recipe = PairRecipe.study(target=self.recipe.target)
+        self.sampler = PairSampler(
+            dataset.sim, dataset.fov, self.splits.train_q, self.splits.train_db, self.recipe, seed=self.seed
+        )
+        self.db_inputs, self.q_inputs = self.inputs.build(dataset, self.cache_dir)
+        self.dataset = dataset
+        log.info("dataset %s: %d database, %d queries; splits %s", dataset.name, dataset.n_db, dataset.n_query,
+                 self.splits.summary())
+
+    def current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def split_queries(self, stage: str) -> np.ndarray:
+        assert self.splits is not None, "call setup() first"
+        return {"train": self.splits.train_q, "val": self.splits.val_q, "test": self.splits.test_q}[stage]
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        batches = PairBatches(self, self.sampler.sample, self.batch_size, shuffle=True, seed=self.seed)
+        return DataLoader(batches, batch_size=None)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        assert self.dataset is not None
+        queries = self.split_queries(stage)
+        pairs = eval_pairs(self.dataset.sim, self.dataset.fov, queries, self.eval_recipe, seed=self.seed)
+        batches = PairBatches(self, lambda epoch: pairs, self.eval_batch_size, shuffle=False, seed=self.seed)
+        return DataLoader(batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "q" in batch:
+            batch["q"] = self.inputs.augment(batch["q"])
+            batch["d"] = self.inputs.augment(batch["d"])
+        return batch
+
+
+def make_recipe(cfg: Mapping[str, Any]) -> PairRecipe:
+    """`pairs.preset` (study | default) with field overrides from the rest of the config."""
+    cfg = dict(cfg)
+    preset = cfg.pop("preset", "default")
+    presets = {"study": PairRecipe.study, "default": PairRecipe.default}
+    if preset not in presets:
+        raise ConfigError(f"data.pairs.preset={preset!r} is unknown; available: {', '.join(presets)}")
+    try:
+        return presets[preset](**cfg)
+    except TypeError as exc:
+        raise ConfigError(f"data.pairs: {exc}") from None
+
+

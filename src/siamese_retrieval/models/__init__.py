@@ -1,0 +1,1 @@
+"""Encoders, the SiameseModule and the pair losses."""

@@ -1,0 +1,77 @@
+"""Pair losses. Each takes the `PairOutput` of a batch and returns a scalar.
+
+Kept small and composable (one class, one formula): the head losses train the relevance score
+(the study), the contrastive ones shape the embedding distance directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class PairOutput:
+    """Everything a loss may need for a batch of (query, database) pairs."""
+
+    emb_q: torch.Tensor  # (B, D)
+    emb_d: torch.Tensor  # (B, D)
+    distance: torch.Tensor  # (B,)
+    logits: torch.Tensor  # (B,) relevance head before the sigmoid
+    score: torch.Tensor  # (B,) relevance in [0, 1]
+    target: torch.Tensor  # (B,) sim (0/1) or fov, per the pair recipe
+    fov: torch.Tensor  # (B,) graded relevance
+    # Optional, for in-batch mining (models/mining.py); keep them last so positional calls still work.
+    q_idx: torch.Tensor | None = None  # (B,) dataset index of each pair's query
+    d_idx: torch.Tensor | None = None  # (B,) dataset index of each pair's database image
+    cross_fov: torch.Tensor | None = None  # (B, B) fov of (query i, database j); NaN = unknown
+
+
+class MSEHeadLoss(nn.Module):
+    """The study's loss: mean squared error between the head's relevance and the target."""
+
+    def forward(self, out: PairOutput) -> torch.Tensor:
+        return F.mse_loss(out.score, out.target)
+
+
+class BCEHeadLoss(nn.Module):
+    """Binary cross-entropy on the head's logits (targets may be graded, e.g. fov)."""
+
+    def forward(self, out: PairOutput) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(out.logits, out.target)
+
+
+class ContrastiveLoss(nn.Module):
+    """Hadsell et al. 2006: y * d^2 + (1 - y) * max(0, margin - d)^2 on binary sim (target > 0.5)."""
+
+    def __init__(self, margin: float = 0.5) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, out: PairOutput) -> torch.Tensor:
+        y = (out.target > 0.5).float()
+        return graded_contrastive(out.distance, y, self.margin)
+
+
+class GradedContrastiveLoss(nn.Module):
+    """Generalized Contrastive Loss (Leyva-Vallina et al.): the binary label replaced by fov in [0, 1].
+
+    Pairs are pulled together in proportion to how much of the scene they share and pushed apart in
+    proportion to how much they do not; with binary fov it is exactly `ContrastiveLoss`.
+    """
+
+    def __init__(self, margin: float = 0.5) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, out: PairOutput) -> torch.Tensor:
+        return graded_contrastive(out.distance, out.fov.float(), self.margin)
+
+
+def graded_contrastive(distance: torch.Tensor, psi: torch.Tensor, margin: float) -> torch.Tensor:
+    pull = psi * distance**2
+    push = (1.0 - psi) * torch.clamp(margin - distance, min=0.0) ** 2
+    return 0.5 * (pull + push).mean()

@@ -1,0 +1,55 @@
+"""Retrieval example grids: a query followed by its top-k, bordered green (relevant) or red."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from siamese_retrieval.io_utils import atomic_path
+
+GREEN, RED, GREY = (40, 180, 60), (210, 40, 40), (90, 90, 90)  # RGB
+
+
+def _thumb(path: Path, size: tuple[int, int]) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        img = np.full((size[1], size[0], 3), 128, np.uint8)
+    return cv2.cvtColor(cv2.resize(img, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+def _tile(img: np.ndarray, colour: tuple[int, int, int], label: str, border: int = 4) -> np.ndarray:
+    tile = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
+    cv2.putText(tile, label, (border + 2, tile.shape[0] - border - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+                (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def retrieval_grid(
+    query_files: Sequence[Path],
+    ranked_files: Sequence[Sequence[Path]],
+    relevant: Sequence[Sequence[bool]],
+    scores: Sequence[Sequence[float]] | None = None,
+    thumb_size: tuple[int, int] = (128, 96),
+) -> np.ndarray:
+    """RGB uint8 grid: one row per query (grey border), then its ranked results."""
+    rows = []
+    for i, qf in enumerate(query_files):
+        tiles = [_tile(_thumb(qf, thumb_size), GREY, "query")]
+        for j, f in enumerate(ranked_files[i]):
+            label = f"#{j + 1}" + (f" {scores[i][j]:.2f}" if scores is not None else "")
+            tiles.append(_tile(_thumb(f, thumb_size), GREEN if relevant[i][j] else RED, label))
+        rows.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def save_png(path: str | Path, rgb: np.ndarray) -> Path:
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {path}")
+    return path

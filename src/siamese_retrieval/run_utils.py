@@ -1,0 +1,128 @@
+"""Run plumbing shared by the entry points: run dirs, W&B grouping, metrics.json, results table, errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+from siamese_retrieval.errors import UserError
+from siamese_retrieval.io_utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SHOWN_METRICS = (
+    "precision@1", "precision@5", "precision@10", "recall@1", "recall@5", "recall@10", "mAP", "ndcg@10",
+    "range_acc@0.01",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Silence library warnings that do not apply here (each checked): they drown the results table."""
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # Lightning vs torch 2.13
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")  # batches are built in-process
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
+    warnings.filterwarnings("ignore", message=".*does not have many workers which may be a bottleneck")  # tensors in memory
+
+
+def hydra_mode() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        mode = HydraConfig.get().mode
+    except ValueError:  # not inside a Hydra app (tests calling train() with a composed config)
+        return "RUN"
+    return mode.name if mode is not None else "RUN"  # None when a test composed the config
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    path = Path(cfg.paths.output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output directory {path} is not writable ({exc.strerror or exc})") from None
+    return path
+
+
+def sweep_group(cfg: DictConfig) -> str:
+    """W&B group: the experiment's name, else the sweep directory (multirun), else the task."""
+    if cfg.get("experiment_name"):
+        return str(cfg.experiment_name)
+    if hydra_mode() == "MULTIRUN":
+        from hydra.core.hydra_config import HydraConfig
+
+        sweep = Path(HydraConfig.get().sweep.dir)
+        return f"sweep-{sweep.parent.name}-{sweep.name}"
+    return str(cfg.get("task_name", "train"))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """`ckpt_path=last` means this run directory's checkpoints/last.ckpt."""
+    if ckpt_path in (None, ""):
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path: checkpoint {path} not found")
+    return str(path)
+
+
+def write_metrics_json(path: Path, result: dict[str, Any]) -> None:
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
+    atomic_write_json(path, clean)
+    log.info("wrote %s", path)
+
+
+def print_results(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = result.get("metrics", {})
+    table = Table(title=f"{result.get('model')} on {result.get('data')} (seed {result.get('seed')})")
+    table.add_column("metric")
+    for stage in ("val", "test"):
+        table.add_column(stage, justify="right")
+    for name in SHOWN_METRICS:
+        row = [metrics.get(f"{stage}/{name}") for stage in ("val", "test")]
+        if any(v is not None for v in row):
+            table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in row))
+    Console().print(table)
+    if result.get("checkpoint"):
+        Console().print(f"best checkpoint: {result['checkpoint']}")
+
+
+def finish_loggers(loggers: list[Any]) -> None:
+    """Close W&B runs: without this, the jobs of a multirun merge into one run."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Bad input ends in one clear line on stderr and exit code 2 (a sweep job is marked failed instead)."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except UserError as exc:
+            if hydra_mode() == "MULTIRUN":
+                log.error("job failed: %s", exc)
+                try:
+                    write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", {"status": "failed", "error": str(exc)})
+                except OSError:
+                    pass
+                return float("nan")
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,109 @@
+"""Training pipeline behind `python train.py`: config -> datamodule/model/callbacks/loggers -> fit -> test.
+
+Reads top-down: `train(cfg)` is the whole story; the helpers below it each do one thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.run_utils import (
+    finish_loggers,
+    print_results,
+    quiet_known_warnings,
+    resolve_ckpt_path,
+    run_dir,
+    sweep_group,
+    write_metrics_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, then validate and test the best checkpoint. Returns the metrics.json content."""
+    started = time.perf_counter()
+    quiet_known_warnings()
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir = run_dir(cfg)
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # validates the dataset now: a bad root fails before any model is built
+    model = instantiate(cfg.model.module, _recursive_=False)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = build_loggers(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    try:
+        if cfg.train:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, out_dir))
+        best = best_checkpoint(trainer)
+        metrics: dict[str, float] = {}
+        if datamodule.splits is not None and len(datamodule.splits.val_q):
+            metrics.update(first(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)))
+        if cfg.test:
+            metrics.update(first(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)))
+        result = {
+            "status": "ok",
+            "model": cfg.model.name,
+            "data": cfg.data.name,
+            "seed": int(cfg.seed),
+            "epochs": int(trainer.current_epoch),
+            "checkpoint": best,
+            "elapsed_s": round(time.perf_counter() - started, 2),
+            "splits": datamodule.splits.summary() if datamodule.splits is not None else {},
+            "metrics": {k: float(v) for k, v in sorted(metrics.items())},
+        }
+        for lg in loggers:
+            if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
+                lg.experiment.summary.update(result["metrics"])
+        write_metrics_json(out_dir / "metrics.json", result)
+        print_results(result)
+        return result
+    finally:
+        finish_loggers(loggers)
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    inputs = instantiate(cfg.model.inputs)
+    return instantiate(cfg.data, inputs=inputs, _recursive_=False)
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = []
+    for name, lg_cfg in (cfg.get("logger") or {}).items():
+        if lg_cfg is None or "_target_" not in lg_cfg:
+            continue
+        lg_cfg = OmegaConf.to_container(lg_cfg, resolve=True)
+        if lg_cfg["_target_"].endswith("WandbLogger"):
+            lg_cfg["name"] = lg_cfg.get("name") or f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
+            lg_cfg["group"] = lg_cfg.get("group") or sweep_group(cfg)
+            lg_cfg["tags"] = sorted({*lg_cfg.get("tags", []), cfg.model.name, cfg.data.name})
+            Path(lg_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
+        loggers.append(instantiate(lg_cfg))
+    return loggers
+
+
+def best_checkpoint(trainer: pl.Trainer) -> str | None:
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is None:
+        return None
+    return ckpt_cb.best_model_path or ckpt_cb.last_model_path or None
+
+
+def first(results: list[dict[str, Any]]) -> dict[str, float]:
+    if not results:
+        raise ConfigError("evaluation produced no metrics (is the split empty?)")
+    return {k: float(v) for k, v in results[0].items()}

@@ -41,6 +41,16 @@ def hydra_mode() -> str:
     return mode.name if mode is not None else "RUN"  # None when a test composed the config
 
 
+def task_overrides() -> list[str]:
+    """The command-line overrides of this job (what compare.py groups sweep jobs by)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ValueError, AttributeError):
+        return []
+
+
 def run_dir(cfg: DictConfig) -> Path:
     path = Path(cfg.paths.output_dir)
     try:

@@ -22,6 +22,7 @@ from siamese_retrieval.run_utils import (
     resolve_ckpt_path,
     run_dir,
     sweep_group,
+    task_overrides,
     write_metrics_json,
 )
 
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "model": cfg.model.name,
             "data": cfg.data.name,
             "seed": int(cfg.seed),
+            "overrides": task_overrides(),
             "epochs": int(trainer.current_epoch),
             "checkpoint": best,
             "elapsed_s": round(time.perf_counter() - started, 2),

@@ -1,0 +1,199 @@
+"""Generate the synthetic city in the dataset contract format, and cache it by its parameters.
+
+    generate_city(out, cfg)   -> out (database/images, query/images, *.json, gt.h5, synth_config.json)
+    ensure_city(cache_dir, cfg) -> cache_dir/synth-<hash>, generated only when missing
+
+Every random draw comes from a generator seeded by (cfg.seed, purpose, street, index), so the
+result does not depend on how streets are split over worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from siamese_retrieval.data.dataset import write_dataset
+from siamese_retrieval.data.synth.appearance import database_appearance, pick_condition, query_appearance
+from siamese_retrieval.data.synth.config import SynthConfig, db_positions
+from siamese_retrieval.data.synth.facades import build_street, make_archetypes
+from siamese_retrieval.data.synth.geometry import Camera, camera_array, fov_matrix, street_width, world_loc
+from siamese_retrieval.data.synth.render import SceneRenderer
+from siamese_retrieval.io_utils import atomic_write_json, stable_hash
+
+CONFIG_FILE = "synth_config.json"
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def plan_database(cfg: SynthConfig) -> list[Camera]:
+    cams = []
+    for s in range(cfg.n_streets):
+        rng = np.random.default_rng([cfg.seed, 301, s])
+        for x in db_positions(cfg):
+            for yaw, lane in ((0.0, -cfg.db_lane_m), (180.0, cfg.db_lane_m)):
+                cams.append(
+                    Camera(
+                        s,
+                        float(x + rng.uniform(-0.3, 0.3)),
+                        float(lane + rng.uniform(-1, 1) * cfg.db_lateral_jitter_m),
+                        float(yaw + rng.uniform(-1, 1) * cfg.db_yaw_jitter_deg),
+                    )
+                )
+    return cams
+
+
+def plan_queries(cfg: SynthConfig) -> tuple[list[Camera], list[str]]:
+    """Queries drive the same streets at other times: random positions, either direction, mostly
+    in their lane but off the database's line (sometimes in the other lane), heading jittered
+    (normal, clipped at +-query_yaw_jitter_deg), each with an appearance condition."""
+    cams, conditions = [], []
+    for s in range(cfg.n_streets):
+        rng = np.random.default_rng([cfg.seed, 302, s])
+        lateral = min(cfg.query_lateral_max_m, float(street_width(cfg, s)) / 2 - 1.0)
+        for _ in range(cfg.queries_per_street):
+            backward = rng.random() < 0.5
+            lane = cfg.db_lane_m if backward else -cfg.db_lane_m
+            if rng.random() < cfg.query_other_lane_prob:
+                lane = -lane
+            y = float(np.clip(lane + rng.uniform(-1, 1) * cfg.query_lane_jitter_m, -lateral, lateral))
+            jitter = float(np.clip(rng.normal(0, cfg.query_yaw_jitter_deg / 2), -cfg.query_yaw_jitter_deg, cfg.query_yaw_jitter_deg))
+            cams.append(Camera(s, float(rng.uniform(0, cfg.street_length_m)), y, (180.0 if backward else 0.0) + jitter))
+            conditions.append(pick_condition(cfg, rng))
+    return cams, conditions
+
+
+def _db_name(i: int, cam: Camera) -> str:
+    return f"database/images/s{cam.street:03d}_{i:05d}.jpg"
+
+
+def _q_name(i: int, cam: Camera) -> str:
+    return f"query/images/s{cam.street:03d}_{i:05d}.jpg"
+
+
+# ------------------------------------------------------------------------------------ rendering
+
+
+def _write_jpeg(path: Path, img: np.ndarray, quality: int) -> None:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError(f"could not encode {path}")
+    path.write_bytes(buf.tobytes())
+
+
+def render_street(args: tuple) -> int:
+    """Paint one street and render + write all its database and query images (worker task)."""
+    root, cfg, street, db_jobs, q_jobs = args
+    cv2.setNumThreads(1)
+    root = Path(root)
+    renderer = SceneRenderer(build_street(street, cfg, make_archetypes(cfg)), cfg)
+    for i, cam, rel in db_jobs:
+        rng = np.random.default_rng([cfg.seed, 401, i])
+        img, layers = renderer.render(cam, rng)
+        _write_jpeg(root / rel, database_appearance(img, layers, rng, cfg), cfg.jpeg_quality)
+    for i, cam, rel, condition in q_jobs:
+        rng = np.random.default_rng([cfg.seed, 402, i])
+        img, layers = renderer.render(cam, rng, want_lit=condition in ("night", "dusk"))
+        out = query_appearance(img, layers, condition, rng, cfg)
+        _write_jpeg(root / rel, out, rng.integers(cfg.query_jpeg_quality[0], cfg.query_jpeg_quality[1] + 1))
+    return street
+
+
+def _pool_context():
+    """fork where available: workers need no `if __name__ == "__main__"` guard in the caller's script."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else "spawn")
+
+
+def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
+    """Write a complete dataset root for `cfg` into `out` (created; existing files overwritten)."""
+    root = Path(out)
+    (root / "database" / "images").mkdir(parents=True, exist_ok=True)
+    (root / "query" / "images").mkdir(parents=True, exist_ok=True)
+    db_cams = plan_database(cfg)
+    q_cams, conditions = plan_queries(cfg)
+    db_paths = [_db_name(i, c) for i, c in enumerate(db_cams)]
+    q_paths = [_q_name(i, c) for i, c in enumerate(q_cams)]
+    tasks = []
+    for s in range(cfg.n_streets):
+        db_jobs = [(i, c, db_paths[i]) for i, c in enumerate(db_cams) if c.street == s]
+        q_jobs = [(i, c, q_paths[i], conditions[i]) for i, c in enumerate(q_cams) if c.street == s]
+        tasks.append((str(root), cfg, s, db_jobs, q_jobs))
+    workers = max(1, min(int(workers), len(tasks)))
+    if workers == 1:
+        for t in tasks:
+            render_street(t)
+    else:
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+                list(pool.map(render_street, tasks))
+        except BrokenProcessPool:  # e.g. spawn from an unguarded script: render here instead
+            warnings.warn("synthetic city: worker processes failed to start; rendering in this process", RuntimeWarning, stacklevel=2)
+            for t in tasks:
+                render_street(t)
+    fov = fov_matrix(q_cams, db_cams, cfg)
+    sim = fov >= cfg.sim_threshold
+    atomic_write_json(root / CONFIG_FILE, {**asdict(cfg), "conditions": conditions, "query_cameras": camera_array(q_cams).round(4).tolist(), "database_cameras": camera_array(db_cams).round(4).tolist()})
+    write_dataset(root, db_paths, world_loc(db_cams, cfg), q_paths, world_loc(q_cams, cfg), sim, fov)
+    return root
+
+
+# ------------------------------------------------------------------------------------ caching
+
+
+def city_dir(cache_dir: str | Path, cfg: SynthConfig) -> Path:
+    return Path(cache_dir) / f"synth-{stable_hash(asdict(cfg))}"
+
+
+def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
+    """The city for `cfg` under cache_dir, generated only if missing.
+
+    Generation goes to a temporary sibling that is renamed into place when complete, so an
+    interrupted run never leaves something that looks like a city; stale temporaries are removed.
+    """
+    final = city_dir(cache_dir, cfg)
+    if (final / "gt.h5").is_file() and (final / CONFIG_FILE).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        generate_city(tmp, cfg, workers=workers)
+        if final.exists():  # an incomplete leftover under the final name, or a concurrent winner
+            if (final / "gt.h5").is_file():
+                return final
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_config(root: str | Path) -> dict:
+    return json.loads((Path(root) / CONFIG_FILE).read_text())

@@ -1,0 +1,64 @@
+"""Contact sheet of a dataset: each row is a query, its best positives (green) and its hardest
+negatives (red: fov = 0 but the closest by a thumbnail distance, i.e. look-alike places)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from siamese_retrieval.data.dataset import read_dataset
+from siamese_retrieval.io_utils import atomic_path
+
+GREEN, RED, WHITE = (60, 200, 60), (50, 50, 230), (235, 235, 235)
+
+
+def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:
+    """Standardised grayscale thumbnail (flattened float32): the cheap look-alike measure."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    t = cv2.resize(img, size, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    return (t - t.mean()) / (t.std() + 1e-6)
+
+
+def _tile(path: Path, text: str, colour, size: tuple[int, int]) -> np.ndarray:
+    img = cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), size, interpolation=cv2.INTER_AREA)
+    img = cv2.copyMakeBorder(img, 4, 4, 4, 4, cv2.BORDER_CONSTANT, value=colour)
+    band = np.full((16, img.shape[1], 3), 25, np.uint8)
+    cv2.putText(band, text, (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    return np.vstack([img, band])
+
+
+def write_contact_sheet(root, png_path, n_queries: int = 6, n_pos: int = 3, n_neg: int = 3, seed: int = 0, tile_size: tuple[int, int] = (192, 144)) -> Path:
+    """Write a PNG contact sheet for the dataset at `root`; returns its path."""
+    ds = read_dataset(root, check="exists")
+    rng = np.random.default_rng(seed)
+    has_pos = np.flatnonzero(ds.sim.any(1))
+    if len(has_pos) == 0:
+        raise ValueError(f"{root}: no query has a positive; nothing to preview")
+    chosen = np.sort(rng.choice(has_pos, size=min(n_queries, len(has_pos)), replace=False))
+    db_thumbs = np.stack([thumbnail(ds.db_file(i)) for i in range(ds.n_db)])
+    blank = np.full((tile_size[1] + 8 + 16, tile_size[0] + 8, 3), 40, np.uint8)
+    rows = []
+    for q in chosen:
+        fov = ds.fov[q]
+        pos = [i for i in np.argsort(-fov, kind="stable") if ds.sim[q, i]][:n_pos]
+        dist = ((db_thumbs - thumbnail(ds.query_file(q))[None]) ** 2).sum(1)
+        dist[fov > 0] = np.inf
+        neg = [i for i in np.argsort(dist, kind="stable")[:n_neg] if np.isfinite(dist[i])]
+        tiles = [_tile(ds.query_file(q), f"query {q}", WHITE, tile_size)]
+        tiles += [_tile(ds.db_file(i), f"fov {fov[i]:.2f}", GREEN, tile_size) for i in pos]
+        tiles += [blank] * (n_pos - len(pos))
+        tiles += [_tile(ds.db_file(i), f"fov {fov[i]:.2f}", RED, tile_size) for i in neg]
+        tiles += [blank] * (n_neg - len(neg))
+        rows.append(np.hstack(tiles))
+    sheet = np.vstack(rows)
+    png_path = Path(png_path)
+    with atomic_path(png_path, suffix=png_path.suffix or ".png") as tmp:
+        if not cv2.imwrite(str(tmp), sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
+            raise OSError(f"could not write {png_path}")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(png_path, 0o666 & ~umask)  # temp files are created private; a preview is for sharing
+    return png_path

@@ -118,7 +118,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         dataset = read_dataset(self.resolve_root(), self.files, check=self.image_check, name=self.name)
         split = dict(self.split_cfg)
         fractions = tuple(split.pop("fractions", (0.7, 0.15, 0.15)))
-        self.splits = split_by_place(dataset, fractions=fractions, seed=self.seed, **split)
+        split_seed = split.pop("seed", None)  # fixed by default, so every training seed meets the same test places
+        self.splits = split_by_place(dataset, fractions=fractions, seed=self.seed if split_seed is None else split_seed,
+                                     **split)
         self.recipe = make_recipe(self.pairs_cfg)
         self.eval_recipe = PairRecipe.study(target=self.recipe.target)
         self.sampler = PairSampler(

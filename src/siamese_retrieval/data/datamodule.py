@@ -59,6 +59,8 @@ class PairBatches(IterableDataset):
                 "fov": torch.from_numpy(fov[qi, di].astype(np.float32)),
                 "q_idx": torch.from_numpy(qi),
                 "d_idx": torch.from_numpy(di),
+                # relevance of every in-batch (query, database) cross pair: known negatives for mining losses
+                "cross_fov": torch.from_numpy(fov[np.ix_(qi, di)].astype(np.float32)),
             }
 
 

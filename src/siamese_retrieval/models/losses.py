@@ -7,6 +7,7 @@ Kept small and composable (one class, one formula): the head losses train the re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ class PairOutput:
     q_idx: torch.Tensor | None = None  # (B,) dataset index of each pair's query
     d_idx: torch.Tensor | None = None  # (B,) dataset index of each pair's database image
     cross_fov: torch.Tensor | None = None  # (B, B) fov of (query i, database j); NaN = unknown
+    head_logits_detached: torch.Tensor | None = None  # (B,) head on the distance with the encoder cut off
 
 
 class MSEHeadLoss(nn.Module):
@@ -38,10 +40,39 @@ class MSEHeadLoss(nn.Module):
 
 
 class BCEHeadLoss(nn.Module):
-    """Binary cross-entropy on the head's logits (targets may be graded, e.g. fov)."""
+    """Binary cross-entropy on the head's logits (targets may be graded, e.g. fov).
+
+    `detach_distance=True` fits only the head (calibrating the relevance score, hence range accuracy)
+    and leaves the embedding to another loss, e.g. the contrastive one in a `SumOfLosses`.
+    """
+
+    def __init__(self, detach_distance: bool = False) -> None:
+        super().__init__()
+        self.detach_distance = detach_distance
 
     def forward(self, out: PairOutput) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(out.logits, out.target)
+        logits = out.head_logits_detached if self.detach_distance else out.logits
+        if logits is None:
+            raise ValueError("BCEHeadLoss(detach_distance=True) needs PairOutput.head_logits_detached")
+        return F.binary_cross_entropy_with_logits(logits, out.target)
+
+
+class SumOfLosses(nn.Module):
+    """Weighted sum of named loss terms, each logged by the module as train/loss_<name>."""
+
+    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(dict(terms))
+        weights = dict(weights or {})
+        unknown = set(weights) - set(self.terms)
+        if unknown:
+            raise ValueError(f"weights for unknown loss terms {sorted(unknown)}; terms: {sorted(self.terms)}")
+        self.weights = {name: float(weights.get(name, 1.0)) for name in self.terms}
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, out: PairOutput) -> torch.Tensor:
+        self.last_terms = {name: term(out) for name, term in self.terms.items()}
+        return sum(self.weights[name] * value for name, value in self.last_terms.items())
 
 
 class ContrastiveLoss(nn.Module):

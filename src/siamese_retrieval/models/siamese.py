@@ -78,7 +78,9 @@ class SiameseModule(pl.LightningModule):
         emb_q, emb_d = self.embed(batch["q"]), self.embed(batch["d"])
         distance = pair_distance(emb_q, emb_d, self.distance_kind)
         logits = self.head.logits(distance)
-        return PairOutput(emb_q, emb_d, distance, logits, torch.sigmoid(logits), batch["target"], batch["fov"])
+        return PairOutput(emb_q, emb_d, distance, logits, torch.sigmoid(logits), batch["target"], batch["fov"],
+                          q_idx=batch.get("q_idx"), d_idx=batch.get("d_idx"), cross_fov=batch.get("cross_fov"),
+                          head_logits_detached=self.head.logits(distance.detach()))
 
     def compute_loss(self, out: PairOutput) -> torch.Tensor:
         loss = self.loss_fn(out)
@@ -90,7 +92,10 @@ class SiameseModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.pair_output(batch)
         loss = self.compute_loss(out)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(out.score))
+        n = len(out.score)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        for name, value in getattr(self.loss_fn, "last_terms", {}).items():
+            self.log(f"train/loss_{name}", value, batch_size=n)
         return loss
 
     def _eval_step(self, batch: Batch, stage: str, range_acc: RangeAccuracy) -> None:

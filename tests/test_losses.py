@@ -216,3 +216,32 @@ def test_mining_from_config_dict() -> None:
     # the base may also arrive as a plain dict (e.g. `_recursive_=False`)
     loss = BatchHardContrastive(cfg["base_loss"])
     assert isinstance(loss.base_loss, GradedContrastiveLoss)
+
+
+def test_sum_of_losses_weights_terms_and_detached_head_leaves_embedding_alone() -> None:
+    from siamese_retrieval.models.heads import RelevanceHead
+    from siamese_retrieval.models.losses import SumOfLosses
+
+    head = RelevanceHead(init_weight=-1.0, init_bias=1.0)
+    emb_q = torch.tensor([[0.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    emb_d = torch.tensor([[0.0, 0.6], [1.0, 0.2]])
+    distance = pair_distance(emb_q, emb_d)  # [0.6, 0.2]
+    logits = head.logits(distance)
+    out = PairOutput(emb_q, emb_d, distance, logits, torch.sigmoid(logits), torch.tensor([1.0, 0.0]),
+                     torch.tensor([1.0, 0.0]), head_logits_detached=head.logits(distance.detach()))
+    loss = SumOfLosses({"embedding": GradedContrastiveLoss(margin=0.5), "head": BCEHeadLoss(detach_distance=True)},
+                       weights={"embedding": 1.0, "head": 0.1})
+    total = loss(out)
+    # embedding: 0.5 * mean(1 * 0.6^2, (1 - 0) * max(0, 0.5 - 0.2)^2) = 0.5 * (0.36 + 0.09) / 2 = 0.1125
+    assert loss.last_terms["embedding"].item() == pytest.approx(0.1125, abs=1e-6)
+    # head: logits = -d + 1 = [0.4, 0.8]; BCE = mean(log(1 + e^-0.4), log(1 + e^0.8))
+    expected_head = (math.log1p(math.exp(-0.4)) + math.log1p(math.exp(0.8))) / 2
+    assert loss.last_terms["head"].item() == pytest.approx(expected_head, abs=1e-6)
+    assert total.item() == pytest.approx(0.1125 + 0.1 * expected_head, abs=1e-6)
+    # the head term reaches the head's parameters but not the embedding
+    (grad_q,) = torch.autograd.grad(loss.last_terms["head"], emb_q, retain_graph=True, allow_unused=True)
+    assert grad_q is None
+    (grad_w,) = torch.autograd.grad(loss.last_terms["head"], head.linear.weight)
+    assert grad_w.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        SumOfLosses({"a": MSEHeadLoss()}, weights={"b": 1.0})

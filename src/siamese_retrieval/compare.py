@@ -1,0 +1,252 @@
+"""Compare the jobs of one or more sweep directories: `python compare.py outputs/multirun/<date>/<time>`.
+
+Reads every job's metrics.json (and its overrides from .hydra/overrides.yaml, else from metrics.json),
+groups the jobs by their overrides other than the seed, and writes comparison.md (mean +- std over the
+seeds of each group, n, the best mean of each metric in bold) and comparison.png (bars with std error
+bars). Failed jobs (status "failed", or no metrics.json at all) are listed, never crashed on. No network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+DEFAULT_METRICS = (
+    "test/recall@1", "test/recall@5", "test/recall@10", "test/precision@10", "test/mAP", "test/ndcg@10",
+    "test/range_acc@0.01",
+)
+SEED_KEYS = ("seed", "+seed", "++seed")
+# overrides that never define a group: where outputs go, how the job was launched, logging
+IGNORED_PREFIXES = ("hydra.", "hydra/", "paths.", "logger", "ckpt_path", "+ckpt_path")
+LOWER_IS_BETTER = ("loss",)
+
+
+@dataclass
+class Job:
+    path: Path
+    overrides: list[str]
+    status: str  # ok | failed | missing
+    metrics: dict[str, float] = field(default_factory=dict)
+    seed: int | None = None
+    error: str = ""
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return group_key(self.overrides)
+
+
+@dataclass
+class Group:
+    key: tuple[str, ...]
+    jobs: list[Job]
+
+    def values(self, metric: str) -> list[float]:
+        return [j.metrics[metric] for j in self.jobs if isinstance(j.metrics.get(metric), (int, float))
+                and not math.isnan(j.metrics[metric])]
+
+    def mean_std(self, metric: str) -> tuple[float, float, int]:
+        """Mean, sample standard deviation (0 for one seed) and the number of seeds with a value."""
+        vals = self.values(metric)
+        if not vals:
+            return float("nan"), float("nan"), 0
+        return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
+def group_key(overrides: Iterable[str]) -> tuple[str, ...]:
+    """The overrides that define a configuration: all but the seed and bookkeeping ones, sorted."""
+    keep = []
+    for ov in overrides:
+        name = ov.split("=", 1)[0]
+        if name in SEED_KEYS or name.lstrip("+~").startswith(IGNORED_PREFIXES):
+            continue
+        keep.append(ov)
+    return tuple(sorted(keep))
+
+
+def read_overrides(job_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    hydra_file = job_dir / ".hydra" / "overrides.yaml"
+    if hydra_file.is_file():
+        from omegaconf import OmegaConf
+
+        return [str(o) for o in OmegaConf.load(hydra_file)]
+    return [str(o) for o in metrics.get("overrides") or []]
+
+
+def seed_of(overrides: Sequence[str], metrics: dict[str, Any]) -> int | None:
+    if isinstance(metrics.get("seed"), int):
+        return metrics["seed"]
+    for ov in overrides:
+        name, _, value = ov.partition("=")
+        if name in SEED_KEYS:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def find_job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job directories of a sweep: those with a metrics.json or a .hydra/ (a job that died before writing)."""
+    if (sweep_dir / "metrics.json").is_file() or (sweep_dir / ".hydra" / "overrides.yaml").is_file():
+        return [sweep_dir]  # a single run directory
+    found = {p.parent for p in sweep_dir.rglob("metrics.json")}
+    found |= {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
+    found = {d for d in found if "wandb" not in d.parts and d != sweep_dir}
+    return sorted(found, key=lambda d: [int(p) if p.isdigit() else p for p in d.relative_to(sweep_dir).parts])
+
+
+def read_job(job_dir: Path) -> Job:
+    metrics_file = job_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return Job(job_dir, read_overrides(job_dir, {}), "missing", error="no metrics.json (crashed or still running)")
+    try:
+        data = json.loads(metrics_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return Job(job_dir, read_overrides(job_dir, {}), "failed", error=f"unreadable metrics.json ({exc})")
+    overrides = read_overrides(job_dir, data)
+    status = str(data.get("status", "ok"))
+    metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    error = str(data.get("error", "")) if status != "ok" else ""
+    return Job(job_dir, overrides, status if status in ("ok", "failed") else "failed", metrics,
+               seed_of(overrides, data), error)
+
+
+def collect(sweep_dirs: Sequence[str | Path]) -> list[Job]:
+    jobs = []
+    for d in sweep_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: not a directory")
+        jobs.extend(read_job(j) for j in find_job_dirs(d))
+    return jobs
+
+
+def group_jobs(jobs: Sequence[Job]) -> list[Group]:
+    """Successful jobs grouped by their non-seed overrides, in the order first seen."""
+    groups: dict[tuple[str, ...], list[Job]] = {}
+    for job in jobs:
+        if job.status == "ok":
+            groups.setdefault(job.key, []).append(job)
+    return [Group(k, v) for k, v in groups.items()]
+
+
+def group_labels(groups: Sequence[Group]) -> list[str]:
+    """Each group named by the overrides that differ between groups (the common ones say nothing)."""
+    if not groups:
+        return []
+    common = set.intersection(*(set(g.key) for g in groups)) if len(groups) > 1 else set()
+    labels = []
+    for g in groups:
+        own = [o for o in g.key if o not in common]
+        labels.append(" ".join(own) if own else ("(defaults)" if not g.key else " ".join(g.key)))
+    return labels
+
+
+def pick_metrics(groups: Sequence[Group], wanted: Sequence[str] | None) -> list[str]:
+    present = {m for g in groups for j in g.jobs for m in j.metrics}
+    if wanted:
+        return [m for m in wanted if m in present] or list(wanted)
+    return [m for m in DEFAULT_METRICS if m in present] or sorted(present)
+
+
+def best_groups(groups: Sequence[Group], metric: str) -> set[int]:
+    """Indices of the groups with the best mean (ties all count); none when every group ties."""
+    means = [(g.mean_std(metric)[0], i) for i, g in enumerate(groups)]
+    means = [(m, i) for m, i in means if not math.isnan(m)]
+    if len(means) < 2:
+        return set()
+    lower = any(tag in metric for tag in LOWER_IS_BETTER)
+    best = (min if lower else max)(m for m, _ in means)
+    winners = {i for m, i in means if abs(m - best) <= 1e-12}
+    return set() if len(winners) == len(means) else winners
+
+
+def fmt(mean: float, std: float, n: int) -> str:
+    return "-" if n == 0 else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown_table(groups: Sequence[Group], metrics: Sequence[str]) -> str:
+    labels = group_labels(groups)
+    header = ["configuration", "n"] + list(metrics)
+    rows = []
+    best = {m: best_groups(groups, m) for m in metrics}
+    for i, (g, label) in enumerate(zip(groups, labels)):
+        cells = [label, str(len(g.jobs))]
+        for m in metrics:
+            cell = fmt(*g.mean_std(m))
+            cells.append(f"**{cell}**" if i in best[m] else cell)
+        rows.append(cells)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def failed_section(jobs: Sequence[Job], root: Path | None = None) -> str:
+    bad = [j for j in jobs if j.status != "ok"]
+    if not bad:
+        return ""
+    lines = [f"Failed jobs ({len(bad)}):", ""]
+    for j in bad:
+        ov = " ".join(j.overrides) or "-"
+        lines.append(f"- `{j.path}` [{j.status}] {ov}: {j.error or 'no error message'}")
+    return "\n".join(lines)
+
+
+def write_plot(groups: Sequence[Group], metrics: Sequence[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = group_labels(groups)
+    n_g, n_m = max(len(groups), 1), max(len(metrics), 1)
+    width = 0.8 / n_g
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * n_m * max(1, n_g / 2)), 4.5))
+    x = np.arange(n_m)
+    for i, (g, label) in enumerate(zip(groups, labels)):
+        stats = [g.mean_std(m) for m in metrics]
+        means = [0.0 if n == 0 else mean for mean, _, n in stats]
+        stds = [0.0 if n == 0 else std for _, std, n in stats]
+        ax.bar(x + (i - (n_g - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=f"{label} (n={len(g.jobs)})")
+    ax.set_xticks(x)
+    ax.set_xticklabels(metrics, rotation=30, ha="right")
+    ax.set_ylabel("mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(sweep_dirs: Sequence[str | Path], metrics: Sequence[str] | None = None,
+            out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write comparison.md and comparison.png (into out_dir, default the first sweep dir); return what was found."""
+    jobs = collect(sweep_dirs)
+    groups = group_jobs(jobs)
+    chosen = pick_metrics(groups, metrics)
+    out = Path(out_dir) if out_dir else Path(sweep_dirs[0])
+    table = markdown_table(groups, chosen)
+    sources = ", ".join(f"`{d}`" for d in sweep_dirs)
+    n_ok = sum(j.status == "ok" for j in jobs)
+    text = [f"# Comparison of {sources}", "",
+            f"{n_ok} of {len(jobs)} jobs succeeded; {len(groups)} configurations; mean ± sample std over seeds "
+            "(n = seeds); best mean per metric in bold.", "", table, ""]
+    failed = failed_section(jobs)
+    if failed:
+        text += [failed, ""]
+    md = "\n".join(text)
+    out.mkdir(parents=True, exist_ok=True)
+    from siamese_retrieval.io_utils import atomic_write_text
+
+    atomic_write_text(out / "comparison.md", md)
+    png = write_plot(groups, chosen, out / "comparison.png")
+    return {"jobs": jobs, "groups": groups, "metrics": chosen, "markdown": md, "table": table,
+            "md_path": out / "comparison.md", "png_path": png}

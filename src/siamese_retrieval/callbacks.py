@@ -62,12 +62,31 @@ def rank_queries(
     """Embed the database once, search every query against all of it, score the full ranking."""
     db_emb = embed_all(module, db_inputs, embed_batch)
     q_emb = embed_all(module, take(q_inputs, query_idx), embed_batch)
+    return rank_embeddings(module, db_emb, q_emb, query_idx, sim, fov, top_ks, ndcg_k, keep_top, query_chunk,
+                           index_cfg)
+
+
+def rank_embeddings(
+    module: Any,
+    db_emb: torch.Tensor,
+    q_emb: torch.Tensor,
+    query_idx: np.ndarray,
+    sim: np.ndarray,
+    fov: np.ndarray,
+    top_ks: Sequence[int] = (1, 5, 10),
+    ndcg_k: int = 10,
+    keep_top: int = 10,
+    query_chunk: int = 256,
+    index_cfg: IndexConfig | None = None,
+) -> Ranking:
+    """Search already computed query embeddings (rows of `query_idx`) against the database embeddings."""
     cosine = getattr(module, "distance_kind", "euclidean") == "cosine"
     if cosine:
         db_emb, q_emb = torch.nn.functional.normalize(db_emb, dim=-1), torch.nn.functional.normalize(q_emb, dim=-1)
     index = build_index(db_emb.numpy(), index_cfg or IndexConfig(metric="ip" if cosine else "l2"))
     n_db = db_emb.shape[0]
-    metric = RetrievalScores(top_ks=tuple(top_ks), ndcg_k=ndcg_k)
+    # every query of the split is scored here: no cross-process sync (under DDP only rank zero calls this)
+    metric = RetrievalScores(top_ks=tuple(top_ks), ndcg_k=ndcg_k, sync_on_compute=False)
     keep = min(keep_top, n_db)
     tops, top_scores, first_pos = [], [], []
     for start in range(0, len(query_idx), query_chunk):
@@ -88,6 +107,26 @@ def rank_queries(
         first_pos.append(torch.where(has, hits.float().argmax(dim=1) + 1, torch.zeros_like(has, dtype=torch.long)).numpy())
     values = {k: float(v) for k, v in metric.compute().items()}
     return Ranking(query_idx, np.concatenate(tops), np.concatenate(top_scores), np.concatenate(first_pos), values)
+
+
+def embed_sharded(trainer: pl.Trainer, module: Any, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:
+    """Embeddings of every item under DDP: rank r embeds the r-th contiguous block, the blocks are all-gathered.
+
+    Every rank returns the full (n, dim) tensor on CPU, in the original order.
+    """
+    n = len(next(iter(inputs.values())))
+    world, rank = trainer.world_size, trainer.global_rank
+    block = -(-n // world)
+    start, stop = min(rank * block, n), min((rank + 1) * block, n)
+    idx = np.arange(start, stop)
+    local = embed_all(module, take(inputs, idx), batch_size) if len(idx) else None
+    dim = torch.tensor([local.shape[1] if local is not None else 0], device=module.device)
+    dim = int(trainer.strategy.reduce(dim, reduce_op="max").item())
+    padded = torch.zeros(block, dim)
+    if local is not None:
+        padded[: len(local)] = local
+    gathered = module.all_gather(padded.to(module.device)).reshape(world * block, dim).cpu()
+    return gathered[:n]
 
 
 class RetrievalMetrics(pl.Callback):
@@ -113,11 +152,32 @@ class RetrievalMetrics(pl.Callback):
         if len(query_idx) == 0:
             return
         ds = dm.dataset
-        ranking = rank_queries(module, dm.db_inputs, dm.q_inputs, query_idx, ds.sim, ds.fov, self.top_ks,
-                               self.ndcg_k, self.keep_top, self.query_chunk, self.embed_batch, self.index_cfg)
-        self.rankings[stage] = ranking
-        for name, value in ranking.metrics.items():
-            module.log(f"{stage}/{name}", value, prog_bar=name in ("recall@1", "precision@10"))
+        if trainer.world_size > 1:
+            # DDP: every rank embeds its shard of the database and queries, the shards are gathered, global
+            # rank zero searches and scores once and broadcasts the values, so every rank logs the same numbers
+            # (ModelCheckpoint monitors them on every rank) and nothing is computed twice.
+            db_emb = embed_sharded(trainer, module, dm.db_inputs, self.embed_batch)
+            q_emb = embed_sharded(trainer, module, take(dm.q_inputs, query_idx), self.embed_batch)
+            values = None
+            if trainer.is_global_zero:
+                ranking = rank_embeddings(module, db_emb, q_emb, query_idx, ds.sim, ds.fov, self.top_ks,
+                                          self.ndcg_k, self.keep_top, self.query_chunk, self.index_cfg)
+                self.rankings[stage] = ranking
+                values = ranking.metrics
+            values = trainer.strategy.broadcast(values, src=0)
+        else:
+            ranking = rank_queries(module, dm.db_inputs, dm.q_inputs, query_idx, ds.sim, ds.fov, self.top_ks,
+                                   self.ndcg_k, self.keep_top, self.query_chunk, self.embed_batch, self.index_cfg)
+            self.rankings[stage] = ranking
+            values = ranking.metrics
+        for name, value in values.items():
+            # identical on every rank by construction: no sync_dist reduction (it could only add rounding)
+            module.log(f"{stage}/{name}", float(value), prog_bar=name in ("recall@1", "precision@10"))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from siamese_retrieval.run_utils import quiet_known_warnings
+
+        quiet_known_warnings()  # processes spawned by ddp_spawn do not inherit the parent's warning filters
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:

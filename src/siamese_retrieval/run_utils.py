@@ -29,6 +29,9 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")  # batches are built in-process
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
     warnings.filterwarnings("ignore", message=".*does not have many workers which may be a bottleneck")  # tensors in memory
+    # DDP: retrieval metrics are computed once on rank zero and broadcast, so every rank logs the same value
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated")
 
 
 def hydra_mode() -> str:
@@ -123,16 +126,52 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
         try:
-            return task(cfg)
+            return sweeper_value(task(cfg))
         except UserError as exc:
             if hydra_mode() == "MULTIRUN":
-                log.error("job failed: %s", exc)
-                try:
-                    write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json", {"status": "failed", "error": str(exc)})
-                except OSError:
-                    pass
-                return float("nan")
+                return sweeper_value(mark_job_failed(cfg, str(exc)))
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except Exception as exc:  # noqa: BLE001 - a multirun job's crash must not stop the sweep's other jobs
+            if hydra_mode() != "MULTIRUN":
+                raise
+            log.exception("job crashed")
+            return sweeper_value(mark_job_failed(cfg, f"{type(exc).__name__}: {exc}"))
 
     return wrapper
+
+
+def sweeper_value(value: Any) -> Any:
+    """NaN (a failed job, or no optimized metric) as the Optuna sweeper's worst value instead.
+
+    hydra-optuna-sweeper 1.2 + optuna 2.10 abort the whole search on a NaN objective (and leave the trial
+    RUNNING); +-inf is recorded as a completed trial that the sampler ranks last.
+    """
+    if not (isinstance(value, float) and math.isnan(value)):
+        return value
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        sweeper = HydraConfig.get().sweeper
+    except (ValueError, AttributeError):
+        return value
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return value
+    direction = str(sweeper.get("direction", "minimize")).lower()
+    return float("-inf") if direction.endswith("maximize") else float("inf")
+
+
+def mark_job_failed(cfg: DictConfig, error: str) -> float:
+    """A failed sweep job: metrics.json says so (compare.py lists it), W&B run closed, NaN to the sweeper."""
+    log.error("job failed: %s", error)
+    try:
+        write_metrics_json(Path(cfg.paths.output_dir) / "metrics.json",
+                           {"status": "failed", "error": error, "overrides": task_overrides()})
+    except OSError:
+        pass
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1)
+    return float("nan")

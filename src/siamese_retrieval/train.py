@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "data": cfg.data.name,
             "seed": int(cfg.seed),
             "overrides": task_overrides(),
-            "epochs": int(trainer.current_epoch),
+            "epochs": epochs_trained(trainer) if cfg.train else int(trainer.current_epoch),
             "checkpoint": best,
             "elapsed_s": round(time.perf_counter() - started, 2),
             "splits": datamodule.splits.summary() if datamodule.splits is not None else {},
@@ -71,8 +71,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for lg in loggers:
             if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
                 lg.experiment.summary.update(result["metrics"])
-        write_metrics_json(out_dir / "metrics.json", result)
-        print_results(result)
+        if trainer.is_global_zero:  # under trainer=ddp, ranks > 0 run this script too: one writer
+            write_metrics_json(out_dir / "metrics.json", result)
+            print_results(result)
         return result
     finally:
         finish_loggers(loggers)
@@ -103,6 +104,22 @@ def best_checkpoint(trainer: pl.Trainer) -> str | None:
     if ckpt_cb is None:
         return None
     return ckpt_cb.best_model_path or ckpt_cb.last_model_path or None
+
+
+def epochs_trained(trainer: pl.Trainer) -> int:
+    """Epochs completed by fit (resumed ones included).
+
+    Under ddp_spawn the fit ran in child processes and the main process's trainer still says epoch 0;
+    last.ckpt (saved every epoch) then holds the last completed epoch.
+    """
+    epochs = int(trainer.current_epoch)
+    ckpt_cb = trainer.checkpoint_callback
+    last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and getattr(ckpt_cb, "dirpath", None) else None
+    if epochs == 0 and last is not None and last.is_file():
+        import torch
+
+        epochs = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
+    return epochs
 
 
 def first(results: list[dict[str, Any]]) -> dict[str, float]:

@@ -1,0 +1,48 @@
+"""Resuming an interrupted run from last.ckpt, and retrieval metrics under DDP (ddp_spawn on CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from siamese_retrieval.callbacks import rank_queries
+from siamese_retrieval.models.siamese import SiameseModule
+from siamese_retrieval.train import build_datamodule
+from tests.conftest import compose_config
+from tests.test_sweep import run_train
+
+
+def test_resume_from_last_checkpoint_finishes_all_epochs(tmp_path: Path, cache_dir: Path) -> None:
+    run = tmp_path / "run"
+    common = ["data=synth_tiny", "logger=none", f"hydra.run.dir={run}"]
+    run_train([*common, "trainer.max_epochs=1"], cache_dir)  # "killed" after epoch 1
+    first = json.loads((run / "metrics.json").read_text())
+    assert first["epochs"] == 1
+    proc = run_train([*common, "trainer.max_epochs=2", "ckpt_path=last"], cache_dir)
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["status"] == "ok" and resumed["epochs"] == 2
+    assert set(resumed) == set(first) and set(resumed["metrics"]) == set(first["metrics"])
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] > 0
+
+
+@pytest.mark.slow
+def test_ddp_spawn_metrics_equal_single_process(tmp_path: Path, cache_dir: Path) -> None:
+    run = tmp_path / "ddp"
+    run_train(["data=synth_tiny", "trainer=ddp_spawn", "trainer.devices=2", "trainer.max_epochs=1", "logger=none",
+               f"hydra.run.dir={run}"], cache_dir)
+    result = json.loads((run / "metrics.json").read_text())
+    assert result["status"] == "ok" and result["epochs"] == 1
+    cfg = compose_config("train", ["data=synth_tiny"], tmp_path / "eval", cache_dir)
+    model = SiameseModule.load_from_checkpoint(result["checkpoint"], map_location="cpu").eval()
+    dm = build_datamodule(cfg)
+    dm.setup("test")
+    for stage in ("val", "test"):
+        single = rank_queries(model, dm.db_inputs, dm.q_inputs, dm.split_queries(stage), dm.dataset.sim,
+                              dm.dataset.fov).metrics
+        for name, value in single.items():
+            assert result["metrics"][f"{stage}/{name}"] == pytest.approx(value, abs=1e-6), (stage, name)

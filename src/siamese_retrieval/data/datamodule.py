@@ -35,12 +35,22 @@ class PairBatches(IterableDataset):
         batch_size: int,
         shuffle: bool,
         seed: int,
+        shard: bool = False,
     ) -> None:
         self.dm, self.pairs_fn, self.batch_size, self.shuffle, self.seed = dm, pairs_fn, batch_size, shuffle, seed
+        self.shard = shard  # under DDP, rank r takes batches r, r + world, ... (equal counts on every rank)
         self._n_pairs = len(pairs_fn(0)[0])
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self.dm, "trainer", None)
+        if self.shard and trainer is not None and trainer.world_size > 1:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return 0, 1
+
     def __len__(self) -> int:
-        return -(-self._n_pairs // self.batch_size)
+        n_batches = -(-self._n_pairs // self.batch_size)
+        _, world = self._rank_world()
+        return n_batches if world == 1 else max(1, n_batches // world)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.dm.current_epoch()
@@ -49,7 +59,11 @@ class PairBatches(IterableDataset):
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(q))
         fov = self.dm.dataset.fov
-        for start in range(0, len(order), self.batch_size):
+        rank, world = self._rank_world()
+        starts = range(0, len(order), self.batch_size)
+        if world > 1:
+            starts = list(starts)[rank::world][: len(self)]
+        for start in starts:
             sel = order[start : start + self.batch_size]
             qi, di = q[sel], d[sel]
             yield {
@@ -143,7 +157,7 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        batches = PairBatches(self, self.sampler.sample, self.batch_size, shuffle=True, seed=self.seed)
+        batches = PairBatches(self, self.sampler.sample, self.batch_size, shuffle=True, seed=self.seed, shard=True)
         return DataLoader(batches, batch_size=None)
 
     def _eval_loader(self, stage: str) -> DataLoader:

@@ -1,0 +1,151 @@
+"""Database embeddings + FAISS index cached next to the checkpoint, so the second search skips embedding.
+
+    <ckpt>.index/<key>/embeddings.npy   (n_db, d) float32
+                       index.faiss      the FAISS index over them (retrieval/index.py)
+                       meta.json        what the key was made of, the database paths, sizes, timings
+
+`key` hashes everything the cached content depends on: the dataset fingerprint (its contract files'
+bytes), its root and database paths, the checkpoint file (size, mtime and SHA-256 of its bytes), the
+input builder's config and the index config. Anything changes -> another key -> a miss.
+Written atomically: the entry is assembled in a temporary sibling directory and renamed into place,
+so a crash or a concurrent writer never leaves a half-written entry under the key (a reader sees
+either nothing or the complete entry). A checkpoint directory that cannot be written only costs the
+cache (a warning), never the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+
+from siamese_retrieval.io_utils import stable_hash
+from siamese_retrieval.retrieval.index import IndexConfig, build_index, load_index, save_index
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_CACHE_VERSION = 1
+
+
+@dataclass
+class CachedIndex:
+    index: faiss.Index
+    embeddings: np.ndarray  # (n_db, d) float32
+    hit: bool  # True when read from the cache
+    seconds: float  # time to get it (load on a hit; embed + build + write on a miss)
+    directory: Path | None  # the cache entry (None when caching was impossible or disabled)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_identity(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    st = Path(ckpt_path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(ckpt_path)}
+
+
+def cache_key(ckpt_path: str | os.PathLike, dataset: Any, inputs_cfg: dict[str, Any], index_cfg: IndexConfig) -> dict:
+    """What the entry depends on (JSON-serialisable); `stable_hash` of it names the entry."""
+    return {
+        "version": EMBEDDING_CACHE_VERSION,
+        "checkpoint": checkpoint_identity(ckpt_path),
+        "dataset_fingerprint": dataset.fingerprint,
+        "dataset_root": str(Path(dataset.root).resolve()),
+        "db_paths_hash": stable_hash(list(dataset.db_paths)),
+        "n_db": int(dataset.n_db),
+        "inputs": inputs_cfg,
+        "index": {k: v for k, v in asdict(index_cfg).items() if k not in ("use_gpu", "num_threads")},
+    }
+
+
+def cache_root(ckpt_path: str | os.PathLike) -> Path:
+    return Path(f"{Path(ckpt_path)}.index")
+
+
+def _read_entry(entry: Path, key: dict, use_gpu: bool) -> tuple[faiss.Index, np.ndarray] | None:
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.get("key") != json.loads(json.dumps(key)):
+            log.warning("embedding cache %s does not match its key; ignoring it", entry)
+            return None
+        emb = np.load(entry / "embeddings.npy", allow_pickle=False)
+        index = load_index(entry / "index.faiss", use_gpu=use_gpu)
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        log.warning("embedding cache %s is unreadable (%s); rebuilding it", entry, exc)
+        return None
+    if emb.shape[0] != key["n_db"] or index.ntotal != key["n_db"]:
+        log.warning("embedding cache %s has %d embeddings / %d indexed for %d database images; rebuilding it",
+                    entry, emb.shape[0], index.ntotal, key["n_db"])
+        return None
+    return index, emb
+
+
+def _write_entry(entry: Path, key: dict, emb: np.ndarray, index: faiss.Index, extra: dict[str, Any]) -> bool:
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
+    except OSError as exc:
+        log.warning("cannot cache the database embeddings under %s (%s): the next search embeds again",
+                    entry.parent, exc.strerror or exc)
+        return False
+    try:
+        np.save(tmp / "embeddings.npy", emb)
+        save_index(index, tmp / "index.faiss")
+        (tmp / "meta.json").write_text(json.dumps({"key": key, **extra}, indent=2) + "\n")
+        if entry.exists():  # an older, unreadable entry under the same key
+            shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+        return True
+    except OSError as exc:
+        log.warning("could not write the embedding cache %s (%s)", entry, exc.strerror or exc)
+        return False
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_database_index(
+    ckpt_path: str | os.PathLike,
+    dataset: Any,
+    inputs_cfg: dict[str, Any],
+    index_cfg: IndexConfig,
+    embed: Callable[[], np.ndarray],
+    enabled: bool = True,
+) -> CachedIndex:
+    """The database's embeddings and index: from `<ckpt>.index/<key>/` when there, else `embed()` + build + write."""
+    started = time.perf_counter()
+    key = cache_key(ckpt_path, dataset, inputs_cfg, index_cfg)
+    entry = cache_root(ckpt_path) / stable_hash(key)
+    if enabled and entry.is_dir():
+        found = _read_entry(entry, key, index_cfg.use_gpu)
+        if found is not None:
+            index, emb = found
+            log.info("embedding cache hit: %s", entry)
+            return CachedIndex(index, emb, True, time.perf_counter() - started, entry)
+    emb = np.ascontiguousarray(embed(), dtype=np.float32)
+    embed_s = time.perf_counter() - started
+    index = build_index(emb, index_cfg)
+    written = False
+    if enabled:
+        written = _write_entry(entry, key, emb, index, {
+            "db_paths": list(dataset.db_paths), "dim": int(emb.shape[1]), "embed_s": round(embed_s, 4),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+        if written:
+            log.info("embedding cache written: %s", entry)
+    return CachedIndex(index, emb, False, time.perf_counter() - started, entry if written else None)

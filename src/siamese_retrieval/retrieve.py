@@ -1,0 +1,178 @@
+"""Search engine behind `python retrieve.py`: rank a dataset's database for one image or a folder of images.
+
+    python retrieve.py ckpt_path=CKPT query=photo.jpg top_k=10 [data=msls_city data.root=PATH] [output=json]
+
+`retrieve(cfg)` reads top-down: checkpoint -> input builder (as in evaluate.py) -> database index
+(embedded once, then cached next to the checkpoint, see retrieval/embedding_cache.py) -> query
+embeddings -> top-k -> stdout (a table, or JSON with output=json; logs go to stderr) and a grid PNG
+in the run dir. Relevance scores are the model's head on the embedding distance, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from siamese_retrieval.callbacks import embed_all
+from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
+from siamese_retrieval.errors import ConfigError, UserError
+from siamese_retrieval.evaluate import load_module, with_model_config
+from siamese_retrieval.retrieval.embedding_cache import cached_database_index
+from siamese_retrieval.retrieval.index import IndexConfig, search
+from siamese_retrieval.retrieval.visualize import GREY, _thumb, _tile, save_png
+from siamese_retrieval.run_utils import quiet_known_warnings, run_dir
+from siamese_retrieval.train import build_datamodule
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+OUTPUTS = ("table", "json")
+
+
+def retrieve(cfg: DictConfig) -> dict[str, Any]:
+    """Rank the database for each query image; print the results; write the grid. Returns what JSON prints."""
+    started = time.perf_counter()
+    quiet_known_warnings()
+    output = str(cfg.output)
+    if output not in OUTPUTS:
+        raise ConfigError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    top_k = int(cfg.top_k)
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    query_files = find_queries(cfg.get("query"))
+    out_dir = run_dir(cfg)
+    module = load_module(cfg.ckpt_path, cfg.get("device", "auto"))
+    cfg = with_model_config(cfg, module)
+
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    root = dm.resolve_root()
+    dataset = read_dataset(root, dm.files, check="none", name=dm.name)  # the cache key; validated on a miss
+    cosine = getattr(module, "distance_kind", "euclidean") == "cosine"
+    index_cfg = IndexConfig(**{**OmegaConf.to_container(cfg.index, resolve=True), "metric": "ip" if cosine else "l2"})
+
+    def embed_database() -> np.ndarray:
+        checked = read_dataset(root, dm.files, check=dm.image_check, name=dm.name)
+        db_inputs, _ = dm.inputs.build(checked, dm.cache_dir)
+        emb = embed_all(module, db_inputs, int(cfg.embed_batch))
+        return (torch.nn.functional.normalize(emb, dim=-1) if cosine else emb).numpy()
+
+    inputs_cfg = OmegaConf.to_container(cfg.model.inputs, resolve=True)
+    db = cached_database_index(cfg.ckpt_path, dataset, inputs_cfg, index_cfg, embed_database, bool(cfg.cache))
+    log.info("database index: %d images, %s in %.3f s", dataset.n_db, "cache hit" if db.hit else "embedded", db.seconds)
+
+    search_started = time.perf_counter()
+    q_emb = embed_all(module, query_inputs(dm.inputs, query_files), int(cfg.embed_batch))
+    if cosine:
+        q_emb = torch.nn.functional.normalize(q_emb, dim=-1)
+    if top_k > db.index.ntotal:
+        log.warning("top_k=%d is larger than the database (%d images): showing all %d", top_k, db.index.ntotal,
+                    db.index.ntotal)
+        top_k = int(db.index.ntotal)
+    dist, ids = search(db.index, q_emb.numpy(), k=top_k)
+    dist_t = torch.from_numpy(dist)
+    distance = 1.0 - dist_t if cosine else torch.sqrt(torch.clamp(dist_t, min=1e-7))
+    with torch.inference_mode():
+        scores = module.score_distances(distance.to(module.device)).float().cpu().numpy()
+    search_s = time.perf_counter() - search_started
+
+    results = [
+        {
+            "query": str(qf),
+            "results": [
+                {"rank": r + 1, "path": dataset.db_paths[int(j)], "file": str(dataset.db_file(int(j))),
+                 "score": float(scores[i, r]), "distance": float(distance[i, r])}
+                for r, j in enumerate(ids[i]) if j >= 0  # approximate indexes pad with -1
+            ],
+        }
+        for i, qf in enumerate(query_files)
+    ]
+    grid_path = write_grid(out_dir / "retrieval_grid.png", results, int(cfg.grid.max_queries))
+    result = {
+        "checkpoint": str(cfg.ckpt_path),
+        "model": module.hparams.model_name,
+        "dataset_root": str(dataset.root),
+        "n_database": int(dataset.n_db),
+        "top_k": top_k,
+        "index": index_cfg.kind,
+        "cache_hit": db.hit,
+        "cache_dir": str(db.directory) if db.directory else None,
+        "database_s": round(db.seconds, 4),
+        "search_s": round(search_s, 4),
+        "total_s": round(time.perf_counter() - started, 4),
+        "grid": str(grid_path),
+        "queries": results,
+    }
+    print_results(result, output)
+    return result
+
+
+def find_queries(query: Any) -> list[Path]:
+    """One image file, or every image in a folder (sorted); UserError for anything else."""
+    if query in (None, ""):
+        raise UserError("query: no query given (query=IMAGE or query=FOLDER)")
+    path = Path(str(query)).expanduser()
+    if path.is_file():
+        return [path.resolve()]
+    if path.is_dir():
+        files = sorted(p.resolve() for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"query: folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files
+    raise UserError(f"query: {path} not found")
+
+
+def query_inputs(inputs: Any, files: list[Path]) -> dict[str, torch.Tensor]:
+    """The input builder's tensors for arbitrary image files (no cache): a query-only dataset view."""
+    n = len(files)
+    view = RetrievalDataset(
+        root=Path("/"), db_paths=[], db_loc=np.zeros((0, 3)), q_paths=[str(f) for f in files],
+        q_loc=np.zeros((n, 3)), sim=np.zeros((n, 0), bool), fov=np.zeros((n, 0), np.float32), name="query",
+    )
+    _, q = inputs.build(view, None)
+    return q
+
+
+def write_grid(path: Path, results: list[dict[str, Any]], max_queries: int = 16) -> Path:
+    """One row per query (at most `max_queries`): the query, then its top-k with rank and score (grey: no labels)."""
+    thumb = (128, 96)
+    rows = []
+    for item in results[:max_queries]:
+        tiles = [_tile(_thumb(Path(item["query"]), thumb), (255, 255, 255), "query")]
+        tiles += [_tile(_thumb(Path(r["file"]), thumb), GREY, f"#{r['rank']} {r['score']:.2f}") for r in item["results"]]
+        rows.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return save_png(path, np.concatenate(rows, axis=0))
+
+
+def print_results(result: dict[str, Any], output: str) -> None:
+    if output == "json":
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)  # paths stay on one line in logs and pipes
+    hit = "cache hit" if result["cache_hit"] else "embedded now (cache miss)"
+    console.print(f"database: {result['n_database']} images in {result['dataset_root']}; "
+                  f"index {hit}: {result['database_s']:.3f} s; search: {result['search_s']:.3f} s", soft_wrap=True)
+    for item in result["queries"]:
+        console.print(f"query: {item['query']}", soft_wrap=True)
+        table = Table()
+        table.add_column("rank", justify="right")
+        table.add_column("database image")
+        table.add_column("relevance", justify="right")
+        for r in item["results"]:
+            table.add_row(str(r["rank"]), r["path"], f"{r['score']:.4f}")
+        console.print(table)
+    console.print(f"grid: {result['grid']}", soft_wrap=True)

@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -110,9 +111,15 @@ def render_street(args: tuple) -> int:
 
 
 def _pool_context():
-    """fork where available: workers need no `if __name__ == "__main__"` guard in the caller's script."""
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else "spawn")
+    """fork while it is safe, spawn once torch is loaded.
+
+    fork needs no `if __name__ == "__main__"` guard in the caller's script, but a child forked from a
+    process whose OpenMP thread pool has run (torch training, then `evaluate.py split=all` on a new city)
+    can hang forever; spawned children start clean. Every entry point of this project is guarded.
+    """
+    if "fork" in mp.get_all_start_methods() and "torch" not in sys.modules:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:

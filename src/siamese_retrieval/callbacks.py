@@ -45,6 +45,37 @@ class Ranking:
     metrics: dict[str, float]
 
 
+class RankingBuilder:
+    """Turns chunks of dense (queries x full database) scores into a `Ranking`: one code path for the
+    learned models, the classical baseline and re-ranking, so their metrics are comparable."""
+
+    def __init__(self, query_idx: np.ndarray, sim: np.ndarray, fov: np.ndarray, top_ks: Sequence[int] = (1, 5, 10),
+                 ndcg_k: int = 10, keep_top: int = 10) -> None:
+        self.query_idx, self.sim, self.fov, self.keep_top = query_idx, sim, fov, keep_top
+        # every query is scored by this process: no cross-process sync (under DDP only rank zero ranks)
+        self.metric = RetrievalScores(top_ks=tuple(top_ks), ndcg_k=ndcg_k, sync_on_compute=False)
+        self.tops: list[np.ndarray] = []
+        self.top_scores: list[np.ndarray] = []
+        self.first_pos: list[np.ndarray] = []
+
+    def add(self, qi: np.ndarray, scores: torch.Tensor) -> None:
+        """Scores (len(qi), n_db), higher = more relevant, for the dataset queries `qi`."""
+        sim_c, fov_c = torch.from_numpy(self.sim[qi]), torch.from_numpy(self.fov[qi])
+        self.metric.update(scores, sim_c, fov_c)
+        keep = min(self.keep_top, scores.shape[1])
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        self.tops.append(order[:, :keep].numpy())
+        self.top_scores.append(torch.gather(scores, 1, order[:, :keep]).numpy())
+        hits = torch.gather(sim_c, 1, order)
+        has = hits.any(dim=1)
+        self.first_pos.append(torch.where(has, hits.float().argmax(dim=1) + 1, torch.zeros_like(has, dtype=torch.long)).numpy())
+
+    def result(self) -> Ranking:
+        values = {k: float(v) for k, v in self.metric.compute().items()}
+        return Ranking(self.query_idx, np.concatenate(self.tops), np.concatenate(self.top_scores),
+                       np.concatenate(self.first_pos), values)
+
+
 def rank_queries(
     module: Any,
     db_inputs: Tensors,
@@ -85,10 +116,7 @@ def rank_embeddings(
         db_emb, q_emb = torch.nn.functional.normalize(db_emb, dim=-1), torch.nn.functional.normalize(q_emb, dim=-1)
     index = build_index(db_emb.numpy(), index_cfg or IndexConfig(metric="ip" if cosine else "l2"))
     n_db = db_emb.shape[0]
-    # every query of the split is scored here: no cross-process sync (under DDP only rank zero calls this)
-    metric = RetrievalScores(top_ks=tuple(top_ks), ndcg_k=ndcg_k, sync_on_compute=False)
-    keep = min(keep_top, n_db)
-    tops, top_scores, first_pos = [], [], []
+    builder = RankingBuilder(query_idx, sim, fov, top_ks, ndcg_k, keep_top)
     for start in range(0, len(query_idx), query_chunk):
         qi = query_idx[start : start + query_chunk]
         dist, ids = search(index, q_emb[start : start + query_chunk].numpy(), k=n_db)
@@ -96,17 +124,8 @@ def rank_embeddings(
         distance = 1.0 - dist_t if cosine else torch.sqrt(torch.clamp(dist_t, min=1e-7))
         with torch.inference_mode():
             ranked_scores = module.score_distances(distance.to(module.device)).float().cpu()
-        scores = torch.empty_like(ranked_scores).scatter_(1, torch.from_numpy(ids), ranked_scores)
-        sim_c, fov_c = torch.from_numpy(sim[qi]), torch.from_numpy(fov[qi])
-        metric.update(scores, sim_c, fov_c)
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)
-        tops.append(order[:, :keep].numpy())
-        top_scores.append(torch.gather(scores, 1, order[:, :keep]).numpy())
-        hits = torch.gather(sim_c, 1, order)
-        has = hits.any(dim=1)
-        first_pos.append(torch.where(has, hits.float().argmax(dim=1) + 1, torch.zeros_like(has, dtype=torch.long)).numpy())
-    values = {k: float(v) for k, v in metric.compute().items()}
-    return Ranking(query_idx, np.concatenate(tops), np.concatenate(top_scores), np.concatenate(first_pos), values)
+        builder.add(qi, torch.empty_like(ranked_scores).scatter_(1, torch.from_numpy(ids), ranked_scores))
+    return builder.result()
 
 
 def embed_sharded(trainer: pl.Trainer, module: Any, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:

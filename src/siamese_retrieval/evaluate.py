@@ -34,7 +34,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from siamese_retrieval.callbacks import Ranking, embed_all, rank_queries
+from siamese_retrieval.callbacks import Ranking, RankingBuilder, embed_all, rank_queries
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.data.datamodule import make_recipe
@@ -43,7 +43,7 @@ from siamese_retrieval.errors import ConfigError, UserError
 from siamese_retrieval.io_utils import atomic_path
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.retrieval.index import IndexConfig
-from siamese_retrieval.retrieval.metrics import RangeAccuracy, RetrievalScores
+from siamese_retrieval.retrieval.metrics import RangeAccuracy
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, rerank_scores, score_matrix
 from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
 from siamese_retrieval.run_utils import quiet_known_warnings, run_dir, write_metrics_json
@@ -235,22 +235,11 @@ def ranking_from_scores(scores: np.ndarray, query_idx: np.ndarray, sim: np.ndarr
                         top_ks: Sequence[int] = (1, 5, 10), ndcg_k: int = 10, keep_top: int = CURVE_K,
                         chunk: int = 256) -> Ranking:
     """A `Ranking` from a dense (m, n_db) score matrix (higher = more relevant), metrics as in training."""
-    metric = RetrievalScores(top_ks=tuple(top_ks), ndcg_k=ndcg_k)
-    keep = min(keep_top, scores.shape[1])
-    tops, top_scores, first_pos = [], [], []
+    builder = RankingBuilder(query_idx, sim, fov, top_ks, ndcg_k, keep_top)
     for start in range(0, len(query_idx), chunk):
-        qi = query_idx[start : start + chunk]
-        s = torch.from_numpy(np.ascontiguousarray(scores[start : start + chunk], np.float32))
-        sim_c, fov_c = torch.from_numpy(sim[qi]), torch.from_numpy(fov[qi])
-        metric.update(s, sim_c, fov_c)
-        order = torch.argsort(s, dim=1, descending=True, stable=True)
-        tops.append(order[:, :keep].numpy())
-        top_scores.append(torch.gather(s, 1, order[:, :keep]).numpy())
-        hits = torch.gather(sim_c, 1, order)
-        has = hits.any(dim=1)
-        first_pos.append(torch.where(has, hits.float().argmax(dim=1) + 1, torch.zeros_like(has, dtype=torch.long)).numpy())
-    values = {k: float(v) for k, v in metric.compute().items()}
-    return Ranking(query_idx, np.concatenate(tops), np.concatenate(top_scores), np.concatenate(first_pos), values)
+        builder.add(query_idx[start : start + chunk],
+                    torch.from_numpy(np.ascontiguousarray(scores[start : start + chunk], np.float32)))
+    return builder.result()
 
 
 def orb_config(cfg: DictConfig) -> tuple[OrbRansacConfig, int]:

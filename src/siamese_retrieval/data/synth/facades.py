@@ -241,7 +241,7 @@ class StripPainter:
         return int(round(self.h - height_m * self.ppm))
 
     def building(self, inst: Instance, c0: int, c1: int) -> None:
-        a, ppm, cfg = inst.arch, self.ppm, self.cfg
+        a, ppm = inst.arch, self.ppm
         rng = np.random.default_rng(inst.seed)
         img, lit = self.img, self.lit
         top_m = a.ground_h + a.n_floors * a.floor_h

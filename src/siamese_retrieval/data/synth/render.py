@@ -81,7 +81,7 @@ class SceneRenderer:
     # ---------------------------------------------------------------------------------------
     def _strip_map(self, wall: int, u0: int) -> np.ndarray:
         """Plane pixel (u', v, 1) of a strip crop starting at column u0 -> world point."""
-        cfg, sc, ppm = self.cfg, self.scene, self.cfg.pixels_per_m
+        sc, ppm = self.scene, self.cfg.pixels_per_m
         if wall == 0:
             return np.array([[1 / ppm, 0, sc.x_start + u0 / ppm], [0, 0, sc.width / 2], [0, -1 / ppm, self.wall_h_m]])
         x_end = sc.x_start + self.right.shape[1] / ppm

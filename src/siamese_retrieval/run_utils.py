@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -56,14 +58,48 @@ def task_overrides() -> list[str]:
 
 def run_dir(cfg: DictConfig) -> Path:
     path = Path(cfg.paths.output_dir)
+    check_writable_dir(path)
+    return path
+
+
+def check_writable_dir(path: str | Path) -> None:
+    """Create `path` if needed and write a probe file; UserError naming it when that fails."""
+    path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
         raise UserError(f"output directory {path} is not writable ({exc.strerror or exc})") from None
-    return path
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency; keeps this module importable without it
+    _HydraCallback = object
+
+
+class OutputDirCheck(_HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): an unusable run/sweep directory is one clear line, exit 2.
+
+    Hydra creates the run directory (and its log file) before the task runs, and reports a failure there
+    as a traceback; this checks the directory first, when the run or the sweep starts.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(path: str) -> None:
+        try:
+            check_writable_dir(path)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 def sweep_group(cfg: DictConfig) -> str:
@@ -133,12 +169,45 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except Exception as exc:  # noqa: BLE001 - a multirun job's crash must not stop the sweep's other jobs
+            message = storage_error(exc, output_dir(cfg))  # full disk / unwritable place: one line too
+            if message is not None:
+                if hydra_mode() == "MULTIRUN":
+                    return sweeper_value(mark_job_failed(cfg, message))
+                print(f"error: {message}", file=sys.stderr)
+                sys.exit(2)
             if hydra_mode() != "MULTIRUN":
                 raise
             log.exception("job crashed")
             return sweeper_value(mark_job_failed(cfg, f"{type(exc).__name__}: {exc}"))
 
     return wrapper
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def storage_error(exc: BaseException, out_dir: str | Path | None = None) -> str | None:
+    """One line for a failed write (full disk, quota, read-only or unwritable place), else None.
+
+    Also looks at the exception's cause/context: libraries (e.g. checkpoint writers) re-raise OSErrors.
+    """
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            reason = exc.strerror or os.strerror(exc.errno)
+            where = f" to {out_dir}" if out_dir is not None else ""
+            what = f" (while writing {exc.filename})" if exc.filename is not None else ""
+            return f"cannot write{where}: {reason}{what}"
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def output_dir(cfg: DictConfig) -> str | None:
+    try:
+        return str(cfg.paths.output_dir)
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return None
 
 
 def sweeper_value(value: Any) -> Any:

@@ -9,7 +9,9 @@ Everything is checked before training starts; every failure is one `DatasetError
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -43,7 +45,8 @@ class RetrievalDataset:
     q_loc: np.ndarray  # (n_q, 3)
     sim: np.ndarray  # (n_q, n_db) bool
     fov: np.ndarray  # (n_q, n_db) float32 in [0, 1]
-    fingerprint: str = ""  # hash of the contract files' bytes: cache keys change when they do
+    fingerprint: str = ""  # contract files' bytes + every image's size and mtime: caches keyed on it are rebuilt
+    # whenever any of those change
     name: str = field(default="")
 
     @property
@@ -175,6 +178,22 @@ def check_images(paths: Sequence[Path], workers: int = 4) -> None:
         raise DatasetError(f"{len(problems)} unusable image(s): {shown}{more}")
 
 
+def images_stamp(paths: Sequence[Path]) -> str:
+    """Hash of (path, size, mtime) of every image: changes when an image is replaced, added or removed.
+
+    Stat only (no reading): microseconds per file. A missing file counts as (-1, -1).
+    """
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "-1:-1"
+        h.update(f"{p}\0{stamp}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def read_dataset(
     root: str | Path,
     files: DatasetFiles | None = None,
@@ -204,7 +223,8 @@ def read_dataset(
             raise DatasetError(f"{len(missing)} image(s) not found, first: {missing[0]}")
     elif check != "none":
         raise DatasetError(f"unknown image check {check!r} (use decode, exists or none)")
-    fingerprint = file_fingerprint([root / files.database_json, root / files.query_json, gt_path])
+    contract = file_fingerprint([root / files.database_json, root / files.query_json, gt_path])
+    fingerprint = hashlib.sha256(f"{contract}:{images_stamp(all_paths)}".encode()).hexdigest()[:16]
     return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, fingerprint, name or root.name)
 
 

@@ -6,6 +6,7 @@ checkpoint then holds only primitives and loads under torch's `weights_only=True
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
@@ -13,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from siamese_retrieval.errors import UserError
 from siamese_retrieval.models.heads import RelevanceHead, cross_distance, pair_distance
 from siamese_retrieval.models.losses import PairOutput
 from siamese_retrieval.retrieval.metrics import RangeAccuracy
@@ -121,3 +123,32 @@ class SiameseModule(pl.LightningModule):
             sched_cfg["T_max"] = max(1, self.trainer.max_epochs or 1)
         scheduler = instantiate(sched_cfg, _partial_=True)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def load_checkpoint(
+    path: str | Path, expected_model: str | None = None, map_location: str | torch.device = "cpu"
+) -> SiameseModule:
+    """A SiameseModule from a Lightning checkpoint (loaded with weights_only=True), checked before it is built.
+
+    Raises UserError naming the file when it is missing, is not a torch checkpoint, is not a SiameseModule
+    checkpoint, or holds another model than `expected_model` (the checkpoint's `model_name`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip/pickle/unpickler errors have no common base class
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} is not a loadable torch checkpoint ({first_line[:200]})") from None
+    hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or "state_dict" not in raw or not isinstance(hparams, dict) or "encoder" not in hparams:
+        raise UserError(f"checkpoint {path} is not a SiameseModule checkpoint (no hyper_parameters.encoder / state_dict)")
+    found = hparams.get("model_name", "?")
+    if expected_model is not None and found != expected_model:
+        raise UserError(f"checkpoint {path} holds model_name={found!r}, expected {expected_model!r}")
+    try:
+        return SiameseModule.load_from_checkpoint(path, map_location=map_location)
+    except (RuntimeError, KeyError, TypeError) as exc:  # state_dict / hparams that no longer fit the code
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} (model_name={found!r}) does not fit this code: {first_line[:300]}") from None

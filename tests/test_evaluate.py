@@ -12,6 +12,7 @@ import cv2
 import pytest
 
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
+from siamese_retrieval.errors import UserError
 from siamese_retrieval.evaluate import evaluate
 from siamese_retrieval.retrieve import retrieve
 from siamese_retrieval.train import train
@@ -112,5 +113,11 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1] == f"error: ckpt_path: checkpoint {missing} not found"
+    assert lines[-1] == f"error: checkpoint {missing} not found"
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_model_type_is_a_clear_error(trained, tmp_path: Path, cache_dir: Path) -> None:
+    ckpt, _ = trained  # a keypoint_snn checkpoint
+    with pytest.raises(UserError, match=rf"checkpoint {ckpt} holds model_name='keypoint_snn', expected 'cnn_snn'"):
+        _eval(["data=synth_tiny", "seed=3", f"ckpt_path={ckpt}", "model=cnn_snn"], tmp_path, cache_dir)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,7 +40,7 @@ from siamese_retrieval.data.datamodule import make_recipe
 from siamese_retrieval.data.pairs import PairRecipe, eval_pairs
 from siamese_retrieval.errors import ConfigError, UserError
 from siamese_retrieval.io_utils import atomic_path
-from siamese_retrieval.models.siamese import SiameseModule
+from siamese_retrieval.models.siamese import SiameseModule, load_checkpoint
 from siamese_retrieval.retrieval.index import IndexConfig
 from siamese_retrieval.retrieval.metrics import RangeAccuracy
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, rerank_scores, score_matrix
@@ -68,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     out_dir = run_dir(cfg)
 
-    module = load_module(cfg.ckpt_path, cfg.get("device", "auto")) if method == "model" else None
+    module = load_module(cfg.ckpt_path, cfg.get("device", "auto"), model_name(cfg)) if method == "model" else None
     cfg = with_model_config(cfg, module)
     dm = build_datamodule(cfg)
     dataset, db_inputs, q_inputs, query_idx = load_split(dm, split)
@@ -120,22 +119,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- model
 
 
-def load_module(ckpt_path: str | None, device: str = "auto") -> SiameseModule:
-    """The checkpoint's SiameseModule in eval mode (weights_only-safe: its hparams are plain config)."""
+def load_module(ckpt_path: str | None, device: str = "auto", expected_model: str | None = None) -> SiameseModule:
+    """The checkpoint's SiameseModule in eval mode; `model=NAME` must match the model it holds."""
     if ckpt_path in (None, ""):
         raise UserError("ckpt_path: no checkpoint given (ckpt_path=PATH/TO.ckpt, or method=orb_ransac)")
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise UserError(f"ckpt_path: checkpoint {path} not found")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        module = SiameseModule.load_from_checkpoint(str(path), map_location=device)
-    except (RuntimeError, KeyError, EOFError, ValueError, OSError, TypeError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise UserError(f"ckpt_path: {path} is not a loadable SiameseModule checkpoint "
-                        f"({type(exc).__name__}{': ' + first if first else ''})") from None
-    return module.eval()
+    return load_checkpoint(Path(str(ckpt_path)).expanduser(), expected_model, map_location=device).eval()
+
+
+def model_name(cfg: DictConfig) -> str | None:
+    """The model the user named (model=NAME), which the checkpoint must hold; None to take the checkpoint's."""
+    return str(cfg.model.name) if cfg.get("model") is not None and cfg.model.get("name") else None
 
 
 def training_config(ckpt_path: str | os.PathLike) -> DictConfig | None:
@@ -165,9 +160,6 @@ def with_model_config(cfg: DictConfig, module: SiameseModule | None) -> DictConf
                 log.info("input builder from the training run's config (%s)", Path(cfg.ckpt_path).parent.parent)
             else:
                 model_cfg = load_model_yaml(cfg, name)
-        elif model_cfg.get("name") != name:
-            log.warning("model=%s but the checkpoint was trained as %s: using %s's input builder",
-                        model_cfg.get("name"), name, model_cfg.get("name"))
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.model = model_cfg

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from siamese_retrieval.callbacks import embed_all
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
 from siamese_retrieval.errors import ConfigError, UserError
-from siamese_retrieval.evaluate import load_module, with_model_config
+from siamese_retrieval.evaluate import load_module, model_name, with_model_config
 from siamese_retrieval.retrieval.embedding_cache import cached_database_index
 from siamese_retrieval.retrieval.index import IndexConfig, search
 from siamese_retrieval.retrieval.visualize import GREY, _thumb, _tile, save_png
@@ -49,7 +49,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     query_files = find_queries(cfg.get("query"))
     out_dir = run_dir(cfg)
-    module = load_module(cfg.ckpt_path, cfg.get("device", "auto"))
+    module = load_module(cfg.ckpt_path, cfg.get("device", "auto"), model_name(cfg))
     cfg = with_model_config(cfg, module)
 
     dm = build_datamodule(cfg)

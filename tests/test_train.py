@@ -97,3 +97,16 @@ def test_same_seed_same_split_and_pairs(cache_dir: Path, tmp_path: Path) -> None
     assert np.array_equal(dms[0].splits.test_q, dms[1].splits.test_q)
     for a, b in zip(dms[0].sampler.sample(1), dms[1].sampler.sample(1)):
         assert np.array_equal(a, b)
+
+
+def test_msls_city_on_a_root_written_by_the_generator(tmp_path: Path, cache_dir: Path) -> None:
+    from siamese_retrieval.data.synth import SynthConfig, ensure_city
+
+    root = ensure_city(cache_dir, SynthConfig.from_preset("tiny"))  # any root in the MSLS/GCL format
+    cfg = compose_config("train", ["data=msls_city", f"data.root={root}", "trainer.max_epochs=1", "logger=none"],
+                         tmp_path, cache_dir)
+    result = train(cfg)
+    assert result["data"] == "msls_city" and result["status"] == "ok"
+    splits = result["splits"]
+    assert splits["n_train_queries"] + splits["n_val_queries"] + splits["n_test_queries"] == 40
+    assert 0.0 <= result["metrics"]["test/mAP"] <= 1.0

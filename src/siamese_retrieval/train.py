@@ -73,10 +73,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 lg.experiment.summary.update(result["metrics"])
         if trainer.is_global_zero:  # under trainer=ddp, ranks > 0 run this script too: one writer
             write_metrics_json(out_dir / "metrics.json", result)
-            print_results(result)
-        return result
     finally:
         finish_loggers(loggers)
+    if trainer.is_global_zero:
+        print_results(result)  # last, below W&B's closing lines
+    return result
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:

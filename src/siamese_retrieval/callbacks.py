@@ -76,6 +76,14 @@ class RankingBuilder:
                        np.concatenate(self.first_pos), values)
 
 
+def relevance_from_search(module: Any, faiss_distances: np.ndarray, cosine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, relevance score) on CPU for FAISS results: squared L2, or inner products of unit vectors."""
+    dist = torch.from_numpy(faiss_distances)
+    distance = 1.0 - dist if cosine else torch.sqrt(torch.clamp(dist, min=1e-7))
+    with torch.inference_mode():
+        return distance, module.score_distances(distance.to(module.device)).float().cpu()
+
+
 def rank_queries(
     module: Any,
     db_inputs: Tensors,
@@ -120,10 +128,7 @@ def rank_embeddings(
     for start in range(0, len(query_idx), query_chunk):
         qi = query_idx[start : start + query_chunk]
         dist, ids = search(index, q_emb[start : start + query_chunk].numpy(), k=n_db)
-        dist_t = torch.from_numpy(dist)
-        distance = 1.0 - dist_t if cosine else torch.sqrt(torch.clamp(dist_t, min=1e-7))
-        with torch.inference_mode():
-            ranked_scores = module.score_distances(distance.to(module.device)).float().cpu()
+        _, ranked_scores = relevance_from_search(module, dist, cosine)
         builder.add(qi, torch.empty_like(ranked_scores).scatter_(1, torch.from_numpy(ids), ranked_scores))
     return builder.result()
 

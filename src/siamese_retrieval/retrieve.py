@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from siamese_retrieval.callbacks import embed_all
+from siamese_retrieval.callbacks import embed_all, relevance_from_search
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
 from siamese_retrieval.errors import ConfigError, UserError
 from siamese_retrieval.evaluate import load_module, model_name, with_model_config
@@ -78,10 +78,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
                     db.index.ntotal)
         top_k = int(db.index.ntotal)
     dist, ids = search(db.index, q_emb.numpy(), k=top_k)
-    dist_t = torch.from_numpy(dist)
-    distance = 1.0 - dist_t if cosine else torch.sqrt(torch.clamp(dist_t, min=1e-7))
-    with torch.inference_mode():
-        scores = module.score_distances(distance.to(module.device)).float().cpu().numpy()
+    distance, scores = (t.numpy() for t in relevance_from_search(module, dist, cosine))
     search_s = time.perf_counter() - search_started
 
     results = [

@@ -6,7 +6,7 @@
     python evaluate.py ckpt_path=CKPT rerank=orb_ransac rerank.top_n=20
 
 `evaluate(cfg)` reads top-down: model -> datamodule -> queries of the split -> ranking -> outputs.
-The learned ranking is `callbacks.rank_queries`, the very function training logs its val/test metrics
+The learned ranking is `callbacks.rank_embeddings`, the very function training logs its val/test metrics
 with, so the same checkpoint, data config and seed give the same numbers. Writes into the run dir:
 metrics.json, per_query.csv, recall_at_k.png, retrieval_grid.png.
 
@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from siamese_retrieval.callbacks import Ranking, RankingBuilder, embed_all, rank_queries
+from siamese_retrieval.callbacks import Ranking, RankingBuilder, embed_all, rank_embeddings
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.data.datamodule import make_recipe
@@ -78,13 +78,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if method == "orb_ransac":
         ranking = orb_ransac_ranking(cfg, dm, dataset, query_idx)
     else:
-        ranking = rank_queries(module, db_inputs, q_inputs, query_idx, dataset.sim, dataset.fov,
-                               top_ks=tuple(cfg.top_ks), ndcg_k=int(cfg.ndcg_k), keep_top=CURVE_K,
-                               embed_batch=int(cfg.embed_batch), index_cfg=full_ranking_index(cfg, module))
-        rerank = cfg.get("rerank")
-        if rerank:
+        db_emb = embed_all(module, db_inputs, int(cfg.embed_batch))  # the database, embedded once
+        q_emb = embed_all(module, take(q_inputs, query_idx), int(cfg.embed_batch))
+        ranking = rank_embeddings(module, db_emb, q_emb, query_idx, dataset.sim, dataset.fov,
+                                  top_ks=tuple(cfg.top_ks), ndcg_k=int(cfg.ndcg_k), keep_top=CURVE_K,
+                                  index_cfg=full_ranking_index(cfg, module))
+        if cfg.get("rerank"):
             extra = {f"before_rerank/{k}": v for k, v in ranking.metrics.items()}
-            ranking = reranked(cfg, module, dm, dataset, db_inputs, q_inputs, query_idx)
+            ranking = reranked(cfg, module, dm, dataset, db_emb, q_emb, query_idx)
     rank_s = time.perf_counter() - ranking_started  # database embedding / feature extraction included
     if module is not None:
         extra.update(pair_metrics(module, dm, dataset, db_inputs, q_inputs, query_idx))
@@ -257,8 +258,8 @@ def orb_ransac_ranking(cfg: DictConfig, dm: Any, dataset: RetrievalDataset, quer
     return ranking_from_scores(scores, query_idx, dataset.sim, dataset.fov, tuple(cfg.top_ks), int(cfg.ndcg_k))
 
 
-def reranked(cfg: DictConfig, module: SiameseModule, dm: Any, dataset: RetrievalDataset, db_inputs: Tensors,
-             q_inputs: Tensors, query_idx: np.ndarray) -> Ranking:
+def reranked(cfg: DictConfig, module: SiameseModule, dm: Any, dataset: RetrievalDataset, db_emb: torch.Tensor,
+             q_emb: torch.Tensor, query_idx: np.ndarray) -> Ranking:
     """The model's top-N re-ordered by inlier count (ties: model score); the rest keeps the model's order.
 
     Score = 1 + inliers + model relevance/2 for the top-N (relevance lies in [0, 1]), model relevance
@@ -267,8 +268,6 @@ def reranked(cfg: DictConfig, module: SiameseModule, dm: Any, dataset: Retrieval
     top_n = int(cfg.rerank.top_n)
     if top_n < 1:
         raise ConfigError(f"rerank.top_n must be >= 1, got {top_n}")
-    db_emb = embed_all(module, db_inputs, int(cfg.embed_batch))
-    q_emb = embed_all(module, take(q_inputs, query_idx), int(cfg.embed_batch))
     with torch.inference_mode():
         relevance = module.cross_scores(q_emb.to(module.device), db_emb.to(module.device)).float().cpu().numpy()
     top_n = min(top_n, dataset.n_db)

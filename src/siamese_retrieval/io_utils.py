@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -37,6 +41,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """An .npz cache written under a temporary name and renamed: a killed writer leaves no half file."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
+            np.savez(f, **arrays)
+
+
+def load_npz_cache(path: Path, keys: Sequence[str], what: str) -> dict[str, Any] | None:
+    """The arrays of an .npz cache, or None (the file deleted, with a warning) when it cannot be read."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, exc)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,7 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.errors import DatasetError
-from siamese_retrieval.io_utils import atomic_path, stable_hash
+from siamese_retrieval.io_utils import atomic_save_npz, load_npz_cache, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +125,10 @@ def images_cache_file(dataset, size: tuple[int, int], cache_dir: str | os.PathLi
 
 
 def _load_cache(path: Path, n_db: int, n_q: int, size: tuple[int, int]):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            db, q = z["db"], z["q"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        log.warning("image cache %s is unreadable (%s); rebuilding it", path, exc)
-        path.unlink(missing_ok=True)
+    arrays = load_npz_cache(path, ("db", "q"), "image")
+    if arrays is None:
         return None
+    db, q = arrays["db"], arrays["q"]
     if db.shape != (n_db, 3, *size) or q.shape != (n_q, 3, *size) or db.dtype != np.uint8 or q.dtype != np.uint8:
         log.warning("image cache %s has unexpected shapes; rebuilding it", path)
         path.unlink(missing_ok=True)
@@ -161,7 +157,5 @@ def load_images(
     db = decode_resized([dataset.root / p for p in dataset.db_paths], size, workers)
     q = decode_resized([dataset.root / p for p in dataset.q_paths], size, workers)
     if path is not None:
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, db=db, q=q)
+        atomic_save_npz(path, db=db, q=q)
     return db, q

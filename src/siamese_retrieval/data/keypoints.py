@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.data.images import read_image, to_gray
-from siamese_retrieval.io_utils import atomic_path, stable_hash
+from siamese_retrieval.io_utils import atomic_save_npz, load_npz_cache, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +173,10 @@ def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) 
 
 
 def _load_cache(path: Path, n_db: int, n_q: int, n: int) -> KeypointFeatures | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            feats = KeypointFeatures(**{k: z[k] for k in KeypointFeatures.FIELDS})
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        log.warning("keypoint cache %s is unreadable (%s); rebuilding it", path, exc)
-        path.unlink(missing_ok=True)
+    arrays = load_npz_cache(path, KeypointFeatures.FIELDS, "keypoint")
+    if arrays is None:
         return None
+    feats = KeypointFeatures(**arrays)
     ok = (
         feats.db_desc.shape == (n_db, n, DESC_BYTES)
         and feats.q_desc.shape == (n_q, n, DESC_BYTES)
@@ -216,7 +212,5 @@ def extract_dataset_keypoints(
     n_db = dataset.n_db
     feats = KeypointFeatures(desc[:n_db], geom[:n_db], mask[:n_db], desc[n_db:], geom[n_db:], mask[n_db:])
     if path is not None:
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **feats.arrays())
+        atomic_save_npz(path, **feats.arrays())
     return feats

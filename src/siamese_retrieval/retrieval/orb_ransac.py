@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ import faiss
 import numpy as np
 
 from siamese_retrieval.data.images import read_image, to_gray
-from siamese_retrieval.io_utils import atomic_path, stable_hash
+from siamese_retrieval.io_utils import atomic_save_npz, load_npz_cache, stable_hash
 from siamese_retrieval.retrieval.index import set_faiss_threads
 
 log = logging.getLogger(__name__)
@@ -165,20 +164,15 @@ def cached_features(files: Sequence[Path], key: dict, cfg: OrbRansacConfig, cach
         digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": asdict(cfg),
                               "version": ORB_RANSAC_CACHE_VERSION, "cv2": cv2.__version__.split(".")[0]})
         path = Path(cache_dir) / f"orb_ransac-{digest}.npz"
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    feats = _unpack({k: z[k] for k in ("offsets", "points", "desc")})
-                if len(feats) == len(files):
-                    log.info("ORB feature cache hit: %s", path)
-                    return feats
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-                log.warning("ORB feature cache %s is unreadable (%s); rebuilding it", path, exc)
+        arrays = load_npz_cache(path, ("offsets", "points", "desc"), "ORB feature") if path.is_file() else None
+        if arrays is not None:
+            feats = _unpack(arrays)
+            if len(feats) == len(files):
+                log.info("ORB feature cache hit: %s", path)
+                return feats
     feats = extract_features(files, cfg, workers)
     if path is not None:
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **_pack(feats))
+        atomic_save_npz(path, **_pack(feats))
     return feats
 
 

@@ -19,6 +19,7 @@ from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
 from siamese_retrieval.retrieval.metrics import RetrievalScores
 from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
+from siamese_retrieval.run_utils import quiet_known_warnings
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,21 @@ def embed_sharded(trainer: pl.Trainer, module: Any, inputs: Tensors, batch_size:
     return gathered[:n]
 
 
+def ranking_grid(dataset: Any, ranking: Ranking, n_queries: int = 6, top_k: int = 5, seed: int = 0) -> np.ndarray:
+    """RGB grid of `n_queries` seeded queries (those with a positive, when any) and their top-k, by relevance."""
+    rng = np.random.default_rng(seed)
+    with_pos = np.flatnonzero(ranking.first_positive_rank > 0)
+    pool = with_pos if len(with_pos) else np.arange(len(ranking.query_idx))
+    pick = np.sort(rng.choice(pool, size=min(n_queries, len(pool)), replace=False))
+    k = min(top_k, ranking.top_ids.shape[1])
+    return retrieval_grid(
+        [dataset.query_file(int(ranking.query_idx[i])) for i in pick],
+        [[dataset.db_file(int(j)) for j in ranking.top_ids[i, :k]] for i in pick],
+        [[bool(dataset.sim[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
+        [ranking.top_scores[i, :k].tolist() for i in pick],
+    )
+
+
 class RetrievalMetrics(pl.Callback):
     """Logs {val,test}/precision@k, recall@k, mAP, ndcg@10 over the full database each evaluation."""
 
@@ -199,8 +215,6 @@ class RetrievalMetrics(pl.Callback):
             module.log(f"{stage}/{name}", float(value), prog_bar=name in ("recall@1", "precision@10"))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from siamese_retrieval.run_utils import quiet_known_warnings
-
         quiet_known_warnings()  # processes spawned by ddp_spawn do not inherit the parent's warning filters
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,16 +238,7 @@ class RetrievalExamples(pl.Callback):
         if metrics_cb is None or "test" not in metrics_cb.rankings or not trainer.is_global_zero:
             return
         ranking, ds = metrics_cb.rankings["test"], trainer.datamodule.dataset
-        rng = np.random.default_rng(self.seed)
-        with_pos = np.flatnonzero(ranking.first_positive_rank > 0)
-        pick = np.sort(rng.choice(with_pos, size=min(self.n_queries, len(with_pos)), replace=False))
-        k = min(self.top_k, ranking.top_ids.shape[1])
-        grid = retrieval_grid(
-            [ds.query_file(int(ranking.query_idx[i])) for i in pick],
-            [[ds.db_file(int(j)) for j in ranking.top_ids[i, :k]] for i in pick],
-            [[bool(ds.sim[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
-            [ranking.top_scores[i, :k].tolist() for i in pick],
-        )
+        grid = ranking_grid(ds, ranking, self.n_queries, self.top_k, self.seed)
         self.grid_path = save_png(self.output_dir / "retrieval_grid_test.png", grid)
         for lg in trainer.loggers:
             if hasattr(lg, "log_image"):

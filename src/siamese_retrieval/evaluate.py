@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from siamese_retrieval.callbacks import Ranking, RankingBuilder, embed_all, rank_embeddings
+from siamese_retrieval.callbacks import Ranking, RankingBuilder, embed_all, rank_embeddings, ranking_grid
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.data.datamodule import make_recipe
@@ -44,7 +44,7 @@ from siamese_retrieval.models.siamese import SiameseModule, load_checkpoint
 from siamese_retrieval.retrieval.index import IndexConfig
 from siamese_retrieval.retrieval.metrics import RangeAccuracy
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, rerank_scores, score_matrix
-from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
+from siamese_retrieval.retrieval.visualize import save_png
 from siamese_retrieval.run_utils import quiet_known_warnings, run_dir, write_metrics_json
 from siamese_retrieval.train import build_datamodule
 
@@ -359,18 +359,7 @@ def plot_recall_curve(path: Path, ranking: Ranking, title: str = "") -> None:
 
 def write_grid(path: Path, dataset: RetrievalDataset, ranking: Ranking, n_queries: int = 6, top_k: int = 5,
                seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    with_pos = np.flatnonzero(ranking.first_positive_rank > 0)
-    pool = with_pos if len(with_pos) else np.arange(len(ranking.query_idx))
-    pick = np.sort(rng.choice(pool, size=min(n_queries, len(pool)), replace=False))
-    k = min(top_k, ranking.top_ids.shape[1])
-    grid = retrieval_grid(
-        [dataset.query_file(int(ranking.query_idx[i])) for i in pick],
-        [[dataset.db_file(int(j)) for j in ranking.top_ids[i, :k]] for i in pick],
-        [[bool(dataset.sim[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
-        [ranking.top_scores[i, :k].tolist() for i in pick],
-    )
-    save_png(path, grid)
+    save_png(path, ranking_grid(dataset, ranking, n_queries, top_k, seed))
 
 
 def print_eval(result: dict[str, Any], prefix: str) -> None:

@@ -27,7 +27,7 @@ from siamese_retrieval.errors import ConfigError, UserError
 from siamese_retrieval.evaluate import load_module, model_name, with_model_config
 from siamese_retrieval.retrieval.embedding_cache import cached_database_index
 from siamese_retrieval.retrieval.index import IndexConfig, search
-from siamese_retrieval.retrieval.visualize import GREY, _thumb, _tile, save_png
+from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
 from siamese_retrieval.run_utils import quiet_known_warnings, run_dir
 from siamese_retrieval.train import build_datamodule
 
@@ -140,15 +140,11 @@ def query_inputs(inputs: Any, files: list[Path]) -> dict[str, torch.Tensor]:
 
 def write_grid(path: Path, results: list[dict[str, Any]], max_queries: int = 16) -> Path:
     """One row per query (at most `max_queries`): the query, then its top-k with rank and score (grey: no labels)."""
-    thumb = (128, 96)
-    rows = []
-    for item in results[:max_queries]:
-        tiles = [_tile(_thumb(Path(item["query"]), thumb), (255, 255, 255), "query")]
-        tiles += [_tile(_thumb(Path(r["file"]), thumb), GREY, f"#{r['rank']} {r['score']:.2f}") for r in item["results"]]
-        rows.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return save_png(path, np.concatenate(rows, axis=0))
+    shown = results[:max_queries]
+    grid = retrieval_grid([Path(item["query"]) for item in shown],
+                          [[Path(r["file"]) for r in item["results"]] for item in shown], None,
+                          [[r["score"] for r in item["results"]] for item in shown])
+    return save_png(path, grid)
 
 
 def print_results(result: dict[str, Any], output: str) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from siamese_retrieval.io_utils import atomic_path
 
-GREEN, RED, GREY = (40, 180, 60), (210, 40, 40), (90, 90, 90)  # RGB
+GREEN, RED, GREY, WHITE = (40, 180, 60), (210, 40, 40), (90, 90, 90), (255, 255, 255)  # RGB
 
 
 def _thumb(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -30,17 +30,22 @@ def _tile(img: np.ndarray, colour: tuple[int, int, int], label: str, border: int
 def retrieval_grid(
     query_files: Sequence[Path],
     ranked_files: Sequence[Sequence[Path]],
-    relevant: Sequence[Sequence[bool]],
+    relevant: Sequence[Sequence[bool]] | None,
     scores: Sequence[Sequence[float]] | None = None,
     thumb_size: tuple[int, int] = (128, 96),
 ) -> np.ndarray:
-    """RGB uint8 grid: one row per query (grey border), then its ranked results."""
+    """RGB uint8 grid: one row per query, then its ranked results.
+
+    With labels, results are bordered green/red and the query grey; without (`relevant=None`, e.g. a
+    user's own photo), results are grey and the query white.
+    """
     rows = []
     for i, qf in enumerate(query_files):
-        tiles = [_tile(_thumb(qf, thumb_size), GREY, "query")]
+        tiles = [_tile(_thumb(qf, thumb_size), GREY if relevant is not None else WHITE, "query")]
         for j, f in enumerate(ranked_files[i]):
             label = f"#{j + 1}" + (f" {scores[i][j]:.2f}" if scores is not None else "")
-            tiles.append(_tile(_thumb(f, thumb_size), GREEN if relevant[i][j] else RED, label))
+            colour = GREY if relevant is None else GREEN if relevant[i][j] else RED
+            tiles.append(_tile(_thumb(f, thumb_size), colour, label))
         rows.append(np.concatenate(tiles, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]

@@ -161,11 +161,11 @@ def test_eval_pairs_fixed_and_balanced_over_full_database(city, splits):
 def test_presets_take_overrides(city, splits):
     assert PairRecipe.study(target="fov") == PairRecipe(-1, 0, 0, target="fov", balance=True)
     assert PairRecipe.default(hard_negatives_per_query=1).hard_negatives_per_query == 1
-    assert PairRecipe.preset("study") == PairRecipe.study()
+    assert PairRecipe.from_config({"preset": "study"}) == PairRecipe.study()
     with pytest.raises(ConfigError, match="balance"):
         PairRecipe.study(soft_negatives_per_query=2)
     with pytest.raises(ConfigError, match="preset"):
-        PairRecipe.preset("nope")
+        PairRecipe.from_config({"preset": "nope"})
     q, d, t = eval_pairs(city.sim, city.fov, splits.val_q, PairRecipe.study(target="fov"), seed=1,
                          db_idx=splits.train_db)
     assert np.isin(d, splits.train_db).all()

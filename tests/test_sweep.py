@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from siamese_retrieval.compare import compare
-from siamese_retrieval.wandb_offline import find_offline_runs, read_offline_run
 from tests.conftest import ROOT, compose_config
+from tests.wandb_offline import find_offline_runs, read_offline_run
 
 
 def run_train(args: list[str], cache_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +17,8 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.errors import DatasetError
-from siamese_retrieval.io_utils import atomic_save_npz, load_npz_cache, stable_hash
+from siamese_retrieval.io_utils import cached_npz, stable_hash
+from siamese_retrieval.parallel import chunked_map
 
 log = logging.getLogger(__name__)
 
@@ -83,31 +83,22 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- tensors
 
 
-def _load_into(out: np.ndarray, paths: Sequence[Path], start: int, size: tuple[int, int]) -> None:
+def _load_into(out: np.ndarray, paths: Sequence[Path], indices: range, size: tuple[int, int]) -> None:
     h, w = size
-    for i, path in enumerate(paths):
-        rgb = to_rgb(read_image(path))
+    for i in indices:
+        rgb = to_rgb(read_image(paths[i]))
         if rgb.shape[:2] != (h, w):
             shrinking = rgb.shape[0] >= h and rgb.shape[1] >= w
             rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-        out[start + i] = rgb.transpose(2, 0, 1)
+        out[i] = rgb.transpose(2, 0, 1)
 
 
 def decode_resized(paths: Sequence[Path], size: tuple[int, int], workers: int = 2) -> np.ndarray:
-    """(n, 3, H, W) uint8 RGB; threads fill one preallocated array (cv2 releases the GIL)."""
+    """(n, 3, H, W) uint8 RGB; threads fill one preallocated array (cv2 releases the GIL).
+    A DatasetError names the first undecodable image."""
     h, w = int(size[0]), int(size[1])
     out = np.empty((len(paths), 3, h, w), dtype=np.uint8)
-    if not len(paths):
-        return out
-    chunk = max(1, min(64, -(-len(paths) // max(1, workers * 4))))
-    starts = range(0, len(paths), chunk)
-    if workers <= 1:
-        for s in starts:
-            _load_into(out, paths[s : s + chunk], s, (h, w))
-        return out
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for fut in [pool.submit(_load_into, out, paths[s : s + chunk], s, (h, w)) for s in starts]:
-            fut.result()  # re-raises the DatasetError of the first bad image
+    chunked_map(lambda indices: _load_into(out, paths, indices, (h, w)), range(len(paths)), workers)
     return out
 
 
@@ -124,18 +115,6 @@ def images_cache_file(dataset, size: tuple[int, int], cache_dir: str | os.PathLi
     return Path(cache_dir) / f"images-{int(size[0])}x{int(size[1])}-{key}.npz"
 
 
-def _load_cache(path: Path, n_db: int, n_q: int, size: tuple[int, int]):
-    arrays = load_npz_cache(path, ("db", "q"), "image")
-    if arrays is None:
-        return None
-    db, q = arrays["db"], arrays["q"]
-    if db.shape != (n_db, 3, *size) or q.shape != (n_q, 3, *size) or db.dtype != np.uint8 or q.dtype != np.uint8:
-        log.warning("image cache %s has unexpected shapes; rebuilding it", path)
-        path.unlink(missing_ok=True)
-        return None
-    return db, q
-
-
 def load_images(
     dataset,
     size: tuple[int, int] = (192, 256),
@@ -147,15 +126,16 @@ def load_images(
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"image size must be positive, got {size}")
     path = images_cache_file(dataset, size, cache_dir) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = _load_cache(path, dataset.n_db, dataset.n_query, size)
-        if cached is not None:
-            log.info("image cache hit: %s", path)
-            return cached
-    log.info("decoding %d images at %dx%d%s", dataset.n_db + dataset.n_query, size[0], size[1],
-             f" (cache miss: {path})" if path is not None else "")
-    db = decode_resized([dataset.root / p for p in dataset.db_paths], size, workers)
-    q = decode_resized([dataset.root / p for p in dataset.q_paths], size, workers)
-    if path is not None:
-        atomic_save_npz(path, db=db, q=q)
-    return db, q
+
+    def decode() -> dict[str, np.ndarray]:
+        log.info("decoding %d images at %dx%d%s", dataset.n_db + dataset.n_query, size[0], size[1],
+                 f" (cache miss: {path})" if path is not None else "")
+        return {"db": decode_resized([dataset.root / p for p in dataset.db_paths], size, workers),
+                "q": decode_resized([dataset.root / p for p in dataset.q_paths], size, workers)}
+
+    def valid(a: dict[str, np.ndarray]) -> bool:
+        return (a["db"].shape == (dataset.n_db, 3, *size) and a["q"].shape == (dataset.n_query, 3, *size)
+                and a["db"].dtype == np.uint8 and a["q"].dtype == np.uint8)
+
+    arrays = cached_npz(path, ("db", "q"), "image", decode, valid, logger=log)
+    return arrays["db"], arrays["q"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -23,7 +22,8 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.data.images import read_image, to_gray
-from siamese_retrieval.io_utils import atomic_save_npz, load_npz_cache, stable_hash
+from siamese_retrieval.io_utils import cached_npz, stable_hash
+from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +143,7 @@ def extract_paths(
     paths = [str(p) for p in paths]
     if not paths:
         return empty_features(cfg.n_keypoints, 0)
-    chunk = max(1, min(64, -(-len(paths) // max(1, workers * 4))))
-    chunks = [paths[s : s + chunk] for s in range(0, len(paths), chunk)]
-    if workers <= 1 or len(chunks) == 1:
-        parts = [_extract_chunk(c, cfg) for c in chunks]
-    else:
-        cv_threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)  # parallel over images, not inside OpenCV (global setting: restored below)
-        try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                parts = list(pool.map(_extract_chunk, chunks, [cfg] * len(chunks)))
-        finally:
-            cv2.setNumThreads(cv_threads)
+    parts = chunked_map(lambda chunk: _extract_chunk(chunk, cfg), paths, workers, pool_context=opencv_single_threaded)
     return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
 
 
@@ -172,12 +161,8 @@ def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) 
     return Path(cache_dir) / f"keypoints-{key}.npz"
 
 
-def _load_cache(path: Path, n_db: int, n_q: int, n: int) -> KeypointFeatures | None:
-    arrays = load_npz_cache(path, KeypointFeatures.FIELDS, "keypoint")
-    if arrays is None:
-        return None
-    feats = KeypointFeatures(**arrays)
-    ok = (
+def _shapes_ok(feats: KeypointFeatures, n_db: int, n_q: int, n: int) -> bool:
+    return (
         feats.db_desc.shape == (n_db, n, DESC_BYTES)
         and feats.q_desc.shape == (n_q, n, DESC_BYTES)
         and feats.db_geom.shape == (n_db, n, 4)
@@ -185,11 +170,6 @@ def _load_cache(path: Path, n_db: int, n_q: int, n: int) -> KeypointFeatures | N
         and feats.db_mask.shape == (n_db, n)
         and feats.q_mask.shape == (n_q, n)
     )
-    if not ok:
-        log.warning("keypoint cache %s has unexpected shapes; rebuilding it", path)
-        path.unlink(missing_ok=True)
-        return None
-    return feats
 
 
 def extract_dataset_keypoints(
@@ -200,17 +180,16 @@ def extract_dataset_keypoints(
 ) -> KeypointFeatures:
     """ORB features of every database and query image; cached in `cache_dir` when given."""
     path = keypoints_cache_file(dataset, cfg, cache_dir) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        feats = _load_cache(path, dataset.n_db, dataset.n_query, cfg.n_keypoints)
-        if feats is not None:
-            log.info("keypoint cache hit: %s", path)
-            return feats
-    log.info("extracting ORB keypoints from %d images%s", dataset.n_db + dataset.n_query,
-             f" (cache miss: {path})" if path is not None else "")
-    files = [dataset.root / p for p in list(dataset.db_paths) + list(dataset.q_paths)]
-    desc, geom, mask = extract_paths(files, cfg, workers)
-    n_db = dataset.n_db
-    feats = KeypointFeatures(desc[:n_db], geom[:n_db], mask[:n_db], desc[n_db:], geom[n_db:], mask[n_db:])
-    if path is not None:
-        atomic_save_npz(path, **feats.arrays())
-    return feats
+
+    def extract() -> dict[str, np.ndarray]:
+        log.info("extracting ORB keypoints from %d images%s", dataset.n_db + dataset.n_query,
+                 f" (cache miss: {path})" if path is not None else "")
+        files = [dataset.root / p for p in list(dataset.db_paths) + list(dataset.q_paths)]
+        desc, geom, mask = extract_paths(files, cfg, workers)
+        n_db = dataset.n_db
+        return KeypointFeatures(desc[:n_db], geom[:n_db], mask[:n_db], desc[n_db:], geom[n_db:], mask[n_db:]).arrays()
+
+    arrays = cached_npz(path, KeypointFeatures.FIELDS, "keypoint", extract,
+                        lambda a: _shapes_ok(KeypointFeatures(**a), dataset.n_db, dataset.n_query, cfg.n_keypoints),
+                        logger=log)
+    return KeypointFeatures(**arrays)

@@ -17,6 +17,7 @@ Sampling is deterministic per (seed, epoch) and differs between epochs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -67,11 +68,18 @@ class PairRecipe:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "PairRecipe":
+    def from_config(cls, cfg: Mapping[str, Any]) -> "PairRecipe":
+        """The `data.pairs` config: `preset` (study | default, default if absent) with field overrides
+        from the rest of it. ConfigError for an unknown preset or field."""
+        cfg = dict(cfg)
+        preset = cfg.pop("preset", "default")
         presets = {"study": cls.study, "default": cls.default}
-        if name not in presets:
-            raise ConfigError(f"unknown pair recipe preset {name!r} (one of {', '.join(presets)})")
-        return presets[name](**overrides)
+        if preset not in presets:
+            raise ConfigError(f"data.pairs.preset={preset!r} is unknown; available: {', '.join(presets)}")
+        try:
+            return presets[preset](**cfg)
+        except TypeError as exc:
+            raise ConfigError(f"data.pairs: {exc}") from None
 
 
 class _Csr:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ import faiss
 import numpy as np
 
 from siamese_retrieval.data.images import read_image, to_gray
-from siamese_retrieval.io_utils import atomic_save_npz, load_npz_cache, stable_hash
+from siamese_retrieval.io_utils import cached_npz, stable_hash
+from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 from siamese_retrieval.retrieval.index import set_faiss_threads
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,12 @@ EMPTY = Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
 @contextmanager
 def _single_threaded_kernels() -> Iterator[None]:
     """OpenCV and FAISS (OpenMP) run single-threaded inside our thread pool; restored afterwards."""
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(previous)
-        set_faiss_threads()
+    with opencv_single_threaded():
+        faiss.omp_set_num_threads(1)
+        try:
+            yield
+        finally:
+            set_faiss_threads()
 
 
 def _resized_gray(image: np.ndarray, cfg: OrbRansacConfig) -> np.ndarray:
@@ -131,13 +129,8 @@ def extract_features(paths: Sequence[str | os.PathLike], cfg: OrbRansacConfig = 
                      workers: int = 2) -> list[Features]:
     """ORB features of every file, on a thread pool (DatasetError names the first undecodable file)."""
     paths = [Path(p) for p in paths]
-    chunk = max(1, min(32, -(-len(paths) // max(1, workers * 4))))
-    chunks = [paths[s : s + chunk] for s in range(0, len(paths), chunk)]
-    if workers <= 1 or len(chunks) <= 1:
-        parts = [_extract_chunk(c, cfg) for c in chunks]
-    else:
-        with _single_threaded_kernels(), ThreadPoolExecutor(max_workers=workers) as pool:
-            parts = list(pool.map(_extract_chunk, chunks, [cfg] * len(chunks)))
+    parts = chunked_map(lambda chunk: _extract_chunk(chunk, cfg), paths, workers, max_chunk=32,
+                        pool_context=_single_threaded_kernels)
     return [f for part in parts for f in part]
 
 
@@ -159,21 +152,14 @@ def cached_features(files: Sequence[Path], key: dict, cfg: OrbRansacConfig, cach
                     workers: int = 2) -> list[Features]:
     """`extract_features`, cached in `cache_dir` as one .npz keyed by `key` (e.g. the dataset fingerprint),
     the file list and the config; written atomically. No cache when `cache_dir` is None."""
-    path = None
-    if cache_dir is not None:
-        digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": asdict(cfg),
-                              "version": ORB_RANSAC_CACHE_VERSION, "cv2": cv2.__version__.split(".")[0]})
-        path = Path(cache_dir) / f"orb_ransac-{digest}.npz"
-        arrays = load_npz_cache(path, ("offsets", "points", "desc"), "ORB feature") if path.is_file() else None
-        if arrays is not None:
-            feats = _unpack(arrays)
-            if len(feats) == len(files):
-                log.info("ORB feature cache hit: %s", path)
-                return feats
-    feats = extract_features(files, cfg, workers)
-    if path is not None:
-        atomic_save_npz(path, **_pack(feats))
-    return feats
+    if cache_dir is None:
+        return extract_features(files, cfg, workers)
+    digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": asdict(cfg),
+                          "version": ORB_RANSAC_CACHE_VERSION, "cv2": cv2.__version__.split(".")[0]})
+    arrays = cached_npz(Path(cache_dir) / f"orb_ransac-{digest}.npz", ("offsets", "points", "desc"), "ORB feature",
+                        lambda: _pack(extract_features(files, cfg, workers)),
+                        validate=lambda a: len(a["offsets"]) - 1 == len(files), logger=log)
+    return _unpack(arrays)
 
 
 # ----------------------------------------------------------------------------------------- verification
@@ -212,11 +198,9 @@ def _score_rows(rows: Sequence[tuple[Features, Sequence[int]]], db: Sequence[Fea
 
 def _parallel_rows(rows: list[tuple[Features, Sequence[int]]], db: Sequence[Features], cfg: OrbRansacConfig,
                    workers: int) -> list[np.ndarray]:
-    if workers <= 1 or len(rows) <= 1:
-        return _score_rows(rows, db, cfg)
-    with _single_threaded_kernels(), ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(lambda r: _score_rows([r], db, cfg)[0], rows))
-    return parts
+    parts = chunked_map(lambda chunk: _score_rows(chunk, db, cfg), rows, workers, max_chunk=1,
+                        pool_context=_single_threaded_kernels)
+    return [row for part in parts for row in part]
 
 
 def score_matrix(queries: Sequence[Features], db: Sequence[Features], cfg: OrbRansacConfig = OrbRansacConfig(),

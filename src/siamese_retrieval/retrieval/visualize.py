@@ -1,4 +1,7 @@
-"""Retrieval example grids: a query followed by its top-k, bordered green (relevant) or red."""
+"""Retrieval example grids: a query followed by its top-k, bordered green (relevant) or red.
+
+`thumb` and `tile` are the image-tile helpers of every picture the package draws (these grids and
+the synthetic city's contact sheet, data/synth/preview.py)."""
 
 from __future__ import annotations
 
@@ -13,18 +16,25 @@ from siamese_retrieval.io_utils import atomic_path
 GREEN, RED, GREY, WHITE = (40, 180, 60), (210, 40, 40), (90, 90, 90), (255, 255, 255)  # RGB
 
 
-def _thumb(path: Path, size: tuple[int, int]) -> np.ndarray:
+def thumb(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """The image at `path` as uint8 RGB resized to `size` = (W, H); mid-grey if it cannot be read."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         img = np.full((size[1], size[0], 3), 128, np.uint8)
     return cv2.cvtColor(cv2.resize(img, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
 
 
-def _tile(img: np.ndarray, colour: tuple[int, int, int], label: str, border: int = 4) -> np.ndarray:
-    tile = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
-    cv2.putText(tile, label, (border + 2, tile.shape[0] - border - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
-                (255, 255, 255), 1, cv2.LINE_AA)
-    return tile
+def tile(img: np.ndarray, colour: tuple[int, int, int], label: str, border: int = 4, band: int = 0) -> np.ndarray:
+    """`img` framed by `border` px of `colour` and labelled: in white over its bottom-left corner, or,
+    with `band` > 0, in `colour` on a dark strip `band` px high below the frame."""
+    framed = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
+    if not band:
+        cv2.putText(framed, label, (border + 2, framed.shape[0] - border - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
+                    WHITE, 1, cv2.LINE_AA)
+        return framed
+    strip = np.full((band, framed.shape[1], 3), 25, np.uint8)
+    cv2.putText(strip, label, (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    return np.vstack([framed, strip])
 
 
 def retrieval_grid(
@@ -41,11 +51,11 @@ def retrieval_grid(
     """
     rows = []
     for i, qf in enumerate(query_files):
-        tiles = [_tile(_thumb(qf, thumb_size), GREY if relevant is not None else WHITE, "query")]
+        tiles = [tile(thumb(qf, thumb_size), GREY if relevant is not None else WHITE, "query")]
         for j, f in enumerate(ranked_files[i]):
             label = f"#{j + 1}" + (f" {scores[i][j]:.2f}" if scores is not None else "")
             colour = GREY if relevant is None else GREEN if relevant[i][j] else RED
-            tiles.append(_tile(_thumb(f, thumb_size), colour, label))
+            tiles.append(tile(thumb(f, thumb_size), colour, label))
         rows.append(np.concatenate(tiles, axis=1))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]

@@ -11,8 +11,9 @@ import numpy as np
 
 from siamese_retrieval.data.dataset import read_dataset
 from siamese_retrieval.io_utils import atomic_path
+from siamese_retrieval.retrieval.visualize import thumb, tile
 
-GREEN, RED, WHITE = (60, 200, 60), (50, 50, 230), (235, 235, 235)
+GREEN, RED, WHITE = (60, 200, 60), (230, 50, 50), (235, 235, 235)  # RGB
 
 
 def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:
@@ -23,11 +24,7 @@ def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:
 
 
 def _tile(path: Path, text: str, colour, size: tuple[int, int]) -> np.ndarray:
-    img = cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), size, interpolation=cv2.INTER_AREA)
-    img = cv2.copyMakeBorder(img, 4, 4, 4, 4, cv2.BORDER_CONSTANT, value=colour)
-    band = np.full((16, img.shape[1], 3), 25, np.uint8)
-    cv2.putText(band, text, (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
-    return np.vstack([img, band])
+    return tile(thumb(path, size), colour, text, band=16)
 
 
 def write_contact_sheet(root, png_path, n_queries: int = 6, n_pos: int = 3, n_neg: int = 3, seed: int = 0, tile_size: tuple[int, int] = (192, 144)) -> Path:
@@ -53,7 +50,7 @@ def write_contact_sheet(root, png_path, n_queries: int = 6, n_pos: int = 3, n_ne
         tiles += [_tile(ds.db_file(i), f"fov {fov[i]:.2f}", RED, tile_size) for i in neg]
         tiles += [blank] * (n_neg - len(neg))
         rows.append(np.hstack(tiles))
-    sheet = np.vstack(rows)
+    sheet = cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR)
     png_path = Path(png_path)
     with atomic_path(png_path, suffix=png_path.suffix or ".png") as tmp:
         if not cv2.imwrite(str(tmp), sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9]):

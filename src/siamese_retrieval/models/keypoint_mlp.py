@@ -1,4 +1,4 @@
-"""Encoders: one shared branch of the Siamese network, mapping a batch of inputs to embeddings.
+"""The study's keypoint encoder, KeypointMLP: one shared branch of the Siamese network.
 
 Every encoder takes the batch dict its `inputs` builder produces (see data/inputs.py) and returns
 (B, D) float embeddings. Swapped by config (`model=...`), never by code edits.

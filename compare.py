@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from siamese_retrieval.compare import compare
+from siamese_retrieval.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = compare(args.sweep_dirs, args.metrics, args.out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result["markdown"])

@@ -3,17 +3,23 @@
 Reads every job's metrics.json (and its overrides from .hydra/overrides.yaml, else from metrics.json),
 groups the jobs by their overrides other than the seed, and writes comparison.md (mean +- std over the
 seeds of each group, n, the best mean of each metric in bold) and comparison.png (bars with std error
-bars). Failed jobs (status "failed", or no metrics.json at all) are listed, never crashed on. No network.
+bars). Failed jobs (status "failed", no metrics.json at all, or files that cannot be understood: a
+metrics.json that is not a JSON object of numeric metrics, an unreadable overrides.yaml) are listed with
+the reason, never crashed on. A sweep directory without jobs, or an --out that cannot be written, is a
+`CompareError`: one `error:` line, exit code 2. No network.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from siamese_retrieval.errors import UserError
 
 DEFAULT_METRICS = (
     "test/recall@1", "test/recall@5", "test/recall@10", "test/precision@10", "test/mAP", "test/ndcg@10",
@@ -23,6 +29,18 @@ SEED_KEYS = ("seed", "+seed", "++seed")
 # overrides that never define a group: where outputs go, how the job was launched, logging
 IGNORED_PREFIXES = ("hydra.", "hydra/", "paths.", "logger", "ckpt_path", "+ckpt_path")
 LOWER_IS_BETTER = ("loss",)
+
+
+class CompareError(UserError):
+    """Nothing to compare or nowhere to write: one line, exit code 2."""
+
+
+class MalformedJob(ValueError):
+    """A job file that cannot be understood; the job is listed as failed with this reason."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 @dataclass
@@ -67,13 +85,81 @@ def group_key(overrides: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(keep))
 
 
+def _decode(path: Path) -> str:
+    """A job file's text; MalformedJob when it is not UTF-8 (OSError when it cannot be read)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        byte = f"0x{raw[exc.start]:02x}"
+        raise MalformedJob(f"{path.name} is not UTF-8 text (byte {byte} at offset {exc.start})") from None
+
+
+def _override_list(value: Any, where: str) -> list[str]:
+    """A list of `key=value` strings (numbers allowed: YAML reads `- 1` as one)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        kind = "a mapping" if isinstance(value, dict) else _json_kind(value)
+        raise MalformedJob(f"{where} must be a list of overrides, found {kind}")
+    for o in value:
+        if o is None or isinstance(o, (dict, list)):
+            raise MalformedJob(f"{where} must hold override strings, found {_one_line(repr(o))[:80]}")
+    return [str(o) for o in value]
+
+
 def read_overrides(job_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    """The job's overrides: .hydra/overrides.yaml (plain YAML, never interpolated), else metrics.json's list.
+
+    Raises MalformedJob naming the file when it cannot be understood.
+    """
     hydra_file = job_dir / ".hydra" / "overrides.yaml"
     if hydra_file.is_file():
-        from omegaconf import OmegaConf
+        import yaml
 
-        return [str(o) for o in OmegaConf.load(hydra_file)]
-    return [str(o) for o in metrics.get("overrides") or []]
+        try:
+            value = yaml.safe_load(_decode(hydra_file))
+        except OSError as exc:
+            raise MalformedJob(f".hydra/overrides.yaml cannot be read ({_one_line(exc.strerror or exc)})") from None
+        except MalformedJob as exc:
+            raise MalformedJob(f".hydra/{exc}") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1} column {where.column + 1}" if where is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise MalformedJob(f".hydra/overrides.yaml is not valid YAML ({_one_line(problem)}{at})") from None
+        return _override_list(value, ".hydra/overrides.yaml")
+    return _override_list(metrics.get("overrides"), "metrics.json: overrides")
+
+
+def _read_metrics(data: dict[str, Any]) -> dict[str, float]:
+    """metrics.json's `metrics`: an object of numbers (null or NaN = not measured, left out of the means)."""
+    raw = data.get("metrics")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MalformedJob(f"metrics.json: metrics must be an object of numbers, found {_json_kind(raw)}")
+    metrics = {}
+    for name, value in raw.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedJob(f"metrics.json: metric {name!r} is not a number: {_as_json(value)}")
+        metrics[name] = float(value)
+    return metrics
+
+
+def _as_json(value: Any, limit: int = 80) -> str:
+    """A value read from a JSON file, written as JSON on one line, cut to `limit` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def seed_of(overrides: Sequence[str], metrics: dict[str, Any]) -> int | None:
@@ -100,19 +186,39 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def read_job(job_dir: Path) -> Job:
+    """One job directory -> Job; whatever is wrong with its files makes it a failed job with the reason."""
     metrics_file = job_dir / "metrics.json"
-    if not metrics_file.is_file():
-        return Job(job_dir, read_overrides(job_dir, {}), "missing", error="no metrics.json (crashed or still running)")
     try:
-        data = json.loads(metrics_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return Job(job_dir, read_overrides(job_dir, {}), "failed", error=f"unreadable metrics.json ({exc})")
-    overrides = read_overrides(job_dir, data)
-    status = str(data.get("status", "ok"))
-    metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    error = str(data.get("error", "")) if status != "ok" else ""
+        if not metrics_file.is_file():
+            return Job(job_dir, read_overrides(job_dir, {}), "missing",
+                       error="no metrics.json (crashed or still running)")
+        try:
+            data = json.loads(_decode(metrics_file))
+        except OSError as exc:
+            raise MalformedJob(f"metrics.json cannot be read ({_one_line(exc.strerror or exc)})") from None
+        except json.JSONDecodeError as exc:
+            raise MalformedJob(f"metrics.json is not valid JSON ({exc.msg} at line {exc.lineno} "
+                               f"column {exc.colno})") from None
+        except RecursionError:
+            raise MalformedJob("metrics.json is not valid JSON (nested too deeply)") from None
+        if not isinstance(data, dict):
+            raise MalformedJob(f"metrics.json must hold a JSON object, found {_json_kind(data)}")
+        overrides = read_overrides(job_dir, data)
+        status = str(data.get("status", "ok"))
+        metrics = _read_metrics(data) if status == "ok" else {}
+    except MalformedJob as exc:
+        return Job(job_dir, _overrides_or_none(job_dir), "failed", error=_one_line(exc))
+    error = _one_line(data.get("error", "")) if status != "ok" else ""
     return Job(job_dir, overrides, status if status in ("ok", "failed") else "failed", metrics,
                seed_of(overrides, data), error)
+
+
+def _overrides_or_none(job_dir: Path) -> list[str]:
+    """A malformed job's overrides for the failed-jobs list, if its overrides.yaml at least is readable."""
+    try:
+        return read_overrides(job_dir, {})
+    except (MalformedJob, OSError):
+        return []
 
 
 def collect(sweep_dirs: Sequence[str | Path]) -> list[Job]:
@@ -120,9 +226,25 @@ def collect(sweep_dirs: Sequence[str | Path]) -> list[Job]:
     for d in sweep_dirs:
         d = Path(d)
         if not d.is_dir():
-            raise FileNotFoundError(f"{d}: not a directory")
-        jobs.extend(read_job(j) for j in find_job_dirs(d))
+            raise CompareError(f"{d}: not a directory")
+        found = find_job_dirs(d)
+        if not found:
+            raise CompareError(f"{d}: no jobs found (no metrics.json or .hydra/overrides.yaml below it)")
+        jobs.extend(read_job(j) for j in found)
     return jobs
+
+
+def check_out_dir(out: Path) -> None:
+    """Create `out` if needed and prove it writable before anything is written; CompareError if not."""
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".compare-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CompareError(f"--out {out}: cannot write there ({_one_line(exc.strerror or exc)})") from None
 
 
 def group_jobs(jobs: Sequence[Job]) -> list[Group]:
@@ -230,9 +352,10 @@ def compare(sweep_dirs: Sequence[str | Path], metrics: Sequence[str] | None = No
             out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write comparison.md and comparison.png (into out_dir, default the first sweep dir); return what was found."""
     jobs = collect(sweep_dirs)
+    out = Path(out_dir) if out_dir else Path(sweep_dirs[0])
+    check_out_dir(out)
     groups = group_jobs(jobs)
     chosen = pick_metrics(groups, metrics)
-    out = Path(out_dir) if out_dir else Path(sweep_dirs[0])
     table = markdown_table(groups, chosen)
     sources = ", ".join(f"`{d}`" for d in sweep_dirs)
     n_ok = sum(j.status == "ok" for j in jobs)
@@ -243,7 +366,6 @@ def compare(sweep_dirs: Sequence[str | Path], metrics: Sequence[str] | None = No
     if failed:
         text += [failed, ""]
     md = "\n".join(text)
-    out.mkdir(parents=True, exist_ok=True)
     from siamese_retrieval.io_utils import atomic_write_text
 
     atomic_write_text(out / "comparison.md", md)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -87,10 +89,39 @@ def _resolve_gt(root: Path, gt_h5: str | None) -> Path:
     raise DatasetError(f"{root}: several ground-truth files ({names}); set data.files.gt_h5")
 
 
-def _safe_relpath(root: Path, im_path: str, source: Path, index: int) -> str:
+def _one_line(text: object) -> str:
+    """An exception's text or a user's value squeezed onto one line (error messages are one line)."""
+    return " ".join(str(text).split())
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A value read from a JSON file, written as JSON (escaped: one line), cut to `limit` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_kind(value: object) -> str:
+    """The JSON name of a parsed value's type, with its article (for messages about a file's content)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _safe_relpath(root: Path, im_path: object, source: Path, index: int) -> str:
     """Refuse absolute paths and paths that climb out of the root; never touch them."""
     if not isinstance(im_path, str) or not im_path:
-        raise DatasetError(f"{source}: im_paths[{index}] is not a non-empty string: {im_path!r}")
+        raise DatasetError(f"{source}: im_paths[{index}] is not a non-empty string: {_short(im_path)}")
+    bad = next((c for c in im_path if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise DatasetError(f"{source}: im_paths[{index}] contains the control character U+{ord(bad):04X} "
+                           f"({_short(im_path)})")
     pure = PurePosixPath(im_path.replace("\\", "/"))
     if pure.is_absolute() or Path(im_path).is_absolute():
         raise DatasetError(f"{source}: im_paths[{index}] is absolute ({im_path!r}); paths must be relative to {root}")
@@ -99,50 +130,151 @@ def _safe_relpath(root: Path, im_path: str, source: Path, index: int) -> str:
     return str(pure)
 
 
-def _read_split_json(root: Path, rel: str) -> tuple[list[str], np.ndarray]:
-    path = root / rel
+def _check_unique(rel_paths: Sequence[str], source: Path) -> None:
+    """The same image listed twice in one split would count twice in every metric."""
+    seen: dict[str, int] = {}
+    for i, rel in enumerate(rel_paths):
+        first = seen.setdefault(rel, i)
+        if first != i:
+            raise DatasetError(f"{source}: im_paths[{first}] and im_paths[{i}] are the same image {rel!r} "
+                               "(every entry of a split must be unique)")
+
+
+def _check_real_paths(root: Path, rel_paths: Sequence[str], source: Path, follow_outside: bool) -> None:
+    """Refuse entries whose real path (symlinks followed, in folders or the file itself) leaves `root`.
+
+    Stats only, never opens a file: one realpath per folder, one lstat per image.
+    """
+    if follow_outside:
+        return
+    root_real = os.path.realpath(root)
+    inside = root_real.rstrip(os.sep) + os.sep
+    folders: dict[str, str] = {}
+    for i, rel in enumerate(rel_paths):
+        folder, name = os.path.split(rel)
+        folder_real = folders.get(folder)
+        if folder_real is None:
+            folder_real = folders[folder] = os.path.realpath(os.path.join(root_real, folder))
+        real = os.path.join(folder_real, name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if real != root_real and not real.startswith(inside):
+            raise DatasetError(
+                f"{source}: im_paths[{i}] ({rel!r}) resolves to {real}, outside the dataset root {root_real} "
+                "(a symbolic link; set data.follow_symlinks_outside_root=true to allow links out of the root)")
+
+
+def _load_json_object(path: Path) -> dict:
+    """The JSON object in `path`; every way it can fail is one DatasetError naming the file."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read file ({_one_line(exc.strerror or exc)})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
+                           f"{exc.start})") from None
+    try:
+        meta = json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(meta, dict):
-        raise DatasetError(f"{path}: expected a JSON object with keys im_paths and loc")
+        raise DatasetError(f"{path}: expected a JSON object with keys im_paths and loc, found {_json_kind(meta)}")
+    return meta
+
+
+def _parse_loc(path: Path, loc: object, n_paths: int) -> np.ndarray:
+    """loc: one [east, north] or [east, north, heading] row of finite numbers per image -> (n, 3) float64."""
+    if not isinstance(loc, list):
+        raise DatasetError(f"{path}: loc must be a list of [east, north(, heading)] rows, found {_json_kind(loc)}")
+    if len(loc) != n_paths:
+        raise DatasetError(f"{path}: im_paths has {n_paths} entries but loc has {len(loc)}")
+    rows = []
+    for i, row in enumerate(loc):
+        if not isinstance(row, list) or len(row) not in (2, 3):
+            what = f"{len(row)} value{'s' * (len(row) != 1)}" if isinstance(row, list) else _json_kind(row)
+            raise DatasetError(f"{path}: loc[{i}] must be a row of 2 or 3 numbers [east, north(, heading)], "
+                               f"found {what}: {_short(row)}")
+        values = []
+        for j, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DatasetError(f"{path}: loc[{i}][{j}] is not a number: {_short(value)}")
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise DatasetError(f"{path}: loc[{i}][{j}] is not a finite number: {_short(value)}")
+            values.append(number)
+        rows.append(values if len(values) == 3 else values + [0.0])  # no heading: 0
+    return np.array(rows, dtype=np.float64).reshape(len(rows), 3)
+
+
+def _read_split_json(root: Path, rel: str) -> tuple[list[str], np.ndarray]:
+    path = root / rel
+    meta = _load_json_object(path)
     missing = [k for k in ("im_paths", "loc") if k not in meta]
     if missing:
         raise DatasetError(f"{path}: missing key(s) {', '.join(missing)}")
     im_paths, loc = meta["im_paths"], meta["loc"]
     if not isinstance(im_paths, list):
-        raise DatasetError(f"{path}: im_paths must be a list")
-    if not isinstance(loc, list) or len(loc) != len(im_paths):
-        n_loc = len(loc) if isinstance(loc, list) else type(loc).__name__
-        raise DatasetError(f"{path}: im_paths has {len(im_paths)} entries but loc has {n_loc}")
-    prefix = meta.get("im_prefix", "") or ""
+        raise DatasetError(f"{path}: im_paths must be a list of strings, found {_json_kind(im_paths)}")
+    prefix = meta.get("im_prefix")
+    if prefix is None:
+        prefix = ""
+    if not isinstance(prefix, str):
+        raise DatasetError(f"{path}: im_prefix must be a string, found {_json_kind(prefix)}: {_short(prefix)}")
     rel_paths = [_safe_relpath(root, prefix + p if isinstance(p, str) else p, path, i) for i, p in enumerate(im_paths)]
-    try:
-        loc_arr = np.asarray(loc, dtype=np.float64).reshape(len(loc), -1) if loc else np.zeros((0, 3))
-    except (TypeError, ValueError):
-        raise DatasetError(f"{path}: loc must be a list of numeric [east, north, heading] rows") from None
-    if len(loc) and (loc_arr.shape[1] < 2 or not np.isfinite(loc_arr).all()):
-        raise DatasetError(f"{path}: loc rows must hold finite [east, north(, heading)] numbers")
-    if loc_arr.shape[1] == 2:
-        loc_arr = np.concatenate([loc_arr, np.zeros((len(loc_arr), 1))], axis=1)
-    return rel_paths, loc_arr[:, :3]
+    _check_unique(rel_paths, path)
+    return rel_paths, _parse_loc(path, loc, len(im_paths))
+
+
+_SIM_FOV = {"sim": "binary 0/1 relevance", "fov": "field-of-view overlap in [0, 1]"}
+
+
+def _h5_array(f: h5py.File, path: Path, key: str, shape: tuple[int, int]) -> np.ndarray:
+    """f[key] as an array, after checking that it is a plain numeric 2-D dataset of `shape` in this file."""
+    link = f.get(key, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise DatasetError(f"{path}: {key} is an external link to {link.filename}:{link.path}; "
+                           "the ground truth must be stored in the file itself")
+    obj = f.get(key)
+    if obj is None:
+        target = f" ({link.path})" if isinstance(link, h5py.SoftLink) else ""
+        raise DatasetError(f"{path}: {key} is a link to nothing{target}")
+    if isinstance(obj, h5py.Group):
+        raise DatasetError(f"{path}: {key} is an HDF5 group, expected a dataset (the {_SIM_FOV[key]} array)")
+    if not isinstance(obj, h5py.Dataset):
+        raise DatasetError(f"{path}: {key} is a {type(obj).__name__}, expected a dataset")
+    if obj.is_virtual:
+        raise DatasetError(f"{path}: {key} is a virtual dataset (it maps data from other files); store it in the file")
+    if obj.shape is None:
+        raise DatasetError(f"{path}: {key} is an empty (null) dataset, expected {shape[0]} x {shape[1]} values")
+    if obj.ndim != 2:
+        raise DatasetError(f"{path}: {key} must be 2-D (n_query, n_database), found {obj.ndim}-D shape {obj.shape}")
+    if obj.shape != shape:
+        raise DatasetError(f"{path}: {key} has shape {obj.shape}, expected (n_query, n_database) = {shape}")
+    if obj.dtype.kind not in "biuf":
+        kind = "string" if h5py.check_string_dtype(obj.dtype) is not None else str(obj.dtype)
+        raise DatasetError(f"{path}: {key} must be numeric ({_SIM_FOV[key]}), found dtype {kind}")
+    return obj[()]
 
 
 def _read_gt(path: Path, n_query: int, n_db: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("sim", "fov") if k not in f]
+            missing = [k for k in ("sim", "fov") if f.get(k, getlink=True) is None]
             if missing:
                 raise DatasetError(f"{path}: missing dataset(s) {', '.join(missing)}")
-            sim, fov = f["sim"][()], f["fov"][()]
-    except OSError as exc:
-        raise DatasetError(f"{path}: not a readable HDF5 file ({exc})") from None
-    for key, arr in (("sim", sim), ("fov", fov)):
-        if arr.shape != (n_query, n_db):
-            raise DatasetError(f"{path}: {key} has shape {arr.shape}, expected (n_query, n_database) = ({n_query}, {n_db})")
+            sim = _h5_array(f, path, "sim", (n_query, n_db))
+            fov = _h5_array(f, path, "fov", (n_query, n_db))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise DatasetError(f"{path}: not a readable HDF5 file ({_one_line(exc)})") from None
     fov = fov.astype(np.float32)
     if np.isnan(fov).any():
         raise DatasetError(f"{path}: fov contains NaN")
@@ -153,24 +285,104 @@ def _read_gt(path: Path, n_query: int, n_db: int) -> tuple[np.ndarray, np.ndarra
     return sim.astype(bool), fov
 
 
+# ----------------------------------------------------------------------------------------- images
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TRUNCATED_JPEG = "truncated JPEG (the data ends before the end-of-image marker)"
+
+
+def _jpeg_problem(data: bytes) -> str | None:
+    """Walk a JPEG's segments and entropy-coded scans up to its end-of-image marker (EOI).
+
+    Bytes after the EOI (camera trailers, a second picture) are fine; a file that ends before it was
+    cut short. Decoders differ here (OpenCV 4 fills the missing part with grey and prints a warning), so
+    truncation is decided from the structure, whatever the decoder does.
+    """
+    n, i = len(data), 2
+    while True:
+        j = data.find(b"\xff", i)  # a marker; anything before it is junk that decoders skip
+        while 0 <= j < n - 1 and data[j + 1] == 0xFF:  # fill bytes
+            j += 1
+        if j < 0 or j >= n - 1:
+            return _TRUNCATED_JPEG
+        marker, i = data[j + 1], j + 2
+        if marker == 0xD9:  # EOI
+            return None
+        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # stuffed byte, TEM, SOI, RSTn: no length
+            continue
+        if i + 2 > n:
+            return _TRUNCATED_JPEG
+        length = int.from_bytes(data[i : i + 2], "big")
+        if length < 2:
+            return f"corrupt JPEG (segment 0xFF{marker:02X} at byte {j} has length {length})"
+        if i + length > n:
+            return _TRUNCATED_JPEG
+        i += length  # after SOS, the scan's entropy-coded data follows: the search skips it (FF00, RSTn)
+
+
+def _png_problem(data: bytes) -> str | None:
+    """Walk a PNG's chunks up to IEND: a file that ends before it was cut short (trailing bytes are fine)."""
+    n, i = len(data), len(_PNG_SIGNATURE)
+    while i + 8 <= n:
+        length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+        i += 12 + length  # length, type, data, CRC
+        if i > n:
+            break
+        if kind == b"IEND":
+            return None
+    return "truncated PNG (the data ends before the IEND chunk)"
+
+
+@contextmanager
+def _quiet_opencv():
+    """OpenCV logs its decoders' complaints on stderr; the DatasetError says it in one line instead."""
+    logging_api = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging_api is None:
+        yield
+        return
+    level = logging_api.getLogLevel()
+    logging_api.setLogLevel(logging_api.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        logging_api.setLogLevel(level)
+
+
 def check_image(path: Path) -> str | None:
-    """Why `path` is not a usable image, or None. Decodes it: a truncated file fails here, not mid-epoch."""
+    """Why `path` is not a usable image, or None. Decodes it: a truncated file fails here, not mid-epoch.
+
+    What the bytes are decides, never the file name: a PNG named .jpg is a good image. JPEG and PNG
+    files are also walked to their end marker first (a cut-short file is refused before any decoder
+    sees it, and trailing bytes after the marker are accepted).
+    """
     if not path.is_file():
         return "image not found"
-    if path.stat().st_size == 0:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read image ({_one_line(exc.strerror or exc)})"
+    if not data:
         return "image file is empty (0 bytes)"
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if data.startswith(b"\xff\xd8"):
+        problem = _jpeg_problem(data)
+    elif data.startswith(_PNG_SIGNATURE):
+        problem = _png_problem(data)
+    else:
+        problem = None
+    if problem:
+        return problem
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        img = None
     if img is None or img.size == 0:
         return "not a decodable image"
-    if path.suffix.lower() in (".jpg", ".jpeg") and not data[-2:].tobytes() == b"\xff\xd9":
-        return "truncated JPEG (no end-of-image marker)"
     return None
 
 
 def check_images(paths: Sequence[Path], workers: int = 4) -> None:
     """Raise one DatasetError listing the first bad images (missing, empty, corrupt)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with _quiet_opencv(), ThreadPoolExecutor(max_workers=workers) as pool:
         problems = [(p, why) for p, why in zip(paths, pool.map(check_image, paths)) if why]
     if problems:
         shown = "; ".join(f"{p}: {why}" for p, why in problems[:5])
@@ -199,8 +411,14 @@ def read_dataset(
     files: DatasetFiles | None = None,
     check: str = "decode",
     name: str = "",
+    *,
+    follow_symlinks_outside_root: bool = False,
 ) -> RetrievalDataset:
-    """Read and validate a dataset root. `check`: "decode" (open every image), "exists", or "none"."""
+    """Read and validate a dataset root. `check`: "decode" (open every image), "exists", or "none".
+
+    Image paths are checked whatever `check` says: relative, inside the root, unique within their split,
+    and, unless `follow_symlinks_outside_root`, not leading out of the root through a symbolic link.
+    """
     files = files or DatasetFiles()
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -208,6 +426,8 @@ def read_dataset(
     root = root.resolve()
     db_paths, db_loc = _read_split_json(root, files.database_json)
     q_paths, q_loc = _read_split_json(root, files.query_json)
+    _check_real_paths(root, db_paths, root / files.database_json, follow_symlinks_outside_root)
+    _check_real_paths(root, q_paths, root / files.query_json, follow_symlinks_outside_root)
     if not db_paths:
         raise DatasetError(f"{root / files.database_json}: the database is empty")
     if not q_paths:

@@ -9,7 +9,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from siamese_retrieval.retrieve import retrieve  # noqa: E402
-from siamese_retrieval.run_utils import report_user_errors  # noqa: E402
+from siamese_retrieval.cli import report_user_errors  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="retrieve")

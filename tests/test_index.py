@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from siamese_retrieval.models.distance import Distance
+
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.retrieval.index import (
     IndexConfig,
     build_index,
-    l2_from_faiss,
     load_index,
     save_index,
-    scores_from_distances,
     search,
 )
 
@@ -41,8 +41,7 @@ def test_flat_l2_equals_brute_force_torch():
     assert dist.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (50, 10)
     np.testing.assert_array_equal(ids, ref.indices.numpy())
     # FAISS L2 distances are squared
-    np.testing.assert_allclose(l2_from_faiss(dist), ref.values.numpy(), rtol=1e-4, atol=1e-4)
-    assert (np.diff(scores_from_distances(index, dist), axis=1) <= 0).all()  # scores: best first, higher
+    np.testing.assert_allclose(Distance("euclidean").from_faiss(dist).numpy(), ref.values.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_flat_ip_equals_brute_force_torch():
@@ -52,7 +51,11 @@ def test_flat_ip_equals_brute_force_torch():
     sims, ids = search(index, q, k=5)
     ref = (q @ db.T).topk(5)
     np.testing.assert_array_equal(ids, ref.indices.numpy())
-    np.testing.assert_allclose(scores_from_distances(index, sims), ref.values.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sims, ref.values.numpy(), rtol=1e-5, atol=1e-5)
+    # the cosine distance recovered from the similarities equals the one training measures
+    cos = Distance("cosine")
+    np.testing.assert_allclose(cos.from_faiss(sims).numpy(), cos.cross(q, db).gather(1, ref.indices).numpy(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_ivfpq_recall_at_10_against_flat():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from siamese_retrieval.models.heads import pair_distance
+from siamese_retrieval.models.distance import Distance
 from siamese_retrieval.models.losses import (
     BCEHeadLoss,
     ContrastiveLoss,
@@ -126,7 +126,7 @@ def test_graded_equals_contrastive_on_binary_fov() -> None:
 def embedded_batch(emb_q, emb_d, target, fov, **extra) -> PairOutput:
     emb_q = torch.tensor(emb_q, requires_grad=True)
     emb_d = torch.tensor(emb_d, requires_grad=True)
-    distance = pair_distance(emb_q, emb_d)
+    distance = Distance().pair(emb_q, emb_d)
     logits = -distance + 1.0
     return PairOutput(emb_q, emb_d, distance, logits, torch.sigmoid(logits), torch.tensor(target),
                       torch.tensor(fov), **extra)
@@ -225,7 +225,7 @@ def test_sum_of_losses_weights_terms_and_detached_head_leaves_embedding_alone() 
     head = RelevanceHead(init_weight=-1.0, init_bias=1.0)
     emb_q = torch.tensor([[0.0, 0.0], [1.0, 0.0]], requires_grad=True)
     emb_d = torch.tensor([[0.0, 0.6], [1.0, 0.2]])
-    distance = pair_distance(emb_q, emb_d)  # [0.6, 0.2]
+    distance = Distance().pair(emb_q, emb_d)  # [0.6, 0.2]
     logits = head.logits(distance)
     out = PairOutput(emb_q, emb_d, distance, logits, torch.sigmoid(logits), torch.tensor([1.0, 0.0]),
                      torch.tensor([1.0, 0.0]), head_logits_detached=head.logits(distance.detach()))

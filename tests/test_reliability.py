@@ -199,7 +199,7 @@ def no_negatives_overrides(root: Path) -> list[str]:
 
 def run_in_process(overrides: list[str], out: Path, cache_dir: Path, capsys) -> str:
     """train() behind the entry point's error wrapper; expects exit code 2 and returns the one error line."""
-    from siamese_retrieval.run_utils import report_user_errors
+    from siamese_retrieval.cli import report_user_errors
     from siamese_retrieval.train import train
 
     cfg = compose_config("train", ["logger=none", "trainer=cpu", *overrides], out, cache_dir)
@@ -307,7 +307,7 @@ def test_dataset_fault_stops_before_training(fault: str, pristine_root: Path, tm
     """Through the entry point's wrapper: one `error: <file>: <problem>` line, exit 2, no model ever built."""
     from siamese_retrieval.data.dataset import read_dataset
     from siamese_retrieval.models.siamese import SiameseModule
-    from siamese_retrieval.run_utils import report_user_errors
+    from siamese_retrieval.cli import report_user_errors
     from siamese_retrieval.train import train
 
     root = tmp_path / "city"
@@ -626,7 +626,7 @@ def test_unwritable_output_dir_is_one_line(cli: dict) -> None:
 
 
 def test_unwritable_output_dir_in_process(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    from siamese_retrieval.run_utils import report_user_errors
+    from siamese_retrieval.cli import report_user_errors
     from siamese_retrieval.train import train
 
     blocker = tmp_path / "file"
@@ -650,7 +650,7 @@ def test_full_disk_is_one_line(cli_slow: dict) -> None:
 def test_storage_errors_inside_library_exceptions_are_recognised() -> None:
     import errno
 
-    from siamese_retrieval.run_utils import storage_error
+    from siamese_retrieval.cli import storage_error
 
     try:
         try:
@@ -738,12 +738,14 @@ def test_cnn_checkpoint_loads_weights_only(cnn_runs) -> None:
 
 def test_load_checkpoint_checks_the_model_type(keypoint_runs, cnn_runs, tmp_path: Path) -> None:
     from siamese_retrieval.errors import UserError
-    from siamese_retrieval.models.siamese import SiameseModule, load_checkpoint
+    from siamese_retrieval.checkpoints import load_checkpoint
+    from siamese_retrieval.models.siamese import SiameseModule
 
     kp_ckpt, cnn_ckpt = keypoint_runs[0][1]["checkpoint"], cnn_runs[0][1]["checkpoint"]
-    model = load_checkpoint(kp_ckpt, expected_model="keypoint_snn")
-    assert isinstance(model, SiameseModule) and model.hparams.model_name == "keypoint_snn"
-    assert load_checkpoint(cnn_ckpt).hparams.model_name == "cnn_snn"  # no expectation: any model
+    loaded = load_checkpoint(kp_ckpt, expected_model="keypoint_snn")
+    assert isinstance(loaded.module, SiameseModule) and loaded.model_name == "keypoint_snn"
+    assert loaded.inputs_cfg["_target_"].endswith("KeypointInputs") and not loaded.module.training
+    assert load_checkpoint(cnn_ckpt).model_name == "cnn_snn"  # no expectation: any model
 
     with pytest.raises(UserError) as info:
         load_checkpoint(kp_ckpt, expected_model="cnn_snn")
@@ -772,7 +774,7 @@ def test_full_disk_in_process_is_one_line(tmp_path: Path, cache_dir: Path, monke
     def full(cfg):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "keypoints-x.npz"))
 
-    monkeypatch.setattr(train_mod, "build_datamodule", full)
+    monkeypatch.setattr(train_mod, "build_datamodule", lambda data_cfg, inputs: full(data_cfg))
     line = run_in_process(["data=synth_tiny"], tmp_path / "run", cache_dir, capsys)
     assert line == (f"error: cannot write to {tmp_path / 'run'}: No space left on device "
                     f"(while writing {tmp_path / 'cache' / 'keypoints-x.npz'})")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from siamese_retrieval.callbacks import rank_queries
-from siamese_retrieval.models.siamese import SiameseModule
-from siamese_retrieval.train import build_datamodule
+from siamese_retrieval.checkpoints import load_checkpoint
+from siamese_retrieval.data.datamodule import build_datamodule
+from siamese_retrieval.retrieval.ranking import RankingSettings, rank_queries
 from tests.conftest import compose_config
 from tests.test_sweep import run_train
 
@@ -38,11 +38,11 @@ def test_ddp_spawn_metrics_equal_single_process(tmp_path: Path, cache_dir: Path)
     result = json.loads((run / "metrics.json").read_text())
     assert result["status"] == "ok" and result["epochs"] == 1
     cfg = compose_config("train", ["data=synth_tiny"], tmp_path / "eval", cache_dir)
-    model = SiameseModule.load_from_checkpoint(result["checkpoint"], map_location="cpu").eval()
-    dm = build_datamodule(cfg)
+    loaded = load_checkpoint(result["checkpoint"])
+    dm = build_datamodule(cfg.data, loaded.build_inputs())
     dm.setup("test")
     for stage in ("val", "test"):
-        single = rank_queries(model, dm.db_inputs, dm.q_inputs, dm.split_queries(stage), dm.dataset.sim,
-                              dm.dataset.fov).metrics
+        single = rank_queries(loaded.module, dm.db_inputs, dm.q_inputs, dm.splits.queries(stage), dm.dataset,
+                              RankingSettings()).metrics
         for name, value in single.items():
             assert result["metrics"][f"{stage}/{name}"] == pytest.approx(value, abs=1e-6), (stage, name)

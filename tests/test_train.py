@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from siamese_retrieval.callbacks import rank_queries
-from siamese_retrieval.models.siamese import SiameseModule
-from siamese_retrieval.train import build_datamodule, train
-from siamese_retrieval.wandb_offline import find_offline_runs, read_offline_run
+from siamese_retrieval.checkpoints import load_checkpoint
+from siamese_retrieval.data.datamodule import build_datamodule
+from siamese_retrieval.retrieval.ranking import RankingSettings, rank_queries
+from siamese_retrieval.train import train
 from tests.conftest import ROOT, compose_config
+from tests.wandb_offline import find_offline_runs, read_offline_run
 
 METRICS = ["precision@1", "precision@5", "precision@10", "recall@1", "recall@5", "recall@10", "mAP", "ndcg@10",
            "range_acc@0.01"]
@@ -53,10 +55,11 @@ def test_checkpoint_loads_weights_only_and_reproduces_test_metrics(keypoint_run)
     assert ckpt.is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain config, no pickled modules
     assert raw["hyper_parameters"]["model_name"] == "keypoint_snn"
-    model = SiameseModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    dm = build_datamodule(cfg)
+    loaded = load_checkpoint(ckpt)
+    dm = build_datamodule(cfg.data, loaded.build_inputs())
     dm.setup("test")
-    ranking = rank_queries(model, dm.db_inputs, dm.q_inputs, dm.split_queries("test"), dm.dataset.sim, dm.dataset.fov)
+    ranking = rank_queries(loaded.module, dm.db_inputs, dm.q_inputs, dm.splits.queries("test"), dm.dataset,
+                           RankingSettings())
     for name in ("precision@10", "recall@1", "recall@5", "mAP", "ndcg@10"):
         assert ranking.metrics[name] == pytest.approx(result["metrics"][f"test/{name}"], abs=1e-6)
 
@@ -91,7 +94,7 @@ def test_bad_dataset_is_one_clear_line(tmp_path: Path) -> None:
 
 def test_same_seed_same_split_and_pairs(cache_dir: Path, tmp_path: Path) -> None:
     cfgs = [compose_config("train", ["data=synth_tiny", "seed=5"], tmp_path / str(i), cache_dir) for i in range(2)]
-    dms = [build_datamodule(c) for c in cfgs]
+    dms = [build_datamodule(c.data, instantiate(c.model.inputs)) for c in cfgs]
     for dm in dms:
         dm.setup("fit")
     assert np.array_equal(dms[0].splits.test_q, dms[1].splits.test_q)

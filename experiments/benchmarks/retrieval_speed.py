@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from siamese_retrieval.callbacks import embed_all
+from siamese_retrieval.retrieval.ranking import embed_all
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def index_seconds(module, index, queries, n_queries: int, k: int = 10) -> float:
         t = time.perf_counter()
         emb = module.embed(row(queries, i))
         dist, ids = search(index, emb.numpy(), k=k)
-        module.score_distances(torch.sqrt(torch.clamp(torch.from_numpy(dist), min=1e-7)))
+        module.score_distances(module.distance.from_faiss(dist))
         per_query.append(time.perf_counter() - t)
     return statistics.median(per_query)
 

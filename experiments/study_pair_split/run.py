@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from siamese_retrieval.data.dataset import read_dataset
 from siamese_retrieval.data.inputs import take
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
-from siamese_retrieval.run_utils import quiet_known_warnings
+from siamese_retrieval.run_outputs import quiet_known_warnings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
@@ -63,6 +63,33 @@ def load_npz_cache(path: Path, keys: Sequence[str], what: str) -> dict[str, Any]
         log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, exc)
         path.unlink(missing_ok=True)
         return None
+
+
+def cached_npz(
+    path: Path | None,
+    keys: Sequence[str],
+    what: str,
+    compute: Callable[[], Mapping[str, Any]],
+    validate: Callable[[dict[str, Any]], bool] | None = None,
+    logger: logging.Logger = log,
+) -> dict[str, Any]:
+    """The arrays `keys` of the .npz cache at `path` when it is readable and `validate(arrays)` holds;
+    otherwise `compute()`'s arrays, written to `path` atomically. A bad cache is deleted with a warning.
+    No cache when `path` is None. `what` names the cache in the messages ("image" -> "image cache hit"),
+    which go to `logger` (the caller's)."""
+    if path is not None and path.is_file():
+        arrays = load_npz_cache(path, keys, what)
+        if arrays is not None and validate is not None and not validate(arrays):
+            logger.warning("%s cache %s has unexpected shapes; rebuilding it", what, path)
+            path.unlink(missing_ok=True)
+            arrays = None
+        if arrays is not None:
+            logger.info("%s cache hit: %s", what, path)
+            return arrays
+    arrays = dict(compute())
+    if path is not None:
+        atomic_save_npz(path, **arrays)
+    return arrays
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

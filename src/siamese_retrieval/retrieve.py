@@ -2,7 +2,7 @@
 
     python retrieve.py ckpt_path=CKPT query=photo.jpg top_k=10 [data=msls_city data.root=PATH] [output=json]
 
-`retrieve(cfg)` reads top-down: checkpoint -> input builder (as in evaluate.py) -> database index
+`retrieve(cfg)` reads top-down: checkpoint (model + input builder, checkpoints.py) -> database index
 (embedded once, then cached next to the checkpoint, see retrieval/embedding_cache.py) -> query
 embeddings -> top-k -> stdout (a table, or JSON with output=json; logs go to stderr) and a grid PNG
 in the run dir. Relevance scores are the model's head on the embedding distance, as in training.
@@ -21,15 +21,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from siamese_retrieval.callbacks import embed_all, relevance_from_search
-from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
+from siamese_retrieval.checkpoints import load_from_config
+from siamese_retrieval.data.datamodule import build_datamodule, evaluation_data_config
+from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.errors import ConfigError, UserError
-from siamese_retrieval.evaluate import load_module, model_name, with_model_config
 from siamese_retrieval.retrieval.embedding_cache import cached_database_index
-from siamese_retrieval.retrieval.index import IndexConfig, search
+from siamese_retrieval.retrieval.ranking import RankingSettings, embed_all, index_config, ranking_config, search_relevance
 from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
-from siamese_retrieval.run_utils import quiet_known_warnings, run_dir
-from siamese_retrieval.train import build_datamodule
+from siamese_retrieval.run_outputs import quiet_known_warnings, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,36 +48,29 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     query_files = find_queries(cfg.get("query"))
     out_dir = run_dir(cfg)
-    module = load_module(cfg.ckpt_path, cfg.get("device", "auto"), model_name(cfg))
-    cfg = with_model_config(cfg, module)
+    ckpt = load_from_config(cfg)
+    module = ckpt.module
+    settings = RankingSettings.from_config(ranking_config(cfg))
 
-    dm = build_datamodule(cfg)
+    dm = build_datamodule(evaluation_data_config(cfg.data), ckpt.build_inputs())
     dm.prepare_data()
-    root = dm.resolve_root()
-    dataset = read_dataset(root, dm.files, check="none", name=dm.name)  # the cache key; validated on a miss
-    cosine = getattr(module, "distance_kind", "euclidean") == "cosine"
-    index_cfg = IndexConfig(**{**OmegaConf.to_container(cfg.index, resolve=True), "metric": "ip" if cosine else "l2"})
+    dataset = dm.read(check="none")  # the cache key; validated on a miss
+    index_cfg = index_config(module, settings, full_ranking=False)
 
     def embed_database() -> np.ndarray:
-        checked = read_dataset(root, dm.files, check=dm.image_check, name=dm.name)
-        db_inputs, _ = dm.inputs.build(checked, dm.cache_dir)
-        emb = embed_all(module, db_inputs, int(cfg.embed_batch))
-        return (torch.nn.functional.normalize(emb, dim=-1) if cosine else emb).numpy()
+        db_inputs, _ = dm.inputs.build(dm.read(check=dm.image_check), dm.cache_dir)
+        return module.distance.for_index(embed_all(module, db_inputs, settings.embed_batch)).numpy()
 
-    inputs_cfg = OmegaConf.to_container(cfg.model.inputs, resolve=True)
-    db = cached_database_index(cfg.ckpt_path, dataset, inputs_cfg, index_cfg, embed_database, bool(cfg.cache))
+    db = cached_database_index(ckpt.path, dataset, ckpt.inputs_cfg, index_cfg, embed_database, bool(cfg.cache))
     log.info("database index: %d images, %s in %.3f s", dataset.n_db, "cache hit" if db.hit else "embedded", db.seconds)
 
     search_started = time.perf_counter()
-    q_emb = embed_all(module, query_inputs(dm.inputs, query_files), int(cfg.embed_batch))
-    if cosine:
-        q_emb = torch.nn.functional.normalize(q_emb, dim=-1)
+    q_emb = embed_all(module, query_inputs(dm.inputs, query_files), settings.embed_batch)
     if top_k > db.index.ntotal:
         log.warning("top_k=%d is larger than the database (%d images): showing all %d", top_k, db.index.ntotal,
                     db.index.ntotal)
         top_k = int(db.index.ntotal)
-    dist, ids = search(db.index, q_emb.numpy(), k=top_k)
-    distance, scores = (t.numpy() for t in relevance_from_search(module, dist, cosine))
+    ids, distance, scores = search_relevance(module, db.index, q_emb, k=top_k)
     search_s = time.perf_counter() - search_started
 
     results = [
@@ -94,8 +86,8 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     ]
     grid_path = write_grid(out_dir / "retrieval_grid.png", results, int(cfg.grid.max_queries))
     result = {
-        "checkpoint": str(cfg.ckpt_path),
-        "model": module.hparams.model_name,
+        "checkpoint": str(ckpt.path),
+        "model": ckpt.model_name,
         "dataset_root": str(dataset.root),
         "n_database": int(dataset.n_db),
         "top_k": top_k,

@@ -14,8 +14,10 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from siamese_retrieval.checkpoints import read_checkpoint
+from siamese_retrieval.data.datamodule import build_datamodule
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.run_utils import (
+from siamese_retrieval.run_outputs import (
     finish_loggers,
     print_results,
     quiet_known_warnings,
@@ -36,7 +38,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = run_dir(cfg)
 
-    datamodule = build_datamodule(cfg)
+    resume_from = resolve_ckpt_path(cfg.ckpt_path, out_dir)
+    if resume_from is not None:
+        read_checkpoint(resume_from)  # the same checks as evaluate.py: a bad file is one line, before any work
+    datamodule = build_datamodule(cfg.data, instantiate(cfg.model.inputs))
     datamodule.prepare_data()
     datamodule.setup("fit")  # validates the dataset now: a bad root fails before any model is built
     model = instantiate(cfg.model.module, _recursive_=False)
@@ -49,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         if cfg.train:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, out_dir))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
         best = best_checkpoint(trainer)
         metrics: dict[str, float] = {}
         if datamodule.splits is not None and len(datamodule.splits.val_q):
@@ -75,14 +80,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_metrics_json(out_dir / "metrics.json", result)
     finally:
         finish_loggers(loggers)
-    if trainer.is_global_zero:
-        print_results(result)  # last, below W&B's closing lines
+    if trainer.is_global_zero:  # last, below W&B's closing lines
+        print_results(result["metrics"], title=f"{result['model']} on {result['data']} (seed {result['seed']})",
+                      footer=f"best checkpoint: {best}" if best else None)
     return result
-
-
-def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    inputs = instantiate(cfg.model.inputs)
-    return instantiate(cfg.data, inputs=inputs, _recursive_=False)
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:

@@ -86,6 +86,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         synth: Mapping[str, Any] | None = None,
         files: Mapping[str, Any] | None = None,
         image_check: str = "decode",
+        follow_symlinks_outside_root: bool = False,
         split: Mapping[str, Any] | None = None,
         pairs: Mapping[str, Any] | None = None,
         batch_size: int = 32,
@@ -102,6 +103,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.synth = dict(synth) if synth else None
         self.files = DatasetFiles(**dict(files or {}))
         self.image_check = image_check
+        self.follow_symlinks_outside_root = bool(follow_symlinks_outside_root)
         self.split_cfg = dict(split or {})
         self.pairs_cfg = dict(pairs or {})
         self.batch_size = batch_size
@@ -129,43 +131,60 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.resolve_root()
 
     def setup(self, stage: str | None = None) -> None:
+        """Read and validate the dataset, split it by place, build the pair sampler and the input tensors."""
         if self.dataset is not None:
             return
-        dataset = read_dataset(self.resolve_root(), self.files, check=self.image_check, name=self.name)
+        dataset = self._read()
         split = dict(self.split_cfg)
         fractions = tuple(split.pop("fractions", (0.7, 0.15, 0.15)))
         split_seed = split.pop("seed", None)  # fixed by default, so every training seed meets the same test places
         self.splits = split_by_place(dataset, fractions=fractions, seed=self.seed if split_seed is None else split_seed,
                                      **split)
-        self.recipe = make_recipe(self.pairs_cfg)
-        self.eval_recipe = PairRecipe.study(target=self.recipe.target)
         self.sampler = PairSampler(
             dataset.sim, dataset.fov, self.splits.train_q, self.splits.train_db, self.recipe, seed=self.seed
         )
-        self.db_inputs, self.q_inputs = self.inputs.build(dataset, self.cache_dir)
-        self.dataset = dataset
+        self._build_inputs(dataset)
         log.info("dataset %s: %d database, %d queries; splits %s", dataset.name, dataset.n_db, dataset.n_query,
                  self.splits.summary())
+
+    def setup_unsplit(self) -> None:
+        """Like `setup`, without a place split: every query of a dataset the model never saw (split=all)."""
+        if self.dataset is None:
+            self._build_inputs(self._read())
+
+    def _read(self) -> RetrievalDataset:
+        self.recipe = PairRecipe.from_config(self.pairs_cfg)
+        self.eval_recipe = PairRecipe.study(target=self.recipe.target)
+        return self.read(check=self.image_check)
+
+    def read(self, check: str) -> RetrievalDataset:
+        """The dataset at this config's root, validated to `check` (decode | exists | none)."""
+        return read_dataset(self.resolve_root(), self.files, check=check, name=self.name,
+                            follow_symlinks_outside_root=self.follow_symlinks_outside_root)
+
+    def _build_inputs(self, dataset: RetrievalDataset) -> None:
+        self.db_inputs, self.q_inputs = self.inputs.build(dataset, self.cache_dir)
+        self.dataset = dataset
 
     def current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
         return int(trainer.current_epoch) if trainer is not None else 0
-
-    def split_queries(self, stage: str) -> np.ndarray:
-        assert self.splits is not None, "call setup() first"
-        return {"train": self.splits.train_q, "val": self.splits.val_q, "test": self.splits.test_q}[stage]
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         batches = PairBatches(self, self.sampler.sample, self.batch_size, shuffle=True, seed=self.seed, shard=True)
         return DataLoader(batches, batch_size=None)
 
+    def eval_batches(self, query_idx: np.ndarray) -> PairBatches:
+        """The fixed evaluation pairs of these queries (the study's recipe, drawn with the data seed) in
+        batches: what val/test steps and evaluate.py compute the loss and range accuracy on."""
+        assert self.dataset is not None, "call setup() first"
+        pairs = eval_pairs(self.dataset.sim, self.dataset.fov, query_idx, self.eval_recipe, seed=self.seed)
+        return PairBatches(self, lambda epoch: pairs, self.eval_batch_size, shuffle=False, seed=self.seed)
+
     def _eval_loader(self, stage: str) -> DataLoader:
-        assert self.dataset is not None
-        queries = self.split_queries(stage)
-        pairs = eval_pairs(self.dataset.sim, self.dataset.fov, queries, self.eval_recipe, seed=self.seed)
-        batches = PairBatches(self, lambda epoch: pairs, self.eval_batch_size, shuffle=False, seed=self.seed)
-        return DataLoader(batches, batch_size=None)
+        assert self.splits is not None, "call setup() first"
+        return DataLoader(self.eval_batches(self.splits.queries(stage)), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -181,16 +200,22 @@ class RetrievalDataModule(pl.LightningDataModule):
         return batch
 
 
-def make_recipe(cfg: Mapping[str, Any]) -> PairRecipe:
-    """`pairs.preset` (study | default) with field overrides from the rest of the config."""
-    cfg = dict(cfg)
-    preset = cfg.pop("preset", "default")
-    presets = {"study": PairRecipe.study, "default": PairRecipe.default}
-    if preset not in presets:
-        raise ConfigError(f"data.pairs.preset={preset!r} is unknown; available: {', '.join(presets)}")
-    try:
-        return presets[preset](**cfg)
-    except TypeError as exc:
-        raise ConfigError(f"data.pairs: {exc}") from None
+def evaluation_data_config(data_cfg: Any, target: str | None = None) -> Any:
+    """A `data=` config for evaluating a trained model, without the training keys it takes from `model`:
+    pairs are the study's evaluation recipe with the model's training target (`target`, else the config's
+    own), and no training batches are drawn (batch_size only sizes them)."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = data_cfg.copy()
+    with open_dict(cfg):
+        own = OmegaConf.select(cfg, "pairs.target", default="sim")
+        cfg.pairs = {"preset": "study", "target": target or own}
+        cfg.batch_size = 1
+    return cfg
 
 
+def build_datamodule(data_cfg: Any, inputs: InputBuilder) -> RetrievalDataModule:
+    """The datamodule of a `data=` config (the user's own conf/, not a file from elsewhere) around `inputs`."""
+    from hydra.utils import instantiate
+
+    return instantiate(data_cfg, inputs=inputs, _recursive_=False)

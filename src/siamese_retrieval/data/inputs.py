@@ -54,6 +54,18 @@ class KeypointInputs:
         return batch
 
 
+class NoInputs:
+    """No tensors at all: for pipelines that read the images themselves (the ORB + RANSAC baseline)."""
+
+    kind = "none"
+
+    def build(self, dataset: RetrievalDataset, cache_dir: Path | None) -> tuple[Tensors, Tensors]:
+        return {}, {}
+
+    def augment(self, batch: Tensors) -> Tensors:
+        return batch
+
+
 def take(tensors: Tensors, idx: torch.Tensor | np.ndarray) -> Tensors:
     """Slice every tensor of a dict with the same indices."""
     idx_t = torch.as_tensor(idx, dtype=torch.long)

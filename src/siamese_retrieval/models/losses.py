@@ -7,11 +7,14 @@ Kept small and composable (one class, one formula): the head losses train the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from siamese_retrieval.models.distance import Distance
 
 
 @dataclass
@@ -30,6 +33,7 @@ class PairOutput:
     d_idx: torch.Tensor | None = None  # (B,) dataset index of each pair's database image
     cross_fov: torch.Tensor | None = None  # (B, B) fov of (query i, database j); NaN = unknown
     head_logits_detached: torch.Tensor | None = None  # (B,) head on the distance with the encoder cut off
+    distance_fn: "Distance | None" = None  # the module's distance (miners re-measure cross pairs with it)
 
 
 class MSEHeadLoss(nn.Module):

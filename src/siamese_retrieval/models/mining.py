@@ -28,8 +28,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from siamese_retrieval.models.heads import cross_distance
+from siamese_retrieval.models.distance import Distance
 from siamese_retrieval.models.losses import PairOutput
+
+
+_EUCLIDEAN = Distance("euclidean")
 
 
 def known_cross_fov(out: PairOutput) -> torch.Tensor | None:
@@ -61,7 +64,7 @@ class BatchHardContrastive(nn.Module):
         k: hardest negatives per query row.
         weight: scale of the mined term.
         max_fov: a known cross pair with fov below this is a negative (0.5: GCL's sim = 0).
-        distance: euclidean | cosine, as the module's `distance` (the cross pairs are re-measured).
+    Cross pairs are measured with the module's distance (`PairOutput.distance_fn`; Euclidean without one).
     """
 
     def __init__(
@@ -71,18 +74,17 @@ class BatchHardContrastive(nn.Module):
         k: int = 1,
         weight: float = 1.0,
         max_fov: float = 0.5,
-        distance: str = "euclidean",
     ) -> None:
         super().__init__()
         if isinstance(base_loss, Mapping):
-            from hydra.utils import instantiate
+            from siamese_retrieval.trust import checked_instantiate
 
-            base_loss = instantiate(dict(base_loss))
+            base_loss = checked_instantiate(dict(base_loss), "BatchHardContrastive.base_loss")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.base_loss = base_loss
         self.margin = float(margin if margin is not None else getattr(base_loss, "margin", 0.5))
-        self.k, self.weight, self.max_fov, self.distance = int(k), float(weight), float(max_fov), distance
+        self.k, self.weight, self.max_fov = int(k), float(weight), float(max_fov)
 
     def mined_term(self, out: PairOutput) -> torch.Tensor:
         zero = out.emb_q.new_zeros(()).float()
@@ -90,7 +92,7 @@ class BatchHardContrastive(nn.Module):
         if fov is None:
             return zero
         negative = torch.isfinite(fov) & (fov < self.max_fov)
-        dist = cross_distance(out.emb_q, out.emb_d, self.distance)  # (B, B), float32
+        dist = (out.distance_fn or _EUCLIDEAN).cross(out.emb_q, out.emb_d)  # (B, B), float32
         psi = torch.nan_to_num(fov, nan=1.0)
         push = 0.5 * (1.0 - psi) * torch.clamp(self.margin - dist, min=0.0) ** 2
         k = min(self.k, push.shape[1])

@@ -3,10 +3,8 @@
 from siamese_retrieval.retrieval.index import (
     IndexConfig,
     build_index,
-    l2_from_faiss,
     load_index,
     save_index,
-    scores_from_distances,
     search,
 )
 from siamese_retrieval.retrieval.metrics import (
@@ -23,8 +21,6 @@ __all__ = [
     "search",
     "save_index",
     "load_index",
-    "l2_from_faiss",
-    "scores_from_distances",
     "RetrievalScores",
     "RangeAccuracy",
     "per_query_retrieval_scores",

@@ -2,11 +2,10 @@
 
     index = build_index(db_emb, IndexConfig(kind="flat"))      # exact; "ivf" / "ivfpq" for large databases
     distances, ids = search(index, query_emb, k=10)           # (m, k) float32, (m, k) int64
-    scores = scores_from_distances(index, distances)          # higher = more relevant, for the metrics
 
 Distances are what FAISS returns: for metric "l2" they are SQUARED Euclidean distances (smaller is
-closer; `l2_from_faiss` takes the square root), for metric "ip" they are inner products (larger is
-closer). Ids are database row numbers; FAISS pads with id -1 when an approximate index finds fewer than
+closer), for metric "ip" they are inner products (larger is closer); models.distance.Distance turns
+them back into the model's distance. Ids are database row numbers; FAISS pads with id -1 when an approximate index finds fewer than
 k candidates in the probed lists.
 
 Threads: FAISS uses OpenMP. Every build/search sets FAISS' thread count to `IndexConfig.num_threads`,
@@ -40,9 +39,6 @@ __all__ = [
     "search",
     "save_index",
     "load_index",
-    "l2_from_faiss",
-    "scores_from_distances",
-    "index_metric",
 ]
 
 # FAISS' k-means warns below this many training points per centroid.
@@ -200,7 +196,7 @@ def search(
     """Top-k database neighbours of each query, in batches of `batch_size` queries.
 
     Returns (distances (m, k) float32, ids (m, k) int64), best first. For an L2 index distances are
-    squared Euclidean (see `l2_from_faiss`); for an inner-product index, similarities. `k` larger than
+    squared Euclidean; for an inner-product index, similarities. `k` larger than
     the database is capped at `index.ntotal` with a warning.
     """
     q = _as_float32(queries, "query embeddings")
@@ -223,22 +219,6 @@ def search(
         stop = min(m, start + max(1, int(batch_size)))
         distances[start:stop], ids[start:stop] = index.search(q[start:stop], k)
     return distances, ids
-
-
-def index_metric(index: faiss.Index) -> str:
-    """"l2" or "ip": the metric `index` ranks by."""
-    return "l2" if index.metric_type == faiss.METRIC_L2 else "ip"
-
-
-def l2_from_faiss(distances: np.ndarray) -> np.ndarray:
-    """Euclidean distances from the squared ones an L2 index returns (rounding negatives clipped to 0)."""
-    return np.sqrt(np.maximum(distances, 0.0))
-
-
-def scores_from_distances(index_or_metric: faiss.Index | str, distances: np.ndarray) -> np.ndarray:
-    """Turn FAISS distances into scores where higher = more relevant (what the metrics take)."""
-    metric = index_or_metric if isinstance(index_or_metric, str) else index_metric(index_or_metric)
-    return -distances if metric == "l2" else distances
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike) -> Path:

@@ -52,12 +52,24 @@ def _check_inputs(scores: Tensor, sim: Tensor, fov: Tensor | None) -> tuple[Tens
     return scores, sim.bool(), (fov.float() if fov is not None else None)
 
 
+def _check_order(order: Tensor, sim: Tensor, fov: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    if order.ndim != 2 or sim.shape != order.shape or (fov is not None and fov.shape != order.shape):
+        raise ValueError(
+            f"order {tuple(order.shape)}, sim {tuple(sim.shape)} and fov "
+            f"{None if fov is None else tuple(fov.shape)} must have the same (n_queries, n_database) shape"
+        )
+    if order.shape[1] == 0:
+        raise ValueError("cannot rank an empty database (n_database == 0)")
+    return order.long(), sim.bool(), (fov.float() if fov is not None else None)
+
+
 def per_query_retrieval_scores(
-    scores: Tensor,
+    scores: Tensor | None,
     sim: Tensor,
     fov: Tensor | None = None,
     top_ks: Sequence[int] = (1, 5, 10),
     ndcg_k: int | None = 10,
+    order: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-query retrieval metrics for a chunk of queries against the full database.
 
@@ -65,6 +77,9 @@ def per_query_retrieval_scores(
     relevance (needed only for nDCG). Returns (b,) float tensors "precision@k", "recall@k", "AP",
     "ndcg@K" and the bool mask "has_positive"; values of queries without a positive are computed but
     meaningless (the callers mask them out).
+
+    `order` (b, n_db): the ranking itself, database indices best first, when the caller already has it
+    (a FAISS search returns it sorted): then `scores` may be None and nothing is sorted here.
 
     Vectorised on purpose instead of looping torchmetrics.functional.retrieval_* per query:
       * one stable sort of the (b, n_db) block serves every metric: 500 queries x 1000 items take
@@ -76,9 +91,12 @@ def per_query_retrieval_scores(
     On random positive scores without ties the results equal torchmetrics' (tested).
     Memory: a few (b, n_db) temporaries; choose the chunk size b accordingly.
     """
-    scores, sim, fov = _check_inputs(scores, sim, fov)
-    b, n = scores.shape
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    if order is None:
+        scores, sim, fov = _check_inputs(scores, sim, fov)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    else:
+        order, sim, fov = _check_order(order, sim, fov)
+    b, n = order.shape
     rel = sim.gather(1, order).to(torch.float32)  # (b, n) relevance in ranked order
     hits = rel.cumsum(1)  # hits[:, r-1] = positives within the top r (exact in float32 below 2**24)
     n_pos = hits[:, -1]
@@ -91,13 +109,13 @@ def per_query_retrieval_scores(
         hits_k = hits[:, min(k, n) - 1].double()
         out[f"precision@{k}"] = hits_k / k  # divided by k even when the database is smaller (torchmetrics)
         out[f"recall@{k}"] = (hits_k > 0).double()
-    ranks = torch.arange(1, n + 1, device=scores.device, dtype=torch.float32)
+    ranks = torch.arange(1, n + 1, device=order.device, dtype=torch.float32)
     out["AP"] = ((hits / ranks) * rel).sum(1).double() / n_pos.double().clamp(min=1)
     if ndcg_k is not None:
         if fov is None:
             raise ValueError("nDCG needs the graded relevance fov")
         kk = min(int(ndcg_k), n)
-        discount = 1.0 / torch.log2(torch.arange(kk, device=scores.device, dtype=torch.float64) + 2.0)
+        discount = 1.0 / torch.log2(torch.arange(kk, device=order.device, dtype=torch.float64) + 2.0)
         dcg = (fov.gather(1, order[:, :kk]).double() * discount).sum(1)
         ideal = (fov.topk(kk, dim=1).values.double() * discount).sum(1)
         out[f"ndcg@{int(ndcg_k)}"] = torch.where(ideal > 0, dcg / ideal.clamp(min=1e-300), torch.zeros_like(dcg))
@@ -131,8 +149,10 @@ class RetrievalScores(Metric):
         self.add_state("n_queries", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("n_without_positive", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, scores: Tensor, sim: Tensor, fov: Tensor) -> None:  # type: ignore[override]
-        per_q = per_query_retrieval_scores(scores, sim, fov, self.top_ks, self.ndcg_k)
+    def update(self, scores: Tensor | None, sim: Tensor, fov: Tensor,  # type: ignore[override]
+               order: Tensor | None = None) -> None:
+        """A chunk of queries: dense `scores`, or the ranking `order` itself (then nothing is sorted)."""
+        per_q = per_query_retrieval_scores(scores, sim, fov, self.top_ks, self.ndcg_k, order=order)
         keep = per_q["has_positive"]
         values = [per_q[f"precision@{k}"] for k in self.top_ks] + [per_q[f"recall@{k}"] for k in self.top_ks]
         values += [per_q["AP"], per_q[f"ndcg@{self.ndcg_k}"]]

@@ -9,7 +9,7 @@ import torch
 
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.synth.preview import thumbnail
-from siamese_retrieval.retrieval.metrics import RetrievalScores
+from siamese_retrieval.retrieval.ranking import RankingSettings, rank_scores
 
 
 def thumbnail_metrics(ds: RetrievalDataset, query_idx: Sequence[int] | None = None) -> dict[str, float]:
@@ -17,6 +17,4 @@ def thumbnail_metrics(ds: RetrievalDataset, query_idx: Sequence[int] | None = No
     query_idx = np.arange(ds.n_query) if query_idx is None else np.asarray(query_idx)
     db = torch.from_numpy(np.stack([thumbnail(ds.db_file(i)) for i in range(ds.n_db)]))
     q = torch.from_numpy(np.stack([thumbnail(ds.query_file(int(i))) for i in query_idx]))
-    metric = RetrievalScores(top_ks=(1, 5, 10))
-    metric.update(-torch.cdist(q, db), torch.from_numpy(ds.sim[query_idx]), torch.from_numpy(ds.fov[query_idx]))
-    return {k: float(v) for k, v in metric.compute().items()}
+    return rank_scores((-torch.cdist(q, db)).numpy(), query_idx, ds, RankingSettings()).metrics

@@ -1,0 +1,98 @@
+"""The one checked way to read a checkpoint and rebuild its model and its input builder.
+
+A checkpoint is self-contained: `hyper_parameters` hold the encoder, loss, optimizer and head configs
+and the input builder's config (`inputs`: keypoints or images, their count or size, ORB settings), and
+`training_data` records which data, seed and split it was trained on. So `evaluate.py` and `retrieve.py`
+need nothing but the file. Reading it is the trust boundary (DESIGN.md): it is loaded with
+`weights_only=True`, every `_target_` anywhere in it is checked against the allowlist (trust.py) before
+anything is built, and every fault is one `UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siamese_retrieval.errors import UserError
+from siamese_retrieval.models.siamese import SiameseModule
+from siamese_retrieval.trust import check_targets, checked_instantiate
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    module: SiameseModule  # in eval mode, on the requested device
+    inputs_cfg: dict[str, Any]  # the input builder's config, `_target_` included (checked)
+    training_data: dict[str, Any]  # {"name", "seed", "split"} of the training run ({} when unknown)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.module.hparams.get("model_name", "?"))
+
+    def build_inputs(self) -> Any:
+        """The input builder the model was trained with (data/inputs.py)."""
+        return checked_instantiate(self.inputs_cfg, f"checkpoint {self.path}: inputs")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict, checked: a torch file, a SiameseModule checkpoint, only allowed targets."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip/pickle/unpickler errors have no common base class
+        raise UserError(f"checkpoint {path} is not a loadable torch checkpoint ({_first_line(exc)[:200]})") from None
+    hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or "state_dict" not in raw or not isinstance(hparams, dict) or "encoder" not in hparams:
+        raise UserError(f"checkpoint {path} is not a SiameseModule checkpoint (no hyper_parameters.encoder / state_dict)")
+    check_targets(hparams, f"checkpoint {path}")  # the whole tree, before anything is built
+    return raw
+
+
+def load_checkpoint(path: str | Path, expected_model: str | None = None,
+                    map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """The checkpoint's model (eval mode) and input config; `expected_model` must match its `model_name`."""
+    path = Path(path).expanduser()
+    raw = read_checkpoint(path)
+    hparams = raw["hyper_parameters"]
+    found = hparams.get("model_name", "?")
+    if expected_model is not None and found != expected_model:
+        raise UserError(f"checkpoint {path} holds model_name={found!r}, expected {expected_model!r}")
+    inputs_cfg = hparams.get("inputs")
+    if not isinstance(inputs_cfg, dict) or "_target_" not in inputs_cfg:
+        raise UserError(f"checkpoint {path} has no input builder config (hyper_parameters.inputs): it was made by "
+                        f"an older siamese-retrieval; retrain it with this version")
+    try:
+        module = SiameseModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    except UserError as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - state_dict / hparams that no longer fit this code
+        raise UserError(f"checkpoint {path} (model_name={found!r}) does not fit this code: {_first_line(exc)}") from None
+    training = raw.get("training_data")
+    return LoadedCheckpoint(path, module.eval(), inputs_cfg, training if isinstance(training, dict) else {})
+
+
+def load_from_config(cfg: Any) -> LoadedCheckpoint:
+    """`ckpt_path=` of an evaluate/retrieve config; `model=NAME` (a conf/model entry), when given, must be
+    the model the checkpoint holds; `device=` auto | cpu | cuda."""
+    if cfg.get("ckpt_path") in (None, ""):
+        raise UserError("ckpt_path: no checkpoint given (ckpt_path=PATH/TO.ckpt)")
+    model = cfg.get("model")
+    expected = str(model.name) if model is not None and model.get("name") else None
+    return load_checkpoint(str(cfg.ckpt_path), expected, map_location=resolve_device(str(cfg.get("device", "auto"))))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` -> cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

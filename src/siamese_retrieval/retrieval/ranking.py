@@ -1,0 +1,304 @@
+"""The retrieval engine: embeddings or pair scores -> one ranking per query -> metrics.
+
+Every number the project reports goes through here, so the learned models, the classical baseline
+and re-ranking are measured the same way:
+
+    embed_all / embed_sharded       inputs -> embeddings (in batches; under DDP each rank embeds a shard)
+    rank_embeddings / rank_queries  embeddings -> FAISS index -> full rankings -> `Ranking`
+    rank_scores                     a dense (queries x database) score matrix -> `Ranking` (baselines)
+    InlierReranker                  a ranking's top N re-ordered by a verifier (ORB + RANSAC inliers)
+    ranking_grid                    a `Ranking` -> RGB picture of queries and their top k
+
+A ranking is sorted once: FAISS returns each query's database sorted by distance, and the model's
+relevance head is monotonic in the distance, so that order is the relevance order. Only rows where it
+is not (equal relevance scores, or a head that increases with distance) are re-sorted, so that ties
+always go to the lower database index, exactly as a stable sort of the dense scores would put them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from siamese_retrieval.data.inputs import Tensors, take
+from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
+from siamese_retrieval.retrieval.metrics import RetrievalScores
+from siamese_retrieval.retrieval.visualize import retrieval_grid
+
+
+class Relevance(Protocol):
+    """Ground truth of a dataset: (n_query, n_database) binary `sim` and graded `fov`."""
+
+    sim: np.ndarray
+    fov: np.ndarray
+
+
+@dataclass(frozen=True)
+class RankingSettings:
+    """How rankings are made and scored; one object instead of a parameter list in every function."""
+
+    top_ks: tuple[int, ...] = (1, 5, 10)  # precision@k / recall@k cut-offs
+    ndcg_k: int = 10  # nDCG cut-off (graded by fov)
+    keep_top: int = 10  # database ids/scores kept per query (grids, per-query tables, recall curve)
+    query_chunk: int = 256  # queries ranked against the whole database at a time (memory: chunk x n_db)
+    embed_batch: int = 512  # items per forward pass when embedding
+    index: IndexConfig = field(default_factory=IndexConfig)  # its metric is set from the model's distance
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "top_ks", tuple(int(k) for k in self.top_ks))
+        if not self.top_ks or min(self.top_ks) < 1:
+            raise ConfigError(f"top_ks must be integers >= 1, got {list(self.top_ks)}")
+        for name in ("ndcg_k", "keep_top", "query_chunk", "embed_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> "RankingSettings":
+        """From a config mapping (extra keys ignored); `index` may be a mapping of IndexConfig fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in {**dict(cfg or {}), **overrides}.items() if k in names and v is not None}
+        if isinstance(values.get("index"), Mapping):
+            try:
+                values["index"] = IndexConfig(**dict(values["index"]))
+            except TypeError as exc:
+                raise ConfigError(f"index: {exc}") from None
+        return cls(**values)
+
+
+def ranking_config(cfg: Any) -> dict[str, Any]:
+    """The `RankingSettings` fields of an entry point's config (top-level keys), resolved to plain values."""
+    from omegaconf import OmegaConf
+
+    names = {f.name for f in dataclasses.fields(RankingSettings)}
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k in names}
+
+
+@dataclass
+class Ranking:
+    """What one evaluation found, per query of the split (O(queries x keep_top) memory)."""
+
+    query_idx: np.ndarray  # (m,) dataset query indices
+    top_ids: np.ndarray  # (m, keep_top) database indices, best first
+    top_scores: np.ndarray  # (m, keep_top) relevance scores
+    first_positive_rank: np.ndarray  # (m,) 1-based rank of the first sim=1 image, 0 if the query has none
+    metrics: dict[str, float]
+    before_rerank: dict[str, float] | None = None  # the metrics of the ranking a re-ranker started from
+
+
+class RankingBuilder:
+    """Accumulates chunks of full rankings into a `Ranking` (metrics, top ids, first positive)."""
+
+    def __init__(self, query_idx: np.ndarray, truth: Relevance, settings: RankingSettings) -> None:
+        self.query_idx, self.truth, self.keep_top = query_idx, truth, settings.keep_top
+        # every query is scored by this process: no cross-process sync (under DDP only rank zero ranks)
+        self.metric = RetrievalScores(top_ks=settings.top_ks, ndcg_k=settings.ndcg_k, sync_on_compute=False)
+        self.tops: list[np.ndarray] = []
+        self.top_scores: list[np.ndarray] = []
+        self.first_pos: list[np.ndarray] = []
+
+    def add_ranked(self, qi: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+        """Full rankings of the dataset queries `qi`: `ids` (len(qi), n_db) best first, their `scores`."""
+        if np.isnan(scores).any():
+            raise ValueError("scores contain NaN: the ranking is undefined")
+        sim_c, fov_c = torch.from_numpy(self.truth.sim[qi]), torch.from_numpy(self.truth.fov[qi])
+        order = torch.from_numpy(ids)
+        self.metric.update(None, sim_c, fov_c, order=order)
+        self.tops.append(ids[:, : self.keep_top])
+        self.top_scores.append(scores[:, : self.keep_top])
+        hits = torch.gather(sim_c.bool(), 1, order)
+        has = hits.any(dim=1)
+        first = torch.where(has, hits.float().argmax(dim=1) + 1, torch.zeros_like(has, dtype=torch.long))
+        self.first_pos.append(first.numpy())
+
+    def add_scores(self, qi: np.ndarray, scores: np.ndarray) -> None:
+        """Dense scores (len(qi), n_db), higher = more relevant: sorted here (stable: ties to the lower index)."""
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
+        ids = np.argsort(-scores, axis=1, kind="stable")
+        self.add_ranked(qi, ids, np.take_along_axis(scores, ids, axis=1))
+
+    def result(self) -> Ranking:
+        values = {k: float(v) for k, v in self.metric.compute().items()}
+        return Ranking(self.query_idx, np.concatenate(self.tops), np.concatenate(self.top_scores),
+                       np.concatenate(self.first_pos), values)
+
+
+def canonical_order(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rankings sorted by score (descending), ties by database index; rows already so are left untouched."""
+    step = scores[:, 1:] - scores[:, :-1]
+    tied = (step == 0) & (ids[:, 1:] > ids[:, :-1])  # in order already
+    bad = ((step > 0) | ((step == 0) & ~tied)).any(axis=1)
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        order = np.lexsort((ids[rows], -scores[rows]), axis=-1)
+        ids, scores = ids.copy(), scores.copy()
+        ids[rows] = np.take_along_axis(ids[rows], order, axis=1)
+        scores[rows] = np.take_along_axis(scores[rows], order, axis=1)
+    return ids, scores
+
+
+# ----------------------------------------------------------------------------------------- embeddings
+
+
+class Embedder(Protocol):
+    """What the engine needs of a model: embeddings, its distance, relevance from distances."""
+
+    device: torch.device
+    distance: Any  # models.distance.Distance
+
+    def embed(self, inputs: Tensors) -> torch.Tensor: ...
+
+    def score_distances(self, distance: torch.Tensor) -> torch.Tensor: ...
+
+
+@torch.inference_mode()
+def embed_all(module: Embedder, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:
+    """Embeddings of every item of `inputs`, in batches, on the module's device; returned on CPU."""
+    n = len(next(iter(inputs.values())))
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start : start + batch_size].to(module.device) for k, v in inputs.items()}
+        out.append(module.embed(chunk).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+def embed_sharded(trainer: Any, module: Any, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:
+    """Embeddings of every item under DDP: rank r embeds the r-th contiguous block, the blocks are all-gathered.
+
+    Every rank returns the full (n, dim) tensor on CPU, in the original order.
+    """
+    n = len(next(iter(inputs.values())))
+    world, rank = trainer.world_size, trainer.global_rank
+    block = -(-n // world)
+    start, stop = min(rank * block, n), min((rank + 1) * block, n)
+    idx = np.arange(start, stop)
+    local = embed_all(module, take(inputs, idx), batch_size) if len(idx) else None
+    dim = torch.tensor([local.shape[1] if local is not None else 0], device=module.device)
+    dim = int(trainer.strategy.reduce(dim, reduce_op="max").item())
+    padded = torch.zeros(block, dim)
+    if local is not None:
+        padded[: len(local)] = local
+    gathered = module.all_gather(padded.to(module.device)).reshape(world * block, dim).cpu()
+    return gathered[:n]
+
+
+# ----------------------------------------------------------------------------------------- rankings
+
+
+def index_config(module: Embedder, settings: RankingSettings, full_ranking: bool = True) -> IndexConfig:
+    """The settings' index with the model's metric; a full ranking probes every inverted list."""
+    cfg = dataclasses.replace(settings.index, metric=module.distance.faiss_metric)
+    if full_ranking and cfg.kind != "flat":
+        cfg = dataclasses.replace(cfg, nprobe=1 << 30)  # mAP and recall@k rank the whole database
+    return cfg
+
+
+def search_relevance(module: Embedder, index: Any, q_emb: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, distances, relevance scores), each (m, k) best first, for `q_emb` searched in `index`."""
+    faiss_dist, ids = search(index, module.distance.for_index(q_emb).numpy(), k=k)
+    distance = module.distance.from_faiss(faiss_dist)
+    with torch.inference_mode():
+        scores = module.score_distances(distance.to(module.device)).float().cpu().numpy()
+    return ids, distance.numpy(), scores
+
+
+Reranker = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def ranked_chunks(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor,
+                  settings: RankingSettings) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """(rows of q_emb, full-database ids best first, relevance scores) per chunk of queries."""
+    index = build_index(module.distance.for_index(db_emb).numpy(), index_config(module, settings))
+    for start in range(0, len(q_emb), settings.query_chunk):
+        rows = slice(start, start + settings.query_chunk)
+        ids, _, scores = search_relevance(module, index, q_emb[rows], k=db_emb.shape[0])
+        yield (rows, *canonical_order(ids, scores))
+
+
+def rank_embeddings(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor, query_idx: np.ndarray,
+                    truth: Relevance, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
+    """Rank the whole database for each query embedding (rows of `query_idx`) and score the rankings.
+
+    With `rerank`, each chunk's rankings pass through it; the result's `before_rerank` holds the metrics
+    of the model's own ranking (computed in the same pass).
+    """
+    builder = RankingBuilder(query_idx, truth, settings)
+    before = RankingBuilder(query_idx, truth, settings) if rerank is not None else None
+    for rows, ids, scores in ranked_chunks(module, db_emb, q_emb, settings):
+        qi = query_idx[rows]
+        if before is not None:
+            before.add_ranked(qi, ids, scores)
+            ids, scores = rerank(np.arange(len(query_idx))[rows], ids, scores)
+        builder.add_ranked(qi, ids, scores)
+    ranking = builder.result()
+    if before is not None:
+        ranking.before_rerank = before.result().metrics
+    return ranking
+
+
+def rank_queries(module: Embedder, db_inputs: Tensors, q_inputs: Tensors, query_idx: np.ndarray,
+                 truth: Relevance, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
+    """Embed the database once and the split's queries, then `rank_embeddings`."""
+    db_emb = embed_all(module, db_inputs, settings.embed_batch)
+    q_emb = embed_all(module, take(q_inputs, query_idx), settings.embed_batch)
+    return rank_embeddings(module, db_emb, q_emb, query_idx, truth, settings, rerank)
+
+
+def rank_scores(scores: np.ndarray, query_idx: np.ndarray, truth: Relevance, settings: RankingSettings) -> Ranking:
+    """A `Ranking` from a dense (m, n_db) score matrix (higher = more relevant), e.g. a baseline's."""
+    builder = RankingBuilder(query_idx, truth, settings)
+    for start in range(0, len(query_idx), settings.query_chunk):
+        rows = slice(start, start + settings.query_chunk)
+        builder.add_scores(query_idx[rows], scores[rows])
+    return builder.result()
+
+
+class InlierReranker:
+    """The top N of a ranking re-ordered by a verifier's score (most inliers first; ties: the model's order).
+
+    New score of a top-N item = 1 + inliers + relevance / 2 (relevance lies in [0, 1]): the top N stays
+    above the rest, inliers decide within it, and the rest keeps the model's order and scores.
+    `verify(rows, candidates)` returns the inlier counts (len(rows), N) of the candidates of those rows.
+    """
+
+    def __init__(self, top_n: int, verify: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        if int(top_n) < 1:
+            raise ConfigError(f"rerank.top_n must be >= 1, got {top_n}")
+        self.top_n, self.verify = int(top_n), verify
+
+    def __call__(self, rows: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = min(self.top_n, ids.shape[1])
+        candidates, relevance = ids[:, :n], scores[:, :n]
+        inliers = np.asarray(self.verify(rows, candidates), dtype=np.float64)
+        fused = (1.0 + inliers + relevance.astype(np.float64) / 2.0).astype(np.float32)
+        # sorted on the exact keys (inliers, then the model's rank): float32 `fused` can round two
+        # relevances of one inlier count to the same value
+        order = np.lexsort((np.broadcast_to(np.arange(n), candidates.shape), -inliers), axis=-1)
+        ids, scores = ids.copy(), scores.copy()
+        ids[:, :n] = np.take_along_axis(candidates, order, axis=1)
+        scores[:, :n] = np.take_along_axis(fused, order, axis=1)
+        return ids, scores
+
+
+# ----------------------------------------------------------------------------------------- pictures
+
+
+def ranking_grid(dataset: Any, ranking: Ranking, n_queries: int = 6, top_k: int = 5, seed: int = 0) -> np.ndarray:
+    """RGB grid of `n_queries` seeded queries (those with a positive, when any) and their top-k, by relevance."""
+    rng = np.random.default_rng(seed)
+    with_pos = np.flatnonzero(ranking.first_positive_rank > 0)
+    pool = with_pos if len(with_pos) else np.arange(len(ranking.query_idx))
+    pick = np.sort(rng.choice(pool, size=min(n_queries, len(pool)), replace=False))
+    k = min(top_k, ranking.top_ids.shape[1])
+    return retrieval_grid(
+        [dataset.query_file(int(ranking.query_idx[i])) for i in pick],
+        [[dataset.db_file(int(j)) for j in ranking.top_ids[i, :k]] for i in pick],
+        [[bool(dataset.sim[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
+        [ranking.top_scores[i, :k].tolist() for i in pick],
+    )
+

@@ -1,0 +1,119 @@
+"""The trust boundary: a checkpoint or saved config never makes this package call a foreign `_target_`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from siamese_retrieval.checkpoints import load_checkpoint
+from siamese_retrieval.errors import UserError
+from siamese_retrieval.train import train
+from siamese_retrieval.trust import check_targets, is_allowed
+from tests.conftest import ROOT, compose_config
+
+FOREIGN = {
+    "builtins.open": lambda victim: {"_target_": "builtins.open", "file": str(victim), "mode": "w"},
+    "numpy.savetxt": lambda victim: {"_target_": "numpy.savetxt", "fname": str(victim), "X": [[1.0]]},
+    "shutil.copyfile": lambda victim: {"_target_": "shutil.copyfile", "src": "/etc/hostname", "dst": str(victim)},
+    "os.system": lambda victim: {"_target_": "os.system", "command": f"echo pwned > {victim}"},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("trust_run")
+    cfg = compose_config("train", ["data=synth_tiny", "trainer=cpu", "trainer.max_epochs=1",
+                                   "+trainer.limit_train_batches=2", "logger=none"], out, cache_dir)
+    return Path(train(cfg)["checkpoint"])
+
+
+def poisoned(checkpoint: Path, where: str, node: dict, out: Path) -> Path:
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    hp = raw["hyper_parameters"]
+    if where == "loss":
+        hp["loss"] = node
+    elif where == "nested":  # deep inside an allowed target's arguments
+        hp["loss"] = {"_target_": "siamese_retrieval.models.losses.SumOfLosses", "terms": {"x": node}}
+    elif where == "inputs":
+        hp["inputs"] = node
+    elif where == "optimizer":
+        hp["optimizer"] = {**node, "_partial_": True}
+    torch.save(raw, out)
+    return out
+
+
+@pytest.mark.parametrize("target", list(FOREIGN))
+@pytest.mark.parametrize("where", ["loss", "nested", "inputs", "optimizer"])
+def test_foreign_targets_are_refused_before_anything_is_built(checkpoint: Path, tmp_path: Path, target: str,
+                                                              where: str) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    bad = poisoned(checkpoint, where, FOREIGN[target](victim), tmp_path / "bad.ckpt")
+    with pytest.raises(UserError) as info:
+        load_checkpoint(bad)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {bad}: refusing to instantiate ") and repr(target) in message
+    assert "\n" not in message
+    assert victim.read_text() == "precious"
+
+
+def test_allowlist_accepts_the_projects_own_targets_only() -> None:
+    assert is_allowed("torch.optim.AdamW") and is_allowed("torch.optim.lr_scheduler.CosineAnnealingLR")
+    assert is_allowed("siamese_retrieval.models.cnn.PlainCNN")
+    for bad in ("torch.optim.Optimizer", "torch.optim.lr_scheduler.LRScheduler", "torch.optim._functional",
+                "torch.optim.lr_scheduler.warnings", "siamese_retrieval.io_utils.atomic_write_text", "torch.load",
+                "builtins.eval", 3, None, "torch.optim.AdamW.__init__"):
+        assert not is_allowed(bad), bad
+    check_targets({"a": [{"b": {"_target_": "torch.optim.SGD"}}]}, "x")  # nested lists and dicts are walked
+    with pytest.raises(UserError, match=r"x: refusing to instantiate a\[0\]\.b\._target_='os\.system'"):
+        check_targets({"a": [{"b": {"_target_": "os.system"}}]}, "x")
+
+
+def run_cli(script: str, args: list[str], cache_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "SIAMESE_CACHE_DIR": str(cache_dir)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, script, *args, f"hydra.run.dir={out}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("script,args", [
+    ("evaluate.py", ["data=synth_tiny"]),
+    ("retrieve.py", ["data=synth_tiny", "query=QUERY"]),
+    ("train.py", ["data=synth_tiny", "logger=none", "trainer.max_epochs=1"]),
+])
+def test_every_entry_point_refuses_a_poisoned_checkpoint(checkpoint: Path, tmp_path: Path, cache_dir: Path,
+                                                         script: str, args: list[str]) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    bad = poisoned(checkpoint, "loss", FOREIGN["builtins.open"](victim), tmp_path / "bad.ckpt")
+    query = next(cache_dir.glob("synth-*/query/images/*.jpg"))
+    args = [a.replace("QUERY", str(query)) for a in args]
+    proc = run_cli(script, [*args, f"ckpt_path={bad}"], cache_dir, tmp_path / "run")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1] == (f"error: checkpoint {bad}: refusing to instantiate loss._target_='builtins.open': not on "
+                         "this package's allowlist (siamese_retrieval.trust); a file can only name this package's "
+                         "models, losses and input builders and torch.optim optimizers/schedulers")
+    assert victim.read_text() == "precious"
+
+
+def test_a_saved_config_next_to_the_checkpoint_is_never_read(checkpoint: Path, tmp_path: Path, cache_dir: Path) -> None:
+    """evaluate.py needs only the checkpoint: a hostile .hydra/config.yaml beside it changes nothing."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "someone_elses_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    ckpt = run / "checkpoints" / "best.ckpt"
+    ckpt.write_bytes(checkpoint.read_bytes())
+    (run / ".hydra" / "config.yaml").write_text(
+        f"model:\n  name: keypoint_snn\n  inputs:\n    _target_: builtins.open\n    file: {victim}\n    mode: w\n")
+    proc = run_cli("evaluate.py", ["data=synth_tiny", f"ckpt_path={ckpt}"], cache_dir, tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert victim.read_text() == "precious"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from siamese_retrieval.errors import UserError
+from siamese_retrieval.run_outputs import unwritable_reason
 
 DEFAULT_METRICS = (
     "test/recall@1", "test/recall@5", "test/recall@10", "test/precision@10", "test/mAP", "test/ndcg@10",
@@ -238,13 +239,9 @@ def check_out_dir(out: Path) -> None:
     """Create `out` if needed and prove it writable before anything is written; CompareError if not."""
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out}: exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".compare-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise CompareError(f"--out {out}: cannot write there ({_one_line(exc.strerror or exc)})") from None
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise CompareError(f"--out {out}: cannot write there ({reason})")
 
 
 def group_jobs(jobs: Sequence[Job]) -> list[Group]:

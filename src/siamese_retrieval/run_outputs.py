@@ -60,8 +60,8 @@ def run_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def check_writable_dir(path: str | Path) -> None:
-    """Create `path` if needed and write a probe file; UserError naming it when that fails."""
+def unwritable_reason(path: str | Path) -> str | None:
+    """Why `path` cannot hold a run's files (created if needed, probed with a file), or None when it can."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,15 @@ def check_writable_dir(path: str | Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"output directory {path} is not writable ({exc.strerror or exc})") from None
+        return " ".join(str(exc.strerror or exc).split())
+    return None
+
+
+def check_writable_dir(path: str | Path) -> None:
+    """Create `path` if needed and write a probe file; UserError naming it when that fails."""
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise UserError(f"output directory {path} is not writable ({reason})")
 
 
 def sweep_group(cfg: DictConfig) -> str:

@@ -58,6 +58,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def check_resumable(raw: dict[str, Any], path: str | Path, module: torch.nn.Module, model_name: str) -> None:
+    """A checkpoint to resume `module` from must hold the same model with the same weights' names and shapes."""
+    found = raw["hyper_parameters"].get("model_name", "?")
+    if found != model_name:
+        raise UserError(f"ckpt_path: checkpoint {path} holds model_name={found!r}, but this run trains {model_name!r}")
+    saved, own = raw["state_dict"], module.state_dict()
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or extra:
+        raise UserError(f"ckpt_path: checkpoint {path} does not fit this model: missing {missing[:3]}, "
+                        f"unexpected {extra[:3]} (another code version or model config)")
+    for key, value in own.items():
+        if tuple(saved[key].shape) != tuple(value.shape):
+            raise UserError(f"ckpt_path: checkpoint {path} does not fit this model: {key} has shape "
+                            f"{tuple(saved[key].shape)}, the model {tuple(value.shape)} (another model config)")
+
+
 def load_checkpoint(path: str | Path, expected_model: str | None = None,
                     map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """The checkpoint's model (eval mode) and input config; `expected_model` must match its `model_name`."""

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.run_outputs import check_writable_dir, hydra_mode, task_overrides, write_metrics_json
@@ -20,12 +20,25 @@ from siamese_retrieval.run_outputs import check_writable_dir, hydra_mode, task_o
 log = logging.getLogger(__name__)
 
 
+_task_started = False
+
+
 def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Bad input ends in one clear line on stderr and exit code 2 (a sweep job is marked failed instead)."""
+    """Bad input ends in one clear line on stderr and exit code 2 (a sweep job is marked failed instead).
+
+    The composed config is checked against the schema (config_schema.py) first, before the task imports
+    torch: a wrong type or range costs a second, not a city generation.
+    """
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
+        global _task_started
+        _task_started = True
         try:
+            from siamese_retrieval.config_schema import check_config
+
+            for warning in check_config(cfg, str(cfg.get("task_name", ""))):
+                log.warning(warning)
             return sweeper_value(task(cfg))
         except UserError as exc:
             if hydra_mode() == "MULTIRUN":
@@ -45,6 +58,17 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
             return sweeper_value(mark_job_failed(cfg, f"{type(exc).__name__}: {exc}"))
 
     return wrapper
+
+
+def run_entry_point(main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` function; Hydra's own errors (unknown key, unknown group option, a bad override)
+    exit with 2 like every user error, instead of Hydra's 1. A failure inside the task keeps its code."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
@@ -117,17 +141,35 @@ except ImportError:  # pragma: no cover - hydra is a dependency; keeps this modu
 
 
 class OutputDirCheck(_HydraCallback):
-    """Hydra callback (conf/hydra/default.yaml): an unusable run/sweep directory is one clear line, exit 2.
+    """Hydra callback (conf/hydra/default.yaml): every run gets a directory of its own, and an unusable
+    run/sweep directory is one clear line, exit 2.
 
-    Hydra creates the run directory (and its log file) before the task runs, and reports a failure there
-    as a traceback; this checks the directory first, when the run or the sweep starts.
+    Hydra names run directories by the second (`${now:...}`), so two runs started in the same second would
+    share one and overwrite each other's metrics.json and config. When the directory comes from such a
+    timestamp pattern, the run claims it with an atomic mkdir and takes `<dir>-1`, `<dir>-2`, ... when
+    another run holds it; a sweep whose directory is taken refuses to start. A directory named explicitly
+    (`hydra.run.dir=...`) is used as it is. Hydra creates the directory (and its log file) after this, and
+    would report a failure there as a traceback.
+
+    Resuming (train only, timestamped run dirs): `ckpt_path=last` continues the newest unfinished run of the
+    same overrides (resume.py) and `ckpt_path=<run dir>` that run; either way this run's directory becomes
+    that run's, so the log, .hydra/, checkpoints, metrics.json and the W&B run stay in one place.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir)
+        path = str(config.hydra.run.dir)
+        if _timestamped(config.hydra.run, "dir"):
+            resumed = _resumed_run_dir(config)
+            path = str(resumed) if resumed is not None else _claim(path, unique=True)
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = path
+        self._check(path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir)
+        path = str(config.hydra.sweep.dir)
+        if _timestamped(config.hydra.sweep, "dir"):
+            _claim(path, unique=False)
+        self._check(path)
 
     @staticmethod
     def _check(path: str) -> None:
@@ -136,3 +178,64 @@ class OutputDirCheck(_HydraCallback):
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+
+
+def _resumed_run_dir(config: DictConfig) -> Path | None:
+    """The run directory a training run continues (`ckpt_path=last` / `ckpt_path=<run dir>`), else None.
+
+    Exit 2 with one line when `ckpt_path=last` finds no run to continue, or a directory holds no last.ckpt.
+    """
+    from siamese_retrieval.resume import LAST_CKPT, find_unfinished_run, runs_root
+
+    if config.get("task_name") != "train":
+        return None
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path in (None, ""):
+        return None
+    if str(ckpt_path) == "last":
+        pattern = str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"])
+        root, depth = runs_root(pattern, str(config.hydra.run.dir),
+                                lambda text: OmegaConf.create({"v": text}, parent=config).v)
+        found = find_unfinished_run(root, depth, list(config.hydra.overrides.task))
+        if found is None:
+            _fail(f"ckpt_path=last: no unfinished run of these overrides under {root}; start one without ckpt_path")
+        print(f"ckpt_path=last: resuming {found}", file=sys.stderr)
+        return found
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_dir():
+        return None  # a checkpoint file: a new run directory
+    if not (path / LAST_CKPT).is_file():
+        _fail(f"ckpt_path: run directory {ckpt_path} holds no {LAST_CKPT.as_posix()}")
+    return path
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _timestamped(node: DictConfig, key: str) -> bool:
+    raw = OmegaConf.to_container(node, resolve=False).get(key)
+    return isinstance(raw, str) and "${now:" in raw
+
+
+def _claim(path: str, unique: bool) -> str:
+    """Create `path` atomically; when it exists, `path-1`, `path-2`, ... (unique) or refuse (exit 2)."""
+    base = Path(path)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return path  # _check reports it
+    for n in range(1000):
+        candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            if not unique:
+                print(f"error: sweep directory {base} is already used by another sweep started in the same "
+                      f"second; start this one again", file=sys.stderr)
+                sys.exit(2)
+        except OSError:
+            return str(candidate)  # _check reports it
+    return path

@@ -1,0 +1,294 @@
+"""Typed configs (siamese_retrieval.config_schema): one table of (task, overrides, expected error line).
+
+Each case composes the task's config in-process, as the entry point would see it, and runs
+`check_config`: None expects no error and no warning, a string the exact one-line ConfigError message.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from siamese_retrieval.config_schema import RULES, SYNTH_PRESETS, check_config
+from siamese_retrieval.errors import ConfigError
+from tests.conftest import ROOT, compose_config
+
+CONFIG_NAME = {"train": "train", "eval": "eval", "retrieve": "retrieve"}
+HEAVY = ("torch", "numpy", "pytorch_lightning", "lightning_fabric", "cv2", "faiss")
+
+CASES: list[tuple[str, list[str], str | None]] = [
+    # ------------------------------------------------------------ valid: README defaults and presets
+    ("train", [], None),
+    ("train", ["model=cnn_snn"], None),
+    ("train", ["debug=fast"], None),
+    ("train", ["experiment=keypoint_vs_cnn"], None),
+    ("train", ["experiment=keypoint_count"], None),
+    ("train", ["hparams_search=optuna_cnn"], None),
+    ("train", ["data=msls_city", "data.root=/x"], None),
+    ("train", ["index=ivfpq"], None),
+    ("train", ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], None),
+    ("train", ["trainer=ddp_spawn", "logger=none"], None),
+    ("train", ["trainer=gpu", "trainer.precision=bf16-mixed", "trainer.devices=[0,1]"], None),
+    ("train", ["trainer.precision=16", "trainer.devices=auto"], None),
+    ("train", ["trainer.max_epochs=0", "train=false"], None),
+    ("train", ["debug=fast", "trainer.limit_train_batches=0.25", "+trainer.limit_val_batches=0"], None),
+    ("train", ["model.module.optimizer.lr=1"], None),  # an int where a number is expected
+    ("train", ["model=cnn_snn", "model.inputs.augment=null", "model.module.scheduler.T_max=20"], None),
+    ("train", ["model=keypoint_snn", "model.module.scheduler=null", "data.split.seed=null"], None),
+    ("train", ["ckpt_path=last", "tags=[a,b]"], None),
+    ("train", ["logger.wandb.log_model=all", "trainer.max_epochs=-1", "train=false"], None),
+    ("eval", [], None),
+    ("eval", ["rerank=orb_ransac"], None),
+    ("eval", ["ckpt_path=x.ckpt", "rerank=orb_ransac", "rerank.top_n=20", "model=cnn_snn", "index=ivfpq"], None),
+    ("eval", ["method=orb_ransac", "split=all", "device=cpu", "top_ks=[1]"], None),
+    ("eval", ["data=msls_city", "data.root=/x", "split=val"], None),
+    ("retrieve", [], None),
+    ("retrieve", ["ckpt_path=x.ckpt", "query=photo.jpg", "top_k=10", "output=json", "cache=false"], None),
+    ("retrieve", ["query=2024", "data=msls_city", "data.root=/x", "index=ivf"], None),  # a file named 2024
+    # ------------------------------------------------------------ train: top level
+    ("train", ["model.batch_size=abc"], "model.batch_size=abc: must be an integer >= 1"),
+    ("train", ["model.batch_size=0"], "model.batch_size=0: must be an integer >= 1"),
+    ("train", ["model=cnn_snn", "model.batch_size=1x"], "model.batch_size=1x: must be an integer >= 1"),
+    ("train", ["model.batch_size=true"], "model.batch_size=true: must be an integer >= 1"),
+    ("train", ["model.batch_size=2.5"], "model.batch_size=2.5: must be an integer >= 1"),
+    ("train", ["seed=x"], "seed=x: must be an integer in [0, 4294967295]"),
+    ("train", ["seed=-1"], "seed=-1: must be an integer in [0, 4294967295]"),
+    ("train", ["train=yes"], "train=yes: must be true or false"),
+    ("train", ["test=1"], "test=1: must be true or false"),
+    ("train", ["tags=[1]"], "tags=[1]: every entry must be a string"),
+    ("train", ["ckpt_path=[a]"], "ckpt_path=['a']: must be a path or null"),
+    # ------------------------------------------------------------ train: trainer
+    ("train", ["trainer.max_epochs=abc"], "trainer.max_epochs=abc: must be an integer >= -1"),
+    ("train", ["trainer.max_epochs=-2"], "trainer.max_epochs=-2: must be an integer >= -1"),
+    ("train", ["model.max_epochs=abc"], "model.max_epochs=abc: must be an integer >= -1"),
+    ("train", ["trainer.max_epochs=null"], "trainer.max_epochs=null: must be an integer >= -1"),
+    ("train", ["+trainer.min_epochs=-1"], "trainer.min_epochs=-1: must be an integer >= 0 or null"),
+    ("train", ["+trainer.limit_val_batches=1.5"],
+     "trainer.limit_val_batches=1.5: must be an integer >= 0 (batches) or a number in [0, 1] (a fraction)"),
+    ("train", ["debug=fast", "trainer.limit_train_batches=-1"],
+     "trainer.limit_train_batches=-1: must be an integer >= 0 (batches) or a number in [0, 1] (a fraction)"),
+    ("train", ["trainer.accelerator=tpuu"],
+     "trainer.accelerator='tpuu': must be one of cpu, gpu, cuda, mps, tpu, auto"),
+    ("train", ["trainer.precision=8"],
+     "trainer.precision=8: must be one of 64, 32, 16, bf16, 64-true, 32-true, 16-true, 16-mixed, bf16-true, "
+     "bf16-mixed, transformer-engine, transformer-engine-float16"),
+    ("train", ["trainer.devices=0"],
+     "trainer.devices=0: must be auto, -1 (all), an integer >= 1 or a list of device indices such as [0, 1]"),
+    ("train", ["trainer=ddp", "trainer.num_nodes=0"], "trainer.num_nodes=0: must be an integer >= 1"),
+    ("train", ["logger.wandb.log_model=some"], "logger.wandb.log_model='some': must be one of false, true, best, all"),
+    # ------------------------------------------------------------ train: model
+    ("train", ["model.module.optimizer.lr=abc"], "model.module.optimizer.lr=abc: must be a number > 0"),
+    ("train", ["model=cnn_snn", "model.module.optimizer.lr=abc"],
+     "model.module.optimizer.lr=abc: must be a number > 0"),
+    ("train", ["model.module.optimizer.lr=0"], "model.module.optimizer.lr=0: must be a number > 0"),
+    ("train", ["model.module.optimizer.lr=nan"], "model.module.optimizer.lr=nan: must be a number > 0"),
+    ("train", ["model=cnn_snn", "model.module.optimizer.weight_decay=-0.1"],
+     "model.module.optimizer.weight_decay=-0.1: must be a number >= 0"),
+    ("train", ["model.module.distance=manhattan"],
+     "model.module.distance='manhattan': must be one of euclidean, cosine"),
+    ("train", ["model.module.range_margin=0"], "model.module.range_margin=0: must be a number > 0"),
+    ("train", ["model.inputs.n_keypoints=0"], "model.inputs.n_keypoints=0: must be an integer >= 1"),
+    ("train", ["model=cnn_snn", "model.inputs.height=4"], "model.inputs.height=4: must be an integer >= 8"),
+    ("train", ["model.inputs.workers=0"], "model.inputs.workers=0: must be an integer >= 1"),
+    ("train", ["model=cnn_snn", "model.inputs.augment.noise_p=2"],
+     "model.inputs.augment.noise_p=2: must be a number in [0, 1]"),
+    ("train", ["model=cnn_snn", "model.module.scheduler.T_max=0"],
+     "model.module.scheduler.T_max=0: must be an integer >= 1 or null"),
+    ("train", ["model.module.encoder.dropout=1"], "model.module.encoder.dropout=1: must be a number in [0, 1)"),
+    # ------------------------------------------------------------ train: data
+    ("train", ["data.pairs.preset=x"], "data.pairs.preset='x': must be one of study, default"),
+    ("train", ["data.pairs.target=rank"], "data.pairs.target='rank': must be one of sim, fov"),
+    ("train", ["data.image_check=full"], "data.image_check='full': must be one of decode, exists, none"),
+    ("train", ["data.split.fractions=[0.5,0.5,0.5]"],
+     "data.split.fractions=[0.5, 0.5, 0.5]: must sum to 1 (train, val, test; they sum to 1.5)"),
+    ("train", ["data.split.fractions=[0.5,0.5]"], "data.split.fractions=[0.5, 0.5]: must be a list of 3 numbers >= 0"),
+    ("train", ["data.split.fractions=[0.5,-0.25,0.75]"],
+     "data.split.fractions=[0.5, -0.25, 0.75]: every entry must be a number >= 0"),
+    ("train", ["data.split.cell_size_m=0"], "data.split.cell_size_m=0: must be a number > 0"),
+    ("train", ["data.split.seed=abc"], "data.split.seed=abc: must be an integer in [0, 4294967295] or null"),
+    ("train", ["data.synth.preset=huge"], "data.synth.preset='huge': must be one of default, tiny"),
+    ("train", ["data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
+    ("train", ["data.eval_batch_size=0"], "data.eval_batch_size=0: must be an integer >= 1"),
+    # ------------------------------------------------------------ train: index, callbacks
+    ("train", ["index.kind=hnsw"], "index.kind='hnsw': must be one of flat, ivf, ivfpq"),
+    ("train", ["index=ivf", "index.nlist=0"], "index.nlist=0: must be an integer >= 1 or null"),
+    ("train", ["index=ivfpq", "index.pq_bits=0"], "index.pq_bits=0: must be an integer >= 1"),
+    ("train", ["callbacks.retrieval_metrics.top_ks=[]"],
+     "callbacks.retrieval_metrics.top_ks=[]: must be a non-empty list of integers >= 1"),
+    ("train", ["callbacks.retrieval_metrics.ndcg_k=0"],
+     "callbacks.retrieval_metrics.ndcg_k=0: must be an integer >= 1"),
+    ("train", ["callbacks.model_checkpoint.mode=best"],
+     "callbacks.model_checkpoint.mode='best': must be one of min, max"),
+    # ------------------------------------------------------------ eval
+    ("eval", ["top_ks=[0]"], "top_ks=[0]: every entry must be an integer >= 1"),
+    ("eval", ["top_ks=[]"], "top_ks=[]: must be a non-empty list of integers >= 1"),
+    ("eval", ["top_ks=5"], "top_ks=5: must be a non-empty list of integers >= 1"),
+    ("eval", ["ndcg_k=0"], "ndcg_k=0: must be an integer >= 1"),
+    ("eval", ["embed_batch=abc"], "embed_batch=abc: must be an integer >= 1"),
+    ("eval", ["split=everything"], "split='everything': must be one of test, val, train, all"),
+    ("eval", ["method=sift"], "method='sift': must be one of model, orb_ransac"),
+    ("eval", ["device=tpu"], "device='tpu': must be one of auto, cpu, cuda"),
+    ("eval", ["rerank=orb_ransac", "rerank.top_n=0"], "rerank.top_n=0: must be an integer >= 1"),
+    ("eval", ["orb_ransac.ratio=1.5"], "orb_ransac.ratio=1.5: must be a number in (0, 1]"),
+    ("eval", ["orb_ransac.ransac_threshold=0"], "orb_ransac.ransac_threshold=0: must be a number > 0"),
+    ("eval", ["orb_ransac.ransac_method=lmeds"],
+     "orb_ransac.ransac_method='lmeds': must be one of usac, ransac, rho"),
+    ("eval", ["orb_ransac.min_matches=3"], "orb_ransac.min_matches=3: must be an integer >= 4"),
+    ("eval", ["orb_ransac.min_side=700"], "orb_ransac.min_side=700: must be <= orb_ransac.max_side (640)"),
+    ("eval", ["grid.top_k=abc"], "grid.top_k=abc: must be an integer >= 1"),
+    ("eval", ["index=ivf", "index.nprobe=-1"], "index.nprobe=-1: must be an integer >= 1"),
+    ("eval", ["model=cnn_snn", "model.module.optimizer.lr=abc"], "model.module.optimizer.lr=abc: must be a number > 0"),
+    # ------------------------------------------------------------ retrieve
+    ("retrieve", ["top_k=abc"], "top_k=abc: must be an integer >= 1"),
+    ("retrieve", ["top_k=0"], "top_k=0: must be an integer >= 1"),
+    ("retrieve", ["output=csv"], "output='csv': must be one of table, json"),
+    ("retrieve", ["cache=maybe"], "cache=maybe: must be true or false"),
+    ("retrieve", ["device=gpu"], "device='gpu': must be one of auto, cpu, cuda"),
+    ("retrieve", ["grid.max_queries=0"], "grid.max_queries=0: must be an integer >= 1"),
+    ("retrieve", ["query=[a,b]"], "query=['a', 'b']: must be a path or null"),
+]
+
+
+def _compose(task: str, overrides: list[str], tmp_path: Path, cache_dir: Path):
+    return compose_config(CONFIG_NAME[task], overrides, tmp_path / "run", cache_dir)
+
+
+IDS = [f"{task}:{' '.join(overrides) or 'defaults'}" for task, overrides, _ in CASES]
+
+
+@pytest.mark.parametrize(("task", "overrides", "expected"), CASES, ids=IDS)
+def test_config_table(task: str, overrides: list[str], expected: str | None, tmp_path: Path, cache_dir: Path) -> None:
+    cfg = _compose(task, overrides, tmp_path, cache_dir)
+    if expected is None:
+        assert check_config(cfg, task) == []
+        assert check_config(cfg) == []  # the task from cfg.task_name
+    else:
+        with pytest.raises(ConfigError) as info:
+            check_config(cfg, task)
+        assert str(info.value) == expected
+        assert "\n" not in str(info.value)
+
+
+def test_endless_training_warns_once(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = _compose("train", ["trainer.max_epochs=-1"], tmp_path, cache_dir)
+    assert check_config(cfg, "train") == [
+        "trainer.max_epochs=-1: training never ends by itself (endless); stop it with Ctrl-C or set trainer.max_epochs"
+    ]
+    # bounded by steps: no warning
+    cfg = _compose("train", ["trainer.max_epochs=-1", "+trainer.max_steps=100"], tmp_path, cache_dir)
+    assert check_config(cfg, "train") == []
+
+
+def test_other_warnings(tmp_path: Path, cache_dir: Path) -> None:
+    # cnn_snn's cosine schedule takes T_max from max_epochs: endless also says what happens to it
+    cfg = _compose("train", ["model=cnn_snn", "model.max_epochs=-1"], tmp_path, cache_dir)
+    warnings = check_config(cfg, "train")
+    assert len(warnings) == 2 and warnings[0].startswith("trainer.max_epochs=-1: ")
+    assert warnings[1].startswith("model.module.scheduler.T_max=null: ")
+    cfg = _compose("train", ["trainer.max_epochs=0"], tmp_path, cache_dir)
+    assert check_config(cfg, "train") == [
+        "trainer.max_epochs=0: no training; validation and test score the untrained model "
+        "(train=false says so explicitly)"
+    ]
+
+
+def test_unknown_key_is_hydras(tmp_path: Path, cache_dir: Path) -> None:
+    """eval has no top_k (retrieve does): Hydra's struct mode refuses it before the schema runs."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="top_k"):
+        _compose("eval", ["top_k=abc"], tmp_path, cache_dir)
+
+
+def test_unknown_task() -> None:
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ValueError, match="task must be one of"):
+        check_config(OmegaConf.create({"task_name": "predict"}))
+
+
+def test_rules_are_well_formed() -> None:
+    keys = [r.key for r in RULES]
+    assert len(keys) == len(set(keys)), "a key has two rules"
+    for r in RULES:
+        assert r.tasks and r.tasks <= {"train", "eval", "retrieve"}, r.key
+        assert not (r.ge is not None and r.gt is not None) and not (r.le is not None and r.lt is not None), r.key
+        assert (r.kind == "choice") == bool(r.choices), r.key
+
+
+# Rules for knobs the shipped configs leave out (set with +key=... or only in some configs).
+OPTIONAL = {
+    "trainer.min_epochs", "trainer.max_steps", "trainer.min_steps", "trainer.limit_val_batches",
+    "trainer.limit_test_batches", "trainer.limit_predict_batches", "model.module.loss.margin",
+    "model.module.loss.terms.embedding.margin",
+}
+
+
+def test_every_rule_matches_a_shipped_config(tmp_path: Path, cache_dir: Path) -> None:
+    """A renamed config key must not leave a rule that silently never fires."""
+    from omegaconf import OmegaConf
+
+    configs = {
+        "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"]],
+        "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["model=keypoint_snn"]],
+        "retrieve": [["model=cnn_snn"]],
+    }
+    seen: dict[str, set[str]] = {task: set() for task in configs}
+    for task, variants in configs.items():
+        for overrides in variants:
+            cfg = _compose(task, overrides, tmp_path, cache_dir)
+            for r in RULES:
+                if OmegaConf.select(cfg, r.key, default="<absent>", throw_on_resolution_failure=False) != "<absent>":
+                    seen[task].add(r.key)
+    for r in RULES:
+        if r.key in OPTIONAL:
+            continue
+        assert any(r.key in seen[task] for task in r.tasks), f"rule {r.key} matches nothing in its tasks' configs"
+
+
+def test_synth_presets_match_the_generator() -> None:
+    """The schema lists the presets by hand (the synth package imports numpy / cv2); the real ones are
+    the PRESETS of data/synth/config.py, loaded from its file (it needs only dataclasses)."""
+    import importlib.util
+
+    path = ROOT / "src" / "siamese_retrieval" / "data" / "synth" / "config.py"
+    spec = importlib.util.spec_from_file_location("_synth_config_for_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module of their class
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    assert sorted(SYNTH_PRESETS) == sorted(module.PRESETS)
+
+
+def test_schema_is_light(cache_dir: Path, tmp_path: Path) -> None:
+    """Importing the schema, composing a config and checking it pull in no heavy library."""
+    code = f"""
+import sys, time
+t = time.perf_counter()
+import siamese_retrieval.config_schema
+assert not [m for m in {HEAVY!r} if m in sys.modules], sorted(m for m in {HEAVY!r} if m in sys.modules)
+sys.path.insert(0, {str(ROOT)!r})
+from tests.conftest import compose_config
+from siamese_retrieval.config_schema import check_config
+from siamese_retrieval.errors import ConfigError
+cfg = compose_config("train", ["model=cnn_snn", "model.batch_size=abc"], {str(tmp_path)!r}, {str(cache_dir)!r})
+try:
+    check_config(cfg, "train")
+except ConfigError as exc:
+    print(exc)
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+assert not heavy, heavy
+print(f"{{time.perf_counter() - t:.2f}} s")
+"""
+    import siamese_retrieval.config_schema  # noqa: F401 - fail here first with a readable traceback
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "model.batch_size=abc: must be an integer >= 1"
+    bare = "import siamese_retrieval.config_schema, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", bare], check=True, cwd=ROOT, timeout=60)

@@ -1,22 +1,15 @@
-"""Evaluate a checkpoint (or the ORB+RANSAC baseline) on a dataset: `python evaluate.py ckpt_path=...` (see conf/eval.yaml)."""
+"""Evaluate a checkpoint (or the ORB+RANSAC baseline) on a dataset: `python evaluate.py ckpt_path=...` (see conf/eval.yaml).
+
+The same command as `siamese-evaluate`: both run the @hydra.main task siamese_retrieval.entry_points.evaluate_task.
+Run from the checkout, outputs/ and data_cache/ land in the repository whatever the current directory.
+"""
 
 import os
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from siamese_retrieval.evaluate import evaluate  # noqa: E402
-from siamese_retrieval.cli import report_user_errors  # noqa: E402
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
+from siamese_retrieval.entry_points import evaluate_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    evaluate_main()

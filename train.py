@@ -1,24 +1,15 @@
-"""Train a Siamese retrieval model: `python train.py model=keypoint_snn` (see conf/train.yaml)."""
+"""Train a Siamese retrieval model: `python train.py model=keypoint_snn` (see conf/train.yaml).
+
+The same command as `siamese-train`: both run the @hydra.main task siamese_retrieval.entry_points.train_task.
+Run from the checkout, outputs/ and data_cache/ land in the repository whatever the current directory.
+"""
 
 import os
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from siamese_retrieval.cli import report_user_errors  # noqa: E402
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@report_user_errors
-def main(cfg: DictConfig) -> float:
-    from siamese_retrieval.train import train  # imported here: a config typo fails in a second, not after torch loads
-
-    result = train(cfg)
-    return result["metrics"].get(cfg.optimized_metric, float("nan"))
-
+from siamese_retrieval.entry_points import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    train_main()

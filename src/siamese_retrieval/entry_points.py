@@ -1,0 +1,198 @@
+"""The command-line entry points: `siamese-train`, `siamese-evaluate`, `siamese-retrieve`, `siamese-compare`
+(pyproject's [project.scripts]); the root train.py / evaluate.py / retrieve.py / compare.py call the same
+functions.
+
+The configs ship inside the package as `siamese_retrieval.conf` (pyproject maps the repository's conf/ onto
+it), so an installed package runs from any directory with the same overrides as the checkout. Outputs go
+under `paths.root_dir`: the repository when run through the root scripts (they set PROJECT_ROOT), else
+the current directory.
+
+Each Hydra task checks its composed config (`report_user_errors`) and only then imports its pipeline: a
+mistyped override fails in a second, before torch loads. `run_entry_point` turns Hydra's own errors
+(unknown key, unknown group option) into exit code 2, like every user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from siamese_retrieval.cli import report_user_errors, run_entry_point
+
+CONF_PACKAGE = "siamese_retrieval.conf"
+
+
+def config_path() -> str:
+    """Where Hydra finds train.yaml / eval.yaml / retrieve.yaml and their groups.
+
+    `pkg://siamese_retrieval.conf` when the package carries its configs (a wheel, or `pip install -e .`,
+    whose import hook maps the package onto the checkout's conf/); the checkout's conf/ itself when the
+    package is imported straight from src/ (PYTHONPATH=src, or an editable install made before the configs
+    became part of the package).
+    """
+    try:
+        if importlib.util.find_spec(CONF_PACKAGE) is not None:
+            return f"pkg://{CONF_PACKAGE}"
+    except (ImportError, ValueError):
+        pass
+    checkout_conf = Path(__file__).resolve().parents[2] / "conf"
+    if (checkout_conf / "train.yaml").is_file():
+        return str(checkout_conf)
+    return f"pkg://{CONF_PACKAGE}"  # not found: Hydra says the primary config module is missing
+
+
+CONFIG_PATH = config_path()
+
+
+def job_name(name: str) -> Any:
+    """Hydra names the job after the module of the task function: the `--help` banner, hydra.job.name in
+    .hydra/hydra.yaml, a launcher's job name (SLURM). Name it after the command (train, evaluate, retrieve),
+    as when the task lived in the root script, not `entry_points`."""
+
+    def rename(task: Any) -> Any:
+        task.__module__ = name
+        return task
+
+    return rename
+
+
+# ---------------------------------------------------------------------------------------------- train
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@report_user_errors
+@job_name("train")
+def train_task(cfg: DictConfig) -> float:
+    from siamese_retrieval.train import train  # imported here: a config typo fails before torch loads
+
+    result = train(cfg)
+    return result["metrics"].get(cfg.optimized_metric, float("nan"))
+
+
+def train_main() -> None:
+    """`siamese-train [overrides]` = `python train.py [overrides]` (conf/train.yaml)."""
+    run_entry_point(train_task)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@report_user_errors
+@job_name("evaluate")
+def evaluate_task(cfg: DictConfig) -> None:
+    from siamese_retrieval.evaluate import evaluate  # imported here: a config typo fails before torch loads
+
+    evaluate(cfg)
+
+
+def evaluate_main() -> None:
+    """`siamese-evaluate [overrides]` = `python evaluate.py [overrides]` (conf/eval.yaml)."""
+    run_entry_point(evaluate_task)
+
+
+# ---------------------------------------------------------------------------------------------- retrieve
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="retrieve")
+@report_user_errors
+@job_name("retrieve")
+def retrieve_task(cfg: DictConfig) -> None:
+    from siamese_retrieval.retrieve import retrieve  # imported here: a config typo fails before torch loads
+
+    retrieve(cfg)
+
+
+def retrieve_main() -> None:
+    """`siamese-retrieve [overrides]` = `python retrieve.py [overrides]` (conf/retrieve.yaml)."""
+    run_entry_point(retrieve_task)
+
+
+# ---------------------------------------------------------------------------------------------- compare
+COMPARE_HELP = """Compare sweep runs offline: groups the jobs by their overrides other than the seed and writes
+comparison.md (mean ± std over seeds, best in bold) and comparison.png into --out (default: the first sweep
+dir), printing the table."""
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """`siamese-compare SWEEP_DIR [MORE_DIRS] [--metrics ...] [--out DIR]` = `python compare.py ...`.
+
+    Exit code 0 with a table, 1 when no job had metrics, 2 on a user error (one `error:` line)."""
+    parser = argparse.ArgumentParser(description=COMPARE_HELP)
+    parser.add_argument("sweep_dirs", nargs="+", help="Hydra sweep directories (or single run directories)")
+    parser.add_argument("--metrics", nargs="+", default=None,
+                        help="metric names as in metrics.json, e.g. test/recall@1 val/mAP (default: the test metrics)")
+    parser.add_argument("--out", default=None, help="where comparison.md/.png go (default: the first sweep dir)")
+    args = parser.parse_args(argv)
+
+    from siamese_retrieval.compare import compare
+    from siamese_retrieval.errors import UserError
+
+    try:
+        result = compare(args.sweep_dirs, args.metrics, args.out)
+    except (FileNotFoundError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"wrote {result['md_path']} and {result['png_path']}")
+    return 0 if result["groups"] else 1
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _HydraCallback = object
+
+
+class SweeperStorageDir(_HydraCallback):
+    """Hydra callback (conf/hparams_search/optuna.yaml): creates the directory of the sweeper's sqlite
+    storage before the sweeper opens it, so `hparams_search=optuna` works on a fresh clone (sqlite does not
+    create directories). A directory that cannot be made is one line and exit code 2."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        path = sqlite_path(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"error: cannot create {path.parent} for the sweeper's storage ({exc.strerror or exc})",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
+def sqlite_path(storage: Any) -> Path | None:
+    """The database file of an SQLAlchemy sqlite URL (`sqlite:///rel/x.db`, `sqlite:////abs/x.db`), or None
+    (another backend, in memory, not a string)."""
+    if not isinstance(storage, str) or not storage.startswith("sqlite:///"):
+        return None
+    path = storage[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+COMMANDS = {"train": train_main, "evaluate": evaluate_main, "retrieve": retrieve_main, "compare": compare_main}
+COMMAND_ENV = "SIAMESE_RETRIEVAL_COMMAND"
+
+
+def module_main() -> int | None:
+    """`python -m siamese_retrieval.entry_points {train|evaluate|retrieve|compare} [args ...]`: the console
+    scripts without them on PATH. Lightning's trainer=ddp re-runs `python -m siamese_retrieval.entry_points`
+    with this process's arguments (the command word already taken off) for ranks > 0: the word travels in
+    the environment."""
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        name = sys.argv.pop(1)
+        os.environ[COMMAND_ENV] = name
+    else:
+        name = os.environ.get(COMMAND_ENV)
+    if name not in COMMANDS:
+        print(f"usage: python -m siamese_retrieval.entry_points {{{'|'.join(COMMANDS)}}} [args ...]", file=sys.stderr)
+        return 2
+    return COMMANDS[name]()
+
+
+if __name__ == "__main__":
+    sys.exit(module_main())

@@ -178,18 +178,29 @@ def test_orb_ransac_baseline_and_rerank(trained, tmp_path: Path, cache_dir: Path
 def test_retrieve_prints_top_k_writes_the_grid_and_reuses_the_cache(trained, tmp_path: Path, cache_dir: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     ckpt, _ = trained
+    before_retrieve = [p.name for p in Path(ckpt).parent.iterdir()]
     query = next((cache_dir).glob("synth-*/query/images/*.jpg"))
-    args = ["data=synth_tiny", f"ckpt_path={ckpt}", f"query={query}", "top_k=5"]
-    first = retrieve(compose_config("retrieve", args, tmp_path / "r1", cache_dir))
+    log_dir = tmp_path / "outputs"
+    args = ["data=synth_tiny", f"ckpt_path={ckpt}", f"query={query}", f"paths.log_dir={log_dir}", "top_k=5"]
+    first = retrieve(compose_config("retrieve", args, log_dir / "retrieve", cache_dir))
     printed = capsys.readouterr().out
     assert not first["cache_hit"] and len(first["queries"][0]["results"]) == 5
     assert "cache miss" in printed and first["queries"][0]["results"][0]["path"] in printed
-    assert (tmp_path / "r1" / "retrieval_grid.png").stat().st_size > 1000
-    assert list(Path(f"{ckpt}.index").glob("*/index.faiss"))
+    grid = log_dir / "retrieve" / f"retrieval_grid-{query.stem}.png"  # grid.dir: ${paths.log_dir}/retrieve
+    assert first["grid"] == str(grid) and grid.stat().st_size > 1000
+    # the index cache is in the cache dir (${paths.cache_dir}/index/<key>/), nothing beside the checkpoint
+    assert Path(first["cache_dir"]).parent == cache_dir / "index"
+    assert (Path(first["cache_dir"]) / "index.faiss").is_file()
+    assert sorted(p.name for p in Path(ckpt).parent.iterdir()) == sorted(before_retrieve)
 
-    second = retrieve(compose_config("retrieve", args[:-1] + ["top_k=1000", "output=json"], tmp_path / "r2", cache_dir))
-    shown = json.loads(capsys.readouterr().out)  # stdout is pure JSON
-    assert shown["cache_hit"] and second["cache_hit"]
+    # the command line: a cache hit, stdout is pure JSON, and no run folder, .hydra/ or log file per call
+    proc = subprocess.run([sys.executable, str(ROOT / "retrieve.py"), *args[:-1], "top_k=1000", "output=json",
+                           "grid.dir=null"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "SIAMESE_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = json.loads(proc.stdout)
+    assert shown["cache_hit"] and shown["cache_dir"] == first["cache_dir"] and shown["grid"] is None
+    assert sorted(p.relative_to(log_dir).as_posix() for p in log_dir.rglob("*")) == ["retrieve", f"retrieve/{grid.name}"]
     assert shown["top_k"] == shown["n_database"] == 120  # capped at the database size
     ranked = [r["path"] for r in shown["queries"][0]["results"]]
     assert ranked[:5] == [r["path"] for r in first["queries"][0]["results"]]

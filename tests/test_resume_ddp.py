@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -16,13 +17,17 @@ from tests.test_sweep import run_train
 
 
 def test_resume_from_last_checkpoint_finishes_all_epochs(tmp_path: Path, cache_dir: Path) -> None:
+    """An explicit run dir (hydra.run.dir=...): `ckpt_path=last` is that dir's last.ckpt (tests/test_resume.py:
+    the default, timestamped run dirs)."""
     run = tmp_path / "run"
-    common = ["data=synth_tiny", "logger=none", f"hydra.run.dir={run}"]
+    common = ["data=synth_tiny", "logger=csv", f"hydra.run.dir={run}"]
     run_train([*common, "trainer.max_epochs=1"], cache_dir)  # "killed" after epoch 1
     first = json.loads((run / "metrics.json").read_text())
     assert first["epochs"] == 1
-    proc = run_train([*common, "trainer.max_epochs=2", "ckpt_path=last"], cache_dir)
-    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+    (run / "csv").rename(tmp_path / "csv-first")
+    run_train([*common, "trainer.max_epochs=2", "ckpt_path=last"], cache_dir)
+    with (run / "csv" / "metrics.csv").open() as f:  # the resumed session started at epoch 1: restored
+        assert min(int(row["epoch"]) for row in csv.DictReader(f) if row.get("epoch")) == 1
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["status"] == "ok" and resumed["epochs"] == 2
     assert set(resumed) == set(first) and set(resumed["metrics"]) == set(first["metrics"])

@@ -3,15 +3,18 @@
     python retrieve.py ckpt_path=CKPT query=photo.jpg top_k=10 [data=msls_city data.root=PATH] [output=json]
 
 `retrieve(cfg)` reads top-down: checkpoint (model + input builder, checkpoints.py) -> database index
-(embedded once, then cached next to the checkpoint, see retrieval/embedding_cache.py) -> query
-embeddings -> top-k -> stdout (a table, or JSON with output=json; logs go to stderr) and a grid PNG
-in the run dir. Relevance scores are the model's head on the embedding distance, as in training.
+(embedded once, then cached under `index_cache_dir` = ${paths.cache_dir}/index/, see
+retrieval/embedding_cache.py) -> query embeddings -> top-k -> stdout (a table, or JSON with output=json;
+logs go to stderr) and a grid PNG `<grid.dir>/retrieval_grid-<query name>.png` (grid.dir=null: none).
+A call creates no run folder: conf/retrieve.yaml runs it in the fixed folder ${paths.log_dir}/retrieve/
+without .hydra/ or a log file. Relevance scores are the model's head on the embedding distance, as in training.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from siamese_retrieval.errors import ConfigError, UserError
 from siamese_retrieval.retrieval.embedding_cache import cached_database_index
 from siamese_retrieval.retrieval.ranking import RankingSettings, embed_all, index_config, ranking_config, search_relevance
 from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
-from siamese_retrieval.run_outputs import quiet_known_warnings, run_dir
+from siamese_retrieval.run_outputs import check_writable_dir, quiet_known_warnings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,9 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     if top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
     query_files = find_queries(cfg.get("query"))
-    out_dir = run_dir(cfg)
+    grid_dir = None if cfg.grid.get("dir") in (None, "") else Path(str(cfg.grid.dir))
+    if grid_dir is not None:
+        check_writable_dir(grid_dir)  # before any work: an unwritable place is one line
     ckpt = load_from_config(cfg)
     module = ckpt.module
     settings = RankingSettings.from_config(ranking_config(cfg))
@@ -61,7 +66,8 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         db_inputs, _ = dm.inputs.build(dm.read(check=dm.image_check), dm.cache_dir)
         return module.distance.for_index(embed_all(module, db_inputs, settings.embed_batch)).numpy()
 
-    db = cached_database_index(ckpt.path, dataset, ckpt.inputs_cfg, index_cfg, embed_database, bool(cfg.cache))
+    db = cached_database_index(cfg.index_cache_dir, ckpt.path, dataset, ckpt.inputs_cfg, index_cfg, embed_database,
+                               bool(cfg.cache))
     log.info("database index: %d images, %s in %.3f s", dataset.n_db, "cache hit" if db.hit else "embedded", db.seconds)
 
     search_started = time.perf_counter()
@@ -84,7 +90,9 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         }
         for i, qf in enumerate(query_files)
     ]
-    grid_path = write_grid(out_dir / "retrieval_grid.png", results, int(cfg.grid.max_queries))
+    grid_path = None
+    if grid_dir is not None:
+        grid_path = write_grid(grid_dir / grid_name(cfg.query), results, int(cfg.grid.max_queries))
     result = {
         "checkpoint": str(ckpt.path),
         "model": ckpt.model_name,
@@ -97,7 +105,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         "database_s": round(db.seconds, 4),
         "search_s": round(search_s, 4),
         "total_s": round(time.perf_counter() - started, 4),
-        "grid": str(grid_path),
+        "grid": str(grid_path) if grid_path is not None else None,
         "queries": results,
     }
     print_results(result, output)
@@ -130,6 +138,13 @@ def query_inputs(inputs: Any, files: list[Path]) -> dict[str, torch.Tensor]:
     return q
 
 
+def grid_name(query: Any) -> str:
+    """`retrieval_grid-<query file or folder name>.png`: the same query overwrites its grid, others keep theirs."""
+    path = Path(str(query)).expanduser().resolve()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem if path.is_file() else path.name).strip("._") or "query"
+    return f"retrieval_grid-{name}.png"
+
+
 def write_grid(path: Path, results: list[dict[str, Any]], max_queries: int = 16) -> Path:
     """One row per query (at most `max_queries`): the query, then its top-k with rank and score (grey: no labels)."""
     shown = results[:max_queries]
@@ -160,4 +175,5 @@ def print_results(result: dict[str, Any], output: str) -> None:
         for r in item["results"]:
             table.add_row(str(r["rank"]), r["path"], f"{r['score']:.4f}")
         console.print(table)
-    console.print(f"grid: {result['grid']}", soft_wrap=True)
+    if result["grid"] is not None:
+        console.print(f"grid: {result['grid']}", soft_wrap=True)

@@ -1,15 +1,17 @@
-"""Database embeddings + FAISS index cached next to the checkpoint, so the second search skips embedding.
+"""Database embeddings + FAISS index cached in the cache directory, so the second search skips embedding.
 
-    <ckpt>.index/<key>/embeddings.npy   (n_db, d) float32
-                       index.faiss      the FAISS index over them (retrieval/index.py)
-                       meta.json        what the key was made of, the database paths, sizes, timings
+    <cache_dir>/<key>/embeddings.npy   (n_db, d) float32        (retrieve.py: ${paths.cache_dir}/index/)
+                      index.faiss      the FAISS index over them (retrieval/index.py)
+                      meta.json        what the key was made of, the checkpoint and database paths, timings
 
-`key` hashes everything the cached content depends on: the dataset fingerprint (its contract files'
-bytes), its root and database paths, the checkpoint file (size, mtime and SHA-256 of its bytes), the
-input builder's config and the index config. Anything changes -> another key -> a miss.
+`key` hashes everything the cached content depends on: the checkpoint's content (SHA-256 and size of its
+bytes: a copied or moved checkpoint still hits, a rewritten one misses), the dataset fingerprint (its
+contract files' bytes), its root and database paths, the input builder's config and the index config.
+Anything changes -> another key -> a miss. Nothing is written next to the checkpoint: that folder is
+another run's outputs.
 Written atomically: the entry is assembled in a temporary sibling directory and renamed into place,
 so a crash or a concurrent writer never leaves a half-written entry under the key (a reader sees
-either nothing or the complete entry). A checkpoint directory that cannot be written only costs the
+either nothing or the complete entry). A cache directory that cannot be written only costs the
 cache (a warning), never the search.
 """
 
@@ -34,7 +36,7 @@ from siamese_retrieval.retrieval.index import IndexConfig, build_index, load_ind
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_CACHE_VERSION = 1
+EMBEDDING_CACHE_VERSION = 2  # 2: in the cache dir, keyed by the checkpoint's content (not its mtime)
 
 
 @dataclass
@@ -55,8 +57,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def checkpoint_identity(ckpt_path: str | os.PathLike) -> dict[str, Any]:
-    st = Path(ckpt_path).stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(ckpt_path)}
+    """The checkpoint's content: where it lies and when it was written do not change the embeddings."""
+    return {"size": Path(ckpt_path).stat().st_size, "sha256": file_sha256(ckpt_path)}
 
 
 def cache_key(ckpt_path: str | os.PathLike, dataset: Any, inputs_cfg: dict[str, Any], index_cfg: IndexConfig) -> dict:
@@ -71,10 +73,6 @@ def cache_key(ckpt_path: str | os.PathLike, dataset: Any, inputs_cfg: dict[str, 
         "inputs": inputs_cfg,
         "index": {k: v for k, v in asdict(index_cfg).items() if k not in ("use_gpu", "num_threads")},
     }
-
-
-def cache_root(ckpt_path: str | os.PathLike) -> Path:
-    return Path(f"{Path(ckpt_path)}.index")
 
 
 def _read_entry(entry: Path, key: dict, use_gpu: bool) -> tuple[faiss.Index, np.ndarray] | None:
@@ -120,6 +118,7 @@ def _write_entry(entry: Path, key: dict, emb: np.ndarray, index: faiss.Index, ex
 
 
 def cached_database_index(
+    cache_dir: str | os.PathLike,
     ckpt_path: str | os.PathLike,
     dataset: Any,
     inputs_cfg: dict[str, Any],
@@ -127,10 +126,10 @@ def cached_database_index(
     embed: Callable[[], np.ndarray],
     enabled: bool = True,
 ) -> CachedIndex:
-    """The database's embeddings and index: from `<ckpt>.index/<key>/` when there, else `embed()` + build + write."""
+    """The database's embeddings and index: from `<cache_dir>/<key>/` when there, else `embed()` + build + write."""
     started = time.perf_counter()
     key = cache_key(ckpt_path, dataset, inputs_cfg, index_cfg)
-    entry = cache_root(ckpt_path) / stable_hash(key)
+    entry = Path(cache_dir) / stable_hash(key)
     if enabled and entry.is_dir():
         found = _read_entry(entry, key, index_cfg.use_gpu)
         if found is not None:
@@ -143,6 +142,7 @@ def cached_database_index(
     written = False
     if enabled:
         written = _write_entry(entry, key, emb, index, {
+            "checkpoint_path": str(Path(ckpt_path).resolve()),
             "db_paths": list(dataset.db_paths), "dim": int(emb.shape[1]), "embed_s": round(embed_s, 4),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })

@@ -3,6 +3,10 @@
 wandb 0.31 writes offline runs only as a LevelDB-log framed stream of protobuf `Record`s: a 7-byte
 file header (":W&B", magic, version), then 32 KiB blocks of [crc32 u32][length u16][type u8][data]
 chunks (type 1 full, 2 first, 3 middle, 4 last). Used by tests to prove metrics reached the run.
+
+Tables (and the images in their cells) are logged as `run_table` artifacts: the record holds the manifest,
+whose files are staged on disk (under $WANDB_DATA_DIR/artifacts/staging) until `wandb sync` uploads them;
+`OfflineRun.table(key)` reads a logged table back from there.
 """
 
 from __future__ import annotations
@@ -47,15 +51,31 @@ def _item_key(item: Any) -> str:
 
 
 @dataclass
+class OfflineArtifact:
+    """An artifact the run logged: its files map a path inside the artifact to the staged local copy."""
+
+    name: str
+    type: str
+    aliases: list[str]
+    client_id: str
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class OfflineRun:
     """The parts of an offline run that matter for checking what was logged."""
 
     name: str = ""
     group: str = ""
+    job_type: str = ""
     tags: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # define_metric: name or glob -> options
+    artifacts: list[OfflineArtifact] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # files saved with the run (paths under its files/)
+    path: Path | None = None
 
     def last(self, key: str) -> Any:
         """Last logged value of a history key (e.g. 'test/recall@1'), falling back to the summary."""
@@ -64,11 +84,27 @@ class OfflineRun:
                 return row[key]
         return self.summary.get(key)
 
+    def table(self, key: str) -> dict[str, Any] | None:
+        """The table logged under `key` as W&B wrote it ({"columns", "data", ...}; image cells are dicts with
+        "_type": "image-file", "path", "width", "height", ...), read from its staged run_table artifact."""
+        for row in reversed(self.history):
+            ref = row.get(f"{key}/artifact_path")
+            if row.get(f"{key}/_type") != "table-file" or not ref:
+                continue
+            client_id, _, inner = ref.removeprefix("wandb-client-artifact://").partition("/")
+            for art in self.artifacts:
+                if art.client_id == client_id and inner in art.files:
+                    return json.loads(Path(art.files[inner]).read_text())
+        return None
+
+    def artifact_file(self, artifact: OfflineArtifact, path: str) -> Path:
+        return Path(artifact.files[path])
+
 
 def read_offline_run(path: str | Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2
 
-    run = OfflineRun()
+    run = OfflineRun(path=Path(path))
     for blob in iter_record_bytes(path):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(blob)
@@ -77,6 +113,7 @@ def read_offline_run(path: str | Path) -> OfflineRun:
             run.name = rec.run.display_name or run.name
             run.group = rec.run.run_group or run.group
             run.tags = list(rec.run.tags) or run.tags
+            run.job_type = rec.run.job_type or run.job_type
             for item in rec.run.config.update:
                 run.config[_item_key(item)] = json.loads(item.value_json)
         elif kind == "config":
@@ -87,6 +124,16 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         elif kind == "summary":
             for item in rec.summary.update:
                 run.summary[_item_key(item)] = json.loads(item.value_json)
+        elif kind == "metric":
+            m = rec.metric
+            summary = [f.name for f, on in m.summary.ListFields() if on is True]
+            run.metrics[m.name or m.glob_name] = {"step_metric": m.step_metric, "summary": summary}
+        elif kind == "artifact":
+            a = rec.artifact
+            run.artifacts.append(OfflineArtifact(a.name, a.type, list(a.aliases), a.client_id,
+                                                 {c.path: c.local_path for c in a.manifest.contents}))
+        elif kind == "files":
+            run.files.extend(f.path for f in rec.files.files)
     return run
 
 

@@ -7,6 +7,7 @@ callback only decides when and on which split, the retrieval engine (retrieval/r
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from siamese_retrieval.retrieval.ranking import (
     ranking_grid,
 )
 from siamese_retrieval.retrieval.visualize import save_png
+from siamese_retrieval import wandb_runs
 from siamese_retrieval.run_outputs import quiet_known_warnings
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,14 @@ class RetrievalMetrics(pl.Callback):
 
 
 class RetrievalExamples(pl.Callback):
-    """At test end: a grid PNG of queries with their top-k (and the same image + a per-query table in W&B)."""
+    """At test end: a grid PNG of queries with their top-k; in W&B the same image and a per-query table with
+    image cells (wandb_runs.per_query_table: thumbnails bordered green/red by relevance, scores and
+    first_positive_rank as numbers); in TensorBoard the image."""
 
-    def __init__(self, output_dir: str, n_queries: int = 6, top_k: int = 5, seed: int = 0) -> None:
+    def __init__(self, output_dir: str, n_queries: int = 6, top_k: int = 5, seed: int = 0,
+                 table_images: int = 100) -> None:
         self.output_dir = Path(output_dir)
-        self.n_queries, self.top_k, self.seed = n_queries, top_k, seed
+        self.n_queries, self.top_k, self.seed, self.table_images = n_queries, top_k, seed, table_images
         self.grid_path: Path | None = None
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -95,11 +100,59 @@ class RetrievalExamples(pl.Callback):
                 lg.log_image(key="test/retrieval_examples", images=[grid],
                              caption=["query | top-k (green: sim=1, red: sim=0)"])
             if hasattr(lg, "log_table"):
-                rows = [
-                    [ds.q_paths[int(q)], int(r), float(ds.sim[q, ranking.top_ids[i]].mean()),
-                     " ".join(ds.db_paths[int(j)] for j in ranking.top_ids[i])]
-                    for i, (q, r) in enumerate(zip(ranking.query_idx, ranking.first_positive_rank))
-                ]
-                lg.log_table(key="test/per_query",
-                             columns=["query", "first_positive_rank", f"precision@{ranking.top_ids.shape[1]}", "top_k"],
-                             data=rows)
+
+                columns, rows = wandb_runs.per_query_table(ds, ranking, top_k=self.top_k, image_rows=self.table_images)
+                lg.log_table(key="test/per_query", columns=columns, data=rows)
+            elif type(lg).__name__ == "TensorBoardLogger":
+                lg.experiment.add_image("test/retrieval_examples", grid, global_step=trainer.global_step,
+                                        dataformats="HWC")
+
+
+class BestValSummary(pl.Callback):
+    """W&B summary of a training run: each val/* metric's best value and the epoch it was reached.
+
+    `define_metric` makes W&B keep `val/<m>` = {max (min for the loss), last} in the summary and plot val/*
+    against `epoch`; this callback adds `best_epoch/val/<m>` (0-based, the `epoch` axis). A no-op without W&B.
+    The metric names come from the RetrievalMetrics callback (its top_ks and ndcg_k) and the module's
+    range key."""
+
+    def __init__(self) -> None:
+        self.modes: dict[str, str] = {}
+        self.best: dict[str, tuple[float, int]] = {}
+
+    def _val_names(self, trainer: pl.Trainer, module: pl.LightningModule) -> list[str]:
+        names = ["val/loss", "val/mAP"]
+        if getattr(module, "range_key", None):
+            names.append(f"val/{module.range_key}")
+        metrics_cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalMetrics)), None)
+        if metrics_cb is not None:
+            s = metrics_cb.settings
+            names += [f"val/{m}@{k}" for m in ("precision", "recall") for k in s.top_ks] + [f"val/ndcg@{s.ndcg_k}"]
+        return names
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        runs = wandb_runs.wandb_runs(trainer.loggers)
+        self.modes = {n: m for n in self._val_names(trainer, pl_module) if (m := wandb_runs.best_mode(n))}
+        for run in runs:
+            run.define_metric("epoch")
+            run.define_metric("val/*", step_metric="epoch")
+            for name, mode in self.modes.items():  # a '.' in a metric name is a nesting level unless escaped
+                run.define_metric(name.replace(".", "\\."), step_metric="epoch", summary=f"{mode},last")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero or not self.modes:
+            return
+        epoch, changed = int(trainer.current_epoch), {}
+        for name, mode in self.modes.items():
+            value = trainer.callback_metrics.get(name)
+            if value is None or not math.isfinite(float(value)):
+                continue
+            value = float(value)
+            old = self.best.get(name)
+            if old is None or (value > old[0] if mode == "max" else value < old[0]):
+                self.best[name] = (value, epoch)
+                changed[f"best_epoch/{name}"] = epoch
+        for run in wandb_runs.wandb_runs(trainer.loggers):
+            run.summary.update(changed)

@@ -44,6 +44,7 @@ from siamese_retrieval.retrieval.ranking import (
 )
 from siamese_retrieval.retrieval.visualize import save_png
 from siamese_retrieval.run_outputs import print_results, quiet_known_warnings, run_dir, write_metrics_json
+from siamese_retrieval.wandb_runs import log_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     write_metrics_json(out_dir / "metrics.json", result)
     write_per_query_csv(out_dir / "per_query.csv", dataset, ranking)
-    plot_recall_curve(out_dir / "recall_at_k.png", ranking, title=f"{result['model']} on {result['data']} ({split})")
+    plot_recall_curve(out_dir / "recall_at_k.png", ranking, title=f"{result['model']} on {result['data']} ({split})",
+                      truth=dataset)
     save_png(out_dir / "retrieval_grid.png", ranking_grid(dataset, ranking, n_queries=int(cfg.grid.n_queries),
                                                           top_k=int(cfg.grid.top_k), seed=int(cfg.seed)))
+    # W&B (logger=none: nothing): job_type eval in the checkpoint's training group, or baseline
+    log_evaluation(cfg, result, dataset, ranking, recall_curve(ranking), out_dir / "retrieval_grid.png", ckpt)
     print_results(result["metrics"], title=f"{result['method']} on {result['data']}", stages=(prefix,),
                   extra_rows=[("seconds/query", f"{result['seconds_per_query']:.4f}")],
                   caption=f"split {split}: {result['n_queries']} queries x {result['n_database']} database")
@@ -223,23 +227,48 @@ def recall_curve(ranking: Ranking, max_k: int = CURVE_K) -> tuple[np.ndarray, np
     return ks, (ranks[None, :] <= ks[:, None]).mean(axis=1)
 
 
-def plot_recall_curve(path: Path, ranking: Ranking, title: str = "") -> None:
+def plot_recall_curve(path: Path, ranking: Ranking, title: str = "", truth: Any = None) -> dict[str, np.ndarray]:
+    """recall@k for k = 1..CURVE_K, and with `truth` (the dataset: `sim` (n_query, n_database)) the chance line:
+    the expected recall@k of a random ranking, 1 - C(n - p, k) / C(n, k) for a query with p of n database
+    images relevant, averaged over the queries with a positive (as recall@k is). Returns what is plotted:
+    {"k", "recall", "chance" (absent without truth)}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ks, recall = recall_curve(ranking)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    ax.plot(ks, recall, marker="o", markersize=3)
-    ax.set_xlabel("k")
+    curves = {"k": ks, "recall": recall}
+    if truth is not None:
+        sim = np.asarray(truth.sim)[np.asarray(ranking.query_idx)]
+        n, p = sim.shape[1], sim.sum(axis=1).astype(np.float64)
+        p = p[p > 0]
+        if len(p):
+            # C(n - p, k) / C(n, k) = prod_{i < k} (n - p - i) / (n - i): no relevant image among k random ones
+            i = np.arange(len(ks), dtype=np.float64)[:, None]
+            ratio = np.clip((n - p[None, :] - i) / np.maximum(n - i, 1.0), 0.0, 1.0)
+            curves["chance"] = (1.0 - np.cumprod(ratio, axis=0)).mean(axis=1)
+
+    def at(values: np.ndarray) -> str:  # "R@1 0.83, R@5 0.96, R@10 0.96"
+        return ", ".join(f"R@{k} {values[k - 1]:.{2 if values[k - 1] >= 0.1 else 3}f}" for k in (1, 5, 10)
+                         if k <= len(values) and np.isfinite(values[k - 1]))
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ax.plot(ks, recall, marker="o", markersize=3, color="tab:blue", label=f"this ranking ({at(recall)})")
+    if "chance" in curves:
+        ax.plot(ks, curves["chance"], linestyle="--", color="grey", label=f"random ranking ({at(curves['chance'])})")
+    ax.set_xlabel("k (the top k database images)")
     ax.set_ylabel("recall@k")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0, 1.05)
     ax.set_xlim(1, ks[-1])
+    ax.set_xticks([1, *range(5, int(ks[-1]) + 1, 5)])
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
+    n_q = int((ranking.first_positive_rank > 0).sum())
+    ax.set_title(f"{title}\nrecall@k over {n_q} queries with a positive" if title else
+                 f"recall@k over {n_q} queries with a positive", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
+    return curves

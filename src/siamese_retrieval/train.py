@@ -12,11 +12,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor
 
-from siamese_retrieval.checkpoints import read_checkpoint
+from siamese_retrieval.checkpoints import check_resumable, read_checkpoint
 from siamese_retrieval.data.datamodule import build_datamodule
 from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.resume import wandb_run_id
 from siamese_retrieval.run_outputs import (
     finish_loggers,
     print_results,
@@ -26,6 +28,14 @@ from siamese_retrieval.run_outputs import (
     sweep_group,
     task_overrides,
     write_metrics_json,
+)
+from siamese_retrieval.wandb_runs import (
+    is_wandb,
+    logged_config,
+    logger_settings,
+    make_loggers,
+    training_run_name,
+    write_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -39,18 +49,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = run_dir(cfg)
 
     resume_from = resolve_ckpt_path(cfg.ckpt_path, out_dir)
-    if resume_from is not None:
-        read_checkpoint(resume_from)  # the same checks as evaluate.py: a bad file is one line, before any work
+    # the same checks as evaluate.py, before any work: a bad file is one line
+    resume_raw = read_checkpoint(resume_from) if resume_from is not None else None
     datamodule = build_datamodule(cfg.data, instantiate(cfg.model.inputs))
     datamodule.prepare_data()
     datamodule.setup("fit")  # validates the dataset now: a bad root fails before any model is built
     model = instantiate(cfg.model.module, _recursive_=False)
+    if resume_raw is not None:
+        check_resumable(resume_raw, resume_from, model, str(cfg.model.name))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg)  # the resolved config logged once, with the W&B run's actual name/group/tags
+    if not loggers:  # logger=none: LearningRateMonitor refuses a trainer without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     try:
         if cfg.train:
@@ -73,9 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "splits": datamodule.splits.summary() if datamodule.splits is not None else {},
             "metrics": {k: float(v) for k, v in sorted(metrics.items())},
         }
-        for lg in loggers:
-            if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
-                lg.experiment.summary.update(result["metrics"])
+        # W&B summary: test/* and the run's facts; val/* keep their best + last (callbacks.BestValSummary)
+        write_summary(loggers, {**result["metrics"], "epochs": result["epochs"], "elapsed_s": result["elapsed_s"]})
         if trainer.is_global_zero:  # under trainer=ddp, ranks > 0 run this script too: one writer
             write_metrics_json(out_dir / "metrics.json", result)
     finally:
@@ -87,18 +97,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    loggers = []
-    for name, lg_cfg in (cfg.get("logger") or {}).items():
-        if lg_cfg is None or "_target_" not in lg_cfg:
-            continue
-        lg_cfg = OmegaConf.to_container(lg_cfg, resolve=True)
-        if lg_cfg["_target_"].endswith("WandbLogger"):
-            lg_cfg["name"] = lg_cfg.get("name") or f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
-            lg_cfg["group"] = lg_cfg.get("group") or sweep_group(cfg)
-            lg_cfg["tags"] = sorted({*lg_cfg.get("tags", []), cfg.model.name, cfg.data.name})
-            Path(lg_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(lg_cfg))
-    return loggers
+    """The `logger` configs instantiated; W&B: job_type train, name and group from wandb_runs (a value set in
+    conf/logger wins), tags + model and data. Each logger gets the run's one resolved config."""
+    settings = logger_settings(cfg, "train", name=training_run_name(cfg), group=sweep_group(cfg),
+                               tags=[cfg.model.name, cfg.data.name])
+    run_id = wandb_run_id(cfg.paths.output_dir) if cfg.get("ckpt_path") else None  # resuming: the same W&B run
+    if run_id is not None:
+        settings = {k: {**lg, "id": lg.get("id") or run_id, "resume": "allow"} if is_wandb(lg) else lg
+                    for k, lg in settings.items()}
+    return make_loggers(settings, logged_config(cfg, settings))
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:

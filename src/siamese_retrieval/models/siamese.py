@@ -55,7 +55,8 @@ class SiameseModule(pl.LightningModule):
                 "range_margin": range_margin,
                 "model_name": model_name,
                 "inputs": plain(inputs),  # the input builder's config: what evaluate/retrieve rebuild
-            }
+            },
+            logger=False,  # train.py logs the whole resolved config once (wandb_runs.logged_config)
         )
         self.encoder = checked_instantiate(self.hparams.encoder, "model.encoder")
         self.head = RelevanceHead(**self.hparams.head)
@@ -124,6 +125,11 @@ class SiameseModule(pl.LightningModule):
                 "name": str(dm.name), "seed": int(dm.seed), "pairs_target": str(dm.recipe.target),
                 "split": OmegaConf.to_container(OmegaConf.create(dict(dm.split_cfg))),
             }
+            from siamese_retrieval.wandb_runs import wandb_run_info
+
+            run = wandb_run_info(self.trainer.loggers)  # evaluate.py logs into this run's W&B group
+            if run:
+                checkpoint["training_data"]["wandb"] = run
 
     def configure_optimizers(self) -> Any:
         optimizer = checked_instantiate(self.hparams.optimizer, "model.optimizer", _partial_=True)(self.parameters())

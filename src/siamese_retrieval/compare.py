@@ -1,4 +1,4 @@
-"""Compare the jobs of one or more sweep directories: `python compare.py outputs/multirun/<date>/<time>`.
+"""Compare the jobs of one or more sweep directories: `python compare.py outputs/train/multirun/<date>/<time>`.
 
 Reads every job's metrics.json (and its overrides from .hydra/overrides.yaml, else from metrics.json),
 groups the jobs by their overrides other than the seed, and writes comparison.md (mean +- std over the
@@ -314,29 +314,91 @@ def failed_section(jobs: Sequence[Job], root: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_plot(groups: Sequence[Group], metrics: Sequence[str], path: Path) -> Path:
+BASELINE_METHODS = ("orb_ransac", "thumbnail")  # metrics.json "method" of the baselines: reference lines
+BOUNDED_METRICS = ("precision@", "recall@", "mAP", "ndcg@", "range_acc@")  # values in [0, 1]
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    """The job's metrics.json fields the chart names things by (method, model, data); {} if unreadable."""
+    try:
+        data = json.loads((job.path / "metrics.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _baseline_method(group: Group) -> str | None:
+    """The baseline method shared by all the group's jobs (orb_ransac, thumbnail), else None (a learned model)."""
+    methods = {str(_job_fields(j).get("method", "")) for j in group.jobs}
+    return methods.pop() if len(methods) == 1 and methods <= set(BASELINE_METHODS) else None
+
+
+def _chart_title(groups: Sequence[Group], metrics: Sequence[str]) -> str:
+    fields = [_job_fields(j) for g in groups for j in g.jobs]
+    data = sorted({str(f["data"]) for f in fields if f.get("data")})
+    splits = sorted({m.split("/", 1)[0] for m in metrics if "/" in m})
+    where = f" on {', '.join(data)}" if data else ""
+    split = f" ({', '.join(splits)} split)" if splits else ""
+    return f"Retrieval{where}{split}: mean ± std over seeds"
+
+
+def write_plot(groups: Sequence[Group], metrics: Sequence[str], path: Path, title: str | None = None) -> Path:
+    """Bars (mean, with std error bars clipped to the metric's range) per configuration and metric; the
+    baselines (jobs whose metrics.json method is orb_ransac or thumbnail) as dashed reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = group_labels(groups)
-    n_g, n_m = max(len(groups), 1), max(len(metrics), 1)
+    kinds = [_baseline_method(g) for g in groups]
+    learned = [(g, lab) for g, lab, kind in zip(groups, group_labels(groups), kinds) if kind is None]
+    baselines = [(g, kind) for g, kind in zip(groups, kinds) if kind is not None]
+    n_g, n_m = max(len(learned), 1), max(len(metrics), 1)
     width = 0.8 / n_g
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * n_m * max(1, n_g / 2)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * n_m * max(1, n_g / 2) + 1.5), 5.0))
     x = np.arange(n_m)
-    for i, (g, label) in enumerate(zip(groups, labels)):
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    show_values = n_g * n_m <= 24
+    top = 0.0
+    for i, (g, label) in enumerate(learned):
         stats = [g.mean_std(m) for m in metrics]
-        means = [0.0 if n == 0 else mean for mean, _, n in stats]
-        stds = [0.0 if n == 0 else std for _, std, n in stats]
-        ax.bar(x + (i - (n_g - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=f"{label} (n={len(g.jobs)})")
+        means = np.array([0.0 if n == 0 else mean for mean, _, n in stats])
+        stds = np.array([0.0 if n == 0 else std for _, std, n in stats])
+        lower = np.minimum(stds, np.maximum(means, 0.0))  # error bars never reach below 0
+        upper = np.array([min(sd, 1.0 - mu) if any(b in m for b in BOUNDED_METRICS) else sd
+                          for m, mu, sd in zip(metrics, means, stds)]).clip(min=0.0)
+        pos = x + (i - (n_g - 1) / 2) * width
+        ax.bar(pos, means, width, yerr=[lower, upper], capsize=3, color=colours[i % len(colours)],
+               error_kw={"elinewidth": 1, "ecolor": "#333333"}, label=f"{label} (n={len(g.jobs)})")
+        top = max(top, float((means + upper).max(initial=0.0)))
+        if show_values:
+            for xp, mu, up, (_, _, n) in zip(pos, means, upper, stats):
+                if n:
+                    ax.annotate(f"{mu:.2f}", (xp, mu + up), textcoords="offset points", xytext=(0, 2),
+                                ha="center", va="bottom", fontsize=7, zorder=5,
+                                bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85})
+    styles = ["--", ":", "-."]
+    for b, (g, method) in enumerate(baselines):  # one dashed line across each metric's bars
+        label: str | None = f"{method} (baseline)"
+        for j, m in enumerate(metrics):
+            mean, _, n = g.mean_std(m)
+            if n:
+                ax.hlines(mean, j - 0.45, j + 0.45, colors=("black", "dimgray", "saddlebrown")[b % 3],
+                          linestyles=styles[b % 3], linewidth=1.6, label=label)
+                label, top = None, max(top, mean)
+    prefixes = {m.split("/", 1)[0] + "/" for m in metrics if "/" in m}
+    common = prefixes.pop() if len(prefixes) == 1 and all("/" in m for m in metrics) else ""  # named in the title
     ax.set_xticks(x)
-    ax.set_xticklabels(metrics, rotation=30, ha="right")
+    ax.set_xticklabels([m[len(common):] for m in metrics], rotation=30 if n_m > 4 else 0,
+                       ha="right" if n_m > 4 else "center")
     ax.set_ylabel("mean ± std over seeds")
+    if all(any(b in m for b in BOUNDED_METRICS) for m in metrics):
+        ax.set_ylim(0, min(1.08, top * 1.12 + 0.02) if top > 0 else 1.0)
     ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or _chart_title(groups, metrics), fontsize=10)
     if groups:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -23,8 +23,48 @@ SHOWN_METRICS = (
 )
 
 
+THIRD_PARTY_LOGGERS = (
+    "faiss", "pytorch_lightning", "lightning_fabric", "lightning", "lightning_utilities", "wandb", "urllib3",
+    "h5py", "matplotlib", "PIL", "numexpr", "fsspec", "filelock", "git", "httpx", "httpcore", "torch",
+)
+LIGHTNING_TIP_LOGGERS = (  # where Lightning's rank_zero_info advertisements come from
+    "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+)
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger / litmodels" advertisements: they stay out of the log
+    even for someone who turns Lightning's INFO lines back on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_third_party_logs() -> None:
+    """Libraries log at WARNING and above, our own `siamese_retrieval.*` loggers keep INFO.
+
+    Sets THIRD_PARTY_LOGGERS to WARNING (a stricter level someone configured stays), drops Lightning's tips,
+    and asks W&B for its quiet mode (WANDB_QUIET, unless set: no banner and no run-history summary; the line
+    saying where the offline run is saved stays). Idempotent; called when this module is imported (before
+    faiss is: its loader logs 11 INFO lines on import) and again by `quiet_known_warnings` (after Lightning is
+    imported: it sets its own loggers to INFO on import).
+    """
+    for name in THIRD_PARTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    for name in LIGHTNING_TIP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
+            logger.addFilter(_DropLightningTips())
+    os.environ.setdefault("WANDB_QUIET", "true")
+
+
 def quiet_known_warnings() -> None:
-    """Silence library warnings that do not apply here (each checked): they drown the results table."""
+    """Silence library warnings that do not apply here (each checked) and library INFO logs: they drown the
+    results table."""
+    quiet_third_party_logs()
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # Lightning vs torch 2.13
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")  # batches are built in-process
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
@@ -32,6 +72,9 @@ def quiet_known_warnings() -> None:
     # DDP: retrieval metrics are computed once on rank zero and broadcast, so every rank logs the same value
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting")
     warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated")
+
+
+quiet_third_party_logs()  # at import: the pipelines import this module before faiss
 
 
 def hydra_mode() -> str:
@@ -93,13 +136,10 @@ def sweep_group(cfg: DictConfig) -> str:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """`ckpt_path=last` means this run directory's checkpoints/last.ckpt."""
-    if ckpt_path in (None, ""):
-        return None
-    path = out_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path: checkpoint {path} not found")
-    return str(path)
+    """The checkpoint train.py resumes from: `last` / a run directory / a file (resume.py has the rules)."""
+    from siamese_retrieval.resume import resolve_ckpt_path as resolve
+
+    return resolve(ckpt_path, out_dir)
 
 
 def strict_json(value: Any) -> Any:
@@ -134,21 +174,28 @@ def print_results(
     caption: str | None = None,
     footer: str | None = None,
 ) -> None:
-    """The one results table: a row per shown metric, a column per stage (`<stage>/<metric>` keys)."""
+    """The one results table: a row per shown metric, a column per stage (`<stage>/<metric>` keys).
+
+    Never wrapped or squeezed: the console is as wide as the table (and its title and caption) needs, on a
+    narrow terminal as in a pipe, and the footer (the checkpoint path) is printed on one line as it is.
+    """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, caption=caption)
-    table.add_column("metric")
+    table = Table(title=Text(title), caption=Text(caption) if caption else None,
+                  min_width=max(len(title), len(caption or "")))
+    table.add_column("metric", no_wrap=True)
     for stage in stages:
-        table.add_column(stage, justify="right")
+        table.add_column(stage, justify="right", no_wrap=True)
     for name in SHOWN_METRICS:
         row = [metrics.get(f"{stage}/{name}") for stage in stages]
         if any(v is not None for v in row):
             table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in row))
     for name, value in extra_rows:
         table.add_row(name, value)
-    console = Console()
+    width = Console(width=10_000).measure(table).maximum
+    console = Console(width=width, highlight=False)
     console.print(table)
     if footer:
-        console.print(footer, soft_wrap=True)
+        console.print(footer, soft_wrap=True, markup=False, highlight=False)

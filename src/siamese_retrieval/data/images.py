@@ -19,6 +19,7 @@ import numpy as np
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.parallel import chunked_map
+from siamese_retrieval.progress import counted, progress
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,15 @@ def _load_into(out: np.ndarray, paths: Sequence[Path], indices: range, size: tup
         out[i] = rgb.transpose(2, 0, 1)
 
 
-def decode_resized(paths: Sequence[Path], size: tuple[int, int], workers: int = 2) -> np.ndarray:
+def decode_resized(paths: Sequence[Path], size: tuple[int, int], workers: int = 2,
+                   description: str = "decoding images") -> np.ndarray:
     """(n, 3, H, W) uint8 RGB; threads fill one preallocated array (cv2 releases the GIL).
-    A DatasetError names the first undecodable image."""
+    A DatasetError names the first undecodable image. A progress bar named `description` (progress.py)."""
     h, w = int(size[0]), int(size[1])
     out = np.empty((len(paths), 3, h, w), dtype=np.uint8)
-    chunked_map(lambda indices: _load_into(out, paths, indices, (h, w)), range(len(paths)), workers)
+    with progress(description, total=len(paths)) as advance:
+        chunked_map(counted(lambda indices: _load_into(out, paths, indices, (h, w)), advance), range(len(paths)),
+                    workers)
     return out
 
 
@@ -130,8 +134,9 @@ def load_images(
     def decode() -> dict[str, np.ndarray]:
         log.info("decoding %d images at %dx%d%s", dataset.n_db + dataset.n_query, size[0], size[1],
                  f" (cache miss: {path})" if path is not None else "")
-        return {"db": decode_resized([dataset.root / p for p in dataset.db_paths], size, workers),
-                "q": decode_resized([dataset.root / p for p in dataset.q_paths], size, workers)}
+        return {"db": decode_resized([dataset.root / p for p in dataset.db_paths], size, workers,
+                                     "decoding database images"),
+                "q": decode_resized([dataset.root / p for p in dataset.q_paths], size, workers, "decoding query images")}
 
     def valid(a: dict[str, np.ndarray]) -> bool:
         return (a["db"].shape == (dataset.n_db, 3, *size) and a["q"].shape == (dataset.n_query, 3, *size)

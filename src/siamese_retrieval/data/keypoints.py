@@ -24,6 +24,7 @@ import numpy as np
 from siamese_retrieval.data.images import read_image, to_gray
 from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
+from siamese_retrieval.progress import counted, progress
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,9 @@ def extract_paths(
     paths = [str(p) for p in paths]
     if not paths:
         return empty_features(cfg.n_keypoints, 0)
-    parts = chunked_map(lambda chunk: _extract_chunk(chunk, cfg), paths, workers, pool_context=opencv_single_threaded)
+    with progress("extracting ORB keypoints", total=len(paths)) as advance:
+        parts = chunked_map(counted(lambda chunk: _extract_chunk(chunk, cfg), advance), paths, workers,
+                            pool_context=opencv_single_threaded)
     return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
 
 

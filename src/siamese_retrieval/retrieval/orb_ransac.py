@@ -32,6 +32,7 @@ import numpy as np
 from siamese_retrieval.data.images import read_image, to_gray
 from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
+from siamese_retrieval.progress import counted, progress
 from siamese_retrieval.retrieval.index import set_faiss_threads
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,9 @@ def extract_features(paths: Sequence[str | os.PathLike], cfg: OrbRansacConfig = 
                      workers: int = 2) -> list[Features]:
     """ORB features of every file, on a thread pool (DatasetError names the first undecodable file)."""
     paths = [Path(p) for p in paths]
-    parts = chunked_map(lambda chunk: _extract_chunk(chunk, cfg), paths, workers, max_chunk=32,
-                        pool_context=_single_threaded_kernels)
+    with progress("ORB features (for RANSAC)", total=len(paths)) as advance:
+        parts = chunked_map(counted(lambda chunk: _extract_chunk(chunk, cfg), advance), paths, workers, max_chunk=32,
+                            pool_context=_single_threaded_kernels)
     return [f for part in parts for f in part]
 
 
@@ -197,9 +199,10 @@ def _score_rows(rows: Sequence[tuple[Features, Sequence[int]]], db: Sequence[Fea
 
 
 def _parallel_rows(rows: list[tuple[Features, Sequence[int]]], db: Sequence[Features], cfg: OrbRansacConfig,
-                   workers: int) -> list[np.ndarray]:
-    parts = chunked_map(lambda chunk: _score_rows(chunk, db, cfg), rows, workers, max_chunk=1,
-                        pool_context=_single_threaded_kernels)
+                   workers: int, description: str) -> list[np.ndarray]:
+    with progress(description, total=len(rows)) as advance:  # one tick per query
+        parts = chunked_map(counted(lambda chunk: _score_rows(chunk, db, cfg), advance), rows, workers, max_chunk=1,
+                            pool_context=_single_threaded_kernels)
     return [row for part in parts for row in part]
 
 
@@ -207,7 +210,8 @@ def score_matrix(queries: Sequence[Features], db: Sequence[Features], cfg: OrbRa
                  workers: int = 2) -> np.ndarray:
     """(n_q, n_db) float32 inlier counts: every query verified against the full database, queries in parallel."""
     everything = range(len(db))
-    rows = _parallel_rows([(q, everything) for q in queries], db, cfg, workers)
+    rows = _parallel_rows([(q, everything) for q in queries], db, cfg, workers,
+                          f"ORB+RANSAC: queries vs {len(db)} database images")
     return np.stack(rows) if rows else np.zeros((0, len(db)), np.float32)
 
 
@@ -215,7 +219,7 @@ def rerank_scores(candidates: np.ndarray, queries: Sequence[Features], db: Seque
                   cfg: OrbRansacConfig = OrbRansacConfig(), workers: int = 2) -> np.ndarray:
     """Inlier counts (n_q, N) of each query against its N candidate database ids (a model's top-N)."""
     rows = _parallel_rows([(q, [int(j) for j in cand if j >= 0]) for q, cand in zip(queries, candidates)],
-                          db, cfg, workers)
+                          db, cfg, workers, f"ORB+RANSAC re-ranking: queries vs their top {candidates.shape[1]}")
     out = np.zeros(candidates.shape, np.float32)
     for i, (r, cand) in enumerate(zip(rows, candidates)):
         out[i, np.flatnonzero(cand >= 0)] = r

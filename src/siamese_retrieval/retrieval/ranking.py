@@ -158,12 +158,20 @@ class Embedder(Protocol):
 
 @torch.inference_mode()
 def embed_all(module: Embedder, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:
-    """Embeddings of every item of `inputs`, in batches, on the module's device; returned on CPU."""
+    """Embeddings of every item of `inputs`, in batches, on the module's device; returned on CPU.
+
+    A progress bar (progress.py) when there are more than a few batches (fewer take a moment).
+    """
+    from siamese_retrieval.progress import progress
+
     n = len(next(iter(inputs.values())))
+    few_batches = 4
     out = []
-    for start in range(0, n, batch_size):
-        chunk = {k: v[start : start + batch_size].to(module.device) for k, v in inputs.items()}
-        out.append(module.embed(chunk).float().cpu())
+    with progress(f"embedding {n} items", total=n if -(-n // batch_size) > few_batches else 0) as advance:
+        for start in range(0, n, batch_size):
+            chunk = {k: v[start : start + batch_size].to(module.device) for k, v in inputs.items()}
+            out.append(module.embed(chunk).float().cpu())
+            advance(len(out[-1]))
     return torch.cat(out) if out else torch.zeros(0, 1)
 
 
@@ -289,16 +297,43 @@ class InlierReranker:
 
 
 def ranking_grid(dataset: Any, ranking: Ranking, n_queries: int = 6, top_k: int = 5, seed: int = 0) -> np.ndarray:
-    """RGB grid of `n_queries` seeded queries (those with a positive, when any) and their top-k, by relevance."""
+    """RGB grid of `n_queries` seeded queries (those with a positive, when any) and their top-k, by relevance.
+
+    Each query is labelled with its dataset index and, for a synthetic city, its condition (night, fog, ...);
+    each result with its rank, score and fov; the last column is the query's best ground-truth positive (the
+    database image of highest fov) with its fov and its rank in the ranking (when within the kept top).
+    """
+    from siamese_retrieval.data.synth.generate import query_conditions
+
     rng = np.random.default_rng(seed)
     with_pos = np.flatnonzero(ranking.first_positive_rank > 0)
     pool = with_pos if len(with_pos) else np.arange(len(ranking.query_idx))
     pick = np.sort(rng.choice(pool, size=min(n_queries, len(pool)), replace=False))
     k = min(top_k, ranking.top_ids.shape[1])
+    conditions = query_conditions(dataset.root, len(dataset.q_paths))
+    queries = [int(ranking.query_idx[i]) for i in pick]
+    labels, best_files, best_labels = [], [], []
+    for i, q in zip(pick, queries):
+        labels.append([f"query {q}"] + ([conditions[q]] if conditions is not None else []))
+        fov = np.asarray(dataset.fov[q])
+        if fov.max(initial=0.0) <= 0 and not dataset.sim[q].any():
+            best_files.append(None)
+            best_labels.append("")
+            continue
+        tied = np.flatnonzero(fov == fov.max())
+        ranked = ranking.top_ids[i][np.isin(ranking.top_ids[i], tied)]
+        best = int(ranked[0]) if len(ranked) else int(tied[0])  # of equal fovs, the one ranked highest
+        kept = np.flatnonzero(ranking.top_ids[i] == best)
+        rank = f"rank {kept[0] + 1}" if len(kept) else f"rank > {ranking.top_ids.shape[1]}"
+        best_files.append(dataset.db_file(best))
+        best_labels.append(f"fov {float(dataset.fov[q, best]):.2f}, {rank}")
     return retrieval_grid(
-        [dataset.query_file(int(ranking.query_idx[i])) for i in pick],
+        [dataset.query_file(q) for q in queries],
         [[dataset.db_file(int(j)) for j in ranking.top_ids[i, :k]] for i in pick],
         [[bool(dataset.sim[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
         [ranking.top_scores[i, :k].tolist() for i in pick],
+        query_labels=labels,
+        fovs=[[float(dataset.fov[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
+        best_files=best_files,
+        best_labels=best_labels,
     )
-

@@ -1,4 +1,4 @@
-"""Retrieval example grids: a query followed by its top-k, bordered green (relevant) or red.
+"""Retrieval example grids: a query, its top-k bordered green (relevant) or red, and its best positive.
 
 `thumb` and `tile` are the image-tile helpers of every picture the package draws (these grids and
 the synthetic city's contact sheet, data/synth/preview.py)."""
@@ -14,6 +14,12 @@ import numpy as np
 from siamese_retrieval.io_utils import atomic_path
 
 GREEN, RED, GREY, WHITE = (40, 180, 60), (210, 40, 40), (90, 90, 90), (255, 255, 255)  # RGB
+BLUE = (40, 110, 230)  # the best ground-truth positive
+LIGHT, DARK, PAPER = (235, 235, 235), (25, 25, 25), (255, 255, 255)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+# grid layout (px): tile frame, the two text lines under each tile, column titles, gaps, legend
+BORDER, LINE_H, HEADER_H, GAP, SPACE, LEGEND_H = 5, 17, 26, 12, 3, 30  # SPACE: between tiles
 
 
 def thumb(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -29,12 +35,61 @@ def tile(img: np.ndarray, colour: tuple[int, int, int], label: str, border: int 
     with `band` > 0, in `colour` on a dark strip `band` px high below the frame."""
     framed = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
     if not band:
-        cv2.putText(framed, label, (border + 2, framed.shape[0] - border - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
-                    WHITE, 1, cv2.LINE_AA)
+        cv2.putText(framed, label, (border + 2, framed.shape[0] - border - 4), FONT, 0.38, WHITE, 1, cv2.LINE_AA)
         return framed
     strip = np.full((band, framed.shape[1], 3), 25, np.uint8)
-    cv2.putText(strip, label, (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    cv2.putText(strip, label, (4, 12), FONT, 0.4, colour, 1, cv2.LINE_AA)
     return np.vstack([framed, strip])
+
+
+def _fit(text: str, width: int, scale: float) -> str:
+    """`text` cut (with "..") to fit `width` px at `scale`."""
+    if cv2.getTextSize(text, FONT, scale, 1)[0][0] <= width:
+        return text
+    while text and cv2.getTextSize(text + "..", FONT, scale, 1)[0][0] > width:
+        text = text[:-1]
+    return text + ".."
+
+
+def _card(img: np.ndarray | None, colour: tuple[int, int, int], lines: Sequence[tuple[str, tuple[int, int, int]]],
+          size: tuple[int, int]) -> np.ndarray:
+    """A grid cell: `img` (None: an empty dark cell) in a `colour` frame over two lines of text on a dark band."""
+    w, h = size
+    body = np.full((h, w, 3), 45, np.uint8) if img is None else img
+    framed = cv2.copyMakeBorder(body, BORDER, BORDER, BORDER, BORDER, cv2.BORDER_CONSTANT,
+                                value=colour if img is not None else DARK)
+    band = np.full((2 * LINE_H + 4, framed.shape[1], 3), DARK, np.uint8)
+    for i, (text, text_colour) in enumerate(lines[:2]):
+        cv2.putText(band, _fit(text, band.shape[1] - 10, 0.45), (5, 14 + i * LINE_H), FONT, 0.45, text_colour, 1,
+                    cv2.LINE_AA)
+    return np.vstack([framed, band])
+
+
+def _strip(width: int, height: int, text: str, scale: float = 0.5, x: int | None = None) -> np.ndarray:
+    """White strip with dark `text` centred (or at `x`), cut to fit."""
+    strip = np.full((height, width, 3), PAPER, np.uint8)
+    text = _fit(text, width - 8, scale)
+    tw, th = cv2.getTextSize(text, FONT, scale, 1)[0]
+    cv2.putText(strip, text, ((width - tw) // 2 if x is None else x, (height + th) // 2), FONT, scale, DARK, 1,
+                cv2.LINE_AA)
+    return strip
+
+
+def _gap(height: int, width: int = GAP) -> np.ndarray:
+    return np.full((height, width, 3), PAPER, np.uint8)
+
+
+def _join(cells: Sequence[np.ndarray | None], height: int) -> np.ndarray:
+    """Cells side by side, SPACE px apart; None: a GAP px gap between column groups."""
+    parts: list[np.ndarray] = []
+    for prev, cell in zip([None, *cells[:-1]], cells):
+        if cell is None:
+            parts.append(_gap(height))
+        else:
+            if prev is not None:
+                parts.append(_gap(height, SPACE))
+            parts.append(cell)
+    return np.concatenate(parts, axis=1)
 
 
 def retrieval_grid(
@@ -42,24 +97,75 @@ def retrieval_grid(
     ranked_files: Sequence[Sequence[Path]],
     relevant: Sequence[Sequence[bool]] | None,
     scores: Sequence[Sequence[float]] | None = None,
-    thumb_size: tuple[int, int] = (128, 96),
+    thumb_size: tuple[int, int] = (160, 120),
+    *,
+    query_labels: Sequence[str | Sequence[str]] | None = None,
+    fovs: Sequence[Sequence[float]] | None = None,
+    best_files: Sequence[Path | None] | None = None,
+    best_labels: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """RGB uint8 grid: one row per query, then its ranked results.
+    """RGB uint8 grid: column titles, then one row per query: the query, its ranked results, and (with
+    `best_files`) the query's best ground-truth positive in a column of its own; a legend below.
 
-    With labels, results are bordered green/red and the query grey; without (`relevant=None`, e.g. a
-    user's own photo), results are grey and the query white.
+    With labels (`relevant`), results are framed green/red and the query grey; without (e.g. a user's own
+    photo), results are grey and the query white. Each tile has up to two text lines: the query's
+    `query_labels[i]` (lines, or one string with "\\n": e.g. its id and its condition), a result's rank and
+    score and its `fovs` (the graded overlap with the query), the best positive's `best_labels[i]` (a None
+    best file: "no positive"). The legend explains the colours (only with labels).
     """
+    n_cols = max((len(r) for r in ranked_files), default=0)
+    w, h = thumb_size
+    cell_w = w + 2 * BORDER
     rows = []
     for i, qf in enumerate(query_files):
-        tiles = [tile(thumb(qf, thumb_size), GREY if relevant is not None else WHITE, "query")]
+        q_lines = ["query"] if query_labels is None else (
+            query_labels[i].split("\n") if isinstance(query_labels[i], str) else list(query_labels[i]))
+        cells = [_card(thumb(qf, thumb_size), GREY if relevant is not None else WHITE,
+                       [(t, LIGHT) for t in q_lines], thumb_size), None]
         for j, f in enumerate(ranked_files[i]):
-            label = f"#{j + 1}" + (f" {scores[i][j]:.2f}" if scores is not None else "")
             colour = GREY if relevant is None else GREEN if relevant[i][j] else RED
-            tiles.append(tile(thumb(f, thumb_size), colour, label))
-        rows.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return np.concatenate(rows, axis=0)
+            text_colour = LIGHT if relevant is None else (140, 230, 150) if relevant[i][j] else (255, 150, 150)
+            lines = [(f"score {scores[i][j]:.3f}" if scores is not None else f"#{j + 1}", LIGHT)]
+            if fovs is not None:
+                lines.append((f"fov {fovs[i][j]:.2f}", text_colour))
+            cells.append(_card(thumb(f, thumb_size), colour, lines, thumb_size))
+        cells += [np.full_like(cells[0], PAPER)] * (n_cols - len(ranked_files[i]))  # fewer results: blank
+        if best_files is not None:
+            cells.append(None)
+            best = best_files[i]
+            label = best_labels[i] if best_labels is not None else ""
+            if best is None:
+                cells.append(_card(None, DARK, [("no positive", LIGHT)], thumb_size))
+            else:
+                cells.append(_card(thumb(best, thumb_size), BLUE, [("best positive", LIGHT), (label, (160, 195, 255))],
+                                   thumb_size))
+        rows.append(_join(cells, cells[0].shape[0]))
+        rows.append(np.full((GAP // 2, rows[-1].shape[1], 3), PAPER, np.uint8))
+    titles = ["query", None] + [f"#{j + 1}" for j in range(n_cols)]
+    titles += [None, "best positive"] if best_files is not None else []
+    header = _join([None if t is None else _strip(cell_w, HEADER_H, t) for t in titles], HEADER_H)
+    width = header.shape[1]
+    parts = [header] + rows
+    if relevant is not None:
+        items = ["green: relevant (sim = 1)", "red: not relevant"]
+        if fovs is not None:
+            items.append("fov: view overlap with the query (0-1)")
+        if best_files is not None:
+            items.append("blue: best ground-truth positive (highest fov)")
+        parts.append(_legend(width, items))
+    return np.concatenate(parts, axis=0)
+
+
+def _legend(width: int, items: Sequence[str], scale: float = 0.45) -> np.ndarray:
+    """The items on as many LEGEND_H-high lines as the width needs."""
+    lines: list[str] = []
+    for item in items:
+        joined = f"{lines[-1]}     {item}" if lines else item
+        if lines and cv2.getTextSize(joined, FONT, scale, 1)[0][0] <= width - 12:
+            lines[-1] = joined
+        else:
+            lines.append(item)
+    return np.concatenate([_strip(width, LEGEND_H, line, scale=scale, x=6) for line in lines], axis=0)
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:

@@ -2,6 +2,7 @@
 
     generate_city(out, cfg)   -> out (database/images, query/images, *.json, gt.h5, synth_config.json)
     ensure_city(cache_dir, cfg) -> cache_dir/synth-<hash>, generated only when missing
+    query_conditions(root)    -> each query's condition (night, fog, ...) from synth_config.json, or None
 
 Every random draw comes from a generator seeded by (cfg.seed, purpose, street, index), so the
 result does not depend on how streets are split over worker processes.
@@ -30,6 +31,7 @@ from siamese_retrieval.data.synth.facades import build_street, make_archetypes
 from siamese_retrieval.data.synth.geometry import Camera, camera_array, fov_matrix, street_width, world_loc
 from siamese_retrieval.data.synth.render import SceneRenderer
 from siamese_retrieval.io_utils import atomic_write_json, stable_hash
+from siamese_retrieval.progress import progress
 
 CONFIG_FILE = "synth_config.json"
 
@@ -137,17 +139,24 @@ def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
         q_jobs = [(i, c, q_paths[i], conditions[i]) for i, c in enumerate(q_cams) if c.street == s]
         tasks.append((str(root), cfg, s, db_jobs, q_jobs))
     workers = max(1, min(int(workers), len(tasks)))
-    if workers == 1:
-        for t in tasks:
-            render_street(t)
-    else:
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-                list(pool.map(render_street, tasks))
-        except BrokenProcessPool:  # e.g. spawn from an unguarded script: render here instead
-            warnings.warn("synthetic city: worker processes failed to start; rendering in this process", RuntimeWarning, stacklevel=2)
+    with progress(f"rendering city streets ({len(db_cams) + len(q_cams)} images)", total=len(tasks)) as advance:
+        if workers == 1:
             for t in tasks:
                 render_street(t)
+                advance(1)
+        else:
+            done: set[int] = set()
+            try:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+                    for street in pool.map(render_street, tasks):
+                        done.add(street)
+                        advance(1)
+            except BrokenProcessPool:  # e.g. spawn from an unguarded script: render here instead
+                warnings.warn("synthetic city: worker processes failed to start; rendering in this process", RuntimeWarning, stacklevel=2)
+                for t in tasks:
+                    if t[2] not in done:
+                        render_street(t)
+                        advance(1)
     fov = fov_matrix(q_cams, db_cams, cfg)
     sim = fov >= cfg.sim_threshold
     atomic_write_json(root / CONFIG_FILE, {**asdict(cfg), "conditions": conditions, "query_cameras": camera_array(q_cams).round(4).tolist(), "database_cameras": camera_array(db_cams).round(4).tolist()})
@@ -204,3 +213,16 @@ def _alive(pid: int) -> bool:
 
 def load_config(root: str | Path) -> dict:
     return json.loads((Path(root) / CONFIG_FILE).read_text())
+
+
+def query_conditions(root: str | Path, n_query: int | None = None) -> list[str] | None:
+    """Each query's appearance condition (overcast, sunny, dusk, night, rain, fog), in query order, as
+    `generate_city` stored it in the city's config file; None for a dataset without one (not a synthetic
+    city, an older or unreadable config, or one whose count differs from `n_query`)."""
+    try:
+        conditions = load_config(root).get("conditions")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(conditions, list) or (n_query is not None and len(conditions) != n_query):
+        return None
+    return [str(c) for c in conditions]

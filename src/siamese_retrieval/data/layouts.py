@@ -1,0 +1,465 @@
+"""Readers for the dataset layouts people already have on disk, each returning a validated `RetrievalDataset`.
+
+    read_vpr_folder(root, split)       the folder layout of the public VPR benchmark tools
+    read_msls_official(root, city)     the official Mapillary Street-Level Sequences (MSLS) layout
+
+Like `read_dataset`, everything is checked before anything is used, and every fault is one `DatasetError`
+line naming the file (or the entry) and the problem. Positives come from the camera coordinates by a radius
+search (FAISS range search over UTM metres, refined exactly in float64), never from a pairwise matrix built
+in Python loops. Neither layout has a graded relevance: `fov` is `sim` as float (1.0 for a positive, 0.0
+otherwise), so nDCG equals a binary nDCG and a `target=fov` recipe trains on `sim`.
+
+`python -m siamese_retrieval.data.convert` writes either layout into the project's own format.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from siamese_retrieval.data.dataset import (
+    RetrievalDataset,
+    _check_real_paths,
+    check_images,
+    images_stamp,
+)
+from siamese_retrieval.errors import DatasetError
+from siamese_retrieval.io_utils import file_fingerprint
+
+LAYOUTS = ("vpr_folder", "msls_official")
+
+# Both benchmarks count a database image as a positive of a query when their UTM positions lie within 25 m
+# (boundary included: sklearn's radius_neighbors, which both use, returns points at exactly the radius):
+#   VPR benchmark: gmberton/deep-visual-geo-localization-benchmark, datasets_ws.py BaseDataset
+#     (`knn.radius_neighbors(queries_utms, radius=args.val_positive_dist_threshold)`, parser.py default 25;
+#     training positives use train_positives_dist_threshold, default 10).
+#   MSLS: mapillary/mapillary_sls, evaluate.py (`--threshold` default 25, "Positive distance threshold defining
+#     ground truth pairs", passed as MSLS(..., mode='val', posDistThr=threshold)) and
+#     mapillary_sls/datasets/msls.py (`neigh.radius_neighbors(utmQ, self.posDistThr)` on postprocessed.csv's
+#     easting/northing; the training default is posDistThr=10, and negDistThr=25 marks "non-negatives").
+DEFAULT_RADIUS_M = 25.0
+TRAIN_RADIUS_M = 10.0
+
+# ----------------------------------------------------------------------------------------- positives
+
+
+def radius_positives(
+    q_xy: np.ndarray,
+    db_xy: np.ndarray,
+    radius_m: float,
+    *,
+    q_heading: np.ndarray | None = None,
+    db_heading: np.ndarray | None = None,
+    max_heading_deg: float | None = None,
+) -> np.ndarray:
+    """(n_q, n_db) bool: database images within `radius_m` metres (inclusive) of each query and, when
+    `max_heading_deg` is set, whose heading differs from the query's by at most that many degrees.
+
+    FAISS range search over coordinates centred on the database (float32 keeps centimetres over tens of
+    kilometres), with 1 m of slack; the candidates are then decided exactly in float64. Memory: the candidate
+    pairs plus the dense output (which the contract needs anyway).
+    """
+    import faiss
+
+    q_xy = np.asarray(q_xy, dtype=np.float64).reshape(-1, 2)
+    db_xy = np.asarray(db_xy, dtype=np.float64).reshape(-1, 2)
+    sim = np.zeros((len(q_xy), len(db_xy)), dtype=bool)
+    if not len(q_xy) or not len(db_xy):
+        return sim
+    radius_m = float(radius_m)
+    if not math.isfinite(radius_m) or radius_m < 0:
+        raise ValueError(f"radius must be a finite number of metres >= 0, got {radius_m}")
+    origin = db_xy.mean(axis=0)
+    index = faiss.IndexFlatL2(2)
+    index.add(np.ascontiguousarray(db_xy - origin, dtype=np.float32))
+    lims, _, found = index.range_search(np.ascontiguousarray(q_xy - origin, dtype=np.float32), (radius_m + 1.0) ** 2)
+    qi = np.repeat(np.arange(len(q_xy)), np.diff(lims).astype(np.int64))
+    di = found.astype(np.int64)
+    keep = ((q_xy[qi] - db_xy[di]) ** 2).sum(axis=1) <= radius_m**2
+    if max_heading_deg is not None:
+        if q_heading is None or db_heading is None:
+            raise ValueError("max_heading_deg needs the query and database headings")
+        q_h, db_h = np.asarray(q_heading, np.float64), np.asarray(db_heading, np.float64)
+        keep &= heading_difference(q_h[qi], db_h[di]) <= float(max_heading_deg)
+    sim[qi[keep], di[keep]] = True
+    return sim
+
+
+def heading_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Absolute difference of compass headings in degrees, in [0, 180] (359 and 1 differ by 2)."""
+    return np.abs((np.asarray(a, np.float64) - np.asarray(b, np.float64) + 180.0) % 360.0 - 180.0)
+
+
+# ----------------------------------------------------------------------------------------- shared checks
+
+
+def _check_radius(radius_m: float, max_heading_deg: float | None) -> None:
+    if isinstance(radius_m, bool) or not isinstance(radius_m, (int, float)) or not 0 <= radius_m < math.inf:
+        raise DatasetError(f"positive radius must be a finite number of metres >= 0, got {radius_m!r}")
+    if max_heading_deg is not None and not (
+        isinstance(max_heading_deg, (int, float)) and not isinstance(max_heading_deg, bool)
+        and 0 <= max_heading_deg <= 180
+    ):
+        raise DatasetError(f"max_heading_deg must lie in [0, 180] degrees (or be unset), got {max_heading_deg!r}")
+
+
+def _finite(text: str, what: str, where: str) -> float:
+    """`text` as a finite float, else one DatasetError line: '<where>: <what> is not a (finite) number: ...'."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: {what} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise DatasetError(f"{where}: {what} is not a finite number: {text!r}")
+    return value
+
+
+def _finish(
+    root: Path,
+    db_paths: list[str],
+    db_loc: np.ndarray,
+    q_paths: list[str],
+    q_loc: np.ndarray,
+    sim: np.ndarray,
+    *,
+    db_source: Path,
+    q_source: Path,
+    meta_files: Sequence[Path],
+    check: str,
+    name: str,
+    follow_symlinks_outside_root: bool,
+) -> RetrievalDataset:
+    """The images checked (links out of the root, then `check`), the fingerprint computed, the dataset built."""
+    _check_real_paths(root, db_paths, db_source, follow_symlinks_outside_root)
+    _check_real_paths(root, q_paths, q_source, follow_symlinks_outside_root)
+    all_paths = [root / p for p in db_paths + q_paths]
+    if check == "decode":
+        check_images(all_paths)
+    elif check == "exists":
+        missing = [p for p in all_paths if not p.is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) not found, first: {missing[0]}")
+    elif check != "none":
+        raise DatasetError(f"unknown image check {check!r} (use decode, exists or none)")
+    h = hashlib.sha256()
+    h.update(file_fingerprint(list(meta_files)).encode() if meta_files else b"")
+    h.update("\0".join(db_paths + ["|"] + q_paths).encode())
+    h.update(images_stamp(all_paths).encode())
+    fov = sim.astype(np.float32)  # no graded relevance in these layouts: fov = sim (documented above)
+    return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, h.hexdigest()[:16], name)
+
+
+# ----------------------------------------------------------------------------------------- VPR folder layout
+
+# File names of gmberton/VPR-datasets-downloader (README.md "Overview"; util.py get_dst_image_name):
+#   @UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@latitude@longitude@pano_id@tile_num@heading@pitch@roll
+#   @height@timestamp@note@.jpg
+# i.e. 15 '@' separators; split("@") gives '' then these 14 fields then the extension. Only the UTM pair is
+# required ("the only required values for VPR are UTM coordinates"); the others may be empty. The benchmark
+# (deep-visual-geo-localization-benchmark, datasets_ws.py) lists images with
+# sorted(glob(join(folder, "**", "*.jpg"), recursive=True)) and reads path.split("@")[1:3]: same order here.
+VPR_FIELDS = (
+    "UTM_east", "UTM_north", "UTM_zone_number", "UTM_zone_letter", "latitude", "longitude", "pano_id",
+    "tile_num", "heading", "pitch", "roll", "height", "timestamp", "note",
+)
+VPR_SPLITS = ("train", "val", "test")
+VPR_KINDS = ("database", "queries")
+
+
+@dataclass(frozen=True)
+class VprName:
+    """The parsed fields of one VPR file name."""
+
+    east: float
+    north: float
+    zone: str  # "" when the name leaves it empty
+    heading: float | None
+    fields: dict[str, str]
+
+
+def vpr_file_name(fields: dict[str, object], extension: str = ".jpg") -> str:
+    """A file name in the VPR downloader's format from a {field: value} dict (missing fields are empty)."""
+    unknown = sorted(set(fields) - set(VPR_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown VPR file-name field(s): {', '.join(unknown)}")
+    values = ["" if fields.get(f) is None else str(fields[f]) for f in VPR_FIELDS]
+    bad = next((v for v in values if "@" in v or "/" in v), None)
+    if bad is not None:
+        raise ValueError(f"VPR file-name fields cannot contain '@' or '/': {bad!r}")
+    return "@" + "@".join(values) + "@" + extension
+
+
+def parse_vpr_name(path: Path | str) -> VprName:
+    """The fields of a VPR file name; one DatasetError line naming the file when it does not follow the format."""
+    name = os.path.basename(str(path))
+    parts = name.split("@")
+    expected = len(VPR_FIELDS) + 1  # '@' separators
+    if len(parts) - 1 != expected or parts[0] != "":
+        found = f"{len(parts) - 1} '@' separator{'s' * (len(parts) != 2)}"
+        start = "" if parts[0] == "" else ", and does not start with '@'"
+        raise DatasetError(f"{path}: file name has {found}{start}; expected {expected} "
+                           "(@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@pano_id@tile_num@heading"
+                           "@pitch@roll@height@timestamp@note@.jpg)")
+    fields = dict(zip(VPR_FIELDS, parts[1:-1]))
+    east = _finite(fields["UTM_east"], "UTM_east (field 1 of the file name)", str(path))
+    north = _finite(fields["UTM_north"], "UTM_north (field 2 of the file name)", str(path))
+    heading = None
+    if fields["heading"].strip():
+        heading = _finite(fields["heading"], "heading (field 9 of the file name)", str(path)) % 360.0
+    return VprName(east, north, fields["UTM_zone_number"].strip().lstrip("0"), heading, fields)
+
+
+def _vpr_folder(root: Path, split: str, kind: str) -> Path:
+    folder = root / "images" / split / kind
+    if not folder.is_dir():
+        have = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
+        hint = f" (splits present: {', '.join(have)})" if have and kind == "database" else ""
+        raise DatasetError(f"{folder}: folder not found; the VPR layout is <root>/images/<split>/database and "
+                           f"<root>/images/<split>/queries{hint}")
+    return folder
+
+
+def read_vpr_folder(
+    root: str | Path,
+    split: str = "test",
+    *,
+    radius_m: float = DEFAULT_RADIUS_M,
+    max_heading_deg: float | None = None,
+    check: str = "decode",
+    name: str = "",
+    follow_symlinks_outside_root: bool = False,
+) -> RetrievalDataset:
+    """Read `<root>/images/<split>/{database,queries}/**/*.jpg` (VPR downloader file names).
+
+    Positives: database images within `radius_m` (25 m, the benchmark's val/test threshold; 10 m is its
+    training threshold) of the query in UTM metres; headings are ignored unless `max_heading_deg` is set
+    (then every image needs the heading field). loc = [UTM_east, UTM_north, heading or 0]. All images must lie
+    in one UTM zone (distances across zones are meaningless). fov = sim as float.
+    """
+    _check_radius(radius_m, max_heading_deg)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root not found")
+    root = root.resolve()
+    if split not in VPR_SPLITS:
+        raise DatasetError(f"{root}: unknown VPR split {split!r} (use {', '.join(VPR_SPLITS)})")
+    per_kind: dict[str, tuple[list[str], np.ndarray, Path]] = {}
+    zones: dict[str, Path] = {}
+    for kind in VPR_KINDS:
+        folder = _vpr_folder(root, split, kind)
+        files = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "**", "*.jpg"), recursive=True))
+        if not files:
+            what = "the database is empty" if kind == "database" else "there are no queries"
+            raise DatasetError(f"{folder}: {what} (no .jpg files)")
+        rel_paths, rows = [], []
+        for f in files:
+            parsed = parse_vpr_name(f)
+            if parsed.zone:
+                zones.setdefault(parsed.zone, Path(f))
+            if max_heading_deg is not None and parsed.heading is None:
+                raise DatasetError(f"{f}: the heading field (9) is empty, but a heading rule was asked for "
+                                   f"(max_heading_deg={max_heading_deg})")
+            rel_paths.append(Path(f).relative_to(root).as_posix())
+            rows.append([parsed.east, parsed.north, 0.0 if parsed.heading is None else parsed.heading])
+        per_kind[kind] = (rel_paths, np.asarray(rows, dtype=np.float64).reshape(-1, 3), folder)
+        if len(zones) > 1:
+            (z1, f1), (z2, f2) = list(zones.items())[:2]
+            raise DatasetError(f"{f2}: UTM zone {z2}, but {f1.name} lies in zone {z1}; all images of a split must "
+                               "lie in one UTM zone (distances across zones are meaningless)")
+    db_paths, db_loc, db_folder = per_kind["database"]
+    q_paths, q_loc, q_folder = per_kind["queries"]
+    sim = radius_positives(q_loc[:, :2], db_loc[:, :2], radius_m, q_heading=q_loc[:, 2], db_heading=db_loc[:, 2],
+                           max_heading_deg=max_heading_deg)
+    return _finish(root, db_paths, db_loc, q_paths, q_loc, sim, db_source=db_folder, q_source=q_folder, meta_files=[],
+                   check=check, name=name or f"{root.name}-{split}",
+                   follow_symlinks_outside_root=follow_symlinks_outside_root)
+
+
+# ----------------------------------------------------------------------------------------- MSLS official layout
+
+# mapillary/mapillary_sls README.md "Package structure": <root>/train_val/<city>/{query,database}/
+# {images/<key>.jpg, seq_info.csv, subtask_index.csv, raw.csv, postprocessed.csv}; test/<city> has no raw.csv or
+# postprocessed.csv (no coordinates, so no positives can be computed here). msls.py reads both csv files with
+# pandas.read_csv(index_col=0): the first column is an unnamed row index. It takes UTM from postprocessed.csv
+# ('easting', 'northing'), drops panoramas (`exclude_panos = True`: rows whose raw.csv 'pano' is True), and finds
+# positives with radius_neighbors (no heading rule). raw.csv also has 'ca', the compass angle in degrees, which
+# becomes loc's heading here and feeds the optional heading rule (`max_heading_deg`, off by default because the
+# official code has none). Rows of raw.csv are matched to postprocessed.csv by key.
+MSLS_KINDS = (("database", "database"), ("query", "query"))  # (folder name, role)
+MSLS_POSTPROCESSED_COLUMNS = ("key", "easting", "northing")
+MSLS_RAW_COLUMNS = ("key", "ca", "pano")
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: text}) for every data row of a CSV file with a header row; one DatasetError line
+    naming the file for a missing file, undecodable bytes, malformed CSV, missing columns or ragged rows."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, dict[str, str]]] = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DatasetError(f"{path}: empty file; expected a header row with the columns {', '.join(required)}")
+        header = [h.strip() for h in header]
+        missing = [c for c in required if c not in header]
+        if missing:
+            shown = ", ".join(h or "''" for h in header)
+            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} (the header has: {shown})")
+        twice = sorted({c for c in required if header.count(c) > 1})
+        if twice:
+            raise DatasetError(f"{path}: column(s) {', '.join(twice)} appear more than once in the header")
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise DatasetError(f"{path}: line {reader.line_num} has {len(row)} fields, the header has {len(header)}")
+            rows.append((reader.line_num, dict(zip(header, (c.strip() for c in row)))))
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: not valid CSV ({' '.join(str(exc).split())} at line {reader.line_num})") from None
+    return rows
+
+
+def _msls_key(path: Path, line: int, key: str) -> str:
+    """An image key that names a file in images/: non-empty, no path separators or control characters."""
+    if not key or key in (".", "..") or any(c in key for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise DatasetError(f"{path}: line {line}: key {key!r} is not a usable image name (images/<key>.jpg)")
+    return key
+
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def _msls_bool(path: Path, line: int, column: str, text: str) -> bool:
+    low = text.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise DatasetError(f"{path}: line {line}: {column} must be True or False, found {text!r}")
+
+
+def _read_msls_split(split_dir: Path, exclude_panos: bool) -> tuple[list[str], np.ndarray, list[Path]]:
+    """Keys (panoramas dropped when asked) and their [easting, northing, ca] rows for one city folder."""
+    post_path, raw_path = split_dir / "postprocessed.csv", split_dir / "raw.csv"
+    post = _read_csv(post_path, MSLS_POSTPROCESSED_COLUMNS)
+    raw = _read_csv(raw_path, MSLS_RAW_COLUMNS)
+    raw_by_key: dict[str, tuple[int, dict[str, str]]] = {}
+    for line, row in raw:
+        key = _msls_key(raw_path, line, row["key"])
+        if key in raw_by_key:
+            raise DatasetError(f"{raw_path}: key {key!r} appears twice (lines {raw_by_key[key][0]} and {line})")
+        raw_by_key[key] = (line, row)
+    keys, rows, seen = [], [], {}
+    for line, row in post:
+        key = _msls_key(post_path, line, row["key"])
+        if key in seen:
+            raise DatasetError(f"{post_path}: key {key!r} appears twice (lines {seen[key]} and {line})")
+        seen[key] = line
+        east = _finite(row["easting"], f"easting of key {key!r}", f"{post_path}: line {line}")
+        north = _finite(row["northing"], f"northing of key {key!r}", f"{post_path}: line {line}")
+        if key not in raw_by_key:
+            raise DatasetError(f"{raw_path}: no row for key {key!r} (line {line} of {post_path.name})")
+        raw_line, raw_row = raw_by_key[key]
+        pano = _msls_bool(raw_path, raw_line, "pano", raw_row["pano"])
+        heading = _finite(raw_row["ca"], f"ca (compass angle) of key {key!r}", f"{raw_path}: line {raw_line}") % 360.0
+        if exclude_panos and pano:
+            continue
+        keys.append(key)
+        rows.append([east, north, heading])
+    return keys, np.asarray(rows, dtype=np.float64).reshape(-1, 3), [post_path, raw_path]
+
+
+def msls_cities(root: str | Path, subdir: str = "train_val") -> list[str]:
+    """The city folders under <root>/<subdir> (sorted)."""
+    base = Path(root) / subdir
+    return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+
+def read_msls_official(
+    root: str | Path,
+    city: str | None = None,
+    *,
+    radius_m: float = DEFAULT_RADIUS_M,
+    max_heading_deg: float | None = None,
+    exclude_panos: bool = True,
+    check: str = "decode",
+    name: str = "",
+    follow_symlinks_outside_root: bool = False,
+) -> RetrievalDataset:
+    """Read one city of the official MSLS layout: <root>/train_val/<city>/{database,query}/postprocessed.csv
+    + raw.csv, images in images/<key>.jpg (`city=None`: the only city there).
+
+    Positives, as mapillary_sls defines them: database images within `radius_m` metres (inclusive) of the query
+    in UTM (easting, northing of postprocessed.csv); 25 m is the evaluation threshold (evaluate.py), 10 m the
+    training one (msls.py posDistThr). Panoramas (raw.csv pano=True) are left out, as msls.py does, unless
+    `exclude_panos=False`. `max_heading_deg` adds a rule the official code does not have: |ca_q - ca_db| <= it
+    (compass angles from raw.csv). loc = [easting, northing, ca]; fov = sim as float.
+    """
+    _check_radius(radius_m, max_heading_deg)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root not found")
+    root = root.resolve()
+    cities = msls_cities(root)
+    if city is None:
+        if len(cities) != 1:
+            found = f"cities: {', '.join(cities)}" if cities else f"no city folders in {root / 'train_val'}"
+            raise DatasetError(f"{root}: name the MSLS city to read ({found})")
+        city = cities[0]
+    if not city or any(c in city for c in "/\\") or city in (".", ".."):
+        raise DatasetError(f"{root}: {city!r} is not a city folder name")
+    city_dir = root / "train_val" / city
+    if not city_dir.is_dir():
+        if (root / "test" / city).is_dir():
+            raise DatasetError(f"{root / 'test' / city}: MSLS test cities have no coordinates (no postprocessed.csv); "
+                               "their positives cannot be computed, use a train_val city")
+        have = f" (cities: {', '.join(cities)})" if cities else ""
+        raise DatasetError(f"{city_dir}: city folder not found; the MSLS layout is <root>/train_val/<city>/"
+                           f"{{database,query}}/postprocessed.csv{have}")
+    loaded = {}
+    for folder, role in MSLS_KINDS:
+        split_dir = city_dir / folder
+        if not split_dir.is_dir():
+            raise DatasetError(f"{split_dir}: folder not found (an MSLS city has database/ and query/)")
+        keys, loc, meta = _read_msls_split(split_dir, exclude_panos)
+        if not keys:
+            what = "the database is empty" if role == "database" else "there are no queries"
+            raise DatasetError(f"{split_dir / 'postprocessed.csv'}: {what}"
+                               f"{' (after leaving out panoramas)' if exclude_panos else ''}")
+        paths = [f"train_val/{city}/{folder}/images/{k}.jpg" for k in keys]
+        loaded[role] = (paths, loc, meta)
+    db_paths, db_loc, db_meta = loaded["database"]
+    q_paths, q_loc, q_meta = loaded["query"]
+    sim = radius_positives(q_loc[:, :2], db_loc[:, :2], radius_m, q_heading=q_loc[:, 2], db_heading=db_loc[:, 2],
+                           max_heading_deg=max_heading_deg)
+    return _finish(root, db_paths, db_loc, q_paths, q_loc, sim, db_source=db_meta[0], q_source=q_meta[0],
+                   meta_files=db_meta + q_meta, check=check, name=name or city,
+                   follow_symlinks_outside_root=follow_symlinks_outside_root)
+
+
+def read_layout(layout: str, root: str | Path, **options) -> RetrievalDataset:
+    """Dispatch on the layout name: vpr_folder (options: split, radius_m, max_heading_deg, ...) or
+    msls_official (options: city, radius_m, max_heading_deg, exclude_panos, ...)."""
+    if layout == "vpr_folder":
+        return read_vpr_folder(root, **options)
+    if layout == "msls_official":
+        return read_msls_official(root, **options)
+    raise DatasetError(f"unknown dataset layout {layout!r} (use {', '.join(LAYOUTS)})")

@@ -44,6 +44,12 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("eval", ["rerank=orb_ransac"], None),
     ("eval", ["ckpt_path=x.ckpt", "rerank=orb_ransac", "rerank.top_n=20", "model=cnn_snn", "index=ivfpq"], None),
     ("eval", ["method=orb_ransac", "split=all", "device=cpu", "top_ks=[1]"], None),
+    ("eval", ["data=vpr_folder", "data.root=/x", "data.layout_options.split=val"], None),
+    ("eval", ["data=msls_official", "data.root=/x", "data.layout_options.city=london"], None),
+    ("eval", ["data=vpr_folder", "data.root=/x", "data.layout_options.radius_m=0"],
+     "data.layout_options.radius_m=0: must be a number > 0"),
+    ("eval", ["data=msls_official", "data.root=/x", "data.layout=tiles"],
+     "data.layout='tiles': must be one of contract, vpr_folder, msls_official"),
     ("eval", ["data=msls_city", "data.root=/x", "split=val"], None),
     ("retrieve", [], None),
     ("retrieve", ["ckpt_path=x.ckpt", "query=photo.jpg", "top_k=10", "output=json", "cache=false"], None),
@@ -233,7 +239,8 @@ def test_every_rule_matches_a_shipped_config(tmp_path: Path, cache_dir: Path) ->
 
     configs = {
         "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"]],
-        "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["model=keypoint_snn"]],
+        "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["model=keypoint_snn"],
+                 ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"]],
         "retrieve": [["model=cnn_snn"]],
     }
     seen: dict[str, set[str]] = {task: set() for task in configs}

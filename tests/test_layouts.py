@@ -259,3 +259,26 @@ def test_other_reader_errors(exported: dict[str, Path], tmp_path: Path) -> None:
     assert read_vpr_folder(tmp_path / "vpr", check="none").n_query > 0  # fine while headings are ignored
     with pytest.raises(DatasetError, match="heading field"):
         read_vpr_folder(tmp_path / "vpr", max_heading_deg=40.0, check="none")
+
+
+@pytest.mark.parametrize("layout,key,options", [("vpr_folder", "vpr", []),
+                                                ("msls_official", "msls", [f"data.layout_options.city={CITY}"])])
+def test_evaluate_py_reads_the_layouts_directly(layout: str, key: str, options: list[str], exported: dict[str, Path],
+                                                original: RetrievalDataset, tmp_path: Path, cache_dir: Path) -> None:
+    """`data=<layout> data.root=...` through the real command line: the baseline sees the city's own positives."""
+    import json
+    import os
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "WANDB_MODE": "offline", "SIAMESE_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "evaluate.py", "method=orb_ransac", f"data={layout}",
+                           f"data.root={exported[key]}", *options, "split=all", "logger=none",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert result["n_queries"] == original.n_query and result["n_database"] == original.n_db
+    has_positive = int(expected_sim(original, 25.0).any(axis=1).sum())
+    assert result["metrics"]["all/n_queries_without_positive"] == original.n_query - has_positive

@@ -87,6 +87,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         files: Mapping[str, Any] | None = None,
         image_check: str = "decode",
         follow_symlinks_outside_root: bool = False,
+        layout: str = "contract",
+        layout_options: Mapping[str, Any] | None = None,
         split: Mapping[str, Any] | None = None,
         pairs: Mapping[str, Any] | None = None,
         batch_size: int = 32,
@@ -104,6 +106,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.files = DatasetFiles(**dict(files or {}))
         self.image_check = image_check
         self.follow_symlinks_outside_root = bool(follow_symlinks_outside_root)
+        self.layout, self.layout_options = str(layout), dict(layout_options or {})
         self.split_cfg = dict(split or {})
         self.pairs_cfg = dict(pairs or {})
         self.batch_size = batch_size
@@ -159,6 +162,11 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def read(self, check: str) -> RetrievalDataset:
         """The dataset at this config's root, validated to `check` (decode | exists | none)."""
+        if self.layout != "contract":  # a folder layout of another benchmark (data/layouts.py)
+            from siamese_retrieval.data.layouts import read_layout
+
+            return read_layout(self.layout, self.resolve_root(), check=check, name=self.name,
+                               follow_symlinks_outside_root=self.follow_symlinks_outside_root, **self.layout_options)
         return read_dataset(self.resolve_root(), self.files, check=check, name=self.name,
                             follow_symlinks_outside_root=self.follow_symlinks_outside_root)
 

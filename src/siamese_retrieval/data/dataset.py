@@ -140,7 +140,7 @@ def _check_unique(rel_paths: Sequence[str], source: Path) -> None:
                                "(every entry of a split must be unique)")
 
 
-def _check_real_paths(root: Path, rel_paths: Sequence[str], source: Path, follow_outside: bool) -> None:
+def check_real_paths(root: Path, rel_paths: Sequence[str], source: Path, follow_outside: bool) -> None:
     """Refuse entries whose real path (symlinks followed, in folders or the file itself) leaves `root`.
 
     Stats only, never opens a file: one realpath per folder, one lstat per image.
@@ -406,6 +406,18 @@ def images_stamp(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def check_image_files(paths: Sequence[Path], check: str) -> None:
+    """`check` the images: decode (every file decodes), exists (every file is there) or none."""
+    if check == "decode":
+        check_images(paths)
+    elif check == "exists":
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) not found, first: {missing[0]}")
+    elif check != "none":
+        raise DatasetError(f"unknown image check {check!r} (use decode, exists or none)")
+
+
 def read_dataset(
     root: str | Path,
     files: DatasetFiles | None = None,
@@ -426,8 +438,8 @@ def read_dataset(
     root = root.resolve()
     db_paths, db_loc = _read_split_json(root, files.database_json)
     q_paths, q_loc = _read_split_json(root, files.query_json)
-    _check_real_paths(root, db_paths, root / files.database_json, follow_symlinks_outside_root)
-    _check_real_paths(root, q_paths, root / files.query_json, follow_symlinks_outside_root)
+    check_real_paths(root, db_paths, root / files.database_json, follow_symlinks_outside_root)
+    check_real_paths(root, q_paths, root / files.query_json, follow_symlinks_outside_root)
     if not db_paths:
         raise DatasetError(f"{root / files.database_json}: the database is empty")
     if not q_paths:
@@ -435,14 +447,7 @@ def read_dataset(
     gt_path = _resolve_gt(root, files.gt_h5)
     sim, fov = _read_gt(gt_path, len(q_paths), len(db_paths))
     all_paths = [root / p for p in db_paths + q_paths]
-    if check == "decode":
-        check_images(all_paths)
-    elif check == "exists":
-        missing = [p for p in all_paths if not p.is_file()]
-        if missing:
-            raise DatasetError(f"{len(missing)} image(s) not found, first: {missing[0]}")
-    elif check != "none":
-        raise DatasetError(f"unknown image check {check!r} (use decode, exists or none)")
+    check_image_files(all_paths, check)
     contract = file_fingerprint([root / files.database_json, root / files.query_json, gt_path])
     fingerprint = hashlib.sha256(f"{contract}:{images_stamp(all_paths)}".encode()).hexdigest()[:16]
     return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, fingerprint, name or root.name)

@@ -26,12 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from siamese_retrieval.data.dataset import (
-    RetrievalDataset,
-    _check_real_paths,
-    check_images,
-    images_stamp,
-)
+from siamese_retrieval.data.dataset import RetrievalDataset, check_image_files, check_real_paths, images_stamp
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
 
@@ -139,17 +134,10 @@ def _finish(
     follow_symlinks_outside_root: bool,
 ) -> RetrievalDataset:
     """The images checked (links out of the root, then `check`), the fingerprint computed, the dataset built."""
-    _check_real_paths(root, db_paths, db_source, follow_symlinks_outside_root)
-    _check_real_paths(root, q_paths, q_source, follow_symlinks_outside_root)
+    check_real_paths(root, db_paths, db_source, follow_symlinks_outside_root)
+    check_real_paths(root, q_paths, q_source, follow_symlinks_outside_root)
     all_paths = [root / p for p in db_paths + q_paths]
-    if check == "decode":
-        check_images(all_paths)
-    elif check == "exists":
-        missing = [p for p in all_paths if not p.is_file()]
-        if missing:
-            raise DatasetError(f"{len(missing)} image(s) not found, first: {missing[0]}")
-    elif check != "none":
-        raise DatasetError(f"unknown image check {check!r} (use decode, exists or none)")
+    check_image_files(all_paths, check)
     h = hashlib.sha256()
     h.update(file_fingerprint(list(meta_files)).encode() if meta_files else b"")
     h.update("\0".join(db_paths + ["|"] + q_paths).encode())

@@ -115,7 +115,11 @@ CKPT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,script,make,expected", CKPT_CASES, ids=[c[0] for c in CKPT_CASES])
+SLOW_CKPT_CASES = {"train_random_bytes", "evaluate_truncated"}  # the same check as train_truncated, other files
+
+
+@pytest.mark.parametrize("case,script,make,expected", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_CKPT_CASES else []) for c in CKPT_CASES])
 def test_bad_checkpoint_is_one_line(case, script, make, expected, checkpoint: Path, tmp_path: Path,
                                     cache_dir: Path) -> None:
     bad = make(checkpoint, tmp_path / "bad.ckpt")

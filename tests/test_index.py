@@ -1,7 +1,9 @@
-"""FAISS index: exactness of flat search, IVF-PQ quality, k capping, save/load, small-database fallback."""
+"""FAISS index: exactness of flat search, IVF-PQ quality, k capping, save/load, small-database fallback,
+factory indexes (OPQ + IVF-PQ + Refine): tuning to a recall target, exactness, config round trip, bad strings."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -18,8 +20,12 @@ from siamese_retrieval.retrieval.index import (
     IndexConfig,
     build_index,
     load_index,
+    recall_agreement,
     save_index,
     search,
+    search_params,
+    set_search_params,
+    tune_search_params,
 )
 
 
@@ -145,3 +151,139 @@ def test_faiss_and_torch_import_together(first):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# ----------------------------------------------------------------------------------------- factory indexes
+
+# OPQ rotation + IVF-PQ (4 bytes per 32-d vector: very lossy alone) + exact re-ranking of a shortlist. The
+# conf/index/opq_ivfpq_refine.yaml string scaled to d=32 (OPQ on 8-d sub-vectors keeps the build ~10 s).
+FACTORY = "OPQ4_32,IVF{nlist},PQ4x8,Refine(Flat)"
+
+
+def _clustered_split(n: int, d: int, n_clusters: int, seed: int, n_queries: int) -> tuple[np.ndarray, ...]:
+    """Database and two query sets (tuning, evaluation) drawn from the same clusters."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, d)) * 3.0
+    x = (centers[rng.integers(0, n_clusters, n + 2 * n_queries)] + rng.normal(size=(n + 2 * n_queries, d)))
+    x = x.astype(np.float32)
+    return x[:n], x[n : n + n_queries], x[n + n_queries :]
+
+
+@pytest.fixture(scope="module")
+def factory_case():
+    db, q_tune, q_eval = _clustered_split(20_000, 32, 50, seed=11, n_queries=300)
+    # tune=True: nprobe / k_factor picked on 1000 database rows, each left out of its own results
+    index = build_index(db, IndexConfig(factory=FACTORY, tune=True, target_recall=0.95, num_threads=1))
+    exact = search(build_index(db), q_eval, k=10)
+    return db, q_tune, q_eval, index, exact
+
+
+def test_factory_index_is_opq_ivfpq_refine_and_tuned_to_the_target(factory_case):
+    db, q_tune, q_eval, index, (_, exact) = factory_case
+    assert isinstance(index, faiss.IndexRefine) and index.ntotal == len(db)
+    base = faiss.downcast_index(index.base_index)
+    assert isinstance(base, faiss.IndexPreTransform)
+    assert isinstance(faiss.downcast_VectorTransform(base.chain.at(0)), faiss.OPQMatrix)
+    assert isinstance(faiss.downcast_index(base.index), faiss.IndexIVFPQ)
+    params = search_params(index)
+    assert params["nlist"] == 512  # "{nlist}" -> auto: min(4 sqrt(20000), 20000 // 39)
+    # the config's tuning (tune=True) reached the target on new queries
+    assert recall_agreement(search(index, q_eval, k=10)[1], exact) >= 0.95
+
+    # without re-ranking the same base index is far from exact: the Refine stage is what keeps recall
+    set_search_params(index, nprobe=params["nprobe"], k_factor=1)
+    assert recall_agreement(search(index, q_eval, k=10)[1], exact) < 0.8
+
+    # tuning on held-out queries (exact neighbours computed from the database) picks the cheapest
+    # setting that reaches the target and leaves it set on the index
+    tuned = tune_search_params(index, db, q_tune, target_recall=0.95, k=10)
+    assert tuned.reached and tuned.recall - 1.645 * tuned.recall_se >= 0.95
+    assert search_params(index) == {"nlist": 512, "nprobe": tuned.nprobe, "k_factor": tuned.k_factor}
+    assert (tuned.nprobe, tuned.k_factor) in [(c[0], c[1]) for c in tuned.candidates]
+    assert tuned.ms_per_query == min(c[3] for c in tuned.candidates)
+    assert recall_agreement(search(index, q_eval, k=10)[1], exact) >= 0.95
+    # the exact ids may be given instead of the database: same choice of recall
+    _, exact_tune = search(build_index(db), q_tune, k=10)
+    again = tune_search_params(index, exact_tune, q_tune, target_recall=0.95, k=10)
+    assert again.reached and again.trials == tuned.trials
+
+
+def test_factory_index_is_exact_when_the_shortlist_covers_everything(factory_case, tmp_path):
+    db, _, q_eval, index, (exact_dist, exact) = factory_case
+    set_search_params(index, nprobe=10**6, k_factor=10**6)  # every list, every candidate re-ranked
+    assert search_params(index)["nprobe"] == 512
+    dist, ids = search(index, q_eval, k=10)
+    np.testing.assert_array_equal(ids, exact)
+    np.testing.assert_allclose(dist, exact_dist, rtol=1e-4, atol=1e-3)
+
+    # a full ranking (k = n) re-ranks each vector once (shortlist capped at n): every id, exact order
+    dist_all, ids_all = search(index, q_eval[:20], k=len(db))
+    assert (np.sort(ids_all, axis=1) == np.arange(len(db))).all()
+    assert (np.diff(dist_all, axis=1) >= 0).all()
+    np.testing.assert_array_equal(ids_all[:, :10], exact[:20])
+
+    # saved and loaded with its search parameters
+    set_search_params(index, nprobe=8, k_factor=4)
+    loaded = load_index(save_index(index, tmp_path / "db.faiss"))
+    assert isinstance(loaded, faiss.IndexRefine) and search_params(loaded) == search_params(index)
+    np.testing.assert_array_equal(search(loaded, q_eval, k=10)[1], search(index, q_eval, k=10)[1])
+    assert search_params(load_index(tmp_path / "db.faiss", nprobe=2, k_factor=32))["k_factor"] == 32
+
+
+def test_factory_index_inner_product_refines_exactly():
+    db, _, q, = _clustered_split(3000, 16, 10, seed=12, n_queries=40)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    index = build_index(db, IndexConfig(factory="IVF{nlist},PQ4x6,Refine(Flat)", metric="ip", nprobe=10**6,
+                                        k_factor=10**6))
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+    sims, ids = search(index, q, k=5)
+    ref_sims, ref_ids = search(build_index(db, IndexConfig(metric="ip")), q, k=5)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, rtol=1e-5, atol=1e-5)
+
+
+def test_factory_config_round_trips(tmp_path, cache_dir):
+    from siamese_retrieval.config_schema import check_config
+    from siamese_retrieval.retrieval.ranking import RankingSettings, ranking_config
+    from tests.conftest import compose_config
+
+    cfg = IndexConfig(factory=FACTORY, nprobe=8, k_factor=32, tune=True, target_recall=0.97)
+    assert cfg.kind == "factory"
+    assert IndexConfig(**dataclasses.asdict(cfg)) == cfg
+    assert dataclasses.replace(cfg, metric="ip").factory == FACTORY  # ranking.index_config sets the metric
+    # the shipped config group composes, passes the config check and becomes the same IndexConfig
+    composed = compose_config("eval", ["index=opq_ivfpq_refine", "model=cnn_snn"], tmp_path / "run", cache_dir)
+    assert check_config(composed, "eval") == []
+    index_cfg = RankingSettings.from_config(ranking_config(composed)).index
+    assert index_cfg.kind == "factory" and index_cfg.factory == "OPQ16_64,IVF{nlist},PQ16x8,Refine(Flat)"
+    assert index_cfg.tune and index_cfg.target_recall == 0.95
+    assert IndexConfig(**dataclasses.asdict(index_cfg)) == index_cfg
+
+
+@pytest.mark.parametrize("factory", ["IVF", "OPQ8_32,IVFx,PQ8", "IVF{nlist},PQ5,Refine(Flat)", "Refine(Flat"])
+def test_bad_factory_string_is_one_config_error_line(factory):
+    with pytest.raises(ConfigError) as info:
+        build_index(_random(2000, 32, 13), IndexConfig(factory=factory))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"index.factory={factory!r}")
+    assert "d=32" in message
+
+
+def test_bad_factory_configs():
+    with pytest.raises(ConfigError, match="factory"):
+        IndexConfig(factory="  ")
+    with pytest.raises(ConfigError, match="needs index.factory"):
+        IndexConfig(kind="factory")
+    with pytest.raises(ConfigError, match="target_recall"):
+        IndexConfig(factory=FACTORY, target_recall=1.5)
+    with pytest.raises(ConfigError, match="k_factor"):
+        IndexConfig(factory=FACTORY, k_factor=0)
+
+
+def test_factory_tiny_database_falls_back_to_flat(caplog):
+    db = _random(100, 32, 14)
+    with caplog.at_level(logging.WARNING, logger="siamese_retrieval.retrieval.index"):
+        index = build_index(db, IndexConfig(factory=FACTORY, tune=True))
+    assert isinstance(index, faiss.IndexFlatL2) and "using a flat (exact) index instead" in caplog.text
+    np.testing.assert_array_equal(search(index, db, k=1)[1][:, 0], np.arange(100))

@@ -53,6 +53,7 @@ def test_multirun_jobs_are_separate_and_a_failed_job_is_listed(tmp_path: Path, c
     assert "Failed jobs (2)" in result["markdown"]
 
 
+@pytest.mark.slow  # the default-storage variant (tests/test_readme_commands.py) runs by default
 def test_optuna_search_continues_from_its_storage(tmp_path: Path, cache_dir: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     optuna = pytest.importorskip("optuna")

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from siamese_retrieval.data.dataset import RetrievalDataset, check_image_files, check_real_paths, images_stamp
+from siamese_retrieval.data.ground_truth import heading_difference, radius_positives  # noqa: F401 (re-exported)
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
 
@@ -47,51 +48,8 @@ TRAIN_RADIUS_M = 10.0
 # ----------------------------------------------------------------------------------------- positives
 
 
-def radius_positives(
-    q_xy: np.ndarray,
-    db_xy: np.ndarray,
-    radius_m: float,
-    *,
-    q_heading: np.ndarray | None = None,
-    db_heading: np.ndarray | None = None,
-    max_heading_deg: float | None = None,
-) -> np.ndarray:
-    """(n_q, n_db) bool: database images within `radius_m` metres (inclusive) of each query and, when
-    `max_heading_deg` is set, whose heading differs from the query's by at most that many degrees.
-
-    FAISS range search over coordinates centred on the database (float32 keeps centimetres over tens of
-    kilometres), with 1 m of slack; the candidates are then decided exactly in float64. Memory: the candidate
-    pairs plus the dense output (which the contract needs anyway).
-    """
-    import faiss
-
-    q_xy = np.asarray(q_xy, dtype=np.float64).reshape(-1, 2)
-    db_xy = np.asarray(db_xy, dtype=np.float64).reshape(-1, 2)
-    sim = np.zeros((len(q_xy), len(db_xy)), dtype=bool)
-    if not len(q_xy) or not len(db_xy):
-        return sim
-    radius_m = float(radius_m)
-    if not math.isfinite(radius_m) or radius_m < 0:
-        raise ValueError(f"radius must be a finite number of metres >= 0, got {radius_m}")
-    origin = db_xy.mean(axis=0)
-    index = faiss.IndexFlatL2(2)
-    index.add(np.ascontiguousarray(db_xy - origin, dtype=np.float32))
-    lims, _, found = index.range_search(np.ascontiguousarray(q_xy - origin, dtype=np.float32), (radius_m + 1.0) ** 2)
-    qi = np.repeat(np.arange(len(q_xy)), np.diff(lims).astype(np.int64))
-    di = found.astype(np.int64)
-    keep = ((q_xy[qi] - db_xy[di]) ** 2).sum(axis=1) <= radius_m**2
-    if max_heading_deg is not None:
-        if q_heading is None or db_heading is None:
-            raise ValueError("max_heading_deg needs the query and database headings")
-        q_h, db_h = np.asarray(q_heading, np.float64), np.asarray(db_heading, np.float64)
-        keep &= heading_difference(q_h[qi], db_h[di]) <= float(max_heading_deg)
-    sim[qi[keep], di[keep]] = True
-    return sim
-
-
-def heading_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Absolute difference of compass headings in degrees, in [0, 180] (359 and 1 differ by 2)."""
-    return np.abs((np.asarray(a, np.float64) - np.asarray(b, np.float64) + 180.0) % 360.0 - 180.0)
+# radius_positives (dense sim from positions) and heading_difference live in data/ground_truth.py, next to
+# radius_pairs (the sparse form): one implementation; imported above.
 
 
 # ----------------------------------------------------------------------------------------- shared checks

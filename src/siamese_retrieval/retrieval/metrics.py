@@ -1,10 +1,12 @@
-"""Retrieval metrics: each query ranked against the FULL database; and the study's range accuracy.
+"""Retrieval metrics: each query ranked against the full database (or its top k); and the study's range accuracy.
 
 Logged as `{prefix}/<name>` (prefix "val" or "test", see `prefixed`), names from `RetrievalScores`:
 
     precision@k   mean over queries of (number of sim=1 items in the top k) / k   (the study's metric)
     recall@k      fraction of queries with at least one sim=1 item in the top k   (VPR Recall@N)
     mAP           mean over queries of average precision over the whole ranking (binary sim)
+    mAP@k         streaming evaluation (only the top k searched, `RankingSettings.search_k`): average
+                  precision over the top k, normalised by min(k, n_positives); equals mAP when k = n_database
     ndcg@K        nDCG of the top K graded by fov (linear gain, 1/log2(rank+1) discount); the ideal
                   DCG takes the K largest fov values of the query's whole row; 0 when that is 0
     n_queries                   queries seen (with or without a positive)
@@ -27,6 +29,7 @@ __all__ = [
     "RetrievalScores",
     "RangeAccuracy",
     "per_query_retrieval_scores",
+    "ranked_retrieval_scores",
     "range_accuracy",
     "prefixed",
 ]
@@ -96,35 +99,69 @@ def per_query_retrieval_scores(
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     else:
         order, sim, fov = _check_order(order, sim, fov)
-    b, n = order.shape
-    rel = sim.gather(1, order).to(torch.float32)  # (b, n) relevance in ranked order
-    hits = rel.cumsum(1)  # hits[:, r-1] = positives within the top r (exact in float32 below 2**24)
-    n_pos = hits[:, -1]
-
-    out: dict[str, Tensor] = {}
-    for k in top_ks:
-        k = int(k)
-        if k < 1:
-            raise ValueError(f"top-k values must be >= 1, got {k}")
-        hits_k = hits[:, min(k, n) - 1].double()
-        out[f"precision@{k}"] = hits_k / k  # divided by k even when the database is smaller (torchmetrics)
-        out[f"recall@{k}"] = (hits_k > 0).double()
-    ranks = torch.arange(1, n + 1, device=order.device, dtype=torch.float32)
-    out["AP"] = ((hits / ranks) * rel).sum(1).double() / n_pos.double().clamp(min=1)
+    n = order.shape[1]
+    rel = sim.gather(1, order)  # (b, n) relevance in ranked order
+    gain = ideal = None
     if ndcg_k is not None:
         if fov is None:
             raise ValueError("nDCG needs the graded relevance fov")
         kk = min(int(ndcg_k), n)
-        discount = 1.0 / torch.log2(torch.arange(kk, device=order.device, dtype=torch.float64) + 2.0)
-        dcg = (fov.gather(1, order[:, :kk]).double() * discount).sum(1)
-        ideal = (fov.topk(kk, dim=1).values.double() * discount).sum(1)
-        out[f"ndcg@{int(ndcg_k)}"] = torch.where(ideal > 0, dcg / ideal.clamp(min=1e-300), torch.zeros_like(dcg))
+        gain, ideal = fov.gather(1, order[:, :kk]), fov.topk(kk, dim=1).values
+    return ranked_retrieval_scores(rel, sim.sum(1), gain, ideal, top_ks, ndcg_k)
+
+
+def ranked_retrieval_scores(
+    rel: Tensor,
+    n_pos: Tensor,
+    gain: Tensor | None = None,
+    ideal: Tensor | None = None,
+    top_ks: Sequence[int] = (1, 5, 10),
+    ndcg_k: int | None = 10,
+) -> dict[str, Tensor]:
+    """Per-query metrics from the top k of each ranking and the ground truth's per-query counts.
+
+    rel (b, k) bool: sim of the ranked database items, best first (k = n_db for a full ranking, or the
+    k a search returned); n_pos (b,): sim=1 items of each query in the WHOLE database; gain (b, >= K')
+    fov of the ranked items and ideal (b, >= K') each query's largest fov values over the whole database,
+    descending, where K' = min(ndcg_k, k). Nothing here is n_db wide unless k is.
+
+    Conventions (identical to the full-ranking metrics whenever every cut-off is <= k):
+      precision@c  positives in the top c / c;  recall@c: at least one positive in the top c;
+      AP           average precision over the top k:  sum over ranks r <= k of P@r * rel_r, divided by
+                   min(k, n_pos). With k = n_db this is the usual AP over the whole ranking (normalised by
+                   n_pos), bit for bit; with k < n_db it is "AP@k" as in the VPR / MSLS benchmarks (a query
+                   whose positives all lie in the top k, in the best order, scores 1);
+      ndcg@K       DCG of the top K' by fov over the ideal DCG of the K' largest fov values (0 when that is 0).
+    """
+    b, k = rel.shape
+    relf = rel.to(torch.float32)
+    hits = relf.cumsum(1)  # hits[:, r-1] = positives within the top r (exact in float32 below 2**24)
+    out: dict[str, Tensor] = {}
+    for c in top_ks:
+        c = int(c)
+        if c < 1:
+            raise ValueError(f"top-k values must be >= 1, got {c}")
+        hits_c = hits[:, min(c, k) - 1].double()
+        out[f"precision@{c}"] = hits_c / c  # divided by c even when the database is smaller (torchmetrics)
+        out[f"recall@{c}"] = (hits_c > 0).double()
+    n_pos = n_pos.to(device=rel.device).long()
+    ranks = torch.arange(1, k + 1, device=rel.device, dtype=torch.float32)
+    norm = torch.clamp(n_pos, max=k).double().clamp(min=1)
+    out["AP"] = ((hits / ranks) * relf).sum(1).double() / norm
+    if ndcg_k is not None:
+        if gain is None or ideal is None:
+            raise ValueError("nDCG needs the graded relevance fov")
+        kk = min(int(ndcg_k), k)
+        discount = 1.0 / torch.log2(torch.arange(kk, device=rel.device, dtype=torch.float64) + 2.0)
+        dcg = (gain[:, :kk].double() * discount).sum(1)
+        idcg = (ideal[:, :kk].double() * discount).sum(1)
+        out[f"ndcg@{int(ndcg_k)}"] = torch.where(idcg > 0, dcg / idcg.clamp(min=1e-300), torch.zeros_like(dcg))
     out["has_positive"] = n_pos > 0
     return out
 
 
 class RetrievalScores(Metric):
-    """precision@k, recall@k, mAP, nDCG@K over chunks of queries, each against the full database.
+    """precision@k, recall@k, mAP (mAP@map_k), nDCG@K over chunks of queries (full rankings or top-k lists).
 
     `update(scores, sim, fov)` takes a chunk of b queries (b, n_db) and adds only per-query sums to the
     states (all "sum"-reduced, so the result is exact under DDP whatever the split of queries);
@@ -135,24 +172,29 @@ class RetrievalScores(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, top_ks: Sequence[int] = (1, 5, 10), ndcg_k: int = 10, **kwargs) -> None:
+    def __init__(self, top_ks: Sequence[int] = (1, 5, 10), ndcg_k: int = 10, map_k: int | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.top_ks = tuple(int(k) for k in top_ks)
         if not self.top_ks or min(self.top_ks) < 1:
             raise ValueError(f"top_ks must be positive integers, got {top_ks}")
         self.ndcg_k = int(ndcg_k)
+        self.map_k = None if map_k is None else int(map_k)
         self._names = (
             [f"precision@{k}" for k in self.top_ks] + [f"recall@{k}" for k in self.top_ks]
-            + ["mAP", f"ndcg@{self.ndcg_k}"]
+            + ["mAP" if self.map_k is None else f"mAP@{self.map_k}", f"ndcg@{self.ndcg_k}"]
         )
         self.add_state("sums", default=torch.zeros(len(self._names), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_queries", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("n_without_positive", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, scores: Tensor | None, sim: Tensor, fov: Tensor,  # type: ignore[override]
-               order: Tensor | None = None) -> None:
-        """A chunk of queries: dense `scores`, or the ranking `order` itself (then nothing is sorted)."""
-        per_q = per_query_retrieval_scores(scores, sim, fov, self.top_ks, self.ndcg_k, order=order)
+    def update(self, scores: Tensor | None = None, sim: Tensor | None = None,  # type: ignore[override]
+               fov: Tensor | None = None, order: Tensor | None = None, *,
+               per_query: dict[str, Tensor] | None = None) -> None:
+        """A chunk of queries: dense `scores`, or the ranking `order` itself (then nothing is sorted), or the
+        chunk's `per_query` values already computed (`update_ranked`)."""
+        per_q = per_query if per_query is not None else \
+            per_query_retrieval_scores(scores, sim, fov, self.top_ks, self.ndcg_k, order=order)
         keep = per_q["has_positive"]
         values = [per_q[f"precision@{k}"] for k in self.top_ks] + [per_q[f"recall@{k}"] for k in self.top_ks]
         values += [per_q["AP"], per_q[f"ndcg@{self.ndcg_k}"]]
@@ -160,6 +202,10 @@ class RetrievalScores(Metric):
         self.sums += stacked.to(self.sums.dtype)
         self.n_queries += keep.numel()
         self.n_without_positive += (~keep).sum()
+
+    def update_ranked(self, rel: Tensor, n_pos: Tensor, gain: Tensor, ideal: Tensor) -> None:
+        """A chunk of queries by their top k (see `ranked_retrieval_scores`): O(b x k), never b x n_db."""
+        self.update(per_query=ranked_retrieval_scores(rel, n_pos, gain, ideal, self.top_ks, self.ndcg_k))
 
     def compute(self) -> dict[str, Tensor]:
         n_valid = (self.n_queries - self.n_without_positive).double()

@@ -4,7 +4,7 @@ Every number the project reports goes through here, so the learned models, the c
 and re-ranking are measured the same way:
 
     embed_all / embed_sharded       inputs -> embeddings (in batches; under DDP each rank embeds a shard)
-    rank_embeddings / rank_queries  embeddings -> FAISS index -> full rankings -> `Ranking`
+    rank_embeddings / rank_queries  embeddings -> FAISS index -> full rankings (or the top search_k) -> `Ranking`
     rank_scores                     a dense (queries x database) score matrix -> `Ranking` (baselines)
     InlierReranker                  a ranking's top N re-ordered by a verifier (ORB + RANSAC inliers)
     ranking_grid                    a `Ranking` -> RGB picture of queries and their top k
@@ -13,6 +13,11 @@ A ranking is sorted once: FAISS returns each query's database sorted by distance
 relevance head is monotonic in the distance, so that order is the relevance order. Only rows where it
 is not (equal relevance scores, or a head that increases with distance) are re-sorted, so that ties
 always go to the lower database index, exactly as a stable sort of the dense scores would put them.
+
+Streaming evaluation (`RankingSettings.search_k = k`): each query searches only its top k, and the metrics
+come from those (b, k) lists and the ground truth's per-query counts (data/ground_truth.py: dense arrays
+or sparse CSR, one code path): memory O(queries x k), never queries x database. precision@c, recall@c and
+ndcg@K are the full-ranking values (every cut-off must be <= k); mAP becomes mAP@k (metrics.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import numpy as np
 import torch
 
+from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
@@ -32,7 +38,10 @@ from siamese_retrieval.retrieval.visualize import retrieval_grid
 
 
 class Relevance(Protocol):
-    """Ground truth of a dataset: (n_query, n_database) binary `sim` and graded `fov`."""
+    """Ground truth of a dataset: (n_query, n_database) binary `sim` and graded `fov`.
+
+    The engine also takes a `GroundTruth` (data/ground_truth.py, e.g. `SparseRelevance`) wherever it takes this.
+    """
 
     sim: np.ndarray
     fov: np.ndarray
@@ -45,9 +54,12 @@ class RankingSettings:
     top_ks: tuple[int, ...] = (1, 5, 10)  # precision@k / recall@k cut-offs
     ndcg_k: int = 10  # nDCG cut-off (graded by fov)
     keep_top: int = 10  # database ids/scores kept per query (grids, per-query tables, recall curve)
-    query_chunk: int = 256  # queries ranked against the whole database at a time (memory: chunk x n_db)
+    query_chunk: int = 256  # queries ranked at a time (memory: chunk x n_db, or chunk x search_k when streaming)
     embed_batch: int = 512  # items per forward pass when embedding
     index: IndexConfig = field(default_factory=IndexConfig)  # its metric is set from the model's distance
+    # None: rank the whole database (metric "mAP"). k: streaming, search only each query's top k (memory
+    # O(queries x k); metric "mAP@k"; an IVF index keeps its nprobe). Must be >= every top_ks and ndcg_k.
+    search_k: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "top_ks", tuple(int(k) for k in self.top_ks))
@@ -56,6 +68,14 @@ class RankingSettings:
         for name in ("ndcg_k", "keep_top", "query_chunk", "embed_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.search_k is not None:
+            if isinstance(self.search_k, bool) or int(self.search_k) < 1:
+                raise ConfigError(f"search_k must be null or an integer >= 1, got {self.search_k}")
+            object.__setattr__(self, "search_k", int(self.search_k))
+            need = max(*self.top_ks, int(self.ndcg_k))
+            if self.search_k < need:
+                raise ConfigError(f"search_k={self.search_k} must be >= the largest top_ks / ndcg_k ({need}): "
+                                  "the metrics are read from the top search_k")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> "RankingSettings":
@@ -86,40 +106,62 @@ class Ranking:
     query_idx: np.ndarray  # (m,) dataset query indices
     top_ids: np.ndarray  # (m, keep_top) database indices, best first
     top_scores: np.ndarray  # (m, keep_top) relevance scores
-    first_positive_rank: np.ndarray  # (m,) 1-based rank of the first sim=1 image, 0 if the query has none
+    # (m,) 1-based rank of the first sim=1 image, 0 if the query has none; streaming (search_k = k): k + 1
+    # when the query has positives but none in its top k (a lower bound on the rank)
+    first_positive_rank: np.ndarray
     metrics: dict[str, float]
     before_rerank: dict[str, float] | None = None  # the metrics of the ranking a re-ranker started from
 
 
 class RankingBuilder:
-    """Accumulates chunks of full rankings into a `Ranking` (metrics, top ids, first positive)."""
+    """Accumulates chunks of rankings into a `Ranking` (metrics, top ids, first positive).
 
-    def __init__(self, query_idx: np.ndarray, truth: Relevance, settings: RankingSettings) -> None:
-        self.query_idx, self.truth, self.keep_top = query_idx, truth, settings.keep_top
+    A chunk is each query's full ranking (search_k None) or its top search_k; either way the metrics are
+    read from the (b, k) ids through the ground truth's `lookup` / `n_positives` / `ideal_fov`
+    (data/ground_truth.py), so a dense dataset and a sparse one take the same path and no (b, n_db)
+    block is made unless k = n_db.
+    """
+
+    def __init__(self, query_idx: np.ndarray, truth: Relevance | GroundTruth, settings: RankingSettings) -> None:
+        self.query_idx, self.truth, self.keep_top = query_idx, as_ground_truth(truth), settings.keep_top
+        self.search_k, self.ndcg_k = settings.search_k, settings.ndcg_k
         # every query is scored by this process: no cross-process sync (under DDP only rank zero ranks)
-        self.metric = RetrievalScores(top_ks=settings.top_ks, ndcg_k=settings.ndcg_k, sync_on_compute=False)
+        self.metric = RetrievalScores(top_ks=settings.top_ks, ndcg_k=settings.ndcg_k, map_k=settings.search_k,
+                                      sync_on_compute=False)
         self.tops: list[np.ndarray] = []
         self.top_scores: list[np.ndarray] = []
         self.first_pos: list[np.ndarray] = []
 
     def add_ranked(self, qi: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
-        """Full rankings of the dataset queries `qi`: `ids` (len(qi), n_db) best first, their `scores`."""
+        """Rankings of the dataset queries `qi`: `ids` (len(qi), k) best first (k = n_db, or the searched top
+        k when streaming), their `scores`."""
         if np.isnan(scores).any():
             raise ValueError("scores contain NaN: the ranking is undefined")
-        sim_c, fov_c = torch.from_numpy(self.truth.sim[qi]), torch.from_numpy(self.truth.fov[qi])
-        order = torch.from_numpy(ids)
-        self.metric.update(None, sim_c, fov_c, order=order)
+        qi = np.asarray(qi)
+        if ids.ndim != 2 or ids.shape[0] != len(qi) or ids.shape[1] == 0:
+            raise ValueError(f"ids must be (len(qi), k >= 1) = ({len(qi)}, k), got shape {ids.shape}")
+        k = ids.shape[1]
+        if self.search_k is None and k != self.truth.n_db:
+            raise ValueError(f"full ranking expected ({self.truth.n_db} ids per query), got {k}; set search_k")
+        sim, fov = self.truth.lookup(qi, ids)  # (b, k)
+        n_pos = self.truth.n_positives(qi)
+        kk = min(self.ndcg_k, k)
+        ideal = self.truth.ideal_fov(qi, kk)
+        rel = torch.from_numpy(sim)
+        self.metric.update_ranked(rel, torch.from_numpy(n_pos), torch.from_numpy(fov[:, :kk]), torch.from_numpy(ideal))
         self.tops.append(ids[:, : self.keep_top])
         self.top_scores.append(scores[:, : self.keep_top])
-        hits = torch.gather(sim_c.bool(), 1, order)
-        has = hits.any(dim=1)
-        first = torch.where(has, hits.float().argmax(dim=1) + 1, torch.zeros_like(has, dtype=torch.long))
-        self.first_pos.append(first.numpy())
+        has = sim.any(axis=1)
+        first = np.where(has, sim.argmax(axis=1) + 1, np.where(n_pos > 0, k + 1, 0))
+        self.first_pos.append(first.astype(np.int64))
 
     def add_scores(self, qi: np.ndarray, scores: np.ndarray) -> None:
-        """Dense scores (len(qi), n_db), higher = more relevant: sorted here (stable: ties to the lower index)."""
+        """Dense scores (len(qi), n_db), higher = more relevant: sorted here (stable: ties to the lower index);
+        streaming keeps the top search_k."""
         scores = np.ascontiguousarray(scores, dtype=np.float32)
         ids = np.argsort(-scores, axis=1, kind="stable")
+        if self.search_k is not None:
+            ids = ids[:, : self.search_k]
         self.add_ranked(qi, ids, np.take_along_axis(scores, ids, axis=1))
 
     def result(self) -> Ranking:
@@ -220,17 +262,21 @@ Reranker = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.n
 
 def ranked_chunks(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor,
                   settings: RankingSettings) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """(rows of q_emb, full-database ids best first, relevance scores) per chunk of queries."""
-    index = build_index(module.distance.for_index(db_emb).numpy(), index_config(module, settings))
+    """(rows of q_emb, ids best first, relevance scores) per chunk of queries: the whole database per query,
+    or its top `settings.search_k` (streaming: (chunk, k) arrays only)."""
+    full = settings.search_k is None
+    index = build_index(module.distance.for_index(db_emb).numpy(), index_config(module, settings, full_ranking=full))
+    k = db_emb.shape[0] if full else min(settings.search_k, db_emb.shape[0])
     for start in range(0, len(q_emb), settings.query_chunk):
         rows = slice(start, start + settings.query_chunk)
-        ids, _, scores = search_relevance(module, index, q_emb[rows], k=db_emb.shape[0])
+        ids, _, scores = search_relevance(module, index, q_emb[rows], k=k)
         yield (rows, *canonical_order(ids, scores))
 
 
 def rank_embeddings(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor, query_idx: np.ndarray,
-                    truth: Relevance, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
-    """Rank the whole database for each query embedding (rows of `query_idx`) and score the rankings.
+                    truth: Relevance | GroundTruth, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
+    """Rank the whole database (or its top `settings.search_k`) for each query embedding (rows of
+    `query_idx`) and score the rankings. `truth`: the dataset (dense sim/fov) or a `GroundTruth`.
 
     With `rerank`, each chunk's rankings pass through it; the result's `before_rerank` holds the metrics
     of the model's own ranking (computed in the same pass).
@@ -250,14 +296,14 @@ def rank_embeddings(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor,
 
 
 def rank_queries(module: Embedder, db_inputs: Tensors, q_inputs: Tensors, query_idx: np.ndarray,
-                 truth: Relevance, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
+                 truth: Relevance | GroundTruth, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
     """Embed the database once and the split's queries, then `rank_embeddings`."""
     db_emb = embed_all(module, db_inputs, settings.embed_batch)
     q_emb = embed_all(module, take(q_inputs, query_idx), settings.embed_batch)
     return rank_embeddings(module, db_emb, q_emb, query_idx, truth, settings, rerank)
 
 
-def rank_scores(scores: np.ndarray, query_idx: np.ndarray, truth: Relevance, settings: RankingSettings) -> Ranking:
+def rank_scores(scores: np.ndarray, query_idx: np.ndarray, truth: Relevance | GroundTruth, settings: RankingSettings) -> Ranking:
     """A `Ranking` from a dense (m, n_db) score matrix (higher = more relevant), e.g. a baseline's."""
     builder = RankingBuilder(query_idx, truth, settings)
     for start in range(0, len(query_idx), settings.query_chunk):

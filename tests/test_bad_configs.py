@@ -119,7 +119,7 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("train", ["data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
     ("train", ["data.eval_batch_size=0"], "data.eval_batch_size=0: must be an integer >= 1"),
     # ------------------------------------------------------------ train: index, callbacks
-    ("train", ["index.kind=hnsw"], "index.kind='hnsw': must be one of flat, ivf, ivfpq"),
+    ("train", ["index.kind=hnsw"], "index.kind='hnsw': must be one of flat, ivf, ivfpq, factory"),
     ("train", ["index=ivf", "index.nlist=0"], "index.nlist=0: must be an integer >= 1 or null"),
     ("train", ["index=ivfpq", "index.pq_bits=0"], "index.pq_bits=0: must be an integer >= 1"),
     ("train", ["callbacks.retrieval_metrics.top_ks=[]"],

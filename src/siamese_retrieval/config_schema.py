@@ -225,12 +225,16 @@ RULES: tuple[Rule, ...] = (
     R("logger.wandb.log_model", CHOICE, choices=(False, True, "best", "all"), tasks=TRAIN,
       note="best: the kept checkpoints at the end of training; all: every checkpoint"),
     # ---------------------------------------------------------------- index (all three)
-    R("index.kind", CHOICE, choices=("flat", "ivf", "ivfpq")),
+    R("index.kind", CHOICE, choices=("flat", "ivf", "ivfpq", "factory"), note="factory: set by index.factory"),
     R("index.nlist", INT, ge=1, nullable=True, note="null: ~4 sqrt(n)"),
     R("index.nprobe", INT, ge=1),
     R("index.pq_m", INT, ge=1),
     R("index.pq_bits", INT, ge=1),
     R("index.use_gpu", BOOL),
+    R("index.factory", STR, nullable=True, note="a faiss.index_factory string; null: `kind` decides"),
+    R("index.k_factor", INT, ge=1, note="Refine shortlist: k x k_factor candidates re-ranked exactly"),
+    R("index.tune", BOOL),
+    R("index.target_recall", FLOAT, gt=0, le=1, note="recall@10 agreement with exact search that tune aims for"),
     # ---------------------------------------------------------------- evaluate.py
     R("method", CHOICE, choices=("model", "orb_ransac"), tasks=EVAL),
     R("split", CHOICE, choices=("test", "val", "train", "all"), tasks=EVAL),

@@ -164,8 +164,9 @@ def check_real_paths(root: Path, rel_paths: Sequence[str], source: Path, follow_
                 "(a symbolic link; set data.follow_symlinks_outside_root=true to allow links out of the root)")
 
 
-def _load_json_object(path: Path) -> dict:
-    """The JSON object in `path`; every way it can fail is one DatasetError naming the file."""
+def read_utf8(path: Path, what: str = "", encoding: str = "utf-8") -> str:
+    """The text of a metadata file; missing, unreadable or not UTF-8 is one DatasetError naming the file.
+    `what` (e.g. "not valid JSON") prefixes the encoding problem."""
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
@@ -173,10 +174,16 @@ def _load_json_object(path: Path) -> dict:
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read file ({_one_line(exc.strerror or exc)})") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON (not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
-                           f"{exc.start})") from None
+        where = f"byte 0x{raw[exc.start]:02x} at offset {exc.start}"
+        raise DatasetError(f"{path}: {what} (not UTF-8 text: {where})" if what
+                           else f"{path}: not UTF-8 text ({where})") from None
+
+
+def _load_json_object(path: Path) -> dict:
+    """The JSON object in `path`; every way it can fail is one DatasetError naming the file."""
+    text = read_utf8(path, what="not valid JSON")
     try:
         meta = json.loads(text.removeprefix("\ufeff"))
     except json.JSONDecodeError as exc:

@@ -26,7 +26,13 @@ from typing import Sequence
 
 import numpy as np
 
-from siamese_retrieval.data.dataset import RetrievalDataset, check_image_files, check_real_paths, images_stamp
+from siamese_retrieval.data.dataset import (
+    RetrievalDataset,
+    check_image_files,
+    check_real_paths,
+    images_stamp,
+    read_utf8,
+)
 from siamese_retrieval.data.ground_truth import heading_difference, radius_positives  # noqa: F401 (re-exported)
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
@@ -248,16 +254,7 @@ MSLS_RAW_COLUMNS = ("key", "ca", "pano")
 def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     """(line number, {column: text}) for every data row of a CSV file with a header row; one DatasetError line
     naming the file for a missing file, undecodable bytes, malformed CSV, missing columns or ragged rows."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    text = read_utf8(path, encoding="utf-8-sig")
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[tuple[int, dict[str, str]]] = []
     try:

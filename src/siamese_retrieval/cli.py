@@ -176,8 +176,7 @@ class OutputDirCheck(_HydraCallback):
         try:
             check_writable_dir(path)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            _fail(str(exc))
 
 
 def _resumed_run_dir(config: DictConfig) -> Path | None:
@@ -233,9 +232,8 @@ def _claim(path: str, unique: bool) -> str:
             return str(candidate)
         except FileExistsError:
             if not unique:
-                print(f"error: sweep directory {base} is already used by another sweep started in the same "
-                      f"second; start this one again", file=sys.stderr)
-                sys.exit(2)
+                _fail(f"sweep directory {base} is already used by another sweep started in the same second; "
+                      f"start this one again")
         except OSError:
             return str(candidate)  # _check reports it
     return path

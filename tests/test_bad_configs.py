@@ -119,6 +119,10 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("train", ["data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
     ("train", ["data.eval_batch_size=0"], "data.eval_batch_size=0: must be an integer >= 1"),
     # ------------------------------------------------------------ train: index, callbacks
+    ("train", ["callbacks.retrieval_metrics.search_k=50"],
+     "callbacks.model_checkpoint.monitor='val/mAP': with callbacks.retrieval_metrics.search_k=50 the metric is "
+     "val/mAP@50; set callbacks.model_checkpoint.monitor=val/mAP@50 (or val/recall@1)"),
+    ("train", ["callbacks.retrieval_metrics.search_k=50", "callbacks.model_checkpoint.monitor=val/mAP@50"], None),
     ("train", ["index.kind=hnsw"], "index.kind='hnsw': must be one of flat, ivf, ivfpq, factory"),
     ("train", ["index=ivf", "index.nlist=0"], "index.nlist=0: must be an integer >= 1 or null"),
     ("train", ["index=ivfpq", "index.pq_bits=0"], "index.pq_bits=0: must be an integer >= 1"),

@@ -121,13 +121,14 @@ class BestValSummary(pl.Callback):
         self.best: dict[str, tuple[float, int]] = {}
 
     def _val_names(self, trainer: pl.Trainer, module: pl.LightningModule) -> list[str]:
-        names = ["val/loss", "val/mAP"]
+        names = ["val/loss"]
         if getattr(module, "range_key", None):
             names.append(f"val/{module.range_key}")
         metrics_cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalMetrics)), None)
         if metrics_cb is not None:
             s = metrics_cb.settings
             names += [f"val/{m}@{k}" for m in ("precision", "recall") for k in s.top_ks] + [f"val/ndcg@{s.ndcg_k}"]
+            names.append(f"val/mAP@{s.search_k}" if s.search_k else "val/mAP")  # streaming: mAP of the top k
         return names
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

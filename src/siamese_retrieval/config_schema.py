@@ -306,7 +306,21 @@ def _min_side_le_max_side(cfg: DictConfig, task: str) -> None:
         raise ConfigError(f"orb_ransac.min_side={lo}: must be <= orb_ransac.max_side ({hi})")
 
 
-CROSS_CHECKS: tuple[Callable[[DictConfig, str], None], ...] = (_fractions_sum_to_one, _min_side_le_max_side)
+def _monitor_exists_when_streaming(cfg: DictConfig, task: str) -> None:
+    """Streaming evaluation logs mAP@<search_k>, not the full ranking's mAP: a monitor of val/mAP would fail
+    after the first epoch, so say which name to monitor before anything runs."""
+    search_k = _get(cfg, "callbacks.retrieval_metrics.search_k")
+    if task != "train" or search_k in (_ABSENT, None):
+        return
+    for key in ("callbacks.model_checkpoint.monitor", "callbacks.early_stopping.monitor"):
+        if _get(cfg, key) == "val/mAP":
+            raise ConfigError(f"{key}='val/mAP': with callbacks.retrieval_metrics.search_k={search_k} the metric is "
+                              f"val/mAP@{search_k}; set {key}=val/mAP@{search_k} (or val/recall@1)")
+
+
+CROSS_CHECKS: tuple[Callable[[DictConfig, str], None], ...] = (
+    _fractions_sum_to_one, _min_side_le_max_side, _monitor_exists_when_streaming,
+)
 
 
 # ---------------------------------------------------------------------------- warnings

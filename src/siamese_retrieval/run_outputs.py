@@ -188,7 +188,8 @@ def print_results(
     table.add_column("metric", no_wrap=True)
     for stage in stages:
         table.add_column(stage, justify="right", no_wrap=True)
-    for name in SHOWN_METRICS:
+    streamed = sorted({k.split("/", 1)[1] for k in metrics if "/mAP@" in k and k.count("/") == 1})
+    for name in SHOWN_METRICS if not streamed else [*SHOWN_METRICS, *streamed]:  # mAP@k: streaming evaluation
         row = [metrics.get(f"{stage}/{name}") for stage in stages]
         if any(v is not None for v in row):
             table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in row))

@@ -38,3 +38,15 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path, cac
         cfg.paths.cache_dir = str(cache_dir)
         del cfg["hydra"]
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A keypoint_snn checkpoint trained for two batches on the tiny city (tests that need any real checkpoint;
+    they copy it before changing it)."""
+    from siamese_retrieval.train import train
+
+    out = tmp_path_factory.mktemp("tiny_checkpoint")
+    cfg = compose_config("train", ["data=synth_tiny", "trainer=cpu", "trainer.max_epochs=1",
+                                   "+trainer.limit_train_batches=2", "logger=none"], out, cache_dir)
+    return Path(train(cfg)["checkpoint"])

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from siamese_retrieval.train import train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT
 
 CONFIG_CASES = [
     ("batch_size_abc", "train.py", ["model.batch_size=abc"], "error: model.batch_size=abc: must be an integer >= 1"),
@@ -65,12 +64,9 @@ def test_bad_override_is_one_line_before_torch(case, script, args, expected, tmp
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("metrics.json"))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("cli_ckpt")
-    cfg = compose_config("train", ["data=synth_tiny", "trainer=cpu", "trainer.max_epochs=1",
-                                   "+trainer.limit_train_batches=2", "logger=none"], out, cache_dir)
-    return Path(train(cfg)["checkpoint"])
+@pytest.fixture
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def _truncated(ckpt: Path, dst: Path) -> Path:

@@ -12,9 +12,8 @@ import torch
 
 from siamese_retrieval.checkpoints import load_checkpoint
 from siamese_retrieval.errors import UserError
-from siamese_retrieval.train import train
 from siamese_retrieval.trust import check_targets, is_allowed
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT
 
 FOREIGN = {
     "builtins.open": lambda victim: {"_target_": "builtins.open", "file": str(victim), "mode": "w"},
@@ -24,12 +23,9 @@ FOREIGN = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("trust_run")
-    cfg = compose_config("train", ["data=synth_tiny", "trainer=cpu", "trainer.max_epochs=1",
-                                   "+trainer.limit_train_batches=2", "logger=none"], out, cache_dir)
-    return Path(train(cfg)["checkpoint"])
+@pytest.fixture
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def poisoned(checkpoint: Path, where: str, node: dict, out: Path) -> Path:

@@ -135,13 +135,6 @@ def sweep_group(cfg: DictConfig) -> str:
     return str(cfg.get("task_name", "train"))
 
 
-def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """The checkpoint train.py resumes from: `last` / a run directory / a file (resume.py has the rules)."""
-    from siamese_retrieval.resume import resolve_ckpt_path as resolve
-
-    return resolve(ckpt_path, out_dir)
-
-
 def strict_json(value: Any) -> Any:
     """NaN / inf -> None at any depth: metrics.json stays strict JSON that every parser reads."""
     if isinstance(value, float) and not math.isfinite(value):

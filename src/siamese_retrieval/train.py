@@ -18,12 +18,11 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from siamese_retrieval.checkpoints import check_resumable, read_checkpoint
 from siamese_retrieval.data.datamodule import build_datamodule
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.resume import wandb_run_id
+from siamese_retrieval.resume import resolve_ckpt_path, wandb_run_id
 from siamese_retrieval.run_outputs import (
     finish_loggers,
     print_results,
     quiet_known_warnings,
-    resolve_ckpt_path,
     run_dir,
     sweep_group,
     task_overrides,

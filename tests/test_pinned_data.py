@@ -191,7 +191,7 @@ def test_default_recipe_takes_min_4_positives_per_query(many_positives) -> None:
     n_pos < 4, or always taking the same first 4 (no per-epoch resampling)."""
     ds, s = many_positives
     assert PairRecipe.default().positives_per_query == 4
-    sampler = PairSampler(ds.sim, ds.fov, s.train_q, s.train_db, PairRecipe.default(), seed=0)
+    sampler = PairSampler(ds, s.train_q, s.train_db, PairRecipe.default(), seed=0)
     n_pos = {int(q): int(ds.sim[q, s.train_db].sum()) for q in s.train_q}
     assert max(n_pos.values()) >= 6 and min(n_pos.values()) == 0 and 2 in n_pos.values()  # precondition
     seen: dict[int, set[int]] = {q: set() for q in n_pos}
@@ -211,7 +211,7 @@ def test_study_recipe_takes_every_positive(many_positives) -> None:
     """Catches: the study preset inheriting the default cap of 4 (or any cap), and an unbalanced
     number of random negatives per query."""
     ds, s = many_positives
-    sampler = PairSampler(ds.sim, ds.fov, s.train_q, s.train_db, PairRecipe.study(), seed=0)
+    sampler = PairSampler(ds, s.train_q, s.train_db, PairRecipe.study(), seed=0)
     q_all, d_all, _ = sampler.sample(0)
     got = _positives_per_query(sampler, ds.sim, 0)
     for q, pos in got.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from siamese_retrieval.data.ground_truth import DenseRelevance
 from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
 from siamese_retrieval.data.splits import place_ids, split_by_place
 from siamese_retrieval.errors import ConfigError
@@ -92,7 +93,7 @@ def pair_set(q, d):
 
 
 def test_study_recipe_is_balanced_and_complete(city, splits):
-    sampler = PairSampler(city.sim, city.fov, splits.train_q, splits.train_db, PairRecipe.study(), seed=0)
+    sampler = PairSampler(city, splits.train_q, splits.train_db, PairRecipe.study(), seed=0)
     q, d, t = sampler.sample(0)
     assert q.dtype == d.dtype == np.int64 and t.dtype == np.float32
     assert np.isin(q, splits.train_q).all() and np.isin(d, splits.train_db).all()
@@ -107,7 +108,7 @@ def test_study_recipe_is_balanced_and_complete(city, splits):
 
 
 def test_sampling_is_deterministic_per_epoch_and_varies(city, splits):
-    make = lambda seed: PairSampler(city.sim, city.fov, splits.train_q, splits.train_db, PairRecipe.default(), seed)
+    make = lambda seed: PairSampler(city, splits.train_q, splits.train_db, PairRecipe.default(), seed)
     a, b = make(0), make(0)
     for x, y in zip(a.sample(1), b.sample(1)):
         np.testing.assert_array_equal(x, y)
@@ -116,16 +117,16 @@ def test_sampling_is_deterministic_per_epoch_and_varies(city, splits):
 
 
 def test_soft_and_hard_negatives_respect_fov(city, splits):
-    soft = PairSampler(city.sim, city.fov, splits.train_q, splits.train_db, PairRecipe(0, 3, 0, target="fov"))
+    soft = PairSampler(city, splits.train_q, splits.train_db, PairRecipe(0, 3, 0, target="fov"))
     q, d, t = soft.sample(0)
     assert len(q) and ((t > 0) & (t < 0.5)).all() and not city.sim[q, d].any()
     assert np.bincount(q).max() <= 3
     np.testing.assert_array_equal(t, city.fov[q, d])
-    hard = PairSampler(city.sim, city.fov, splits.train_q, splits.train_db, PairRecipe(0, 0, 5, target="fov"))
+    hard = PairSampler(city, splits.train_q, splits.train_db, PairRecipe(0, 0, 5, target="fov"))
     q, d, t = hard.sample(0)
     assert np.bincount(q)[splits.train_q].tolist() == [5] * len(splits.train_q)
     assert (t == 0).all() and not city.sim[q, d].any()
-    mixed = PairSampler(city.sim, city.fov, splits.train_q, splits.train_db, PairRecipe.default(target="fov"))
+    mixed = PairSampler(city, splits.train_q, splits.train_db, PairRecipe.default(target="fov"))
     q, d, t = mixed.sample(0)
     pos = city.sim[q, d]
     assert (t[pos] >= 0.5).all() and (t[~pos] < 0.5).all()
@@ -135,26 +136,26 @@ def test_soft_and_hard_negatives_respect_fov(city, splits):
 def test_impossible_recipes_raise(city, splits):
     no_pos = np.zeros_like(city.sim)
     with pytest.raises(ConfigError, match="impossible pair recipe"):
-        PairSampler(no_pos, np.zeros_like(city.fov), splits.train_q, splits.train_db, PairRecipe.study())
+        PairSampler(DenseRelevance(no_pos, np.zeros_like(city.fov)), splits.train_q, splits.train_db, PairRecipe.study())
     all_pos = np.ones_like(city.sim)
     with pytest.raises(ConfigError, match="impossible pair recipe: no negative"):
-        PairSampler(all_pos, np.ones_like(city.fov), splits.train_q, splits.train_db, PairRecipe.default())
+        PairSampler(DenseRelevance(all_pos, np.ones_like(city.fov)), splits.train_q, splits.train_db, PairRecipe.default())
     with pytest.raises(ConfigError, match="impossible pair recipe"):
         PairRecipe(0, 0, 0)
     with pytest.raises(ConfigError, match="target"):
         PairRecipe(target="distance")
     # a recipe with only soft negatives is possible on this city, one with only hard ones too
-    PairSampler(city.sim, city.fov, splits.train_q, splits.train_db, PairRecipe(0, 1, 0))
+    PairSampler(city, splits.train_q, splits.train_db, PairRecipe(0, 1, 0))
 
 
 def test_eval_pairs_fixed_and_balanced_over_full_database(city, splits):
-    q, d, t = eval_pairs(city.sim, city.fov, splits.test_q, seed=0)
-    q2, d2, t2 = eval_pairs(city.sim, city.fov, splits.test_q, seed=0)
+    q, d, t = eval_pairs(city, splits.test_q, seed=0)
+    q2, d2, t2 = eval_pairs(city, splits.test_q, seed=0)
     np.testing.assert_array_equal(q, q2)
     np.testing.assert_array_equal(d, d2)
     assert np.isin(q, splits.test_q).all()
     assert (t == 1).sum() == (t == 0).sum() == city.sim[splits.test_q].sum()
-    empty = eval_pairs(np.zeros_like(city.sim), city.fov, splits.test_q)
+    empty = eval_pairs(DenseRelevance(np.zeros_like(city.sim), city.fov), splits.test_q)
     assert all(len(a) == 0 for a in empty)
 
 
@@ -166,8 +167,8 @@ def test_presets_take_overrides(city, splits):
         PairRecipe.study(soft_negatives_per_query=2)
     with pytest.raises(ConfigError, match="preset"):
         PairRecipe.from_config({"preset": "nope"})
-    q, d, t = eval_pairs(city.sim, city.fov, splits.val_q, PairRecipe.study(target="fov"), seed=1,
+    q, d, t = eval_pairs(city, splits.val_q, PairRecipe.study(target="fov"), seed=1,
                          db_idx=splits.train_db)
     assert np.isin(d, splits.train_db).all()
     np.testing.assert_array_equal(t, city.fov[q, d])
-    assert eval_pairs(city.sim, city.fov, np.zeros(0, np.int64))[0].shape == (0,)
+    assert eval_pairs(city, np.zeros(0, np.int64))[0].shape == (0,)

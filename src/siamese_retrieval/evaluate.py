@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.checkpoints import LoadedCheckpoint, load_from_config
 from siamese_retrieval.data.datamodule import RetrievalDataModule, build_datamodule, evaluation_data_config
+from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.inputs import NoInputs
 from siamese_retrieval.errors import ConfigError
@@ -211,9 +212,10 @@ def write_per_query_csv(path: Path, dataset: RetrievalDataset, ranking: Ranking,
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["query", "first_positive_rank", "precision@10", *(f"top_{j + 1}" for j in range(k))])
+            truth = as_ground_truth(dataset)
             for i, q in enumerate(ranking.query_idx):
                 top = ranking.top_ids[i, :k]
-                precision = float(dataset.sim[q, ranking.top_ids[i, :10]].sum()) / 10.0
+                precision = float(truth.lookup(np.array([q]), ranking.top_ids[i : i + 1, :10])[0].sum()) / 10.0
                 writer.writerow([dataset.q_paths[int(q)], int(ranking.first_positive_rank[i]), f"{precision:.4f}",
                                  *(dataset.db_paths[int(j)] for j in top)])
 
@@ -240,8 +242,8 @@ def plot_recall_curve(path: Path, ranking: Ranking, title: str = "", truth: Any 
     ks, recall = recall_curve(ranking)
     curves = {"k": ks, "recall": recall}
     if truth is not None:
-        sim = np.asarray(truth.sim)[np.asarray(ranking.query_idx)]
-        n, p = sim.shape[1], sim.sum(axis=1).astype(np.float64)
+        relevance = as_ground_truth(truth)
+        n, p = relevance.n_db, relevance.n_positives(np.asarray(ranking.query_idx)).astype(np.float64)
         p = p[p > 0]
         if len(p):
             # C(n - p, k) / C(n, k) = prod_{i < k} (n - p - i) / (n - i): no relevant image among k random ones

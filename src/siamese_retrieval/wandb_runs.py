@@ -37,6 +37,7 @@ from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.run_outputs import finish_loggers, hydra_mode, task_overrides
 
 log = logging.getLogger(__name__)
@@ -316,11 +317,12 @@ def per_query_table(dataset: Any, ranking: Any, top_k: int = 5, image_rows: int 
 
     columns = ["query", "query_path", "first_positive_rank", f"precision@{k}",
                *(f"top_{j + 1}" for j in range(k)), *(f"score_{j + 1}" for j in range(k))]
+    truth = as_ground_truth(dataset)
     rows = []
     for row, q in enumerate(ranking.query_idx):
         q = int(q)
         ids = [int(j) for j in ranking.top_ids[row, :k]]
-        relevant = [bool(dataset.sim[q, j]) for j in ids]
+        relevant = truth.lookup(np.array([q]), np.array([ids], np.int64).reshape(1, -1))[0][0].tolist()
         scores = [float(s) for s in ranking.top_scores[row, :k]]
         if row < image_rows:
             images = [cell("q", q, GREY, dataset.q_paths[q])]

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset, write_dataset
 from siamese_retrieval.data.layouts import DEFAULT_RADIUS_M, LAYOUTS, read_layout
 from siamese_retrieval.errors import UserError
@@ -75,7 +77,10 @@ def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = 
         jobs += [(dataset.query_file(i), tmp / n, link) for i, n in enumerate(q_names)]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(_place, jobs))
-        write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, dataset.sim, dataset.fov)
+        if dataset.is_sparse:  # too large for the dense arrays: the sparse gt.h5 layout (data/dataset.py)
+            write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, None, None, sparse=dataset.relevance)
+        else:
+            write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, dataset.sim, dataset.fov)
     return Path(out).expanduser()
 
 
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # full disk, unwritable output folder: one line too
         print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    n_pos = written.sim.sum(1)
+    n_pos = written.relevance.n_positives(np.arange(written.n_query))
     print(f"wrote {written.root}: {written.n_db} database, {written.n_query} queries, "
           f"{n_pos.mean():.2f} positives per query, {(n_pos == 0).sum()} queries without a positive")
     read_with = "data=msls_city data.root=" + str(written.root)

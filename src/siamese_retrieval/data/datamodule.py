@@ -58,7 +58,7 @@ class PairBatches(IterableDataset):
         order = np.arange(len(q))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(q))
-        fov = self.dm.dataset.fov
+        truth = self.dm.dataset.relevance
         rank, world = self._rank_world()
         starts = range(0, len(order), self.batch_size)
         if world > 1:
@@ -66,15 +66,16 @@ class PairBatches(IterableDataset):
         for start in starts:
             sel = order[start : start + self.batch_size]
             qi, di = q[sel], d[sel]
+            _, cross_fov = truth.lookup(qi, np.broadcast_to(di, (len(qi), len(di))))  # (b, b): dense or sparse
             yield {
                 "q": take(self.dm.q_inputs, qi),
                 "d": take(self.dm.db_inputs, di),
                 "target": torch.from_numpy(np.asarray(target[sel], dtype=np.float32)),
-                "fov": torch.from_numpy(fov[qi, di].astype(np.float32)),
+                "fov": torch.from_numpy(np.ascontiguousarray(np.diagonal(cross_fov))),
                 "q_idx": torch.from_numpy(qi),
                 "d_idx": torch.from_numpy(di),
                 # relevance of every in-batch (query, database) cross pair: known negatives for mining losses
-                "cross_fov": torch.from_numpy(fov[np.ix_(qi, di)].astype(np.float32)),
+                "cross_fov": torch.from_numpy(np.ascontiguousarray(cross_fov, dtype=np.float32)),
             }
 
 
@@ -144,7 +145,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.splits = split_by_place(dataset, fractions=fractions, seed=self.seed if split_seed is None else split_seed,
                                      **split)
         self.sampler = PairSampler(
-            dataset.sim, dataset.fov, self.splits.train_q, self.splits.train_db, self.recipe, seed=self.seed
+            dataset, self.splits.train_q, self.splits.train_db, self.recipe, seed=self.seed
         )
         self._build_inputs(dataset)
         log.info("dataset %s: %d database, %d queries; splits %s", dataset.name, dataset.n_db, dataset.n_query,
@@ -187,7 +188,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         """The fixed evaluation pairs of these queries (the study's recipe, drawn with the data seed) in
         batches: what val/test steps and evaluate.py compute the loss and range accuracy on."""
         assert self.dataset is not None, "call setup() first"
-        pairs = eval_pairs(self.dataset.sim, self.dataset.fov, query_idx, self.eval_recipe, seed=self.seed)
+        pairs = eval_pairs(self.dataset, query_idx, self.eval_recipe, seed=self.seed)
         return PairBatches(self, lambda epoch: pairs, self.eval_batch_size, shuffle=False, seed=self.seed)
 
     def _eval_loader(self, stage: str) -> DataLoader:

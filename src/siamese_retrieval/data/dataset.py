@@ -2,7 +2,11 @@
 
     <root>/database/database.json   {"im_paths": [...], "loc": [[east, north, heading], ...]}  ("im_prefix" optional)
     <root>/query/query.json         same keys
-    <root>/<name>_gt.h5 or gt.h5    "sim" (n_query, n_database) binary, "fov" (n_query, n_database) in [0, 1]
+    <root>/<name>_gt.h5 or gt.h5    dense: "sim" (n_query, n_database) binary, "fov" (n_query, n_database) in [0, 1]
+                                    or sparse (CSR, for large sets): "indptr" (n_query + 1,), "indices" (nnz,)
+                                    database ids sorted within each query, "sim_values" (nnz,) 0/1,
+                                    "fov_values" (nnz,) in [0, 1]; attribute "n_database". A pair not listed
+                                    has sim 0 and fov 0 (data/ground_truth.py, SparseRelevance)
 
 Everything is checked before training starts; every failure is one `DatasetError` naming the file.
 """
@@ -23,6 +27,7 @@ import cv2
 import h5py
 import numpy as np
 
+from siamese_retrieval.data.ground_truth import DenseRelevance, GroundTruth, SparseRelevance
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import atomic_path, atomic_write_json, file_fingerprint
 
@@ -38,18 +43,37 @@ class DatasetFiles:
 
 @dataclass
 class RetrievalDataset:
-    """A validated query/database split with binary (`sim`) and graded (`fov`) relevance."""
+    """A validated query/database split with binary (`sim`) and graded (`fov`) relevance.
+
+    `relevance` is what every consumer reads (metrics, pair sampling, splits, grids): the dense arrays behind
+    the `GroundTruth` interface, or a `SparseRelevance` when the set is too large for dense arrays, in which
+    case `sim` and `fov` are None.
+    """
 
     root: Path
     db_paths: list[str]  # relative to root, im_prefix applied
     db_loc: np.ndarray  # (n_db, 3) float64: east, north, heading
     q_paths: list[str]
     q_loc: np.ndarray  # (n_q, 3)
-    sim: np.ndarray  # (n_q, n_db) bool
-    fov: np.ndarray  # (n_q, n_db) float32 in [0, 1]
+    sim: np.ndarray | None  # (n_q, n_db) bool; None when the ground truth is sparse
+    fov: np.ndarray | None  # (n_q, n_db) float32 in [0, 1]; None when the ground truth is sparse
     fingerprint: str = ""  # contract files' bytes + every image's size and mtime: caches keyed on it are rebuilt
     # whenever any of those change
     name: str = field(default="")
+    relevance: GroundTruth = field(default=None, repr=False)  # type: ignore[assignment]  # from sim/fov if None
+
+    def __post_init__(self) -> None:
+        if self.relevance is None:
+            if self.sim is None or self.fov is None:
+                raise ValueError("a dataset needs dense sim and fov arrays or a sparse relevance")
+            self.relevance = DenseRelevance(self.sim, self.fov)
+        if (self.relevance.n_query, self.relevance.n_db) != (len(self.q_paths), len(self.db_paths)):
+            raise ValueError(f"relevance is {self.relevance.n_query} x {self.relevance.n_db}, the dataset has "
+                             f"{len(self.q_paths)} queries x {len(self.db_paths)} database images")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.sim is None
 
     @property
     def n_db(self) -> int:
@@ -272,12 +296,60 @@ def _h5_array(f: h5py.File, path: Path, key: str, shape: tuple[int, int]) -> np.
     return obj[()]
 
 
-def _read_gt(path: Path, n_query: int, n_db: int) -> tuple[np.ndarray, np.ndarray]:
+SPARSE_KEYS = ("indptr", "indices", "sim_values", "fov_values")
+_SPARSE_WHAT = {"indptr": "row offsets", "indices": "database ids", "sim_values": "binary 0/1 relevance",
+                "fov_values": "field-of-view overlap in [0, 1]"}
+
+
+def _h5_vector(f: h5py.File, path: Path, key: str, length: int | None) -> np.ndarray:
+    """f[key] as a 1-D numeric array stored in this file (of `length` when given)."""
+    obj = f.get(key)
+    link = f.get(key, getlink=True)
+    if isinstance(link, h5py.ExternalLink) or not isinstance(obj, h5py.Dataset) or obj.is_virtual:
+        raise DatasetError(f"{path}: {key} must be a dataset stored in the file itself ({_SPARSE_WHAT[key]})")
+    if obj.shape is None or obj.ndim != 1:
+        raise DatasetError(f"{path}: {key} must be 1-D ({_SPARSE_WHAT[key]}), found shape {obj.shape}")
+    if length is not None and obj.shape[0] != length:
+        raise DatasetError(f"{path}: {key} has {obj.shape[0]} entries, expected {length}")
+    if obj.dtype.kind not in "biuf":
+        raise DatasetError(f"{path}: {key} must be numeric ({_SPARSE_WHAT[key]}), found dtype {obj.dtype}")
+    return obj[()]
+
+
+def _read_sparse_gt(f: h5py.File, path: Path, n_query: int, n_db: int) -> SparseRelevance:
+    missing = [k for k in SPARSE_KEYS if f.get(k, getlink=True) is None]
+    if missing:
+        raise DatasetError(f"{path}: sparse ground truth is missing dataset(s) {', '.join(missing)}")
+    stored_n_db = f.attrs.get("n_database")
+    if stored_n_db is not None and int(stored_n_db) != n_db:
+        raise DatasetError(f"{path}: n_database attribute is {int(stored_n_db)}, the database has {n_db} images")
+    indptr = _h5_vector(f, path, "indptr", n_query + 1)
+    nnz = int(indptr[-1]) if len(indptr) else 0
+    indices = _h5_vector(f, path, "indices", None)
+    sim = _h5_vector(f, path, "sim_values", len(indices))
+    fov = _h5_vector(f, path, "fov_values", len(indices)).astype(np.float32)
+    if indptr.dtype.kind == "f" or indices.dtype.kind == "f":
+        raise DatasetError(f"{path}: indptr and indices must be integers")
+    if len(indices) != nnz or indptr[0] != 0 or (np.diff(indptr) < 0).any():
+        raise DatasetError(f"{path}: indptr must rise from 0 to the number of stored pairs ({len(indices)})")
+    if len(sim) and not np.isin(np.unique(sim), [0, 1]).all():
+        raise DatasetError(f"{path}: sim_values must be binary (0/1), found values {np.unique(sim)[:5].tolist()}")
+    try:
+        return SparseRelevance(n_query, n_db, indptr.astype(np.int64), indices.astype(np.int64), sim.astype(bool), fov)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
+
+
+def _read_gt(path: Path, n_query: int, n_db: int) -> tuple[np.ndarray, np.ndarray] | SparseRelevance:
+    """Dense (sim, fov) arrays, or a SparseRelevance for a file in the sparse layout."""
     try:
         with h5py.File(path, "r") as f:
+            if f.get("sim", getlink=True) is None and f.get("indptr", getlink=True) is not None:
+                return _read_sparse_gt(f, path, n_query, n_db)
             missing = [k for k in ("sim", "fov") if f.get(k, getlink=True) is None]
             if missing:
-                raise DatasetError(f"{path}: missing dataset(s) {', '.join(missing)}")
+                raise DatasetError(f"{path}: missing dataset(s) {', '.join(missing)} (or the sparse layout's "
+                                   f"{', '.join(SPARSE_KEYS)})")
             sim = _h5_array(f, path, "sim", (n_query, n_db))
             fov = _h5_array(f, path, "fov", (n_query, n_db))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
@@ -452,24 +524,51 @@ def read_dataset(
     if not q_paths:
         raise DatasetError(f"{root / files.query_json}: there are no queries")
     gt_path = _resolve_gt(root, files.gt_h5)
-    sim, fov = _read_gt(gt_path, len(q_paths), len(db_paths))
+    truth = _read_gt(gt_path, len(q_paths), len(db_paths))
+    sim, fov, relevance = (None, None, truth) if isinstance(truth, SparseRelevance) else (*truth, None)
     all_paths = [root / p for p in db_paths + q_paths]
     check_image_files(all_paths, check)
     contract = file_fingerprint([root / files.database_json, root / files.query_json, gt_path])
     fingerprint = hashlib.sha256(f"{contract}:{images_stamp(all_paths)}".encode()).hexdigest()[:16]
-    return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, fingerprint, name or root.name)
+    return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, fingerprint, name or root.name,
+                            relevance=relevance)
 
 
 # ----------------------------------------------------------------------------------------- writing
+
+
+DENSE_MAX_CELLS = 1 << 25  # n_query x n_database above this (160 MB of sim + fov) is stored and held sparse
+
+
+def fits_dense(n_query: int, n_db: int) -> bool:
+    """Whether dense sim/fov arrays of this size are small enough to hold (and write) as the contract's arrays."""
+    return int(n_query) * int(n_db) <= DENSE_MAX_CELLS
+
+
+def dataset_with_relevance(root: Path, db_paths: list[str], db_loc: np.ndarray, q_paths: list[str], q_loc: np.ndarray,
+                           relevance: SparseRelevance, fingerprint: str, name: str) -> RetrievalDataset:
+    """A dataset around `relevance`: with dense sim/fov when they fit (`fits_dense`), sparse only otherwise."""
+    if fits_dense(relevance.n_query, relevance.n_db):
+        sim, fov = relevance.to_dense()
+        return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, fingerprint, name)
+    return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, None, None, fingerprint, name, relevance=relevance)
 
 
 def write_split_json(path: Path, im_paths: Sequence[str], loc: np.ndarray) -> None:
     atomic_write_json(path, {"im_paths": list(im_paths), "loc": np.asarray(loc, dtype=float).round(4).tolist()})
 
 
-def write_gt(path: Path, sim: np.ndarray, fov: np.ndarray) -> None:
+def write_gt(path: Path, sim: np.ndarray | None, fov: np.ndarray | None, sparse: SparseRelevance | None = None) -> None:
+    """Dense sim/fov, or with `sparse` the sparse layout (module docstring); written atomically."""
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
+            if sparse is not None:
+                f.attrs["n_database"] = int(sparse.n_db)
+                f.create_dataset("indptr", data=sparse.indptr.astype(np.int64))
+                f.create_dataset("indices", data=sparse.indices.astype(np.int64), compression="gzip")
+                f.create_dataset("sim_values", data=sparse.sim.astype(np.uint8), compression="gzip")
+                f.create_dataset("fov_values", data=sparse.fov.astype(np.float32), compression="gzip")
+                return
             f.create_dataset("sim", data=np.asarray(sim, dtype=np.uint8), compression="gzip")
             f.create_dataset("fov", data=np.asarray(fov, dtype=np.float32), compression="gzip")
 
@@ -480,14 +579,16 @@ def write_dataset(
     db_loc: np.ndarray,
     q_paths: Sequence[str],
     q_loc: np.ndarray,
-    sim: np.ndarray,
-    fov: np.ndarray,
+    sim: np.ndarray | None,
+    fov: np.ndarray | None,
     files: DatasetFiles | None = None,
+    sparse: SparseRelevance | None = None,
 ) -> Path:
-    """Write the contract files (images must already be under root). The gt file is written last."""
+    """Write the contract files (images must already be under root). The gt file is written last, dense from
+    `sim`/`fov` or sparse from `sparse`."""
     files = files or DatasetFiles()
     root = Path(root)
     write_split_json(root / files.database_json, db_paths, db_loc)
     write_split_json(root / files.query_json, q_paths, q_loc)
-    write_gt(root / (files.gt_h5 or "gt.h5"), sim, fov)
+    write_gt(root / (files.gt_h5 or "gt.h5"), sim, fov, sparse)
     return root

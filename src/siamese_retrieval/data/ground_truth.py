@@ -8,6 +8,9 @@ The engine never needs a whole (n_query, n_database) row. For a chunk of queries
     n_positives(qi)       (b,) int64: sim=1 database images of each query, in the whole database
     ideal_fov(qi, k)      (b, k) float32: each query's k largest fov values over the whole database, descending,
                           zero-padded (the ideal DCG of nDCG@k)
+    overlaps(qi)          the stored pairs of those queries, flat: (row into qi, database id, sim, fov), sorted by
+                          row then id; a pair is stored when sim = 1 or fov > 0 (what pair sampling, splits and
+                          grids read: never a whole database row)
 
 Two implementations:
 
@@ -35,6 +38,7 @@ __all__ = [
     "DenseRelevance",
     "SparseRelevance",
     "as_ground_truth",
+    "pair_relevance",
     "radius_pairs",
     "radius_positives",
     "heading_difference",
@@ -54,11 +58,16 @@ class GroundTruth(Protocol):
 
     def ideal_fov(self, qi: np.ndarray, k: int) -> np.ndarray: ...
 
+    def overlaps(self, qi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
 
 def as_ground_truth(truth: Any) -> GroundTruth:
-    """`truth` itself when it already is a `GroundTruth`, else `DenseRelevance(truth.sim, truth.fov)`."""
+    """`truth` itself when it already is a `GroundTruth`, its `.relevance` (a dataset), else
+    `DenseRelevance(truth.sim, truth.fov)`."""
     if isinstance(truth, GroundTruth):
         return truth
+    if isinstance(getattr(truth, "relevance", None), GroundTruth):
+        return truth.relevance
     if hasattr(truth, "sim") and hasattr(truth, "fov"):
         return DenseRelevance(truth.sim, truth.fov)
     raise TypeError(f"ground truth must have sim/fov arrays or lookup/n_positives/ideal_fov, got {type(truth).__name__}")
@@ -114,6 +123,19 @@ class DenseRelevance:
             rows = np.partition(rows, self.n_db - kk, axis=1)[:, self.n_db - kk :]
         top = -np.sort(-rows, axis=1)[:, :kk]
         return np.pad(top, ((0, 0), (0, k - kk))) if kk < k else top
+
+    def overlaps(self, qi: np.ndarray, row_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        qi = _rows(qi)
+        parts = []
+        for start in range(0, len(qi), row_chunk):
+            s = self.sim[qi[start : start + row_chunk]].astype(bool, copy=False)
+            f = self.fov[qi[start : start + row_chunk]].astype(np.float32, copy=False)
+            r, d = np.nonzero(s | (f > 0))
+            parts.append((r + start, d, s[r, d], f[r, d]))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.float32)
+        r, d, s, f = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        return r.astype(np.int64), d.astype(np.int64), s.astype(bool), f.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -233,6 +255,13 @@ class SparseRelevance:
         top = -np.sort(-block, axis=1)[:, :k]  # a row has at most n_db pairs: zeros beyond them
         return top
 
+    def overlaps(self, qi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        qi = _rows(qi)
+        lens = self.indptr[qi + 1] - self.indptr[qi]
+        rows = np.repeat(np.arange(len(qi), dtype=np.int64), lens)
+        at = np.repeat(self.indptr[qi], lens) + (np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens))
+        return rows, self.indices[at], self.sim[at], self.fov[at]
+
     def to_dense(self) -> tuple[np.ndarray, np.ndarray]:
         """(sim, fov) as the contract's dense arrays (small sets and tests only)."""
         sim = np.zeros((self.n_query, self.n_db), bool)
@@ -285,6 +314,12 @@ def radius_pairs(
     qi, di = qi[keep], di[keep]
     order = np.lexsort((di, qi))
     return qi[order], di[order]
+
+
+def pair_relevance(truth: GroundTruth, qi: np.ndarray, di: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sim (n,) bool and fov (n,) float32 of the pairs (qi[i], di[i])."""
+    sim, fov = truth.lookup(_rows(qi), np.asarray(di, np.int64).reshape(-1, 1))
+    return sim[:, 0], fov[:, 0]
 
 
 def radius_positives(q_xy: np.ndarray, db_xy: np.ndarray, radius_m: float, **heading: Any) -> np.ndarray:

@@ -28,12 +28,13 @@ import numpy as np
 
 from siamese_retrieval.data.dataset import (
     RetrievalDataset,
+    dataset_with_relevance,
     check_image_files,
     check_real_paths,
     images_stamp,
     read_utf8,
 )
-from siamese_retrieval.data.ground_truth import heading_difference, radius_positives  # noqa: F401 (re-exported)
+from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference, radius_positives  # noqa: F401
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
 
@@ -88,7 +89,7 @@ def _finish(
     db_loc: np.ndarray,
     q_paths: list[str],
     q_loc: np.ndarray,
-    sim: np.ndarray,
+    relevance: SparseRelevance,
     *,
     db_source: Path,
     q_source: Path,
@@ -106,8 +107,8 @@ def _finish(
     h.update(file_fingerprint(list(meta_files)).encode() if meta_files else b"")
     h.update("\0".join(db_paths + ["|"] + q_paths).encode())
     h.update(images_stamp(all_paths).encode())
-    fov = sim.astype(np.float32)  # no graded relevance in these layouts: fov = sim (documented above)
-    return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, h.hexdigest()[:16], name)
+    # no graded relevance in these layouts: fov = sim (documented above); dense arrays only while they are small
+    return dataset_with_relevance(root, db_paths, db_loc, q_paths, q_loc, relevance, h.hexdigest()[:16], name)
 
 
 # ----------------------------------------------------------------------------------------- VPR folder layout
@@ -229,9 +230,9 @@ def read_vpr_folder(
                                "lie in one UTM zone (distances across zones are meaningless)")
     db_paths, db_loc, db_folder = per_kind["database"]
     q_paths, q_loc, q_folder = per_kind["queries"]
-    sim = radius_positives(q_loc[:, :2], db_loc[:, :2], radius_m, q_heading=q_loc[:, 2], db_heading=db_loc[:, 2],
-                           max_heading_deg=max_heading_deg)
-    return _finish(root, db_paths, db_loc, q_paths, q_loc, sim, db_source=db_folder, q_source=q_folder, meta_files=[],
+    relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
+                                                 db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
+    return _finish(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_folder, q_source=q_folder, meta_files=[],
                    check=check, name=name or f"{root.name}-{split}",
                    follow_symlinks_outside_root=follow_symlinks_outside_root)
 
@@ -391,9 +392,9 @@ def read_msls_official(
         loaded[role] = (paths, loc, meta)
     db_paths, db_loc, db_meta = loaded["database"]
     q_paths, q_loc, q_meta = loaded["query"]
-    sim = radius_positives(q_loc[:, :2], db_loc[:, :2], radius_m, q_heading=q_loc[:, 2], db_heading=db_loc[:, 2],
-                           max_heading_deg=max_heading_deg)
-    return _finish(root, db_paths, db_loc, q_paths, q_loc, sim, db_source=db_meta[0], q_source=q_meta[0],
+    relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
+                                                 db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
+    return _finish(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_meta[0], q_source=q_meta[0],
                    meta_files=db_meta + q_meta, check=check, name=name or city,
                    follow_symlinks_outside_root=follow_symlinks_outside_root)
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth, pair_relevance
 from siamese_retrieval.errors import ConfigError
 
 TARGETS = ("sim", "fov")
@@ -135,23 +136,21 @@ class PairSampler:
 
     def __init__(
         self,
-        sim: np.ndarray,
-        fov: np.ndarray,
+        truth: Any,
         query_idx: np.ndarray,
         db_idx: np.ndarray,
         recipe: PairRecipe | None = None,
         seed: int = 0,
         strict: bool = True,
     ):
-        self.sim = np.asarray(sim, dtype=bool)
-        self.fov = np.asarray(fov, dtype=np.float32)
-        if self.sim.shape != self.fov.shape or self.sim.ndim != 2:
-            raise ValueError(f"sim {self.sim.shape} and fov {self.fov.shape} must be equal 2-D shapes")
+        """`truth`: the relevance (a dataset, a `GroundTruth`: dense or sparse, data/ground_truth.py). Only the
+        stored pairs of the given queries are read (never a whole database row)."""
+        self.truth: GroundTruth = as_ground_truth(truth)
         self.recipe = recipe or PairRecipe.default()
         self.seed = int(seed)
         self.query_idx = np.unique(np.asarray(query_idx, dtype=np.int64))
         self.db_idx = np.unique(np.asarray(db_idx, dtype=np.int64))
-        n_q, n_db = self.sim.shape
+        n_q, n_db = self.truth.n_query, self.truth.n_db
         for name, idx, n in (("query_idx", self.query_idx, n_q), ("db_idx", self.db_idx, n_db)):
             if len(idx) and (idx[0] < 0 or idx[-1] >= n):
                 raise ValueError(f"{name} out of range [0, {n})")
@@ -160,23 +159,16 @@ class PairSampler:
             self._check_possible()
 
     def _index(self) -> None:
-        """CSR lists of positives, soft negatives and non-hard images per query (chunked, vectorised)."""
+        """CSR lists of positives, soft negatives and non-hard images per query, from the stored pairs."""
         r = self.recipe
-        pos_r, pos_c, soft_r, soft_c, nh_r, nh_c = [], [], [], [], [], []
-        for start in range(0, len(self.query_idx), 256):
-            rows = self.query_idx[start : start + 256]
-            s = self.sim[np.ix_(rows, self.db_idx)]
-            f = self.fov[np.ix_(rows, self.db_idx)]
-            for mask, rr, cc in (
-                (s, pos_r, pos_c),
-                (~s & (f > 0) & (f < r.soft_max_fov), soft_r, soft_c),
-                (s | (f > 0), nh_r, nh_c),
-            ):
-                i, j = np.nonzero(mask)
-                rr.append(i + start)
-                cc.append(self.db_idx[j])
+        row, ids, sim, fov = self.truth.overlaps(self.query_idx)
+        keep = np.isin(ids, self.db_idx, assume_unique=False)
+        row, ids, sim, fov = row[keep], ids[keep], sim[keep], fov[keep]  # sorted by row, then id
         n = len(self.query_idx)
-        self.pos, self.soft, self.not_hard = _to_csr(pos_r, pos_c, n), _to_csr(soft_r, soft_c, n), _to_csr(nh_r, nh_c, n)
+        soft = ~sim & (fov > 0) & (fov < r.soft_max_fov)
+        self.pos = _to_csr([row[sim]], [ids[sim]], n)
+        self.soft = _to_csr([row[soft]], [ids[soft]], n)
+        self.not_hard = _to_csr([row], [ids], n)  # every stored pair has sim = 1 or fov > 0
 
     def _check_possible(self) -> None:
         r = self.recipe
@@ -219,13 +211,12 @@ class PairSampler:
         d = np.concatenate(ds) if ds else np.zeros(0, np.int64)
         perm = rng.permutation(len(q))
         q, d = q[perm], d[perm]
-        source = self.sim if r.target == "sim" else self.fov
-        return q, d, source[q, d].astype(np.float32)
+        sim, fov = pair_relevance(self.truth, q, d)
+        return q, d, (sim if r.target == "sim" else fov).astype(np.float32)
 
 
 def eval_pairs(
-    sim: np.ndarray,
-    fov: np.ndarray,
+    truth: Any,
     query_idx: np.ndarray,
     recipe: PairRecipe | None = None,
     seed: int = 0,
@@ -233,9 +224,11 @@ def eval_pairs(
     db_idx: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A fixed set of val/test pairs for range accuracy: by default the study's recipe over the whole
-    database (all positives + as many random negatives). Empty arrays, not an error, if none exist."""
+    database (all positives + as many random negatives). Empty arrays, not an error, if none exist.
+    `truth`: a dataset or a `GroundTruth`."""
     if recipe is not None and not isinstance(recipe, PairRecipe):
         raise TypeError(f"eval_pairs: recipe must be a PairRecipe, got {type(recipe).__name__} (pass db_idx= by keyword)")
-    db_idx = np.arange(np.asarray(sim).shape[1]) if db_idx is None else db_idx
-    sampler = PairSampler(sim, fov, query_idx, db_idx, recipe or PairRecipe.study(), seed, strict=False)
+    truth = as_ground_truth(truth)
+    db_idx = np.arange(truth.n_db) if db_idx is None else db_idx
+    sampler = PairSampler(truth, query_idx, db_idx, recipe or PairRecipe.study(), seed, strict=False)
     return sampler.sample(0)

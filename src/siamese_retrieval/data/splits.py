@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.errors import ConfigError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -123,10 +124,10 @@ def split_by_place(
     train_db = split_db == 0
     if exclude_eval_overlap and (len(idx[1]) or len(idx[2])):
         eval_q = np.concatenate([idx[1], idx[2]])
-        for start in range(0, len(eval_q), 1024):  # bounded memory for large query sets
-            rows = eval_q[start : start + 1024]
-            seen = (dataset.fov[rows] > 0).any(axis=0) | np.asarray(dataset.sim[rows], bool).any(axis=0)
-            train_db &= ~seen
+        truth = as_ground_truth(dataset)
+        for start in range(0, len(eval_q), 4096):  # bounded memory for large query sets
+            _, seen, _, _ = truth.overlaps(eval_q[start : start + 4096])  # stored pairs: sim = 1 or fov > 0
+            train_db[seen] = False
     train_db_idx = np.flatnonzero(train_db).astype(np.int64)
     if not len(train_db_idx):
         raise ConfigError(

@@ -358,28 +358,30 @@ def ranking_grid(dataset: Any, ranking: Ranking, n_queries: int = 6, top_k: int 
     k = min(top_k, ranking.top_ids.shape[1])
     conditions = query_conditions(dataset.root, len(dataset.q_paths))
     queries = [int(ranking.query_idx[i]) for i in pick]
+    truth = as_ground_truth(dataset)
     labels, best_files, best_labels = [], [], []
     for i, q in zip(pick, queries):
         labels.append([f"query {q}"] + ([conditions[q]] if conditions is not None else []))
-        fov = np.asarray(dataset.fov[q])
-        if fov.max(initial=0.0) <= 0 and not dataset.sim[q].any():
+        _, ids, _, fov = truth.overlaps(np.array([q]))  # the database images this query overlaps
+        if not len(ids):
             best_files.append(None)
             best_labels.append("")
             continue
-        tied = np.flatnonzero(fov == fov.max())
+        tied = ids[fov == fov.max()]
         ranked = ranking.top_ids[i][np.isin(ranking.top_ids[i], tied)]
         best = int(ranked[0]) if len(ranked) else int(tied[0])  # of equal fovs, the one ranked highest
         kept = np.flatnonzero(ranking.top_ids[i] == best)
         rank = f"rank {kept[0] + 1}" if len(kept) else f"rank > {ranking.top_ids.shape[1]}"
         best_files.append(dataset.db_file(best))
-        best_labels.append(f"fov {float(dataset.fov[q, best]):.2f}, {rank}")
+        best_labels.append(f"fov {float(fov.max()):.2f}, {rank}")
+    top_sim, top_fov = truth.lookup(ranking.query_idx[pick], ranking.top_ids[pick, :k])
     return retrieval_grid(
         [dataset.query_file(q) for q in queries],
         [[dataset.db_file(int(j)) for j in ranking.top_ids[i, :k]] for i in pick],
-        [[bool(dataset.sim[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
+        top_sim.tolist(),
         [ranking.top_scores[i, :k].tolist() for i in pick],
         query_labels=labels,
-        fovs=[[float(dataset.fov[ranking.query_idx[i], j]) for j in ranking.top_ids[i, :k]] for i in pick],
+        fovs=top_fov.astype(float).tolist(),
         best_files=best_files,
         best_labels=best_labels,
     )

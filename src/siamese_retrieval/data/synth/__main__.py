@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     root = generate_city(args.out, cfg, workers=args.workers)
     elapsed = time.perf_counter() - t0
 
+    import numpy as np
+
     from siamese_retrieval.data.dataset import read_dataset
 
     ds = read_dataset(root, check="none")
-    n_pos = ds.sim.sum(1)
+    n_pos = ds.relevance.n_positives(np.arange(ds.n_query))
     print(f"root: {root.resolve()}")
     print(f"database: {ds.n_db}  queries: {ds.n_query}  mean positives/query: {n_pos.mean():.2f}  queries without positive: {(n_pos == 0).mean():.1%}")
     print(f"generated in {elapsed:.1f} s")

@@ -24,11 +24,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from siamese_retrieval.data.dataset import write_dataset
+from siamese_retrieval.data.dataset import fits_dense, write_dataset
+from siamese_retrieval.data.ground_truth import SparseRelevance
 from siamese_retrieval.data.synth.appearance import database_appearance, pick_condition, query_appearance
 from siamese_retrieval.data.synth.config import SynthConfig, db_positions
 from siamese_retrieval.data.synth.facades import build_street, make_archetypes
-from siamese_retrieval.data.synth.geometry import Camera, camera_array, fov_matrix, street_width, world_loc
+from siamese_retrieval.data.synth.geometry import Camera, camera_array, fov_pairs, street_width, world_loc
 from siamese_retrieval.data.synth.render import SceneRenderer
 from siamese_retrieval.io_utils import atomic_write_json, stable_hash
 from siamese_retrieval.progress import progress
@@ -157,10 +158,15 @@ def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
                     if t[2] not in done:
                         render_street(t)
                         advance(1)
-    fov = fov_matrix(q_cams, db_cams, cfg)
-    sim = fov >= cfg.sim_threshold
+    qi, di, fov = fov_pairs(q_cams, db_cams, cfg)
+    truth = SparseRelevance.from_pairs(len(q_cams), len(db_cams), qi, di, sim=fov >= cfg.sim_threshold, fov=fov)
     atomic_write_json(root / CONFIG_FILE, {**asdict(cfg), "conditions": conditions, "query_cameras": camera_array(q_cams).round(4).tolist(), "database_cameras": camera_array(db_cams).round(4).tolist()})
-    write_dataset(root, db_paths, world_loc(db_cams, cfg), q_paths, world_loc(q_cams, cfg), sim, fov)
+    if fits_dense(truth.n_query, truth.n_db):  # the contract's dense arrays, as the study's London files
+        sim, fov_dense = truth.to_dense()
+        write_dataset(root, db_paths, world_loc(db_cams, cfg), q_paths, world_loc(q_cams, cfg), sim, fov_dense)
+    else:  # a large city: the sparse gt.h5 layout (data/dataset.py)
+        write_dataset(root, db_paths, world_loc(db_cams, cfg), q_paths, world_loc(q_cams, cfg), None, None,
+                      sparse=truth)
     return root
 
 

@@ -71,18 +71,33 @@ def visibility_masks(cams, cfg: SynthConfig) -> np.ndarray:
     return np.concatenate(masks, axis=1).astype(np.float32)
 
 
-def fov_matrix(cams_a, cams_b, cfg: SynthConfig) -> np.ndarray:
-    """(len(a), len(b)) float32 facade-overlap IoU in [0, 1]; 0 between different streets."""
+def fov_pairs(cams_a, cams_b, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The overlapping camera pairs, sparse: (index into a, index into b, float32 facade-overlap IoU in (0, 1]),
+    sorted by a then b. Only cameras on the same street can overlap, so the work is one small block per street
+    (a 100k-image city never builds its dense (n_a, n_b) matrix)."""
     arr_a, arr_b = camera_array(cams_a), camera_array(cams_b)
     sa, sb = arr_a[:, 0].astype(np.int64), arr_b[:, 0].astype(np.int64)
-    out = np.zeros((len(sa), len(sb)), np.float32)
+    parts = []
     for s in np.intersect1d(sa, sb):
         ia, ib = np.flatnonzero(sa == s), np.flatnonzero(sb == s)
         ma, mb = visibility_masks(arr_a[ia], cfg), visibility_masks(arr_b[ib], cfg)
         inter = ma @ mb.T
         union = ma.sum(1)[:, None] + mb.sum(1)[None, :] - inter
-        block = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-        out[np.ix_(ia, ib)] = np.clip(block, 0.0, 1.0)
+        block = np.clip(np.where(union > 0, inter / np.maximum(union, 1), 0.0), 0.0, 1.0).astype(np.float32)
+        r, c = np.nonzero(block > 0)
+        parts.append((ia[r], ib[c], block[r, c]))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a, b, f = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    order = np.lexsort((b, a))
+    return a[order].astype(np.int64), b[order].astype(np.int64), f[order]
+
+
+def fov_matrix(cams_a, cams_b, cfg: SynthConfig) -> np.ndarray:
+    """(len(a), len(b)) float32 facade-overlap IoU in [0, 1]; 0 between different streets (small sets only)."""
+    out = np.zeros((len(cams_a), len(cams_b)), np.float32)
+    a, b, f = fov_pairs(cams_a, cams_b, cfg)
+    out[a, b] = f
     return out
 
 

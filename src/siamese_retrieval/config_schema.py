@@ -58,7 +58,7 @@ EVAL_RETRIEVE = frozenset({"eval", "retrieve"})
 
 # Read from src/siamese_retrieval/data/synth/config.py (PRESETS), not imported: the synth package pulls
 # in numpy / cv2. tests/test_bad_configs.py compares this with the real PRESETS.
-SYNTH_PRESETS: tuple[str, ...] = ("default", "tiny")
+SYNTH_PRESETS: tuple[str, ...] = ("default", "tiny", "large")
 # Lightning 2.x's _PRECISION_INPUT (lightning_fabric/plugins/precision/precision.py): ints and strings.
 PRECISIONS: tuple[Any, ...] = (
     64, 32, 16, "64", "32", "16", "bf16",

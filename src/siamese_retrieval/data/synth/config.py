@@ -112,4 +112,11 @@ PRESETS: dict[str, dict] = {
         "n_archetypes": 6,
         "render_depth_m": 60.0,
     },
+    # ~71k database images, ~29.6k queries (100,640 images), 256x192: real-size runs (sparse gt.h5, memory-
+    # mapped caches). 296 streets of 480 m, rendered street by street in parallel worker processes.
+    "large": {
+        "n_streets": 296,
+        "street_length_m": 480.0,
+        "queries_per_street": 100,
+    },
 }

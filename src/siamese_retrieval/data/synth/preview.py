@@ -30,6 +30,9 @@ def _tile(path: Path, text: str, colour, size: tuple[int, int]) -> np.ndarray:
 def write_contact_sheet(root, png_path, n_queries: int = 6, n_pos: int = 3, n_neg: int = 3, seed: int = 0, tile_size: tuple[int, int] = (192, 144)) -> Path:
     """Write a PNG contact sheet for the dataset at `root`; returns its path."""
     ds = read_dataset(root, check="exists")
+    if ds.is_sparse:  # the sheet compares every database thumbnail with each query: a small-city tool
+        raise ValueError(f"{root}: {ds.n_db} database images with sparse ground truth; the contact sheet is for "
+                         "small cities (dense gt.h5)")
     rng = np.random.default_rng(seed)
     has_pos = np.flatnonzero(ds.sim.any(1))
     if len(has_pos) == 0:

@@ -130,29 +130,40 @@ def test_cache_is_reused_and_keyed(dataset, tmp_path, monkeypatch, caplog):
     assert not any(name.startswith(".") for name in cache_files(cache))  # no temp files left
 
 
-def test_corrupt_cache_is_rebuilt(dataset, tmp_path):
+def test_corrupt_cache_is_rebuilt(dataset, tmp_path, caplog):
     cache = tmp_path / "cache"
-    ref = extract_dataset_keypoints(dataset, CFG, cache)
-    path = kp.keypoints_cache_file(dataset, CFG, cache)
-    data = path.read_bytes()
-    for garbage in (data[: len(data) // 2], b"not a zip file at all"):
-        path.write_bytes(garbage)
-        rebuilt = extract_dataset_keypoints(dataset, CFG, cache)
-        np.testing.assert_array_equal(rebuilt.db_desc, ref.db_desc)
-        assert path.read_bytes() == data  # rewritten in full
+    ref = {name: np.array(arr) for name, arr in extract_dataset_keypoints(dataset, CFG, cache).arrays().items()}
+    path = kp.keypoints_cache_file(dataset, CFG, cache)  # (copies: the files below are overwritten in place)
+    assert path.is_dir()
+    assert sorted(p.name for p in path.iterdir()) == sorted(f"{f}.npy" for f in kp.KeypointFeatures.FIELDS)
+    file = path / "db_desc.npy"
+    data = file.read_bytes()
+    for garbage in (data[: len(data) // 2], b"not an npy file at all"):
+        file.write_bytes(garbage)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=kp.__name__):
+            rebuilt = extract_dataset_keypoints(dataset, CFG, cache)
+        assert "unreadable" in caplog.text and "rebuilding" in caplog.text
+        for name, arr in ref.items():
+            np.testing.assert_array_equal(getattr(rebuilt, name), arr)
+        assert file.read_bytes() == data  # rewritten in full
+    assert cache_files(cache) == [path.name]
 
 
 def test_interrupted_cache_write_leaves_no_file(dataset, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
+    calls = []
 
-    def killed(file, **arrays):
-        file.write(b"PK\x03\x04 partial")
-        raise KeyboardInterrupt
+    def killed(paths, cfg):
+        if calls:
+            raise KeyboardInterrupt  # the second chunk: the first one is already in the cache's files
+        calls.append(paths)
+        return kp.empty_features(cfg.n_keypoints, len(paths))
 
-    monkeypatch.setattr(kp.np, "savez", killed)
+    monkeypatch.setattr(kp, "_extract_chunk", killed)
     with pytest.raises(KeyboardInterrupt):
-        extract_dataset_keypoints(dataset, CFG, cache)
-    assert not cache.exists() or cache_files(cache) == []
+        extract_dataset_keypoints(dataset, CFG, cache, workers=1)
+    assert calls and (not cache.exists() or cache_files(cache) == [])
 
 
 def test_undecodable_image_names_the_file(dataset):

@@ -469,23 +469,26 @@ def test_config_faults_through_train_py(cli_slow: dict) -> None:
 
 KILL_MID_WRITE = """
 import os, signal, sys
-import numpy as np
+from siamese_retrieval.data import images, keypoints
 from siamese_retrieval.data.dataset import read_dataset
 from siamese_retrieval.data.images import load_images
 from siamese_retrieval.data.keypoints import OrbConfig, extract_dataset_keypoints
 
-def killed(f, **arrays):  # half an archive on disk, then the process dies like under `kill -9`
-    f.write(b"PK\\x03\\x04" + b"\\0" * 4096)
-    f.flush()
-    os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
+read = images.read_image
+done = []
 
-np.savez = killed
+def killed(path):  # some images already written into the cache's files, then the process dies like under `kill -9`
+    if len(done) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    done.append(path)
+    return read(path)
+
+images.read_image = keypoints.read_image = killed
 ds = read_dataset(sys.argv[2], check="none")
 if sys.argv[1] == "keypoints":
-    extract_dataset_keypoints(ds, OrbConfig(), sys.argv[3])
+    extract_dataset_keypoints(ds, OrbConfig(), sys.argv[3], workers=1)
 else:
-    load_images(ds, (32, 48), sys.argv[3])
+    load_images(ds, (32, 48), sys.argv[3], workers=1)
 """
 
 
@@ -501,9 +504,10 @@ def test_cache_write_killed_midway_is_not_reused(kind: str, tmp_path: Path, capl
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     final = keypoints_cache_file(ds, OrbConfig(), cache) if kind == "keypoints" else images_cache_file(ds, (32, 48), cache)
-    leftovers = [p.name for p in cache.iterdir()]
+    leftovers = list(cache.iterdir())
     assert not final.exists()  # nothing under the final name...
-    assert leftovers and all(name.startswith(f".{final.name}.") and name.endswith(".tmp.npz") for name in leftovers)
+    assert leftovers and all(p.name.startswith(f".{final.name}.tmp-") and p.name.rsplit("-", 1)[1].isdigit()
+                             and p.is_dir() for p in leftovers)  # ...only the dead writer's temporary directory
 
     ds = read_dataset(ds.root, check="none")
     with caplog.at_level(logging.INFO):
@@ -514,7 +518,8 @@ def test_cache_write_killed_midway_is_not_reused(kind: str, tmp_path: Path, capl
             got = dict(zip(("db", "q"), load_images(ds, (32, 48), cache)))
             want = dict(zip(("db", "q"), load_images(ds, (32, 48), None)))
     assert "cache miss" in caplog.text and "cache hit" not in caplog.text  # ...so the next run rebuilds
-    assert final.is_file()
+    assert final.is_dir()
+    assert [p.name for p in cache.iterdir()] == [final.name]  # and the dead writer's temporary is gone
     for name, arr in want.items():
         np.testing.assert_array_equal(got[name], arr)
 
@@ -774,9 +779,10 @@ def test_full_disk_in_process_is_one_line(tmp_path: Path, cache_dir: Path, monke
     import siamese_retrieval.train as train_mod
 
     def full(cfg):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "keypoints-x.npz"))
+        raise OSError(errno.ENOSPC, "No space left on device",
+                      str(tmp_path / "cache" / "keypoints-x" / "db_desc.npy"))
 
     monkeypatch.setattr(train_mod, "build_datamodule", lambda data_cfg, inputs: full(data_cfg))
     line = run_in_process(["data=synth_tiny"], tmp_path / "run", cache_dir, capsys)
     assert line == (f"error: cannot write to {tmp_path / 'run'}: No space left on device "
-                    f"(while writing {tmp_path / 'cache' / 'keypoints-x.npz'})")
+                    f"(while writing {tmp_path / 'cache' / 'keypoints-x' / 'db_desc.npy'})")

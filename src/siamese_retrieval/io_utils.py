@@ -1,16 +1,28 @@
-"""Atomic file writes: a crash or kill mid-write never leaves a half-written file under the final name."""
+"""Atomic file writes: a crash or kill mid-write never leaves a half-written file under the final name.
+
+Two kinds of array cache: `cached_npz`, one `.npz` read fully into memory (small caches), and
+`cached_arrays`, a directory of `.npy` files opened memory-mapped (caches too large for RAM: decoded
+images, keypoints of 100k+ images), filled in place and renamed into place whole.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    ArraySpecs = Mapping[str, tuple[tuple[int, ...], "np.dtype | type"]]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +102,162 @@ def cached_npz(
     if path is not None:
         atomic_save_npz(path, **arrays)
     return arrays
+
+
+# ----------------------------------------------------------------------------------------- memory-mapped caches
+
+
+def cached_arrays(
+    path: Path | None,
+    specs: ArraySpecs,
+    what: str,
+    fill: Callable[[dict[str, np.ndarray]], None],
+    logger: logging.Logger = log,
+) -> dict[str, np.ndarray]:
+    """Arrays of exactly `specs` (name -> (shape, dtype)), memory-mapped from the cache directory `path`.
+
+    The directory holds one `<name>.npy` per array. On a hit the files are opened copy-on-write
+    (mmap_mode "c"): nothing is read until touched, pages come from (and stay in) the page cache, and
+    the arrays are writable (torch.from_numpy neither copies nor warns) without ever writing back. On a
+    miss `fill(arrays)` writes into fresh `.npy` memmaps in a temporary sibling directory, which is then
+    renamed onto `path` whole, so a producer never holds the arrays in RAM and a killed writer leaves
+    nothing under the final name. A directory that cannot be read or has other shapes is rebuilt with a
+    warning; a rebuild deletes the old files and writes new ones, never rewriting a file in place (a file
+    truncated under a live mapping would fault its readers with SIGBUS). `path` None: no cache, in-memory
+    arrays filled by `fill`. `what` names the cache in the messages ("image" -> "image cache hit"), which
+    go to `logger` (the caller's)."""
+    import numpy as np
+
+    if path is None:
+        arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in specs.items()}
+        fill(arrays)
+        return arrays
+    path = Path(path)
+    arrays = open_array_cache(path, specs, what, logger, remove_invalid=True)
+    if arrays is not None:
+        logger.info("%s cache hit: %s", what, path)
+        return arrays
+    _write_array_cache(path, specs, what, fill, logger)
+    arrays = open_array_cache(path, specs, what, logger, remove_invalid=False)
+    if arrays is None:
+        raise OSError(f"{what} cache {path} is unreadable right after it was written")
+    return arrays
+
+
+def open_array_cache(
+    path: Path, specs: ArraySpecs, what: str, logger: logging.Logger = log, remove_invalid: bool = False
+) -> dict[str, np.ndarray] | None:
+    """The copy-on-write memmaps of a complete cache directory, or None when it is missing or invalid
+    (then, with `remove_invalid`, it is deleted with a warning so that it is rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        arrays = _open_arrays(path, specs)
+    except (OSError, ValueError, EOFError) as exc:
+        problem = f"is unreadable ({exc})"
+    else:
+        if arrays is not None:
+            return arrays
+        problem = "has unexpected shapes"
+    if remove_invalid:
+        logger.warning("%s cache %s %s; rebuilding it", what, path, problem)
+        _remove(path)
+    return None
+
+
+def _open_arrays(path: Path, specs: ArraySpecs) -> dict[str, np.ndarray] | None:
+    """Every array opened with mmap_mode "c"; None when one has another shape, dtype or memory order."""
+    import numpy as np
+
+    arrays = {}
+    for name, (shape, dtype) in specs.items():
+        arr = np.load(path / f"{name}.npy", mmap_mode="c", allow_pickle=False)
+        if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype) or not arr.flags.c_contiguous:
+            return None
+        arrays[name] = arr
+    return arrays
+
+
+def _write_array_cache(
+    path: Path, specs: ArraySpecs, what: str, fill: Callable[[dict[str, np.ndarray]], None], logger: logging.Logger
+) -> None:
+    """`fill` into `.npy` memmaps in a temporary sibling directory, flushed, then renamed onto `path`.
+    A concurrent writer that got there first with a valid cache wins; ours is dropped."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", suffix=f"-{os.getpid()}", dir=path.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the cache gets normal permissions
+        arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=tuple(shape), dtype=dtype)
+                  for name, (shape, dtype) in specs.items()}
+        for name in arrays:
+            _allocate(tmp / f"{name}.npy")
+        fill(arrays)
+        for arr in arrays.values():
+            arr.flush()
+        del arrays
+        _rename_into_place(tmp, path, specs, what, logger)
+    finally:
+        _remove(tmp)
+
+
+def _allocate(file: Path) -> None:
+    """Reserve the disk blocks of a new (sparse) memmap file now: a full disk is then an OSError naming the
+    file here, not a SIGBUS killing the process when `fill` writes to a page that has no block."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(file, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return  # a file system without it: writes will allocate, as without this step
+            raise OSError(exc.errno, exc.strerror, str(file)) from None
+
+
+def _rename_into_place(tmp: Path, path: Path, specs: ArraySpecs, what: str, logger: logging.Logger) -> None:
+    if open_array_cache(path, specs, what, logger, remove_invalid=True) is not None:
+        return  # a concurrent writer finished first
+    try:
+        os.replace(tmp, path)
+    except OSError:  # a directory appeared under `path` meanwhile (os.replace cannot overwrite a full one)
+        if open_array_cache(path, specs, what, logger) is None:
+            raise
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary directories of writers that died (their pid ends the name) are deleted."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _pid_alive(int(pid))):
+            _remove(stale)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------- keys
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

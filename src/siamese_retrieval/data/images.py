@@ -3,7 +3,9 @@
 `read_image` is the single place that turns a file into pixels: it raises `DatasetError` naming the
 file when it cannot be decoded. `load_images` resizes every database and query image to (H, W),
 converts grayscale / BGRA / 16-bit to 8-bit RGB and returns channel-first uint8 arrays, cached
-in one `.npz` keyed by the dataset fingerprint, the paths, the size and a format version.
+in a directory `images-<H>x<W>-<key>/` of two `.npy` files (db, q) keyed by the dataset fingerprint,
+the paths, the size and a format version. The cache is decoded straight into those files and opened
+memory-mapped (io_utils.cached_arrays), so 100k+ images never have to fit in RAM.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.errors import DatasetError
-from siamese_retrieval.io_utils import cached_npz, stable_hash
+from siamese_retrieval.io_utils import cached_arrays, stable_hash
 from siamese_retrieval.parallel import chunked_map
 from siamese_retrieval.progress import counted, progress
 
 log = logging.getLogger(__name__)
 
-IMAGES_CACHE_VERSION = 1
+IMAGES_CACHE_VERSION = 2  # 2: a directory of memory-mapped .npy files (1: one .npz)
 
 
 # ----------------------------------------------------------------------------------------- decoding
@@ -95,11 +97,16 @@ def _load_into(out: np.ndarray, paths: Sequence[Path], indices: range, size: tup
 
 
 def decode_resized(paths: Sequence[Path], size: tuple[int, int], workers: int = 2,
-                   description: str = "decoding images") -> np.ndarray:
+                   description: str = "decoding images", out: np.ndarray | None = None) -> np.ndarray:
     """(n, 3, H, W) uint8 RGB; threads fill one preallocated array (cv2 releases the GIL).
-    A DatasetError names the first undecodable image. A progress bar named `description` (progress.py)."""
+    `out` (e.g. a memmap of the cache) is filled in place instead of a new array, so the decoded images
+    need not fit in RAM. A DatasetError names the first undecodable image. A progress bar named
+    `description` (progress.py)."""
     h, w = int(size[0]), int(size[1])
-    out = np.empty((len(paths), 3, h, w), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(paths), 3, h, w), dtype=np.uint8)
+    elif out.shape != (len(paths), 3, h, w) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {(len(paths), 3, h, w)}, got {out.dtype} {out.shape}")
     with progress(description, total=len(paths)) as advance:
         chunked_map(counted(lambda indices: _load_into(out, paths, indices, (h, w)), advance), range(len(paths)),
                     workers)
@@ -107,6 +114,7 @@ def decode_resized(paths: Sequence[Path], size: tuple[int, int], workers: int = 
 
 
 def images_cache_file(dataset, size: tuple[int, int], cache_dir: str | os.PathLike) -> Path:
+    """The cache of `load_images` for this dataset and size: a directory (db.npy, q.npy)."""
     key = stable_hash(
         {
             "fingerprint": dataset.fingerprint,
@@ -116,7 +124,7 @@ def images_cache_file(dataset, size: tuple[int, int], cache_dir: str | os.PathLi
             "version": IMAGES_CACHE_VERSION,
         }
     )
-    return Path(cache_dir) / f"images-{int(size[0])}x{int(size[1])}-{key}.npz"
+    return Path(cache_dir) / f"images-{int(size[0])}x{int(size[1])}-{key}"
 
 
 def load_images(
@@ -125,22 +133,21 @@ def load_images(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 2,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Database and query images as uint8 RGB (n, 3, H, W), resized to exactly `size` = (H, W)."""
+    """Database and query images as uint8 RGB (n, 3, H, W), resized to exactly `size` = (H, W).
+    With `cache_dir`: copy-on-write memmaps of the cache (read lazily, writable, never written back)."""
     size = (int(size[0]), int(size[1]))
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"image size must be positive, got {size}")
     path = images_cache_file(dataset, size, cache_dir) if cache_dir is not None else None
 
-    def decode() -> dict[str, np.ndarray]:
+    def decode(out: dict[str, np.ndarray]) -> None:
         log.info("decoding %d images at %dx%d%s", dataset.n_db + dataset.n_query, size[0], size[1],
                  f" (cache miss: {path})" if path is not None else "")
-        return {"db": decode_resized([dataset.root / p for p in dataset.db_paths], size, workers,
-                                     "decoding database images"),
-                "q": decode_resized([dataset.root / p for p in dataset.q_paths], size, workers, "decoding query images")}
+        decode_resized([dataset.root / p for p in dataset.db_paths], size, workers, "decoding database images",
+                       out=out["db"])
+        decode_resized([dataset.root / p for p in dataset.q_paths], size, workers, "decoding query images",
+                       out=out["q"])
 
-    def valid(a: dict[str, np.ndarray]) -> bool:
-        return (a["db"].shape == (dataset.n_db, 3, *size) and a["q"].shape == (dataset.n_query, 3, *size)
-                and a["db"].dtype == np.uint8 and a["q"].dtype == np.uint8)
-
-    arrays = cached_npz(path, ("db", "q"), "image", decode, valid, logger=log)
+    specs = {"db": ((dataset.n_db, 3, *size), np.uint8), "q": ((dataset.n_query, 3, *size), np.uint8)}
+    arrays = cached_arrays(path, specs, "image", decode, logger=log)
     return arrays["db"], arrays["q"]

@@ -45,7 +45,7 @@ class KeypointInputs:
 
     def build(self, dataset: RetrievalDataset, cache_dir: Path | None) -> tuple[Tensors, Tensors]:
         kp = extract_dataset_keypoints(dataset, self.cfg, cache_dir, workers=self.workers)
-        as_t = torch.from_numpy
+        as_t = torch.from_numpy  # shares the (memory-mapped, copy-on-write) cache arrays: no copy
         db = {"desc": as_t(kp.db_desc), "geom": as_t(kp.db_geom), "mask": as_t(kp.db_mask)}
         q = {"desc": as_t(kp.q_desc), "geom": as_t(kp.q_geom), "mask": as_t(kp.q_mask)}
         return db, q
@@ -145,7 +145,9 @@ class ImageInputs:
 
     def build(self, dataset: RetrievalDataset, cache_dir: Path | None) -> tuple[Tensors, Tensors]:
         db, q = load_images(dataset, size=(self.height, self.width), cache_dir=cache_dir, workers=self.workers)
-        return {"image": torch.from_numpy(np.ascontiguousarray(db))}, {"image": torch.from_numpy(np.ascontiguousarray(q))}
+        # Cached arrays are writable copy-on-write memmaps, always C-contiguous: from_numpy shares their
+        # pages (no copy into RAM, no non-writable warning); batches are gathered from them lazily.
+        return {"image": torch.from_numpy(db)}, {"image": torch.from_numpy(q)}
 
     def augment(self, batch: Tensors) -> Tensors:
         if not self.enabled or "image" not in batch or batch["image"].shape[0] == 0:

@@ -4,6 +4,9 @@ The study ran scikit-image's `ORB(n_keypoints=10)`; OpenCV's ORB gives the same 
 32-byte binary descriptors roughly 70x faster. Per image we detect more candidates than needed
 and keep the `n_keypoints` strongest (by response, ties broken by position), so the order is
 deterministic. Images with fewer keypoints (blank, tiny) are zero-padded and masked.
+A dataset's features are cached in a directory `keypoints-<key>/` of one `.npy` per array below
+(db_* and q_*), written chunk by chunk straight into those files and opened memory-mapped
+(io_utils.cached_arrays), so extraction and training on 1M images never hold them in RAM.
 
     desc  uint8   (n, 32)  packed BRIEF descriptors
     geom  float32 (n, 4)   x / width, y / height, size / max(width, height), angle / 360
@@ -16,19 +19,19 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import cv2
 import numpy as np
 
 from siamese_retrieval.data.images import read_image, to_gray
-from siamese_retrieval.io_utils import cached_npz, stable_hash
+from siamese_retrieval.io_utils import cached_arrays, stable_hash
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
-from siamese_retrieval.progress import counted, progress
+from siamese_retrieval.progress import Advance, counted, progress
 
 log = logging.getLogger(__name__)
 
-KEYPOINTS_CACHE_VERSION = 1
+KEYPOINTS_CACHE_VERSION = 2  # 2: a directory of memory-mapped .npy files (1: one .npz)
 DESC_BYTES = 32
 
 
@@ -132,6 +135,20 @@ def _extract_chunk(paths: Sequence[str], cfg: OrbConfig) -> tuple[np.ndarray, np
     return desc, geom, mask
 
 
+def _extract_into(paths: Sequence[str], cfg: OrbConfig, workers: int,
+                  out: tuple[np.ndarray, np.ndarray, np.ndarray], advance: Advance) -> None:
+    """ORB of `paths` written into the rows of `out` = (desc, geom, mask), one chunk at a time: only a
+    chunk's features are ever held besides `out` (which may be a memmap of the cache)."""
+    desc, geom, mask = out
+
+    def run(indices: range) -> None:
+        d, g, m = _extract_chunk([paths[i] for i in indices], cfg)
+        rows = slice(indices.start, indices.stop)
+        desc[rows], geom[rows], mask[rows] = d, g, m
+
+    chunked_map(counted(run, advance), range(len(paths)), workers, pool_context=opencv_single_threaded)
+
+
 def extract_paths(
     paths: Sequence[str | os.PathLike], cfg: OrbConfig, workers: int = 2
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,15 +159,15 @@ def extract_paths(
     images/s, 2 threads ~1400 images/s, 2 spawned processes ~800 images/s.
     """
     paths = [str(p) for p in paths]
-    if not paths:
-        return empty_features(cfg.n_keypoints, 0)
-    with progress("extracting ORB keypoints", total=len(paths)) as advance:
-        parts = chunked_map(counted(lambda chunk: _extract_chunk(chunk, cfg), advance), paths, workers,
-                            pool_context=opencv_single_threaded)
-    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+    out = empty_features(cfg.n_keypoints, len(paths))
+    if paths:
+        with progress("extracting ORB keypoints", total=len(paths)) as advance:
+            _extract_into(paths, cfg, workers, out, advance)
+    return out
 
 
 def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) -> Path:
+    """The cache of `extract_dataset_keypoints` for this dataset and config: a directory of .npy files."""
     key = stable_hash(
         {
             "fingerprint": dataset.fingerprint,
@@ -161,18 +178,17 @@ def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) 
             "cv2": cv2.__version__.split(".")[0],
         }
     )
-    return Path(cache_dir) / f"keypoints-{key}.npz"
+    return Path(cache_dir) / f"keypoints-{key}"
 
 
-def _shapes_ok(feats: KeypointFeatures, n_db: int, n_q: int, n: int) -> bool:
-    return (
-        feats.db_desc.shape == (n_db, n, DESC_BYTES)
-        and feats.q_desc.shape == (n_q, n, DESC_BYTES)
-        and feats.db_geom.shape == (n_db, n, 4)
-        and feats.q_geom.shape == (n_q, n, 4)
-        and feats.db_mask.shape == (n_db, n)
-        and feats.q_mask.shape == (n_q, n)
-    )
+def feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape and dtype of every `KeypointFeatures` field."""
+    specs: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for side, count in (("db", n_db), ("q", n_q)):
+        specs[f"{side}_desc"] = ((count, n, DESC_BYTES), np.uint8)
+        specs[f"{side}_geom"] = ((count, n, 4), np.float32)
+        specs[f"{side}_mask"] = ((count, n), np.bool_)
+    return specs
 
 
 def extract_dataset_keypoints(
@@ -181,18 +197,18 @@ def extract_dataset_keypoints(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 2,
 ) -> KeypointFeatures:
-    """ORB features of every database and query image; cached in `cache_dir` when given."""
+    """ORB features of every database and query image; cached in `cache_dir` when given (then the
+    arrays are copy-on-write memmaps of the cache: read lazily, writable, never written back)."""
     path = keypoints_cache_file(dataset, cfg, cache_dir) if cache_dir is not None else None
 
-    def extract() -> dict[str, np.ndarray]:
+    def extract(out: dict[str, np.ndarray]) -> None:
         log.info("extracting ORB keypoints from %d images%s", dataset.n_db + dataset.n_query,
                  f" (cache miss: {path})" if path is not None else "")
-        files = [dataset.root / p for p in list(dataset.db_paths) + list(dataset.q_paths)]
-        desc, geom, mask = extract_paths(files, cfg, workers)
-        n_db = dataset.n_db
-        return KeypointFeatures(desc[:n_db], geom[:n_db], mask[:n_db], desc[n_db:], geom[n_db:], mask[n_db:]).arrays()
+        with progress("extracting ORB keypoints", total=dataset.n_db + dataset.n_query) as advance:
+            for side, rel in (("db", dataset.db_paths), ("q", dataset.q_paths)):
+                files = [str(dataset.root / p) for p in rel]
+                _extract_into(files, cfg, workers, (out[f"{side}_desc"], out[f"{side}_geom"], out[f"{side}_mask"]),
+                              advance)
 
-    arrays = cached_npz(path, KeypointFeatures.FIELDS, "keypoint", extract,
-                        lambda a: _shapes_ok(KeypointFeatures(**a), dataset.n_db, dataset.n_query, cfg.n_keypoints),
-                        logger=log)
-    return KeypointFeatures(**arrays)
+    specs = feature_specs(dataset.n_db, dataset.n_query, cfg.n_keypoints)
+    return KeypointFeatures(**cached_arrays(path, specs, "keypoint", extract, logger=log))

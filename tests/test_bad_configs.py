@@ -26,6 +26,8 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("train", ["debug=fast"], None),
     ("train", ["experiment=keypoint_vs_cnn"], None),
     ("train", ["experiment=keypoint_count"], None),
+    ("train", ["experiment=large_city"], None),
+    ("train", ["experiment=large_city", "model=keypoint_snn"], None),
     ("train", ["hparams_search=optuna_cnn"], None),
     ("train", ["data=msls_city", "data.root=/x"], None),
     ("train", ["index=ivfpq"], None),
@@ -115,7 +117,7 @@ CASES: list[tuple[str, list[str], str | None]] = [
      "data.split.fractions=[0.5, -0.25, 0.75]: every entry must be a number >= 0"),
     ("train", ["data.split.cell_size_m=0"], "data.split.cell_size_m=0: must be a number > 0"),
     ("train", ["data.split.seed=abc"], "data.split.seed=abc: must be an integer in [0, 4294967295] or null"),
-    ("train", ["data.synth.preset=huge"], "data.synth.preset='huge': must be one of default, tiny"),
+    ("train", ["data.synth.preset=huge"], "data.synth.preset='huge': must be one of default, tiny, large"),
     ("train", ["data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
     ("train", ["data.eval_batch_size=0"], "data.eval_batch_size=0: must be an integer >= 1"),
     # ------------------------------------------------------------ train: index, callbacks

@@ -110,7 +110,7 @@ def test_chance_line_is_the_expected_recall_of_a_random_ranking(tmp_path: Path) 
         ranking = Ranking(np.arange(m), np.tile(np.arange(10), (m, 1)), np.zeros((m, 10), np.float32),
                           np.ones(m, np.int64), {})
         return plot_recall_curve(tmp_path / "recall_at_k.png", ranking, title="known case",
-                                 truth=SimpleNamespace(sim=sim))
+                                 truth=SimpleNamespace(sim=sim, fov=sim.astype(np.float32)))
 
     # n = 10, p = 1: a random top k holds the positive with probability k / 10
     chance = curves(np.eye(1, 10, dtype=bool))["chance"]

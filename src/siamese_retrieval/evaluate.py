@@ -230,7 +230,7 @@ def recall_curve(ranking: Ranking, max_k: int = CURVE_K) -> tuple[np.ndarray, np
 
 
 def plot_recall_curve(path: Path, ranking: Ranking, title: str = "", truth: Any = None) -> dict[str, np.ndarray]:
-    """recall@k for k = 1..CURVE_K, and with `truth` (the dataset: `sim` (n_query, n_database)) the chance line:
+    """recall@k for k = 1..CURVE_K, and with `truth` (the dataset, or any ground truth) the chance line:
     the expected recall@k of a random ranking, 1 - C(n - p, k) / C(n, k) for a query with p of n database
     images relevant, averaged over the queries with a positive (as recall@k is). Returns what is plotted:
     {"k", "recall", "chance" (absent without truth)}."""

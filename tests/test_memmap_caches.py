@@ -288,3 +288,38 @@ def test_keypoint_tensors_share_the_cache_pages(dataset, tmp_path):
             for field in ("desc", "geom", "mask"):
                 assert file_mapping_of(tensors[field].data_ptr()) == str(path / f"{side}_{field}.npy")
     assert db["mask"].dtype == torch.bool and db["geom"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------- resident pages
+
+
+def _rss_file_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc (Linux)")
+def test_releasing_mapped_pages_drops_them_from_rss_and_keeps_the_data(tmp_path: Path) -> None:
+    from siamese_retrieval.io_utils import release_mapped_pages
+
+    n, row = 400, 3 * 96 * 128  # 14 MiB
+    specs = {"x": ((n, row), np.uint8)}
+    rows = np.random.default_rng(0).integers(0, 255, size=(n, row), dtype=np.uint8)
+
+    def fill(out: dict[str, np.ndarray]) -> None:
+        out["x"][:] = rows
+        assert release_mapped_pages(force=True) >= 1  # the cache being written is released too
+
+    cached_arrays(tmp_path / "c", specs, "test", fill)
+    cache = cached_arrays(tmp_path / "c", specs, "test", fill)  # a hit: copy-on-write memmap
+    tensor = torch.from_numpy(cache["x"])
+    int(tensor[:1].sum(dtype=torch.int64))  # the kernel's own code pages (file-backed too) load now
+    release_mapped_pages(force=True)
+    before = _rss_file_mib()
+    assert int(tensor.sum(dtype=torch.int64)) == int(rows.sum(dtype=np.int64))  # touches every page
+    touched = _rss_file_mib()
+    assert touched - before > 0.8 * n * row / 2**20
+    assert release_mapped_pages(force=True) >= 1
+    assert _rss_file_mib() - before < 0.25 * n * row / 2**20
+    np.testing.assert_array_equal(tensor.numpy(), rows)  # refaulted from the page cache, unchanged
+    assert release_mapped_pages() == 0  # throttled: at most once a second unless forced

@@ -21,6 +21,7 @@ from siamese_retrieval.data.inputs import InputBuilder, Tensors, take
 from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
 from siamese_retrieval.data.splits import Splits, split_by_place
 from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.io_utils import release_mapped_pages
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class PairBatches(IterableDataset):
         for start in starts:
             sel = order[start : start + self.batch_size]
             qi, di = q[sel], d[sel]
+            release_mapped_pages()  # a memory-mapped cache's pages read so far leave RSS (once a second at most)
             _, cross_fov = truth.lookup(qi, np.broadcast_to(di, (len(qi), len(di))))  # (b, b): dense or sparse
             yield {
                 "q": take(self.dm.q_inputs, qi),

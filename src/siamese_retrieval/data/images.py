@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.errors import DatasetError
-from siamese_retrieval.io_utils import cached_arrays, stable_hash
+from siamese_retrieval.io_utils import cached_arrays, release_mapped_pages, stable_hash
 from siamese_retrieval.parallel import chunked_map
 from siamese_retrieval.progress import counted, progress
 
@@ -94,6 +94,7 @@ def _load_into(out: np.ndarray, paths: Sequence[Path], indices: range, size: tup
             shrinking = rgb.shape[0] >= h and rgb.shape[1] >= w
             rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         out[i] = rgb.transpose(2, 0, 1)
+        release_mapped_pages()  # written rows leave this process's RSS (at most once a second; io_utils)
 
 
 def decode_resized(paths: Sequence[Path], size: tuple[int, int], workers: int = 2,

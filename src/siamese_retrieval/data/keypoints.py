@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.data.images import read_image, to_gray
-from siamese_retrieval.io_utils import cached_arrays, stable_hash
+from siamese_retrieval.io_utils import cached_arrays, release_mapped_pages, stable_hash
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 from siamese_retrieval.progress import Advance, counted, progress
 
@@ -145,6 +145,7 @@ def _extract_into(paths: Sequence[str], cfg: OrbConfig, workers: int,
         d, g, m = _extract_chunk([paths[i] for i in indices], cfg)
         rows = slice(indices.start, indices.stop)
         desc[rows], geom[rows], mask[rows] = d, g, m
+        release_mapped_pages()  # written rows leave this process's RSS (at most once a second; io_utils)
 
     chunked_map(counted(run, advance), range(len(paths)), workers, pool_context=opencv_single_threaded)
 

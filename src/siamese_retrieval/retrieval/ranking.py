@@ -32,6 +32,7 @@ import torch
 from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.io_utils import release_mapped_pages
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
 from siamese_retrieval.retrieval.metrics import RetrievalScores
 from siamese_retrieval.retrieval.visualize import retrieval_grid
@@ -213,6 +214,7 @@ def embed_all(module: Embedder, inputs: Tensors, batch_size: int = 512) -> torch
         for start in range(0, n, batch_size):
             chunk = {k: v[start : start + batch_size].to(module.device) for k, v in inputs.items()}
             out.append(module.embed(chunk).float().cpu())
+            release_mapped_pages()  # memory-mapped inputs: embedded rows leave RSS (io_utils; once a second at most)
             advance(len(out[-1]))
     return torch.cat(out) if out else torch.zeros(0, 1)
 

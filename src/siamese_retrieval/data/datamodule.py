@@ -8,6 +8,7 @@ retrieval callbacks search the split's queries against the FULL database.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from siamese_retrieval.data.dataset import DatasetFiles, RetrievalDataset, read_dataset
+from siamese_retrieval.data.ground_truth import GroundTruth
 from siamese_retrieval.data.inputs import InputBuilder, Tensors, take
 from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
 from siamese_retrieval.data.splits import Splits, split_by_place
@@ -24,6 +26,15 @@ from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import release_mapped_pages
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairSource:
+    """What pair batches are sliced from: the relevance and the input tensors its indices point into."""
+
+    truth: GroundTruth
+    q_inputs: Tensors
+    db_inputs: Tensors
 
 
 class PairBatches(IterableDataset):
@@ -37,8 +48,10 @@ class PairBatches(IterableDataset):
         shuffle: bool,
         seed: int,
         shard: bool = False,
+        source: PairSource | None = None,
     ) -> None:
         self.dm, self.pairs_fn, self.batch_size, self.shuffle, self.seed = dm, pairs_fn, batch_size, shuffle, seed
+        self.source = source  # None: the datamodule's dataset and tensors
         self.shard = shard  # under DDP, rank r takes batches r, r + world, ... (equal counts on every rank)
         self._n_pairs = len(pairs_fn(0)[0])
 
@@ -59,7 +72,8 @@ class PairBatches(IterableDataset):
         order = np.arange(len(q))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(q))
-        truth = self.dm.dataset.relevance
+        source = self.source or PairSource(self.dm.dataset.relevance, self.dm.q_inputs, self.dm.db_inputs)
+        truth = source.truth
         rank, world = self._rank_world()
         starts = range(0, len(order), self.batch_size)
         if world > 1:
@@ -70,8 +84,8 @@ class PairBatches(IterableDataset):
             release_mapped_pages()  # a memory-mapped cache's pages read so far leave RSS (once a second at most)
             _, cross_fov = truth.lookup(qi, np.broadcast_to(di, (len(qi), len(di))))  # (b, b): dense or sparse
             yield {
-                "q": take(self.dm.q_inputs, qi),
-                "d": take(self.dm.db_inputs, di),
+                "q": take(source.q_inputs, qi),
+                "d": take(source.db_inputs, di),
                 "target": torch.from_numpy(np.asarray(target[sel], dtype=np.float32)),
                 "fov": torch.from_numpy(np.ascontiguousarray(np.diagonal(cross_fov))),
                 "q_idx": torch.from_numpy(qi),
@@ -99,6 +113,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         name: str = "",
+        train_views: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if root is None and synth is None:
@@ -117,6 +132,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = seed
         self.name = name
+        self.train_views = dict(train_views) if train_views else None  # a training-only city (data/train_views.py)
+        self.train_source: PairSource | None = None
         self.dataset: RetrievalDataset | None = None
         self.splits: Splits | None = None
         self.db_inputs: Tensors = {}
@@ -135,6 +152,20 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.resolve_root()
+        if self.train_views:
+            self.resolve_views_root()
+
+    def _eval_city(self):
+        from siamese_retrieval.data.train_views import synth_config
+
+        return synth_config(self.synth) if self.root is None and self.synth is not None else None
+
+    def resolve_views_root(self) -> Path:
+        """The training city of `train_views`, generated into the cache on first use."""
+        from siamese_retrieval.data.synth import ensure_city
+        from siamese_retrieval.data.train_views import views_config
+
+        return ensure_city(self.cache_dir or Path("data_cache"), views_config(self.train_views, self._eval_city()))
 
     def setup(self, stage: str | None = None) -> None:
         """Read and validate the dataset, split it by place, build the pair sampler and the input tensors."""
@@ -146,12 +177,25 @@ class RetrievalDataModule(pl.LightningDataModule):
         split_seed = split.pop("seed", None)  # fixed by default, so every training seed meets the same test places
         self.splits = split_by_place(dataset, fractions=fractions, seed=self.seed if split_seed is None else split_seed,
                                      **split)
-        self.sampler = PairSampler(
-            dataset, self.splits.train_q, self.splits.train_db, self.recipe, seed=self.seed
-        )
         self._build_inputs(dataset)
+        truth, train_q, train_db = dataset, self.splits.train_q, self.splits.train_db
+        if self.train_views:
+            joined = self._join_train_views(dataset)
+            self.train_source = PairSource(joined.truth, joined.q_inputs, joined.db_inputs)
+            truth, train_q, train_db = joined.truth, joined.train_q, joined.train_db
+        self.sampler = PairSampler(truth, train_q, train_db, self.recipe, seed=self.seed)
         log.info("dataset %s: %d database, %d queries; splits %s", dataset.name, dataset.n_db, dataset.n_query,
                  self.splits.summary())
+
+    def _join_train_views(self, dataset: RetrievalDataset):
+        from siamese_retrieval.data.train_views import join_views
+
+        views = read_dataset(self.resolve_views_root(), check=self.image_check, name=f"{self.name}-train-views")
+        views_db, views_q = self.inputs.build(views, self.cache_dir)
+        log.info("training views: %d database, %d queries of a training-only city (%s)", views.n_db, views.n_query,
+                 views.root.name)
+        return join_views(dataset, self.q_inputs, self.db_inputs, self.splits.train_q, self.splits.train_db, views,
+                          views_q, views_db)
 
     def setup_unsplit(self) -> None:
         """Like `setup`, without a place split: every query of a dataset the model never saw (split=all)."""
@@ -183,7 +227,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        batches = PairBatches(self, self.sampler.sample, self.batch_size, shuffle=True, seed=self.seed, shard=True)
+        batches = PairBatches(self, self.sampler.sample, self.batch_size, shuffle=True, seed=self.seed, shard=True,
+                              source=self.train_source)
         return DataLoader(batches, batch_size=None)
 
     def eval_batches(self, query_idx: np.ndarray) -> PairBatches:

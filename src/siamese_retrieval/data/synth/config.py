@@ -20,6 +20,7 @@ class SynthConfig:
     seed: int = 0
     # ---- city layout
     n_streets: int = 16
+    first_street: int = 0  # the city's streets are first_street .. first_street + n_streets - 1 (see `streets`)
     street_length_m: float = 120.0
     street_width_m: float = 12.0  # mean wall-to-wall width
     street_width_jitter_m: float = 3.0  # each street's width is mean +- this (uniform, per street)
@@ -83,6 +84,13 @@ class SynthConfig:
         cfg = replace(cls(), **PRESETS[name])
         overrides = {k: tuple(map(tuple, v)) if k == "query_conditions" else (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
         return replace(cfg, **overrides)
+
+    @property
+    def streets(self) -> range:
+        """The street ids of this city. A street is painted from (seed, street id) alone and placed by its id, so
+        two cities of one seed share streets exactly where these ranges meet: a city with first_street past
+        another's last street (same seed) holds none of its places, only its architecture (the archetypes)."""
+        return range(self.first_street, self.first_street + self.n_streets)
 
     @property
     def n_database(self) -> int:

@@ -42,7 +42,7 @@ CONFIG_FILE = "synth_config.json"
 
 def plan_database(cfg: SynthConfig) -> list[Camera]:
     cams = []
-    for s in range(cfg.n_streets):
+    for s in cfg.streets:
         rng = np.random.default_rng([cfg.seed, 301, s])
         for x in db_positions(cfg):
             for yaw, lane in ((0.0, -cfg.db_lane_m), (180.0, cfg.db_lane_m)):
@@ -62,7 +62,7 @@ def plan_queries(cfg: SynthConfig) -> tuple[list[Camera], list[str]]:
     in their lane but off the database's line (sometimes in the other lane), heading jittered
     (normal, clipped at +-query_yaw_jitter_deg), each with an appearance condition."""
     cams, conditions = [], []
-    for s in range(cfg.n_streets):
+    for s in cfg.streets:
         rng = np.random.default_rng([cfg.seed, 302, s])
         lateral = min(cfg.query_lateral_max_m, float(street_width(cfg, s)) / 2 - 1.0)
         for _ in range(cfg.queries_per_street):
@@ -135,7 +135,7 @@ def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
     db_paths = [_db_name(i, c) for i, c in enumerate(db_cams)]
     q_paths = [_q_name(i, c) for i, c in enumerate(q_cams)]
     tasks = []
-    for s in range(cfg.n_streets):
+    for s in cfg.streets:
         db_jobs = [(i, c, db_paths[i]) for i, c in enumerate(db_cams) if c.street == s]
         q_jobs = [(i, c, q_paths[i], conditions[i]) for i, c in enumerate(q_cams) if c.street == s]
         tasks.append((str(root), cfg, s, db_jobs, q_jobs))
@@ -174,7 +174,10 @@ def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
 
 
 def city_dir(cache_dir: str | Path, cfg: SynthConfig) -> Path:
-    return Path(cache_dir) / f"synth-{stable_hash(asdict(cfg))}"
+    fields = asdict(cfg)
+    if not fields["first_street"]:  # a field added later: cities from before it keep their cache folder
+        del fields["first_street"]
+    return Path(cache_dir) / f"synth-{stable_hash(fields)}"
 
 
 def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:

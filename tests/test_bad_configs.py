@@ -107,7 +107,7 @@ CASES: list[tuple[str, list[str], str | None]] = [
      "model.module.scheduler.T_max=0: must be an integer >= 1 or null"),
     ("train", ["model.module.encoder.dropout=1"], "model.module.encoder.dropout=1: must be a number in [0, 1)"),
     # ------------------------------------------------------------ train: data
-    ("train", ["data.pairs.preset=x"], "data.pairs.preset='x': must be one of study, default"),
+    ("train", ["data.pairs.preset=x"], "data.pairs.preset='x': must be one of study, default, light"),
     ("train", ["data.pairs.target=rank"], "data.pairs.target='rank': must be one of sim, fov"),
     ("train", ["data.image_check=full"], "data.image_check='full': must be one of decode, exists, none"),
     ("train", ["data.split.fractions=[0.5,0.5,0.5]"],

@@ -166,7 +166,7 @@ def random_pair_batch(inputs: ImageInputs, b: int = 4) -> dict:
 
 def test_cnn_snn_config_trains_one_step() -> None:
     cfg = model_cfg()
-    assert cfg.name == "cnn_snn" and cfg.pairs_preset == "default"
+    assert cfg.name == "cnn_snn" and cfg.pairs_preset == "light" and cfg.train_views.n_streets == 64
     inputs = instantiate(cfg.inputs)
     assert isinstance(inputs, ImageInputs) and inputs.enabled
     torch.manual_seed(0)

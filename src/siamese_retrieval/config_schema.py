@@ -5,7 +5,7 @@
 
     model.batch_size=abc: must be an integer >= 1
     top_ks=[0]: every entry must be an integer >= 1
-    data.pairs.preset='x': must be one of study, default
+    data.pairs.preset='x': must be one of study, default, light
 
 It returns the warnings (strings) of the values that work but probably are not meant, e.g.
 
@@ -110,7 +110,7 @@ RULES: tuple[Rule, ...] = (
     R("model.name", STR),
     R("model.batch_size", INT, ge=1, note="pairs per batch"),
     R("model.max_epochs", INT, ge=-1, note="the model's recipe; trainer.max_epochs defaults to it"),
-    R("model.pairs_preset", CHOICE, choices=("study", "default"), note="data.pairs.preset defaults to it"),
+    R("model.pairs_preset", CHOICE, choices=("study", "default", "light"), note="data.pairs.preset defaults to it"),
     R("model.inputs.n_keypoints", INT, ge=1, note="keypoint_snn: ORB keypoints per image"),
     R("model.inputs.height", INT, ge=8, note="cnn_snn: image height (5 pooling stages)"),
     R("model.inputs.width", INT, ge=8, note="cnn_snn: image width"),
@@ -178,7 +178,7 @@ RULES: tuple[Rule, ...] = (
     R("data.split.fractions", FLOATS, ge=0, length=3, note="train / val / test; they sum to 1 (CROSS_CHECKS)"),
     R("data.split.cell_size_m", FLOAT, gt=0),
     R("data.split.seed", INT, ge=0, le=2**32 - 1, nullable=True, note="null: the run's seed"),
-    R("data.pairs.preset", CHOICE, choices=("study", "default")),
+    R("data.pairs.preset", CHOICE, choices=("study", "default", "light")),
     R("data.pairs.target", CHOICE, choices=("sim", "fov")),
     R("data.batch_size", INT, ge=1),
     R("data.eval_batch_size", INT, ge=1),

@@ -267,6 +267,7 @@ def evaluation_data_config(data_cfg: Any, target: str | None = None) -> Any:
         own = OmegaConf.select(cfg, "pairs.target", default="sim")
         cfg.pairs = {"preset": "study", "target": target or own}
         cfg.batch_size = 1
+        cfg.train_views = None  # training-only images: nothing to evaluate
     return cfg
 
 

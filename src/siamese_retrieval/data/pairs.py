@@ -11,6 +11,8 @@ Kinds of database image for a query (restricted to the training database images)
 (1:1 overall and per query), target = sim; queries without a positive contribute nothing.
 `PairRecipe.default()`: up to 4 positives, 2 soft and 6 hard negatives per query; queries without
 a positive contribute their negatives only; a query with fewer candidates of a kind gets fewer.
+`PairRecipe.light()`: up to 2 positives, 1 soft and 2 hard negatives per query: for many training queries
+(the training views of data/train_views.py), where in-batch mining supplies the other negatives.
 Sampling is deterministic per (seed, epoch) and differs between epochs.
 """
 
@@ -69,12 +71,18 @@ class PairRecipe:
         return cls(**{**base, **overrides})
 
     @classmethod
+    def light(cls, **overrides) -> "PairRecipe":
+        """Up to 2 positives, 1 soft and 2 hard negatives per query, target sim (fields overridable)."""
+        base = dict(positives_per_query=2, soft_negatives_per_query=1, hard_negatives_per_query=2)
+        return cls(**{**base, **overrides})
+
+    @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "PairRecipe":
         """The `data.pairs` config: `preset` (study | default, default if absent) with field overrides
         from the rest of it. ConfigError for an unknown preset or field."""
         cfg = dict(cfg)
         preset = cfg.pop("preset", "default")
-        presets = {"study": cls.study, "default": cls.default}
+        presets = {"study": cls.study, "default": cls.default, "light": cls.light}
         if preset not in presets:
             raise ConfigError(f"data.pairs.preset={preset!r} is unknown; available: {', '.join(presets)}")
         try:

@@ -124,6 +124,7 @@ class SiameseModule(pl.LightningModule):
             checkpoint["training_data"] = {
                 "name": str(dm.name), "seed": int(dm.seed), "pairs_target": str(dm.recipe.target),
                 "split": OmegaConf.to_container(OmegaConf.create(dict(dm.split_cfg))),
+                "train_views": OmegaConf.to_container(OmegaConf.create(dict(dm.train_views))) if dm.train_views else None,
             }
             from siamese_retrieval.wandb_runs import wandb_run_info
 

@@ -1,0 +1,98 @@
+"""Per-query latency on the default city, in one run: a trained model vs ORB + RANSAC.
+
+    python experiments/benchmarks/query_latency.py --ckpt CKPT [--queries 30] [--repeats 3]
+
+Both sides prepare their database once, outside the timing: the model embeds the 960 database images
+and builds a flat FAISS index; ORB + RANSAC extracts the database's ORB features (evaluate.py's
+`method=orb_ransac` settings, 2 worker threads). The timing covers one test query at a time, from its
+image file to its ranked top 10:
+  * model: decode + resize the query (the checkpoint's input builder), embed it, search the index;
+  * ORB + RANSAC: decode, extract ORB, ratio-test matches + RANSAC inliers against every database
+    image, sort.
+Medians over the queries (each timed --repeats times, best kept: the machine is shared); the ratio
+comes from this run only. Torch and the ORB pool both use the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from siamese_retrieval.checkpoints import load_checkpoint
+from siamese_retrieval.data.dataset import read_dataset
+from siamese_retrieval.data.images import read_image
+from siamese_retrieval.data.splits import split_by_place
+from siamese_retrieval.data.synth import SynthConfig, ensure_city
+from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
+from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, image_features, score_matrix
+from siamese_retrieval.retrieval.ranking import embed_all
+from siamese_retrieval.retrieve import query_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="a trained checkpoint (e.g. cnn_snn's epochNN.ckpt)")
+    ap.add_argument("--queries", type=int, default=30, help="test queries timed")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache-dir", default=str(ROOT / "data_cache"))
+    args = ap.parse_args()
+
+    dataset = read_dataset(ensure_city(args.cache_dir, SynthConfig()), check="none")
+    test_q = split_by_place(dataset, (0.6, 0.2, 0.2), seed=0).test_q[: args.queries]
+    files = [dataset.query_file(int(q)) for q in test_q]
+
+    ckpt = load_checkpoint(args.ckpt)
+    module, inputs = ckpt.module, ckpt.build_inputs()
+    db_inputs, _ = inputs.build(dataset, args.cache_dir)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        db_emb = embed_all(module, db_inputs)
+    index = build_index(db_emb, IndexConfig(metric=module.distance.faiss_metric))
+    model_prep = time.perf_counter() - t
+
+    cfg = OrbRansacConfig()
+    t = time.perf_counter()
+    db_feats = cached_features([dataset.db_file(i) for i in range(dataset.n_db)],
+                               {"benchmark": dataset.fingerprint}, cfg, None)
+    orb_prep = time.perf_counter() - t
+
+    def model_query(path: Path) -> np.ndarray:
+        with torch.inference_mode():
+            emb = embed_all(module, query_inputs(inputs, [path]))
+        return search(index, emb.numpy(), k=10)[1][0]
+
+    def orb_query(path: Path) -> np.ndarray:
+        scores = score_matrix([image_features(read_image(path), cfg)], db_feats, cfg, workers=2)[0]
+        return np.argsort(-scores, kind="stable")[:10]
+
+    model_query(files[0]), orb_query(files[0])  # warm-up: lazy imports, thread pools
+    model_s = [best_of(lambda: model_query(f), args.repeats) for f in files]
+    orb_s = [best_of(lambda: orb_query(f), 1) for f in files]  # seconds each: one repeat is plenty
+    m, o = statistics.median(model_s), statistics.median(orb_s)
+    print(f"default city: {dataset.n_db} database images, {len(files)} test queries; checkpoint {args.ckpt}")
+    print(f"database preparation (not timed per query): model embed + index {model_prep:.1f} s, "
+          f"ORB features {orb_prep:.1f} s")
+    print(f"{'method':>14} {'median s/query':>15} {'p90 s/query':>12}")
+    for name, s in (("model", model_s), ("ORB + RANSAC", orb_s)):
+        print(f"{name:>14} {statistics.median(s):>15.4f} {float(np.percentile(s, 90)):>12.4f}")
+    print(f"model vs ORB + RANSAC: {o / m:.1f}x faster per query (median)")
+
+
+if __name__ == "__main__":
+    main()

@@ -212,10 +212,10 @@ def write_per_query_csv(path: Path, dataset: RetrievalDataset, ranking: Ranking,
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["query", "first_positive_rank", "precision@10", *(f"top_{j + 1}" for j in range(k))])
-            truth = as_ground_truth(dataset)
+            relevant, _ = as_ground_truth(dataset).lookup(ranking.query_idx, ranking.top_ids[:, :10])  # one lookup
             for i, q in enumerate(ranking.query_idx):
                 top = ranking.top_ids[i, :k]
-                precision = float(truth.lookup(np.array([q]), ranking.top_ids[i : i + 1, :10])[0].sum()) / 10.0
+                precision = float(relevant[i].sum()) / 10.0
                 writer.writerow([dataset.q_paths[int(q)], int(ranking.first_positive_rank[i]), f"{precision:.4f}",
                                  *(dataset.db_paths[int(j)] for j in top)])
 

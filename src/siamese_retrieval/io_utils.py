@@ -191,7 +191,7 @@ def _write_array_cache(
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", suffix=f"-{os.getpid()}", dir=path.parent))
     try:
         umask = os.umask(0)
@@ -236,8 +236,9 @@ def _rename_into_place(tmp: Path, path: Path, specs: ArraySpecs, what: str, logg
             raise
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary directories of writers that died (their pid ends the name) are deleted."""
+def remove_stale_temporaries(path: Path) -> None:
+    """The temporary siblings `.<name>.tmp-...-<pid>` of `path` whose writer died are deleted (the caches here,
+    the synthetic cities of data/synth/generate.py): a killed writer's half-written output never piles up."""
     for stale in path.parent.glob(f".{path.name}.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if not (pid.isdigit() and _pid_alive(int(pid))):

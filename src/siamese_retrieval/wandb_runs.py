@@ -317,12 +317,12 @@ def per_query_table(dataset: Any, ranking: Any, top_k: int = 5, image_rows: int 
 
     columns = ["query", "query_path", "first_positive_rank", f"precision@{k}",
                *(f"top_{j + 1}" for j in range(k)), *(f"score_{j + 1}" for j in range(k))]
-    truth = as_ground_truth(dataset)
+    relevant_top, _ = as_ground_truth(dataset).lookup(ranking.query_idx, ranking.top_ids[:, :k])  # one lookup
     rows = []
     for row, q in enumerate(ranking.query_idx):
         q = int(q)
         ids = [int(j) for j in ranking.top_ids[row, :k]]
-        relevant = truth.lookup(np.array([q]), np.array([ids], np.int64).reshape(1, -1))[0][0].tolist()
+        relevant = relevant_top[row].tolist()
         scores = [float(s) for s in ranking.top_scores[row, :k]]
         if row < image_rows:
             images = [cell("q", q, GREY, dataset.q_paths[q])]

@@ -22,7 +22,7 @@ Two implementations:
                                is ~2 MB, where the dense form is 10 GB of `sim` and 40 GB of `fov`.
 
 `as_ground_truth(x)` gives the engine one of them whatever it was handed. Positions -> positives lives here
-(`radius_pairs`, and `radius_positives`, its dense form, which data/layouts.py uses), one implementation.
+(`radius_pairs`, which data/layouts.py uses, and `radius_positives`, its dense form), one implementation.
 """
 
 from __future__ import annotations
@@ -244,22 +244,24 @@ class SparseRelevance:
     def n_positives(self, qi: np.ndarray) -> np.ndarray:
         return self._n_pos[_rows(qi)]  # type: ignore[attr-defined]
 
+    def _slice(self, qi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored pairs of rows `qi`: (row into qi, position within that row, position in the CSR arrays)."""
+        lens = self.indptr[qi + 1] - self.indptr[qi]
+        rows = np.repeat(np.arange(len(qi), dtype=np.int64), lens)
+        cols = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        return rows, cols, np.repeat(self.indptr[qi], lens) + cols
+
     def ideal_fov(self, qi: np.ndarray, k: int) -> np.ndarray:
         qi, k = _rows(qi), int(k)
-        lens = self.indptr[qi + 1] - self.indptr[qi]
-        width = max(int(lens.max(initial=0)), k)
+        rows, cols, at = self._slice(qi)
+        width = max(int(cols.max(initial=-1)) + 1, k)
         block = np.zeros((len(qi), width), np.float32)  # (b, max(k, most pairs of a row)): never n_db wide
-        rows = np.repeat(np.arange(len(qi)), lens)
-        cols = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-        block[rows, cols] = self.fov[np.repeat(self.indptr[qi], lens) + cols]
+        block[rows, cols] = self.fov[at]
         top = -np.sort(-block, axis=1)[:, :k]  # a row has at most n_db pairs: zeros beyond them
         return top
 
     def overlaps(self, qi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        qi = _rows(qi)
-        lens = self.indptr[qi + 1] - self.indptr[qi]
-        rows = np.repeat(np.arange(len(qi), dtype=np.int64), lens)
-        at = np.repeat(self.indptr[qi], lens) + (np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens))
+        rows, _, at = self._slice(_rows(qi))
         return rows, self.indices[at], self.sim[at], self.fov[at]
 
     def to_dense(self) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from siamese_retrieval.data.dataset import (
     images_stamp,
     read_utf8,
 )
-from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference, radius_positives  # noqa: F401
+from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference  # noqa: F401 (re-exported)
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
 
@@ -55,8 +55,8 @@ TRAIN_RADIUS_M = 10.0
 # ----------------------------------------------------------------------------------------- positives
 
 
-# radius_positives (dense sim from positions) and heading_difference live in data/ground_truth.py, next to
-# radius_pairs (the sparse form): one implementation; imported above.
+# Positives from positions (SparseRelevance.from_coordinates, radius_pairs) and heading_difference live in
+# data/ground_truth.py: one implementation; imported above.
 
 
 # ----------------------------------------------------------------------------------------- shared checks

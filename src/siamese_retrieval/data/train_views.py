@@ -75,18 +75,13 @@ class JoinedViews:
     train_db: np.ndarray
 
 
-def _stored_pairs(truth: GroundTruth) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    row, ids, sim, fov = truth.overlaps(np.arange(truth.n_query))
-    return row, ids, sim, fov
-
-
 def join_views(dataset: RetrievalDataset, q_inputs: Tensors, db_inputs: Tensors, train_q: np.ndarray,
                train_db: np.ndarray, views: RetrievalDataset, views_q: Tensors, views_db: Tensors) -> JoinedViews:
     """One training source of both: block-diagonal relevance (no pair across the two cities overlaps), the
     input tensors concatenated, and the training indices of both (all of the training city's)."""
     main, extra = as_ground_truth(dataset), as_ground_truth(views)
     mq, md = main.n_query, main.n_db
-    a, b = _stored_pairs(main), _stored_pairs(extra)
+    a, b = main.overlaps(np.arange(mq)), extra.overlaps(np.arange(extra.n_query))
     truth = SparseRelevance.from_pairs(mq + extra.n_query, md + extra.n_db, np.concatenate([a[0], b[0] + mq]),
                                        np.concatenate([a[1], b[1] + md]), np.concatenate([a[2], b[2]]),
                                        np.concatenate([a[3], b[3]]))

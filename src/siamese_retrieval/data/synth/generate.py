@@ -31,7 +31,7 @@ from siamese_retrieval.data.synth.config import SynthConfig, db_positions
 from siamese_retrieval.data.synth.facades import build_street, make_archetypes
 from siamese_retrieval.data.synth.geometry import Camera, camera_array, fov_pairs, street_width, world_loc
 from siamese_retrieval.data.synth.render import SceneRenderer
-from siamese_retrieval.io_utils import atomic_write_json, stable_hash
+from siamese_retrieval.io_utils import atomic_write_json, remove_stale_temporaries, stable_hash
 from siamese_retrieval.progress import progress
 
 CONFIG_FILE = "synth_config.json"
@@ -190,12 +190,9 @@ def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int = 2) -> Pa
     if (final / "gt.h5").is_file() and (final / CONFIG_FILE).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _alive(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover (an earlier failed call)
     try:
         generate_city(tmp, cfg, workers=workers)
         if final.exists():  # an incomplete leftover under the final name, or a concurrent winner
@@ -206,18 +203,6 @@ def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int = 2) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_config(root: str | Path) -> dict:

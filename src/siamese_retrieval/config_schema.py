@@ -66,6 +66,9 @@ PRECISIONS: tuple[Any, ...] = (
     "transformer-engine", "transformer-engine-float16",
 )
 
+# The PlainCNN aggregation heads (models/aggregation.py AGGREGATIONS; not imported: it pulls in torch).
+AGGREGATIONS: tuple[str, ...] = ("gem", "netvlad", "convap")
+
 # Kinds of value.
 INT, FLOAT, BOOL, STR, CHOICE, PATH = "int", "float", "bool", "str", "choice", "path"
 INTS, FLOATS, STRS = "list-of-int", "list-of-float", "list-of-str"
@@ -111,6 +114,11 @@ RULES: tuple[Rule, ...] = (
     R("model.batch_size", INT, ge=1, note="pairs per batch"),
     R("model.max_epochs", INT, ge=-1, note="the model's recipe; trainer.max_epochs defaults to it"),
     R("model.pairs_preset", CHOICE, choices=("study", "default", "light"), note="data.pairs.preset defaults to it"),
+    R("model.batches", CHOICE, choices=("pairs", "places"), note="data.batches defaults to it"),
+    R("model.places.P", INT, ge=2, note="places per P x K batch; data.places.P defaults to it"),
+    R("model.places.K", INT, ge=2, note="views per place, the anchor query included"),
+    R("model.places.min_fov", FLOAT, gt=0, le=1, note="a database image is a view of the place at fov >= this"),
+    R("model.places.lookalike", CHOICE, choices=("embedding",), nullable=True, note="null: random places"),
     R("model.inputs.n_keypoints", INT, ge=1, note="keypoint_snn: ORB keypoints per image"),
     R("model.inputs.height", INT, ge=8, note="cnn_snn: image height (5 pooling stages)"),
     R("model.inputs.width", INT, ge=8, note="cnn_snn: image width"),
@@ -143,6 +151,13 @@ RULES: tuple[Rule, ...] = (
     R("model.module.encoder.gem_p", FLOAT, gt=0),
     R("model.module.encoder.gem_learnable", BOOL),
     R("model.module.encoder.normalize", BOOL),
+    R("model.module.encoder.input_norm", CHOICE, choices=("fixed", "per_image"), note="models/cnn.py INPUT_NORMS"),
+    R("model.module.encoder.aggregation.name", CHOICE, choices=AGGREGATIONS, note="models/aggregation.py"),
+    R("model.module.encoder.aggregation.project", BOOL, note="false: no projection to embedding_dim"),
+    R("model.module.encoder.aggregation.clusters", INT, ge=1, note="netvlad: K clusters"),
+    R("model.module.encoder.aggregation.channels", INT, ge=1, note="convap: 1x1 conv output channels"),
+    R("model.module.encoder.aggregation.pool", INTS, ge=1, length=2, note="convap: s1 x s2 cells"),
+    R("model.module.encoder.whiten_dim", INT, ge=1, nullable=True, note="PCA-whitening dims; null: off"),
     R("model.module.distance", CHOICE, choices=("euclidean", "cosine")),
     R("model.module.head.init_weight", FLOAT),
     R("model.module.head.init_bias", FLOAT),
@@ -154,6 +169,11 @@ RULES: tuple[Rule, ...] = (
     R("model.module.loss.terms.head.detach_distance", BOOL),
     R("model.module.loss.weights.embedding", FLOAT, ge=0),
     R("model.module.loss.weights.head", FLOAT, ge=0),
+    R("model.module.loss.terms.ms.alpha", FLOAT, gt=0, note="multi-similarity (models/metric_losses.py)"),
+    R("model.module.loss.terms.ms.beta", FLOAT, gt=0),
+    R("model.module.loss.terms.ms.base", FLOAT),
+    R("model.module.loss.terms.ms.miner_epsilon", FLOAT, ge=0, nullable=True, note="null: no mining"),
+    R("model.module.loss.weights.ms", FLOAT, ge=0),
     R("model.module.optimizer.lr", FLOAT, gt=0),
     R("model.module.optimizer.weight_decay", FLOAT, ge=0),
     R("model.module.scheduler.T_max", INT, ge=1, nullable=True, note="null: trainer.max_epochs"),
@@ -180,6 +200,11 @@ RULES: tuple[Rule, ...] = (
     R("data.split.seed", INT, ge=0, le=2**32 - 1, nullable=True, note="null: the run's seed"),
     R("data.pairs.preset", CHOICE, choices=("study", "default", "light")),
     R("data.pairs.target", CHOICE, choices=("sim", "fov")),
+    R("data.batches", CHOICE, choices=("pairs", "places"), note="training batches (data/place_batches.py)"),
+    R("data.places.P", INT, ge=2),
+    R("data.places.K", INT, ge=2),
+    R("data.places.min_fov", FLOAT, gt=0, le=1),
+    R("data.places.lookalike", CHOICE, choices=("embedding",), nullable=True),
     R("data.batch_size", INT, ge=1),
     R("data.eval_batch_size", INT, ge=1),
     R("data.seed", INT, ge=0, le=2**32 - 1),
@@ -243,8 +268,12 @@ RULES: tuple[Rule, ...] = (
     R("ndcg_k", INT, ge=1, tasks=EVAL),
     R("search_k", INT, ge=1, nullable=True, tasks=EVAL, note="null: full ranking; K: streaming top-K metrics"),
     R("embed_batch", INT, ge=1, tasks=EVAL_RETRIEVE),
-    R("rerank.name", CHOICE, choices=("orb_ransac",), tasks=EVAL),
+    R("rerank.name", CHOICE, choices=("orb_ransac", "fused"), tasks=EVAL),
     R("rerank.top_n", INT, ge=1, tasks=EVAL, note="candidates verified geometrically"),
+    R("rerank.min_inliers", INT, ge=1, tasks=EVAL, note="inliers for a verified candidate"),
+    R("rerank.saturate", INT, ge=1, nullable=True, tasks=EVAL, note="null: = min_inliers"),
+    R("rerank.outlier_z", FLOAT, ge=0, tasks=EVAL, note="robust spreads above the query's median inliers"),
+    R("rerank.skip_margin", FLOAT, ge=0, nullable=True, tasks=EVAL, note="null: verify every query"),
     R("orb_ransac.n_features", INT, ge=1, tasks=EVAL),
     R("orb_ransac.ratio", FLOAT, gt=0, le=1, tasks=EVAL, note="Lowe's ratio test"),
     R("orb_ransac.ransac_threshold", FLOAT, gt=0, tasks=EVAL),
@@ -318,8 +347,21 @@ def _monitor_exists_when_streaming(cfg: DictConfig, task: str) -> None:
                               f"val/mAP@{search_k}; set {key}=val/mAP@{search_k} (or val/recall@1)")
 
 
+def _encoder_aggregation(cfg: DictConfig, task: str) -> None:
+    """`aggregation=netvlad` (a bare head name, replacing the node) is a name too; whiten_dim <= the projected size."""
+    agg = _get(cfg, "model.module.encoder.aggregation")
+    if agg not in (_ABSENT, None) and not isinstance(agg, dict) and agg not in AGGREGATIONS:
+        raise ConfigError(f"model.module.encoder.aggregation={_show(agg, CHOICE)}: must be one of "
+                          f"{', '.join(AGGREGATIONS)} (or a node with name: ...)")
+    whiten, dim = _get(cfg, "model.module.encoder.whiten_dim"), _get(cfg, "model.module.encoder.embedding_dim")
+    projected = not (isinstance(agg, dict) and agg.get("project") is False)
+    if projected and _is_int(whiten) and _is_int(dim) and whiten > dim:
+        raise ConfigError(f"model.module.encoder.whiten_dim={whiten}: must be <= model.module.encoder.embedding_dim "
+                          f"({dim}), the size it whitens")
+
+
 CROSS_CHECKS: tuple[Callable[[DictConfig, str], None], ...] = (
-    _fractions_sum_to_one, _min_side_le_max_side, _monitor_exists_when_streaming,
+    _fractions_sum_to_one, _min_side_le_max_side, _monitor_exists_when_streaming, _encoder_aggregation,
 )
 
 

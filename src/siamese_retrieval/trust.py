@@ -27,8 +27,12 @@ ALLOWED_TARGETS: set[str] = {
     "siamese_retrieval.models.losses.ContrastiveLoss",
     "siamese_retrieval.models.losses.GradedContrastiveLoss",
     "siamese_retrieval.models.mining.BatchHardContrastive",
+    "siamese_retrieval.models.metric_losses.MultiSimilarity",
     "siamese_retrieval.data.inputs.KeypointInputs",
     "siamese_retrieval.data.inputs.ImageInputs",
+    # conf/callbacks/default.yaml; the aggregation heads are chosen by name (PlainCNN(aggregation={name: ...})),
+    # never by `_target_`, so they need no entry here
+    "siamese_retrieval.models.aggregation_fitting.AggregationFitting",
 }
 
 # module -> the base class its targets must subclass (checked after a plain attribute lookup)

@@ -1,7 +1,8 @@
 """RetrievalDataModule: dataset root -> validated dataset -> place splits -> input tensors -> pair batches.
 
 Training batches are pairs sampled afresh each epoch from the train queries and train-place database
-images; val/test batches are a fixed set of the split's pairs (loss and range accuracy), while the
+images, or, with `batches="places"`, P x K place batches of the same images (data/place_batches.py); val/test
+batches are a fixed set of the split's pairs (loss and range accuracy), while the
 retrieval callbacks search the split's queries against the FULL database.
 """
 
@@ -21,6 +22,7 @@ from siamese_retrieval.data.dataset import DatasetFiles, RetrievalDataset, read_
 from siamese_retrieval.data.ground_truth import GroundTruth
 from siamese_retrieval.data.inputs import InputBuilder, Tensors, take
 from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
+from siamese_retrieval.data.place_batches import BATCH_KINDS, PlaceBatches, PlaceConfig, PlaceSampler, anchor_inputs
 from siamese_retrieval.data.splits import Splits, split_by_place
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import release_mapped_pages
@@ -114,6 +116,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         seed: int = 0,
         name: str = "",
         train_views: Mapping[str, Any] | None = None,
+        batches: str = "pairs",
+        places: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if root is None and synth is None:
@@ -133,6 +137,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.seed = seed
         self.name = name
         self.train_views = dict(train_views) if train_views else None  # a training-only city (data/train_views.py)
+        if batches not in BATCH_KINDS:
+            raise ConfigError(f"data.batches={batches!r}: must be one of {', '.join(BATCH_KINDS)}")
+        self.batches = str(batches)  # pairs | places: what training batches are (validation/test: always pairs)
+        self.places_cfg = PlaceConfig.from_config(places) if batches == "places" else None
+        self.place_sampler: PlaceSampler | None = None
+        self._place_batches: PlaceBatches | None = None
         self.train_source: PairSource | None = None
         self.dataset: RetrievalDataset | None = None
         self.splits: Splits | None = None
@@ -184,6 +194,12 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.train_source = PairSource(joined.truth, joined.q_inputs, joined.db_inputs)
             truth, train_q, train_db = joined.truth, joined.train_q, joined.train_db
         self.sampler = PairSampler(truth, train_q, train_db, self.recipe, seed=self.seed)
+        if self.places_cfg is not None:  # the same train queries and database images as the pairs
+            self.place_sampler = PlaceSampler(truth, train_q, train_db, self.places_cfg, seed=self.seed)
+            log.info("place batches: %d places of %d train queries (%d skipped: no view with fov >= %g), "
+                     "~%d batches of <= %d places x <= %d views per epoch", self.place_sampler.n_places,
+                     self.place_sampler.n_queries, self.place_sampler.n_skipped, self.places_cfg.min_fov,
+                     self.place_sampler.n_batches, self.places_cfg.P, self.places_cfg.K)
         log.info("dataset %s: %d database, %d queries; splits %s", dataset.name, dataset.n_db, dataset.n_query,
                  self.splits.summary())
 
@@ -227,9 +243,31 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
+        if self.place_sampler is not None:
+            if self._place_batches is None:  # one object: it keeps the anchor embeddings the module hands it
+                source = self.train_source or PairSource(self.dataset.relevance, self.q_inputs, self.db_inputs)
+                self._place_batches = PlaceBatches(self, self.place_sampler, source, target=self.recipe.target)
+            return DataLoader(self._place_batches, batch_size=None)
         batches = PairBatches(self, self.sampler.sample, self.batch_size, shuffle=True, seed=self.seed, shard=True,
                               source=self.train_source)
         return DataLoader(batches, batch_size=None)
+
+    # ------------------------------------------------------------------ look-alike place batches
+    def needs_anchor_embeddings(self) -> bool:
+        """Whether the epoch's place batches want the current model's anchor embeddings (lookalike=embedding)."""
+        return self.places_cfg is not None and self.places_cfg.lookalike == "embedding"
+
+    def anchor_inputs(self) -> dict[str, Any]:
+        """The place anchors' inputs, gathered lazily when sliced (SiameseModule embeds them each epoch)."""
+        assert self.place_sampler is not None, "data.batches=places and setup() first"
+        source = self.train_source or PairSource(self.dataset.relevance, self.q_inputs, self.db_inputs)
+        return anchor_inputs(self.place_sampler, source.q_inputs)
+
+    def set_anchor_embeddings(self, epoch: int, embeddings: torch.Tensor) -> None:
+        """(n_places, D) embeddings of `anchor_inputs()` for packing `epoch`'s look-alike batches."""
+        if self._place_batches is None:
+            self.train_dataloader()
+        self._place_batches.set_embeddings(epoch, embeddings)
 
     def eval_batches(self, query_idx: np.ndarray) -> PairBatches:
         """The fixed evaluation pairs of these queries (the study's recipe, drawn with the data seed) in
@@ -253,6 +291,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         if trainer is not None and trainer.training and isinstance(batch, dict) and "q" in batch:
             batch["q"] = self.inputs.augment(batch["q"])
             batch["d"] = self.inputs.augment(batch["d"])
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "images" in batch:
+            batch["images"] = self.inputs.augment(batch["images"])
         return batch
 
 
@@ -268,6 +308,7 @@ def evaluation_data_config(data_cfg: Any, target: str | None = None) -> Any:
         cfg.pairs = {"preset": "study", "target": target or own}
         cfg.batch_size = 1
         cfg.train_views = None  # training-only images: nothing to evaluate
+        cfg.batches = "pairs"  # evaluation batches are pairs; no place batches are packed
     return cfg
 
 

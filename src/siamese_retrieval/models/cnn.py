@@ -1,4 +1,8 @@
-"""The proposed plain convolutional Siamese branch: conv blocks -> GeM pooling -> L2-normalised embedding.
+"""The proposed plain convolutional Siamese branch: conv blocks -> aggregation (GeM) -> L2-normalised embedding.
+
+The aggregation head is swapped by config (`aggregation`: gem | netvlad | convap, models/aggregation.py), with
+optional PCA-whitening of the embedding (`whiten_dim`). The GeM path keeps its parameter names (`pool.p`,
+`proj.*`), so checkpoints of the GeM-only encoder load unchanged.
 
 Trained from scratch (no pretrained weights can be downloaded). The encoder takes the uint8 RGB images
 the datamodule holds (`batch["image"]`, (B, 3, H, W)) and normalises them itself, so the data stays
@@ -7,15 +11,21 @@ uint8 (4x less memory, 4x cheaper slicing and transfer) until it reaches the fir
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from siamese_retrieval.models.aggregation import ConvAP, NetVLAD, PCAWhitening, aggregation_config
+
 # ImageNet statistics: fixed constants (not learned), a sensible scale for RGB photographs.
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
+# fixed: (x/255 - mean) / std with the constants above. per_image: each image's channels standardised by
+# their own mean and std, so a global exposure or colour-cast change (night, dusk, another camera's white
+# balance) is removed before the first convolution (gray-world colour constancy).
+INPUT_NORMS = ("fixed", "per_image")
 
 
 class GeM(nn.Module):
@@ -48,9 +58,15 @@ def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 
 
 class PlainCNN(nn.Module):
-    """Stages of `blocks_per_stage` x (conv3x3-BN-ReLU) + 2x2 max-pool, GeM, dropout, linear, L2 norm.
+    """Stages of `blocks_per_stage` x (conv3x3-BN-ReLU) + 2x2 max-pool, aggregation, dropout, linear, L2 norm
+    [, PCA-whitening].
 
     With widths (32, 64, 128, 256) a 96 x 128 input ends as a 256 x 6 x 8 map before pooling.
+    `aggregation`: a head name or {name: gem | netvlad | convap, project, clusters, channels, pool}
+    (models/aggregation.py; gem uses `gem_p` / `gem_learnable`). `project: false` drops the linear layer:
+    the embedding is then the head's own output (gem C, netvlad K*C, convap channels*s1*s2 dims).
+    `whiten_dim`: PCA-whitening of the (L2-normalised) embedding to this many dims (None: off); identity
+    until fitted (models/aggregation_fitting.py fits it on training images).
     """
 
     def __init__(
@@ -63,12 +79,19 @@ class PlainCNN(nn.Module):
         gem_learnable: bool = True,
         dropout: float = 0.0,
         normalize: bool = True,
+        aggregation: str | Mapping[str, Any] | None = None,
+        whiten_dim: int | None = None,
+        input_norm: str = "fixed",
     ) -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
+        self.input_norm = input_norm
         if not widths:
             raise ValueError("PlainCNN needs at least one stage width")
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}")
+        agg = aggregation_config(aggregation)
         layers: list[nn.Module] = []
         cin = in_channels
         for width in widths:
@@ -77,31 +100,64 @@ class PlainCNN(nn.Module):
                 cin = int(width)
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.pool = GeM(gem_p, learnable=gem_learnable)
+        self.aggregation = str(agg["name"])
+        self.pool: nn.Module
+        if self.aggregation == "netvlad":
+            self.pool = NetVLAD(cin, agg["clusters"])
+        elif self.aggregation == "convap":
+            self.pool = ConvAP(cin, agg["channels"], agg["pool"])
+        else:
+            self.pool = GeM(gem_p, learnable=gem_learnable)
+        head_dim = getattr(self.pool, "out_dim", cin)
         self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(cin, embedding_dim)
+        self.proj = nn.Linear(head_dim, embedding_dim) if agg["project"] else nn.Identity()
         self.normalize = normalize
-        self.embedding_dim = embedding_dim
+        self.base_dim = int(embedding_dim) if agg["project"] else int(head_dim)  # before whitening
+        self.whiten = PCAWhitening(self.base_dim, int(whiten_dim), normalize) if whiten_dim else None
         self.in_channels = in_channels
         mean = torch.tensor(RGB_MEAN if in_channels == 3 else [0.5] * in_channels)
         std = torch.tensor(RGB_STD if in_channels == 3 else [0.25] * in_channels)
         # Non-persistent: constants, not state; checkpoints stay independent of them.
         self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", (-mean / std).view(1, -1, 1, 1), persistent=False)
-        for m in self.modules():
+        for m in self.features.modules():  # the heads keep PyTorch's defaults (NetVLAD's conv: k-means)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    @property
+    def embedding_dim(self) -> int:
+        """The size of what forward() returns now: whiten_dim once the whitening is fitted."""
+        return self.whiten.out_dim if self.whiten is not None and self.whiten.is_fitted else self.base_dim
+
+    @property
+    def needs_cluster_init(self) -> bool:
+        """A NetVLAD head whose clusters k-means has not set yet (models/aggregation_fitting.py)."""
+        return isinstance(self.pool, NetVLAD) and not self.pool.is_initialised
+
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [0, 255] (or float on the same scale) -> float32 normalised ((x/255 - mean) / std)."""
+        """uint8 [0, 255] (or float on the same scale) -> float32 normalised: fixed ((x/255 - mean) / std)
+        or per_image (each image's channels by their own mean and std)."""
         if image.ndim != 4 or image.shape[1] != self.in_channels:
             raise ValueError(f"PlainCNN expects images (B, {self.in_channels}, H, W), got {tuple(image.shape)}")
+        if self.input_norm == "per_image":
+            x = image.float()
+            mean = x.mean(dim=(-2, -1), keepdim=True)
+            std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1.0)  # a flat channel: 1 grey level, not 0
+            return (x - mean) / std
         # One fused multiply-add; keeps the caller's memory format (channels_last stays channels_last).
         return torch.addcmul(self.shift, image.float(), self.scale)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = self.features(self.prepare(batch["image"]))
-        emb = self.proj(self.dropout(self.pool(x)))
+    def local_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last feature map (B, C, H', W'): what the aggregation head pools (NetVLAD's k-means input)."""
+        return self.features(self.prepare(batch["image"]))
+
+    def embed_unwhitened(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The embedding before PCA-whitening (what the whitening is fitted on)."""
+        emb = self.proj(self.dropout(self.pool(self.local_features(batch))))
         if self.normalize:
             emb = F.normalize(emb.float(), dim=-1)
         return emb
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        emb = self.embed_unwhitened(batch)
+        return emb if self.whiten is None else self.whiten(emb)

@@ -34,6 +34,9 @@ class PairOutput:
     cross_fov: torch.Tensor | None = None  # (B, B) fov of (query i, database j); NaN = unknown
     head_logits_detached: torch.Tensor | None = None  # (B,) head on the distance with the encoder cut off
     distance_fn: "Distance | None" = None  # the module's distance (miners re-measure cross pairs with it)
+    # Place batches only (data/place_batches.py), for metric-learning losses (models/metric_losses.py):
+    embeddings: torch.Tensor | None = None  # (N, D) every image of the batch, each once
+    labels: torch.Tensor | None = None  # (N,) place index within the batch
 
 
 class MSEHeadLoss(nn.Module):

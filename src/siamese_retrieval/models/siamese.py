@@ -81,12 +81,23 @@ class SiameseModule(pl.LightningModule):
         return self.pair_output({"q": q, "d": d, "target": None, "fov": None}).score
 
     def pair_output(self, batch: Batch) -> PairOutput:
-        emb_q, emb_d = self.embed(batch["q"]), self.embed(batch["d"])
+        """The batch's `PairOutput`: a pair batch (q, d) or a P x K place batch (images, labels, pair_q, pair_d;
+        data/place_batches.py). A place batch's N images are embedded in one encoder pass and seen both as the
+        labelled set of metric-learning losses (`embeddings`, `labels`) and as the batch's (anchor, view) pairs,
+        so every pair loss and the in-batch miner work on it unchanged."""
+        if "images" in batch:
+            emb = self.embed(batch["images"])
+            return self._pairs(emb[batch["pair_q"]], emb[batch["pair_d"]], batch, embeddings=emb,
+                               labels=batch["labels"])
+        return self._pairs(self.embed(batch["q"]), self.embed(batch["d"]), batch)
+
+    def _pairs(self, emb_q: torch.Tensor, emb_d: torch.Tensor, batch: Batch, **extra: Any) -> PairOutput:
         distance = self.distance.pair(emb_q, emb_d)
         logits = self.head.logits(distance)
         return PairOutput(emb_q, emb_d, distance, logits, torch.sigmoid(logits), batch["target"], batch["fov"],
                           q_idx=batch.get("q_idx"), d_idx=batch.get("d_idx"), cross_fov=batch.get("cross_fov"),
-                          head_logits_detached=self.head.logits(distance.detach()), distance_fn=self.distance)
+                          head_logits_detached=self.head.logits(distance.detach()), distance_fn=self.distance,
+                          **extra)
 
     def compute_loss(self, out: PairOutput) -> torch.Tensor:
         loss = self.loss_fn(out)
@@ -103,6 +114,26 @@ class SiameseModule(pl.LightningModule):
         for name, value in getattr(self.loss_fn, "last_terms", {}).items():
             self.log(f"train/loss_{name}", value, batch_size=n)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        """Look-alike place batches (data.places.lookalike=embedding): embed the place anchors with the current
+        weights (no grad, eval mode, then back) and hand them to the datamodule before the epoch is packed."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not getattr(dm, "needs_anchor_embeddings", lambda: False)():
+            return
+        from siamese_retrieval.retrieval.ranking import embed_all, embed_sharded
+
+        was_training = self.training
+        self.eval()
+        try:
+            inputs = dm.anchor_inputs()
+            if self.trainer.world_size > 1:  # every rank packs the same batches: the same (all-gathered) embeddings
+                emb = embed_sharded(self.trainer, self, inputs, dm.eval_batch_size)
+            else:
+                emb = embed_all(self, inputs, dm.eval_batch_size)
+        finally:
+            self.train(was_training)
+        dm.set_anchor_embeddings(self.current_epoch, self.distance.for_index(emb))
 
     def _eval_step(self, batch: Batch, stage: str, range_acc: RangeAccuracy) -> None:
         out = self.pair_output(batch)

@@ -36,6 +36,7 @@ from siamese_retrieval.retrieval.metrics import RangeAccuracy
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, rerank_scores, score_matrix
 from siamese_retrieval.retrieval.ranking import (
     ranking_config,
+    FusedReranker,
     InlierReranker,
     Ranking,
     RankingSettings,
@@ -84,6 +85,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ranking = rank_queries(ckpt.module, dm.db_inputs, dm.q_inputs, query_idx, dataset, settings, reranker)
         if ranking.before_rerank is not None:
             extra = {f"before_rerank/{k}": v for k, v in ranking.before_rerank.items()}
+        if isinstance(reranker, FusedReranker):  # the share of queries verified (the rest: confident, skipped)
+            extra["rerank/verified_fraction"] = reranker.verified_queries / max(1, len(query_idx))
     rank_s = time.perf_counter() - ranking_started  # database embedding / feature extraction included
     if ckpt is not None:
         extra.update(pair_metrics(ckpt.module, dm, query_idx))
@@ -174,14 +177,20 @@ def orb_ransac_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.n
     return rank_scores(scores, query_idx, dm.dataset, settings)
 
 
-def orb_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray) -> InlierReranker:
-    """The model's top-N re-ordered by ORB + RANSAC inlier count (retrieval/ranking.py's InlierReranker)."""
+def orb_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray) -> InlierReranker | FusedReranker:
+    """The model's top-N re-ordered with ORB + RANSAC inliers (retrieval/ranking.py):
+    rerank=orb_ransac by the inlier count alone (InlierReranker), rerank=fused by the model's score with
+    the verified candidates first (FusedReranker)."""
     db_feats, q_feats, orb_cfg, workers = dataset_orb_features(cfg, dm)
     split_feats = [q_feats[i] for i in query_idx]
 
     def verify(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         return rerank_scores(candidates, [split_feats[r] for r in rows], db_feats, orb_cfg, workers)
 
+    if str(cfg.rerank.name) == "fused":
+        r = cfg.rerank
+        return FusedReranker(int(r.top_n), verify, min_inliers=int(r.min_inliers), saturate=r.get("saturate"),
+                             outlier_z=float(r.outlier_z), skip_margin=r.get("skip_margin"))
     return InlierReranker(int(cfg.rerank.top_n), verify)
 
 

@@ -341,6 +341,71 @@ class InlierReranker:
         return ids, scores
 
 
+class FusedReranker:
+    """The model's top N with geometric evidence added to its score, not put in its place.
+
+    Replacing the model's order by the inlier count helps only where verification is strong: on scenes
+    with little planar structure it throws a good ranking away. Here a candidate is *verified* when its
+    inliers reach `min_inliers` AND stand out from the query's other candidates: at least `outlier_z`
+    spreads above the median count of its top N. The spread is the largest of three robust estimates (MAD
+    and IQR as standard deviations, and sqrt(median): chance inliers are counts, roughly Poisson), so a
+    count that only fluctuates, or that every candidate reaches (a repeated facade), verifies nothing. Verified candidates move ahead of the rest, ordered by
+    min(inliers, saturate) and then by the model; everything else keeps the model's order. With no
+    verified candidate the ranking is the model's, exactly.
+
+    New score of a top-N item = 1 + relevance / 2 (+ 1 + min(inliers, saturate) when verified): integers
+    decide between groups, relevance (in [0, 1]) within them, and the top N stays above the rest.
+    A query whose top-1 relevance leads the top-2 by more than `skip_margin` is not verified at all: the
+    model is confident there, and verification is the expensive part (null: verify every query).
+    """
+
+    def __init__(self, top_n: int, verify: Callable[[np.ndarray, np.ndarray], np.ndarray], min_inliers: int = 12,
+                 saturate: int | None = None, outlier_z: float = 5.0, skip_margin: float | None = None) -> None:
+        if int(top_n) < 1:
+            raise ConfigError(f"rerank.top_n must be >= 1, got {top_n}")
+        if int(min_inliers) < 1:
+            raise ConfigError(f"rerank.min_inliers must be >= 1, got {min_inliers}")
+        saturate = int(min_inliers) if saturate is None else int(saturate)
+        if saturate < int(min_inliers):
+            raise ConfigError(f"rerank.saturate must be >= rerank.min_inliers ({min_inliers}), got {saturate}")
+        if float(outlier_z) < 0:
+            raise ConfigError(f"rerank.outlier_z must be >= 0, got {outlier_z}")
+        if skip_margin is not None and float(skip_margin) < 0:
+            raise ConfigError(f"rerank.skip_margin must be >= 0 or null, got {skip_margin}")
+        self.top_n, self.verify = int(top_n), verify
+        self.min_inliers, self.saturate, self.outlier_z = int(min_inliers), saturate, float(outlier_z)
+        self.skip_margin = None if skip_margin is None else float(skip_margin)
+        self.verified_queries = 0  # how many queries were verified (the rest were skipped as confident)
+
+    def verified(self, inliers: np.ndarray) -> np.ndarray:
+        """(m, N) bool: enough inliers, and an outlier among the query's own candidates."""
+        median = np.median(inliers, axis=1, keepdims=True)
+        q25, q75 = np.percentile(inliers, [25, 75], axis=1, keepdims=True)
+        mad = np.median(np.abs(inliers - median), axis=1, keepdims=True)
+        spread = np.maximum.reduce([1.4826 * mad, (q75 - q25) / 1.349, np.sqrt(np.maximum(median, 1.0))])
+        return (inliers >= self.min_inliers) & (inliers >= median + self.outlier_z * spread)
+
+    def __call__(self, rows: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = min(self.top_n, ids.shape[1])
+        ids, scores = ids.copy(), scores.copy()
+        todo = np.arange(len(rows))
+        if self.skip_margin is not None and n > 1:
+            todo = np.flatnonzero(scores[:, 0] - scores[:, 1] <= self.skip_margin)
+        self.verified_queries += len(todo)
+        if not len(todo):
+            return ids, scores
+        candidates, relevance = ids[todo, :n], scores[todo, :n].astype(np.float64)
+        inliers = np.asarray(self.verify(rows[todo], candidates), dtype=np.float64)
+        inliers = np.where(candidates >= 0, inliers, 0.0)
+        strength = np.where(self.verified(inliers), 1.0 + np.minimum(inliers, self.saturate), 0.0)
+        fused = (1.0 + strength + relevance / 2.0).astype(np.float32)
+        # sorted on the exact keys (strength, then the model's rank): float32 can tie two relevances
+        order = np.lexsort((np.broadcast_to(np.arange(n), candidates.shape), -strength), axis=-1)
+        ids[todo, :n] = np.take_along_axis(candidates, order, axis=1)
+        scores[todo, :n] = np.take_along_axis(fused, order, axis=1)
+        return ids, scores
+
+
 # ----------------------------------------------------------------------------------------- pictures
 
 

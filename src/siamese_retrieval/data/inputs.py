@@ -193,10 +193,11 @@ class ImageInputs:
 
     def _photometric(self, x: torch.Tensor) -> torch.Tensor:
         a = self.aug
-        luma = torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1) if x.shape[1] == 3 else None
+        rgb = x.shape[1] == 3
 
         def gray(v: torch.Tensor) -> torch.Tensor:
-            return (v * luma).sum(1, keepdim=True) if luma is not None else v.mean(1, keepdim=True)
+            # Python-float weights: a host tensor copied to a GPU every step would wait for the GPU's queue
+            return (_LUMA[0] * v[:, 0:1] + _LUMA[1] * v[:, 1:2] + _LUMA[2] * v[:, 2:3]) if rgb else v.mean(1, keepdim=True)
 
         if a.brightness > 0:
             x = x * self._jitter(x, a.brightness)

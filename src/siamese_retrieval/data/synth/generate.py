@@ -180,8 +180,9 @@ def city_dir(cache_dir: str | Path, cfg: SynthConfig) -> Path:
     return Path(cache_dir) / f"synth-{stable_hash(fields)}"
 
 
-def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
-    """The city for `cfg` under cache_dir, generated only if missing.
+def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int | None = None) -> Path:
+    """The city for `cfg` under cache_dir, generated only if missing (on `workers` processes; None: one per
+    core, at most 16).
 
     Generation goes to a temporary sibling that is renamed into place when complete, so an
     interrupted run never leaves something that looks like a city; stale temporaries are removed.
@@ -194,7 +195,7 @@ def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int = 2) -> Pa
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover (an earlier failed call)
     try:
-        generate_city(tmp, cfg, workers=workers)
+        generate_city(tmp, cfg, workers=workers or min(16, len(os.sched_getaffinity(0))))
         if final.exists():  # an incomplete leftover under the final name, or a concurrent winner
             if (final / "gt.h5").is_file():
                 return final

@@ -1,4 +1,4 @@
-"""Per-query latency on the default city, in one run: a trained model vs ORB + RANSAC.
+"""Per-query latency on the default city, in one run: a trained model, ORB + RANSAC, and the model + rerank=fused.
 
     python experiments/benchmarks/query_latency.py --ckpt CKPT [--queries 30] [--repeats 3]
 
@@ -8,7 +8,9 @@ and builds a flat FAISS index; ORB + RANSAC extracts the database's ORB features
 image file to its ranked top 10:
   * model: decode + resize the query (the checkpoint's input builder), embed it, search the index;
   * ORB + RANSAC: decode, extract ORB, ratio-test matches + RANSAC inliers against every database
-    image, sort.
+    image, sort;
+  * model + rerank=fused: the model's top 20, then (unless the model is confident: conf/rerank/fused.yaml's
+    skip_margin) the query's ORB features and RANSAC against those 20 only, fused (retrieval/ranking.py).
 Medians over the queries (each timed --repeats times, best kept: the machine is shared); the ratio
 comes from this run only. Torch and the ORB pool both use the machine's cores.
 """
@@ -29,8 +31,14 @@ from siamese_retrieval.data.images import read_image
 from siamese_retrieval.data.splits import split_by_place
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
-from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, image_features, score_matrix
-from siamese_retrieval.retrieval.ranking import embed_all
+from siamese_retrieval.retrieval.orb_ransac import (
+    OrbRansacConfig,
+    cached_features,
+    image_features,
+    rerank_scores,
+    score_matrix,
+)
+from siamese_retrieval.retrieval.ranking import FusedReranker, embed_all
 from siamese_retrieval.retrieve import query_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +59,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=30, help="test queries timed")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache-dir", default=str(ROOT / "data_cache"))
+    ap.add_argument("--skip-margin", type=float, default=0.02, help="rerank=fused's skip_margin (conf/rerank/fused.yaml)")
     args = ap.parse_args()
 
     dataset = read_dataset(ensure_city(args.cache_dir, SynthConfig()), check="none")
@@ -81,17 +90,30 @@ def main() -> None:
         scores = score_matrix([image_features(read_image(path), cfg)], db_feats, cfg, workers=2)[0]
         return np.argsort(-scores, kind="stable")[:10]
 
-    model_query(files[0]), orb_query(files[0])  # warm-up: lazy imports, thread pools
+    def fused_query(path: Path) -> np.ndarray:
+        with torch.inference_mode():
+            emb = embed_all(module, query_inputs(inputs, [path]))
+            relevance, ids = module.cross_scores(emb, db_emb).topk(20, dim=1)
+
+        def verify(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+            return rerank_scores(candidates, [image_features(read_image(path), cfg)], db_feats, cfg, workers=2)
+
+        rerank = FusedReranker(20, verify, min_inliers=12, outlier_z=5.0, skip_margin=args.skip_margin)
+        return rerank(np.array([0]), ids.numpy(), relevance.numpy())[0][0, :10]
+
+    model_query(files[0]), orb_query(files[0]), fused_query(files[0])  # warm-up: lazy imports, thread pools
     model_s = [best_of(lambda: model_query(f), args.repeats) for f in files]
     orb_s = [best_of(lambda: orb_query(f), 1) for f in files]  # seconds each: one repeat is plenty
+    fused_s = [best_of(lambda: fused_query(f), args.repeats) for f in files]
     m, o = statistics.median(model_s), statistics.median(orb_s)
     print(f"default city: {dataset.n_db} database images, {len(files)} test queries; checkpoint {args.ckpt}")
     print(f"database preparation (not timed per query): model embed + index {model_prep:.1f} s, "
           f"ORB features {orb_prep:.1f} s")
     print(f"{'method':>14} {'median s/query':>15} {'p90 s/query':>12}")
-    for name, s in (("model", model_s), ("ORB + RANSAC", orb_s)):
+    for name, s in (("model", model_s), ("ORB + RANSAC", orb_s), ("model + fused", fused_s)):
         print(f"{name:>14} {statistics.median(s):>15.4f} {float(np.percentile(s, 90)):>12.4f}")
     print(f"model vs ORB + RANSAC: {o / m:.1f}x faster per query (median)")
+    print(f"model + rerank=fused vs ORB + RANSAC: {o / statistics.median(fused_s):.1f}x faster per query (median)")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_wheel_carries_configs_commands_and_license(wheel: Path) -> None:
     missing = [f for f in conf_files() if f"siamese_retrieval/conf/{f}" not in names]
     assert not missing, f"config files not in the wheel: {missing}"
     for group in ("data", "model", "trainer", "callbacks", "logger", "paths", "hydra", "debug", "experiment",
-                  "hparams_search", "index", "rerank"):
+                  "hparams_search", "index", "rerank", "ablation"):
         assert any(n.startswith(f"siamese_retrieval/conf/{group}/") for n in names), group
     assert "siamese_retrieval/entry_points.py" in names
     packaged = {n for n in names if n.startswith("siamese_retrieval/") and n.endswith(".py")}
@@ -139,7 +139,8 @@ def test_installed_package_reads_its_own_configs(installed: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("train is powered by Hydra")
     assert "debug: default, fast, fdr, limit, overfit, profiler" in proc.stdout
-    assert "experiment: keypoint_count, keypoint_vs_cnn, large_city" in proc.stdout
+    assert "experiment: beat_verification, gpu_recipe, keypoint_count, keypoint_vs_cnn, large_city" in proc.stdout
+    assert "ablation: convap, default, dim512, fixed_norm, images_192, netvlad, no_views, places_ms, whiten64" in proc.stdout
     proc = subprocess.run([sys.executable, str(script), "model=nope"], capture_output=True, text=True,
                           cwd=tmp_path, env=installed_env(installed), timeout=120)
     assert proc.returncode == 2 and "Could not find 'model/nope'" in proc.stderr, proc.stderr[-3000:]

@@ -22,7 +22,14 @@ from siamese_retrieval.data.dataset import DatasetFiles, RetrievalDataset, read_
 from siamese_retrieval.data.ground_truth import GroundTruth
 from siamese_retrieval.data.inputs import InputBuilder, Tensors, take
 from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
-from siamese_retrieval.data.place_batches import BATCH_KINDS, PlaceBatches, PlaceConfig, PlaceSampler, anchor_inputs
+from siamese_retrieval.data.place_batches import (
+    BATCH_KINDS,
+    PlaceBatches,
+    PlaceConfig,
+    PlaceSampler,
+    anchor_inputs,
+    rank_world,
+)
 from siamese_retrieval.data.splits import Splits, split_by_place
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import release_mapped_pages
@@ -58,10 +65,7 @@ class PairBatches(IterableDataset):
         self._n_pairs = len(pairs_fn(0)[0])
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self.dm, "trainer", None)
-        if self.shard and trainer is not None and trainer.world_size > 1:
-            return int(trainer.global_rank), int(trainer.world_size)
-        return 0, 1
+        return rank_world(self.dm, self.shard)
 
     def __len__(self) -> int:
         n_batches = -(-self._n_pairs // self.batch_size)

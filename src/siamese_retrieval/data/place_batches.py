@@ -300,6 +300,14 @@ def place_batch(sampler: PlaceSampler, places: list[int], rng: np.random.Generat
     }
 
 
+def rank_world(dm: Any, shard: bool) -> tuple[int, int]:
+    """(rank, world size) a sharded batch iterable splits its batches over: (0, 1) unsharded or without DDP."""
+    trainer = getattr(dm, "trainer", None)
+    if shard and trainer is not None and trainer.world_size > 1:
+        return int(trainer.global_rank), int(trainer.world_size)
+    return 0, 1
+
+
 class PlaceBatches(IterableDataset):
     """Yields the epoch's P x K batches. Under DDP (`shard`), rank r takes batches r, r + world, ...: every rank
     packs the same list (same seed, epoch and embeddings) and yields the same number of batches."""
@@ -310,10 +318,7 @@ class PlaceBatches(IterableDataset):
         self._warned = False
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self.dm, "trainer", None)
-        if self.shard and trainer is not None and trainer.world_size > 1:
-            return int(trainer.global_rank), int(trainer.world_size)
-        return 0, 1
+        return rank_world(self.dm, self.shard)
 
     def __len__(self) -> int:
         """The epoch-0 random packing's batch count (per rank): an epoch packed into more batches drops its

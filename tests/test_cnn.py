@@ -53,6 +53,25 @@ def test_encoder_normalises_inside() -> None:
     assert "scale" not in enc.state_dict()  # constants, not checkpoint state
 
 
+@pytest.mark.parametrize("input_norm", ["fixed", "per_image"])
+def test_channels_last_is_a_layout_not_a_model(input_norm: str) -> None:
+    """NHWC and NCHW give the same embeddings and gradients from the same weights, and either loads the other's
+    state dict (checkpoints of both layouts stay interchangeable)."""
+    torch.manual_seed(0)
+    nhwc = PlainCNN(**SMALL, input_norm=input_norm, channels_last=True)
+    nchw = PlainCNN(**SMALL, input_norm=input_norm, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    conv = next(m for m in nhwc.features if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = images()  # NCHW uint8 in, as the datamodule hands it over
+    a, b = nhwc({"image": x}), nchw({"image": x})
+    assert torch.allclose(a, b, atol=1e-5)
+    a.sum().backward()
+    b.sum().backward()
+    assert torch.allclose(nhwc.pool.p.grad, nchw.pool.p.grad, atol=1e-4)
+    PlainCNN(**SMALL, input_norm=input_norm, channels_last=True).load_state_dict(nchw.state_dict())  # strict
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_encoder_channels_last_and_autocast(dtype: torch.dtype) -> None:
     torch.manual_seed(0)

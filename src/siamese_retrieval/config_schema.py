@@ -152,6 +152,7 @@ RULES: tuple[Rule, ...] = (
     R("model.module.encoder.gem_learnable", BOOL),
     R("model.module.encoder.normalize", BOOL),
     R("model.module.encoder.input_norm", CHOICE, choices=("fixed", "per_image"), note="models/cnn.py INPUT_NORMS"),
+    R("model.module.encoder.channels_last", BOOL, note="NHWC convolutions: a speed choice, same numbers"),
     R("model.module.encoder.aggregation.name", CHOICE, choices=AGGREGATIONS, note="models/aggregation.py"),
     R("model.module.encoder.aggregation.project", BOOL, note="false: no projection to embedding_dim"),
     R("model.module.encoder.aggregation.clusters", INT, ge=1, note="netvlad: K clusters"),

@@ -31,6 +31,7 @@ from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.inputs import NoInputs
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import atomic_path
+from siamese_retrieval.malloc_tuning import tune_malloc
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.retrieval.metrics import RangeAccuracy
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, rerank_scores, score_matrix
@@ -58,6 +59,7 @@ CURVE_K = 25
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate; write metrics.json, per_query.csv, recall_at_k.png, retrieval_grid.png; return metrics.json."""
     started = time.perf_counter()
+    tune_malloc()  # malloc_tuning.py: freed activations reused, not faulted in again every step
     quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     method, split = str(cfg.method), str(cfg.split)

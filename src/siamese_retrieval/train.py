@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from siamese_retrieval.checkpoints import check_resumable, read_checkpoint
 from siamese_retrieval.data.datamodule import build_datamodule
 from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.malloc_tuning import tune_malloc
 from siamese_retrieval.resume import resolve_ckpt_path, wandb_run_id
 from siamese_retrieval.run_outputs import (
     finish_loggers,
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then validate and test the best checkpoint. Returns the metrics.json content."""
     started = time.perf_counter()
+    tune_malloc()  # malloc_tuning.py: freed activations reused, not faulted in again every step
     quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = run_dir(cfg)

@@ -18,14 +18,14 @@ ROWS = sorted(p.stem for p in (ROOT / "conf" / "ablation").glob("*.yaml"))
 
 # what each row must change (dotted key -> value); nothing else under `model` may differ from the default row
 CHANGES = {
-    "no_views": {"model.train_views": None, "model.max_epochs": 10, "model.pairs_preset": "default"},
+    "no_views": {"model.train_views": None, "model.max_epochs": 100},
     "fixed_norm": {"model.module.encoder.input_norm": "fixed"},
     "netvlad": {"model.module.encoder.aggregation.name": "netvlad"},
     "convap": {"model.module.encoder.aggregation.name": "convap"},
     "dim512": {"model.module.encoder.embedding_dim": 512},
     "whiten64": {"model.module.encoder.whiten_dim": 64},
     "images_192": {"model.inputs.height": 192, "model.inputs.width": 256},
-    "places_ms": {"model.name": "cnn_snn_pk", "model.batches": "places"},
+    "pairs": {"model.name": "cnn_snn_pairs", "model.batches": "pairs", "model.module.loss.terms.ms": None},
 }
 
 
@@ -61,6 +61,6 @@ def test_a_row_changes_only_what_it_names(row: str, tmp_path: Path, cache_dir: P
     differing = {k for k in default.keys() | changed.keys() if default.get(k, missing) != changed.get(k, missing)}
     # a key or anything under it (train_views: null replaces its whole node); module.inputs mirrors model.inputs
     allowed = tuple(CHANGES[row]) + tuple(k.replace("model.inputs", "model.module.inputs") for k in CHANGES[row])
-    if row == "places_ms":  # a model of its own: its batches, places and the multi-similarity term
-        allowed += ("model.places", "model.max_epochs", "model.module.loss", "model.module.model_name")
+    if row == "pairs":  # a model of its own: its batches and epochs, without the multi-similarity term
+        allowed += ("model.max_epochs", "model.module.loss.terms.ms", "model.module.model_name")
     assert differing and all(k.startswith(allowed) for k in differing), differing

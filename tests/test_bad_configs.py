@@ -244,7 +244,7 @@ def test_every_rule_matches_a_shipped_config(tmp_path: Path, cache_dir: Path) ->
     from omegaconf import OmegaConf
 
     configs = {
-        "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"], ["model=cnn_snn_pk", "debug=fast"]],
+        "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"], ["model=cnn_snn_pairs", "debug=fast"]],
         "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["rerank=fused"], ["model=keypoint_snn"],
                  ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"]],
         "retrieve": [["model=cnn_snn"]],

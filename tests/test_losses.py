@@ -245,3 +245,13 @@ def test_sum_of_losses_weights_terms_and_detached_head_leaves_embedding_alone() 
     assert grad_w.abs().sum() > 0
     with pytest.raises(ValueError, match="unknown loss terms"):
         SumOfLosses({"a": MSEHeadLoss()}, weights={"b": 1.0})
+
+
+def test_sum_of_losses_leaves_out_a_null_term_and_its_weight() -> None:
+    """How model=cnn_snn_pairs drops cnn_snn's multi-similarity term: `terms.ms: null`."""
+    from siamese_retrieval.models.losses import SumOfLosses
+
+    loss = SumOfLosses({"a": MSEHeadLoss(), "ms": None}, weights={"a": 0.5, "ms": 1.0})
+    assert list(loss.terms) == ["a"] and loss.weights == {"a": 0.5}
+    with pytest.raises(ValueError, match="at least one loss term"):
+        SumOfLosses({"ms": None})

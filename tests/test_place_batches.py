@@ -1,4 +1,4 @@
-"""P x K place batches (data/place_batches.py), multi-similarity loss (models/metric_losses.py), model=cnn_snn_pk."""
+"""P x K place batches (data/place_batches.py), multi-similarity loss (models/metric_losses.py), model=cnn_snn (on place batches) and cnn_snn_pairs."""
 
 from __future__ import annotations
 
@@ -213,20 +213,30 @@ def test_module_hands_anchor_embeddings_to_the_datamodule(dm: RetrievalDataModul
 def test_bad_place_knobs_are_one_line(override: str, message: str, tmp_path: Path, cache_dir: Path) -> None:
     from siamese_retrieval.config_schema import check_config
 
-    cfg = compose_config("train", ["model=cnn_snn_pk", override], tmp_path, cache_dir)
+    cfg = compose_config("train", ["model=cnn_snn", override], tmp_path, cache_dir)
     with pytest.raises(ConfigError) as err:
         check_config(cfg, "train")
     assert str(err.value) == message
 
 
-def test_train_py_model_cnn_snn_pk_runs_and_writes_metrics(tmp_path: Path, cache_dir: Path) -> None:
+def test_train_py_model_cnn_snn_trains_on_place_batches_and_writes_metrics(tmp_path: Path, cache_dir: Path) -> None:
     from siamese_retrieval.train import train
 
-    cfg = compose_config("train", ["model=cnn_snn_pk", "debug=fast", "trainer.limit_train_batches=3"],
+    cfg = compose_config("train", ["model=cnn_snn", "debug=fast", "trainer.limit_train_batches=3"],
                          tmp_path, cache_dir)
     assert cfg.data.batches == "places" and cfg.data.places.lookalike == "embedding"
     result = train(cfg)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["status"] == "ok" and saved["model"] == "cnn_snn_pk" and saved["epochs"] == 1
+    assert saved["status"] == "ok" and saved["model"] == "cnn_snn" and saved["epochs"] == 1
     assert 0.0 <= saved["metrics"]["test/recall@1"] <= 1.0 and np.isfinite(saved["metrics"]["val/loss"])
+    assert np.isfinite(saved["metrics"]["train/loss_ms"]), "the multi-similarity term is trained and logged"
     assert result["metrics"] == saved["metrics"]
+
+
+def test_model_cnn_snn_pairs_drops_the_multi_similarity_term(tmp_path: Path, cache_dir: Path) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", ["model=cnn_snn_pairs"], tmp_path, cache_dir)
+    assert cfg.data.batches == "pairs" and cfg.trainer.max_epochs == 5
+    loss = instantiate(cfg.model.module.loss)
+    assert list(loss.terms) == ["embedding", "head"] and loss.weights == {"embedding": 1.0, "head": 0.1}

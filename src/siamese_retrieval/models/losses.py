@@ -65,15 +65,21 @@ class BCEHeadLoss(nn.Module):
 
 
 class SumOfLosses(nn.Module):
-    """Weighted sum of named loss terms, each logged by the module as train/loss_<name>."""
+    """Weighted sum of named loss terms, each logged by the module as train/loss_<name>.
 
-    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
+    A term given as None is left out, with its weight: how a derived config drops one of its parent's terms
+    (YAML can override a key, not delete it).
+    """
+
+    def __init__(self, terms: Mapping[str, nn.Module | None], weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        self.terms = nn.ModuleDict(dict(terms))
         weights = dict(weights or {})
-        unknown = set(weights) - set(self.terms)
+        unknown = set(weights) - set(terms)
         if unknown:
-            raise ValueError(f"weights for unknown loss terms {sorted(unknown)}; terms: {sorted(self.terms)}")
+            raise ValueError(f"weights for unknown loss terms {sorted(unknown)}; terms: {sorted(terms)}")
+        self.terms = nn.ModuleDict({name: term for name, term in terms.items() if term is not None})
+        if not self.terms:
+            raise ValueError("SumOfLosses needs at least one loss term that is not null")
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.terms}
         self.last_terms: dict[str, torch.Tensor] = {}
 

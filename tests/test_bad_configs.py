@@ -141,9 +141,13 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("eval", ["ndcg_k=0"], "ndcg_k=0: must be an integer >= 1"),
     ("eval", ["embed_batch=abc"], "embed_batch=abc: must be an integer >= 1"),
     ("eval", ["split=everything"], "split='everything': must be one of test, val, train, all"),
-    ("eval", ["method=sift"], "method='sift': must be one of model, orb_ransac"),
+    ("eval", ["method=sift"], "method='sift': must be one of model, orb_ransac, orb_bow"),
     ("eval", ["device=tpu"], "device='tpu': must be one of auto, cpu, cuda"),
     ("eval", ["rerank=orb_ransac", "rerank.top_n=0"], "rerank.top_n=0: must be an integer >= 1"),
+    ("eval", ["rerank=learned_matches", "rerank.network.pool=mean"],
+     "rerank.network.pool='mean': must be one of inliers, learned"),
+    ("eval", ["rerank=learned_matches", "rerank.matching.ratio=0"],
+     "rerank.matching.ratio=0: must be a number in (0, 1]"),
     ("eval", ["orb_ransac.ratio=1.5"], "orb_ransac.ratio=1.5: must be a number in (0, 1]"),
     ("eval", ["orb_ransac.ransac_threshold=0"], "orb_ransac.ransac_threshold=0: must be a number > 0"),
     ("eval", ["orb_ransac.ransac_method=lmeds"],
@@ -244,9 +248,10 @@ def test_every_rule_matches_a_shipped_config(tmp_path: Path, cache_dir: Path) ->
     from omegaconf import OmegaConf
 
     configs = {
-        "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"], ["model=cnn_snn_pairs", "debug=fast"]],
-        "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["rerank=fused"], ["model=keypoint_snn"],
-                 ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"]],
+        "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"], ["model=cnn_snn_pairs", "debug=fast"],
+                  ["model=keypoint_set", "debug=fast"]],
+        "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["rerank=fused"], ["rerank=learned_matches"],
+                 ["model=keypoint_snn"], ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"]],
         "retrieve": [["model=cnn_snn"]],
     }
     seen: dict[str, set[str]] = {task: set() for task in configs}

@@ -29,7 +29,7 @@ CONFIG_CASES = [
      "error: model.module.optimizer.lr=abc: must be a number > 0"),
     ("top_k_abc", "retrieve.py", ["top_k=abc"], "error: top_k=abc: must be an integer >= 1"),
     ("top_ks_0", "evaluate.py", ["top_ks=[0]"], "error: top_ks=[0]: every entry must be an integer >= 1"),
-    ("method_bogus", "evaluate.py", ["method=bogus"], "error: method='bogus': must be one of model, orb_ransac"),
+    ("method_bogus", "evaluate.py", ["method=bogus"], "error: method='bogus': must be one of model, orb_ransac, orb_bow"),
     ("preset_bogus", "train.py", ["data.pairs.preset=bogus"], "error: data.pairs.preset='bogus': must be one of study, default, light"),
     ("unknown_key", "train.py", ["foo=1"], re.compile(r"Set the environment variable HYDRA_FULL_ERROR")),
     ("unknown_model", "train.py", ["model=nope"], re.compile(r"Set the environment variable HYDRA_FULL_ERROR")),

@@ -68,6 +68,8 @@ PRECISIONS: tuple[Any, ...] = (
 
 # The PlainCNN aggregation heads (models/aggregation.py AGGREGATIONS; not imported: it pulls in torch).
 AGGREGATIONS: tuple[str, ...] = ("gem", "netvlad", "convap")
+# The KeypointSetEncoder poolings (models/keypoint_set.py POOLINGS; not imported: it pulls in torch).
+KEYPOINT_POOLINGS: tuple[str, ...] = ("mean", "gem", "attention", "netvlad")
 
 # Kinds of value.
 INT, FLOAT, BOOL, STR, CHOICE, PATH = "int", "float", "bool", "str", "choice", "path"
@@ -159,6 +161,26 @@ RULES: tuple[Rule, ...] = (
     R("model.module.encoder.aggregation.channels", INT, ge=1, note="convap: 1x1 conv output channels"),
     R("model.module.encoder.aggregation.pool", INTS, ge=1, length=2, note="convap: s1 x s2 cells"),
     R("model.module.encoder.whiten_dim", INT, ge=1, nullable=True, note="PCA-whitening dims; null: off"),
+    # keypoint_set (models/keypoint_set.py, data/inputs.py KeypointSetInputs)
+    R("model.inputs.n_features", INT, ge=1, note="keypoint_set: ORB candidates, >= n_keypoints (CROSS_CHECKS)"),
+    R("model.inputs.image_scale", FLOAT, gt=0, note="keypoint_set: resize before detection"),
+    R("model.inputs.scale_factor", FLOAT, gt=1, note="ORB pyramid scale between levels"),
+    R("model.inputs.n_levels", INT, ge=1, note="ORB pyramid levels"),
+    R("model.inputs.fast_threshold", INT, ge=0),
+    R("model.inputs.keypoint_dropout", FLOAT, ge=0, lt=1, note="train-time keypoint dropout"),
+    R("model.inputs.xy_jitter", FLOAT, ge=0),
+    R("model.module.encoder.d_model", INT, ge=1, note="keypoint_set: token width"),
+    R("model.module.encoder.token_hidden", INT, ge=1, nullable=True, note="null: 2 * d_model"),
+    R("model.module.encoder.pos_frequencies", INT, ge=0, note="0: keypoint position unused"),
+    R("model.module.encoder.n_layers", INT, ge=0, le=8, note="masked self-attention blocks"),
+    R("model.module.encoder.n_heads", INT, ge=1, note="divides d_model (CROSS_CHECKS)"),
+    R("model.module.encoder.ff_mult", INT, ge=1),
+    R("model.module.encoder.pooling.name", CHOICE, choices=KEYPOINT_POOLINGS, note="models/keypoint_set.py"),
+    R("model.module.encoder.pooling.queries", INT, ge=1, note="attention: learned queries"),
+    R("model.module.encoder.pooling.clusters", INT, ge=1, note="netvlad: K clusters"),
+    R("model.module.encoder.pooling.gem_p", FLOAT, gt=0),
+    R("model.module.encoder.pooling.gem_learnable", BOOL),
+    R("model.module.encoder.pooling.dim", INT, ge=1, nullable=True, note="gem: feature width; null: d_model"),
     R("model.module.distance", CHOICE, choices=("euclidean", "cosine")),
     R("model.module.head.init_weight", FLOAT),
     R("model.module.head.init_bias", FLOAT),
@@ -262,19 +284,46 @@ RULES: tuple[Rule, ...] = (
     R("index.tune", BOOL),
     R("index.target_recall", FLOAT, gt=0, le=1, note="recall@10 agreement with exact search that tune aims for"),
     # ---------------------------------------------------------------- evaluate.py
-    R("method", CHOICE, choices=("model", "orb_ransac"), tasks=EVAL),
+    R("method", CHOICE, choices=("model", "orb_ransac", "orb_bow"), tasks=EVAL),
     R("split", CHOICE, choices=("test", "val", "train", "all"), tasks=EVAL),
     R("device", CHOICE, choices=("auto", "cpu", "cuda"), tasks=EVAL_RETRIEVE),
     R("top_ks", INTS, ge=1, non_empty=True, tasks=EVAL, note="precision@k / recall@k"),
     R("ndcg_k", INT, ge=1, tasks=EVAL),
     R("search_k", INT, ge=1, nullable=True, tasks=EVAL, note="null: full ranking; K: streaming top-K metrics"),
     R("embed_batch", INT, ge=1, tasks=EVAL_RETRIEVE),
-    R("rerank.name", CHOICE, choices=("orb_ransac", "fused"), tasks=EVAL),
+    R("rerank.name", CHOICE, choices=("orb_ransac", "fused", "learned_matches"), tasks=EVAL),
     R("rerank.top_n", INT, ge=1, tasks=EVAL, note="candidates verified geometrically"),
     R("rerank.min_inliers", INT, ge=1, tasks=EVAL, note="inliers for a verified candidate"),
     R("rerank.saturate", INT, ge=1, nullable=True, tasks=EVAL, note="null: = min_inliers"),
     R("rerank.outlier_z", FLOAT, ge=0, tasks=EVAL, note="robust spreads above the query's median inliers"),
     R("rerank.skip_margin", FLOAT, ge=0, nullable=True, tasks=EVAL, note="null: verify every query"),
+    # rerank=learned_matches (retrieval/learned_matches.py; conf/rerank/learned_matches.yaml)
+    R("rerank.model_weight", FLOAT, ge=0, tasks=EVAL, note="verifier score + this x the model's relevance"),
+    R("rerank.workers", INT, ge=1, tasks=EVAL),
+    R("rerank.features.n_features", INT, ge=2, tasks=EVAL),
+    R("rerank.features.fast_threshold", INT, ge=1, tasks=EVAL),
+    R("rerank.features.min_side", INT, ge=1, tasks=EVAL, note="<= rerank.features.max_side"),
+    R("rerank.features.max_side", INT, ge=1, tasks=EVAL),
+    R("rerank.matching.ratio", FLOAT, gt=0, le=1, tasks=EVAL, note="Lowe's ratio test"),
+    R("rerank.matching.mutual", BOOL, tasks=EVAL),
+    R("rerank.matching.max_matches", INT, ge=1, tasks=EVAL),
+    R("rerank.network.hidden", INT, ge=1, tasks=EVAL),
+    R("rerank.network.blocks", INT, ge=0, tasks=EVAL),
+    R("rerank.network.pool", CHOICE, choices=("inliers", "learned"), tasks=EVAL),
+    R("rerank.train.seed", INT, ge=0, le=2**32 - 1, tasks=EVAL),
+    R("rerank.train.positives", INT, ge=0, tasks=EVAL),
+    R("rerank.train.partial", INT, ge=0, tasks=EVAL),
+    R("rerank.train.lookalikes", INT, ge=0, tasks=EVAL),
+    R("rerank.train.labels", CHOICE, choices=("ransac", "ransac_relevant"), tasks=EVAL),
+    R("rerank.train.ransac_threshold", FLOAT, gt=0, tasks=EVAL),
+    R("rerank.train.min_matches", INT, ge=4, tasks=EVAL, note="a homography needs 4"),
+    R("rerank.train.epochs", INT, ge=1, tasks=EVAL),
+    R("rerank.train.batch_pairs", INT, ge=1, tasks=EVAL),
+    R("rerank.train.lr", FLOAT, gt=0, tasks=EVAL),
+    R("rerank.train.weight_decay", FLOAT, ge=0, tasks=EVAL),
+    R("rerank.train.match_loss", FLOAT, ge=0, tasks=EVAL),
+    R("rerank.train.pair_loss", FLOAT, ge=0, tasks=EVAL),
+    R("rerank.train.max_seconds", FLOAT, gt=0, tasks=EVAL),
     R("orb_ransac.n_features", INT, ge=1, tasks=EVAL),
     R("orb_ransac.ratio", FLOAT, gt=0, le=1, tasks=EVAL, note="Lowe's ratio test"),
     R("orb_ransac.ransac_threshold", FLOAT, gt=0, tasks=EVAL),
@@ -283,6 +332,12 @@ RULES: tuple[Rule, ...] = (
     R("orb_ransac.min_side", INT, ge=1, tasks=EVAL, note="<= max_side (CROSS_CHECKS)"),
     R("orb_ransac.max_side", INT, ge=1, tasks=EVAL),
     R("orb_ransac.workers", INT, ge=1, tasks=EVAL),
+    R("orb_bow.vocabulary_size", INT, ge=2, tasks=EVAL, note="K visual words"),
+    R("orb_bow.kmeans_samples", INT, ge=1, tasks=EVAL, note=">= vocabulary_size (CROSS_CHECKS)"),
+    R("orb_bow.kmeans_iters", INT, ge=1, tasks=EVAL),
+    R("orb_bow.weighting", CHOICE, choices=("tfidf", "tf"), tasks=EVAL, note="retrieval/orb_bow.py WEIGHTINGS"),
+    R("orb_bow.power", FLOAT, gt=0, le=1, tasks=EVAL, note="tf ** power; 1: plain tf"),
+    R("orb_bow.seed", INT, ge=0, le=2**32 - 1, tasks=EVAL),
     R("grid.n_queries", INT, ge=1, tasks=EVAL),
     R("grid.top_k", INT, ge=1, tasks=EVAL),
     # ---------------------------------------------------------------- retrieve.py
@@ -336,6 +391,12 @@ def _min_side_le_max_side(cfg: DictConfig, task: str) -> None:
         raise ConfigError(f"orb_ransac.min_side={lo}: must be <= orb_ransac.max_side ({hi})")
 
 
+def _kmeans_samples_ge_words(cfg: DictConfig, task: str) -> None:
+    k, n = _get(cfg, "orb_bow.vocabulary_size"), _get(cfg, "orb_bow.kmeans_samples")
+    if task == "eval" and _is_int(k) and _is_int(n) and n < k:
+        raise ConfigError(f"orb_bow.kmeans_samples={n}: must be >= orb_bow.vocabulary_size ({k})")
+
+
 def _monitor_exists_when_streaming(cfg: DictConfig, task: str) -> None:
     """Streaming evaluation logs mAP@<search_k>, not the full ranking's mAP: a monitor of val/mAP would fail
     after the first epoch, so say which name to monitor before anything runs."""
@@ -361,8 +422,24 @@ def _encoder_aggregation(cfg: DictConfig, task: str) -> None:
                           f"({dim}), the size it whitens")
 
 
+def _keypoint_set(cfg: DictConfig, task: str) -> None:
+    """keypoint_set: `pooling=gem` (a bare name) is a name too; n_features >= n_keypoints; n_heads divides d_model."""
+    pooling = _get(cfg, "model.module.encoder.pooling")
+    if pooling not in (_ABSENT, None) and not isinstance(pooling, dict) and pooling not in KEYPOINT_POOLINGS:
+        raise ConfigError(f"model.module.encoder.pooling={_show(pooling, CHOICE)}: must be one of "
+                          f"{', '.join(KEYPOINT_POOLINGS)} (or a node with name: ...)")
+    n_features, n_keypoints = _get(cfg, "model.inputs.n_features"), _get(cfg, "model.inputs.n_keypoints")
+    if _is_int(n_features) and _is_int(n_keypoints) and n_features < n_keypoints:
+        raise ConfigError(f"model.inputs.n_features={n_features}: must be >= model.inputs.n_keypoints ({n_keypoints}), "
+                          f"the keypoints kept of those detected")
+    d_model, heads = _get(cfg, "model.module.encoder.d_model"), _get(cfg, "model.module.encoder.n_heads")
+    if _is_int(d_model) and _is_int(heads) and heads >= 1 and d_model % heads:
+        raise ConfigError(f"model.module.encoder.n_heads={heads}: must divide model.module.encoder.d_model ({d_model})")
+
+
 CROSS_CHECKS: tuple[Callable[[DictConfig, str], None], ...] = (
-    _fractions_sum_to_one, _min_side_le_max_side, _monitor_exists_when_streaming, _encoder_aggregation,
+    _fractions_sum_to_one, _min_side_le_max_side, _monitor_exists_when_streaming, _encoder_aggregation, _keypoint_set,
+    _kmeans_samples_ge_words,
 )
 
 

@@ -3,6 +3,7 @@
     python evaluate.py ckpt_path=CKPT data=synth_tiny seed=3          # the training run's test split
     python evaluate.py ckpt_path=CKPT data=msls_city data.root=PATH split=all
     python evaluate.py method=orb_ransac data=synth_tiny              # the classical baseline
+    python evaluate.py method=orb_bow data=synth_tiny                 # ORB bag of words (no geometry)
     python evaluate.py ckpt_path=CKPT rerank=orb_ransac rerank.top_n=20
 
 `evaluate(cfg)` reads top-down: checkpoint (model + input builder, checkpoints.py) -> datamodule -> queries
@@ -14,6 +15,7 @@ metrics.json, per_query.csv, recall_at_k.png, retrieval_grid.png.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import atomic_path
 from siamese_retrieval.malloc_tuning import tune_malloc
 from siamese_retrieval.models.siamese import SiameseModule
+from siamese_retrieval.retrieval import orb_bow
 from siamese_retrieval.retrieval.metrics import RangeAccuracy
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, rerank_scores, score_matrix
 from siamese_retrieval.retrieval.ranking import (
@@ -52,7 +55,7 @@ from siamese_retrieval.wandb_runs import log_evaluation
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val", "train", "all")
-METHODS = ("model", "orb_ransac")
+METHODS = ("model", "orb_ransac", "orb_bow")
 CURVE_K = 25
 
 
@@ -80,7 +83,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     ranking_started = time.perf_counter()
     extra: dict[str, float] = {}
-    if ckpt is None:
+    if method == "orb_bow":
+        ranking = orb_bow_ranking(cfg, dm, query_idx, settings)
+    elif ckpt is None:
         ranking = orb_ransac_ranking(cfg, dm, query_idx, settings)
     else:
         reranker = orb_reranker(cfg, dm, query_idx) if cfg.get("rerank") else None
@@ -179,10 +184,36 @@ def orb_ransac_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.n
     return rank_scores(scores, query_idx, dm.dataset, settings)
 
 
+def orb_bow_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray,
+                    settings: RankingSettings) -> Ranking:
+    """The non-learned keypoint baseline (retrieval/orb_bow.py): the same ORB features as orb_ransac, a bag of
+    binary words with idf fitted on the TRAINING images only (train queries + train-place database images;
+    split=all: the database), tf-idf histograms searched by cosine over the full database."""
+    try:
+        bow_cfg = orb_bow.BowConfig(**OmegaConf.to_container(cfg.orb_bow, resolve=True))
+    except TypeError as exc:  # an unknown or missing key
+        raise ConfigError(f"orb_bow: {exc}") from None
+    except ValueError as exc:  # "orb_bow.<knob> must be ..."
+        raise ConfigError(str(exc)) from None
+    db_feats, q_feats, orb_cfg, _ = dataset_orb_features(cfg, dm)
+    dataset = dm.dataset
+    train_db, train_q = orb_bow.training_images(dm.splits, dataset.n_db)
+    key = {"fingerprint": dataset.fingerprint, "orb": dataclasses.asdict(orb_cfg),
+           "images": [dataset.db_paths[i] for i in train_db] + [dataset.q_paths[i] for i in train_q]}
+    vocab = orb_bow.cached_vocabulary([db_feats[i] for i in train_db] + [q_feats[i] for i in train_q], key, bow_cfg,
+                                      dm.cache_dir)
+    log.info("ORB bag of words: %d words fitted on %d training images (%d database, %d queries)", vocab.size,
+             vocab.n_images, len(train_db), len(train_q))
+    return orb_bow.rank_bow(vocab.encode(db_feats), vocab.encode([q_feats[i] for i in query_idx]), query_idx,
+                            dataset, settings)
+
+
 def orb_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray) -> InlierReranker | FusedReranker:
     """The model's top-N re-ordered with ORB + RANSAC inliers (retrieval/ranking.py):
     rerank=orb_ransac by the inlier count alone (InlierReranker), rerank=fused by the model's score with
-    the verified candidates first (FusedReranker)."""
+    the verified candidates first (FusedReranker); rerank=learned_matches: `learned_reranker`."""
+    if str(cfg.rerank.name) == "learned_matches":
+        return learned_reranker(cfg, dm, query_idx)
     db_feats, q_feats, orb_cfg, workers = dataset_orb_features(cfg, dm)
     split_feats = [q_feats[i] for i in query_idx]
 
@@ -194,6 +225,31 @@ def orb_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray
         return FusedReranker(int(r.top_n), verify, min_inliers=int(r.min_inliers), saturate=r.get("saturate"),
                              outlier_z=float(r.outlier_z), skip_margin=r.get("skip_margin"))
     return InlierReranker(int(cfg.rerank.top_n), verify)
+
+
+def learned_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray):
+    """rerank=learned_matches: the model's top-N re-ordered by a learned match verifier (retrieval/learned_matches.py),
+    fitted on this dataset's TRAINING split at first use (a minute or two on CPU) and cached in the data cache."""
+    from siamese_retrieval.data.ground_truth import as_ground_truth
+    from siamese_retrieval.retrieval import learned_matches as lm
+
+    lm_cfg = lm.LearnedMatchesConfig.from_mapping(OmegaConf.to_container(cfg.rerank, resolve=True))
+    splits = getattr(dm, "splits", None)
+    if splits is None:
+        raise ConfigError("rerank=learned_matches is fitted on the dataset's train split; split=all has none "
+                          "(use split=test|val, or rerank=orb_ransac)")
+    if str(cfg.split) == "train":
+        log.warning("rerank=learned_matches on split=train: the verifier was fitted on these very queries")
+    ds = dm.dataset
+    db_files, q_files = [ds.db_file(j) for j in range(ds.n_db)], [ds.query_file(i) for i in range(ds.n_query)]
+    feats = lm.cached_keypoints(db_files + q_files, {"fingerprint": ds.fingerprint}, lm_cfg.features, dm.cache_dir,
+                                lm_cfg.workers)
+    db_feats, q_feats = feats[: ds.n_db], feats[ds.n_db :]
+    data = lm.TrainData(q_feats, db_feats, q_files, db_files, splits.train_q, splits.train_db, as_ground_truth(ds),
+                        key={"fingerprint": ds.fingerprint})
+    net = lm.fit_or_load(data, lm_cfg, dm.cache_dir)
+    verify = lm.LearnedVerifier(net, [q_feats[i] for i in query_idx], db_feats, lm_cfg.matching)
+    return lm.LearnedReranker(lm_cfg.top_n, verify, lm_cfg.model_weight)
 
 
 @torch.inference_mode()

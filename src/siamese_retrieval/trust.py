@@ -21,6 +21,7 @@ ALLOWED_TARGETS: set[str] = {
     "siamese_retrieval.models.siamese.SiameseModule",
     "siamese_retrieval.models.keypoint_mlp.KeypointMLP",
     "siamese_retrieval.models.cnn.PlainCNN",
+    "siamese_retrieval.models.keypoint_set.KeypointSetEncoder",
     "siamese_retrieval.models.losses.MSEHeadLoss",
     "siamese_retrieval.models.losses.BCEHeadLoss",
     "siamese_retrieval.models.losses.SumOfLosses",
@@ -30,6 +31,7 @@ ALLOWED_TARGETS: set[str] = {
     "siamese_retrieval.models.metric_losses.MultiSimilarity",
     "siamese_retrieval.data.inputs.KeypointInputs",
     "siamese_retrieval.data.inputs.ImageInputs",
+    "siamese_retrieval.data.inputs.KeypointSetInputs",
     # conf/callbacks/default.yaml; the aggregation heads are chosen by name (PlainCNN(aggregation={name: ...})),
     # never by `_target_`, so they need no entry here
     "siamese_retrieval.models.aggregation_fitting.AggregationFitting",

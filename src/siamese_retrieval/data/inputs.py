@@ -15,7 +15,12 @@ import torch
 
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.images import load_images
-from siamese_retrieval.data.keypoints import OrbConfig, extract_dataset_keypoints
+from siamese_retrieval.data.keypoints import (
+    KeypointSetConfig,
+    OrbConfig,
+    extract_dataset_keypoint_sets,
+    extract_dataset_keypoints,
+)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -52,6 +57,55 @@ class KeypointInputs:
 
     def augment(self, batch: Tensors) -> Tensors:
         return batch
+
+
+class KeypointSetInputs:
+    """A SET of ORB keypoints per image for model=keypoint_set: the `n_keypoints` strongest of `n_features`
+    detected (data/keypoints.py KeypointSetConfig), each with its packed descriptor (`desc`, uint8 (N, 32)),
+    its geometry (`feat`, float32 (N, 7): keypoints.SET_FEATURES) and `mask` (False on padding).
+
+    `augment` (train only) drops each keypoint with probability `keypoint_dropout` (its mask goes False) and
+    jitters the normalised (x, y) by N(0, xy_jitter): the model then cannot lean on any single keypoint.
+    """
+
+    kind = "keypoint_set"
+
+    def __init__(self, workers: int = 2, keypoint_dropout: float = 0.0, xy_jitter: float = 0.0,
+                 **orb: object) -> None:
+        known = {f.name for f in fields(KeypointSetConfig)}
+        unknown = set(orb) - known
+        if unknown:
+            raise ValueError(f"unknown keypoint set parameter(s) {sorted(unknown)}; available: "
+                             f"{sorted(known | {'workers', 'keypoint_dropout', 'xy_jitter'})}")
+        self.cfg = KeypointSetConfig(**orb)  # type: ignore[arg-type]
+        if not 0.0 <= float(keypoint_dropout) < 1.0:
+            raise ValueError(f"keypoint_dropout must be in [0, 1), got {keypoint_dropout!r}")
+        if not float(xy_jitter) >= 0.0:
+            raise ValueError(f"xy_jitter must be >= 0, got {xy_jitter!r}")
+        self.workers = int(workers)
+        self.keypoint_dropout, self.xy_jitter = float(keypoint_dropout), float(xy_jitter)
+
+    def build(self, dataset: RetrievalDataset, cache_dir: Path | None) -> tuple[Tensors, Tensors]:
+        kp = extract_dataset_keypoint_sets(dataset, self.cfg, cache_dir, workers=self.workers)
+        as_t = torch.from_numpy  # shares the (memory-mapped, copy-on-write) cache arrays: no copy
+        db = {"desc": as_t(kp.db_desc), "feat": as_t(kp.db_feat), "mask": as_t(kp.db_mask)}
+        q = {"desc": as_t(kp.q_desc), "feat": as_t(kp.q_feat), "mask": as_t(kp.q_mask)}
+        return db, q
+
+    def augment(self, batch: Tensors) -> Tensors:
+        if "mask" not in batch or batch["mask"].numel() == 0 or (self.keypoint_dropout <= 0 and self.xy_jitter <= 0):
+            return batch
+        out = dict(batch)
+        mask = batch["mask"]
+        if self.keypoint_dropout > 0:
+            keep = torch.rand(mask.shape, device=mask.device) >= self.keypoint_dropout
+            out["mask"] = mask & keep
+        if self.xy_jitter > 0:
+            feat = batch["feat"].clone()
+            noise = torch.randn(feat.shape[:-1] + (2,), device=feat.device, dtype=feat.dtype) * self.xy_jitter
+            feat[..., :2] = (feat[..., :2] + noise).clamp(0.0, 1.0)
+            out["feat"] = feat
+        return out
 
 
 class NoInputs:

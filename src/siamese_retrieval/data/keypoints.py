@@ -11,6 +11,9 @@ A dataset's features are cached in a directory `keypoints-<key>/` of one `.npy` 
     desc  uint8   (n, 32)  packed BRIEF descriptors
     geom  float32 (n, 4)   x / width, y / height, size / max(width, height), angle / 360
     mask  bool    (n,)     True where a keypoint exists
+
+Keypoint SETS (model=keypoint_set, below: `KeypointSetConfig`, `extract_dataset_keypoint_sets`) keep
+256-512 keypoints per image with richer geometry (`SET_FEATURES`) in their own cache, `keypoint-sets-<key>/`.
 """
 
 from __future__ import annotations
@@ -213,3 +216,203 @@ def extract_dataset_keypoints(
 
     specs = feature_specs(dataset.n_db, dataset.n_query, cfg.n_keypoints)
     return KeypointFeatures(**cached_arrays(path, specs, "keypoint", extract, logger=log))
+
+
+# ----------------------------------------------------------------------------------------- keypoint sets
+#
+# model=keypoint_set (models/keypoint_set.py) reads a SET of 256-512 keypoints per image, each with its
+# descriptor and its geometry. The arrays of one image:
+#
+#     desc  uint8   (n, 32)  packed BRIEF descriptors (the model expands them to +-1 bits)
+#     feat  float32 (n, 7)   SET_FEATURES below
+#     mask  bool    (n,)     True where a keypoint exists; padded rows are all zeros
+#
+# Rows are kept strongest first (response, ties by (y, x)) so that the cache is deterministic; the model is
+# permutation-invariant and never reads the row order.
+
+KEYPOINT_SET_CACHE_VERSION = 1
+SET_FEATURES: tuple[str, ...] = (
+    "x",          # x / width of the (scaled) image, in [0, 1]
+    "y",          # y / height, in [0, 1]
+    "cos",        # cos of the keypoint's orientation
+    "sin",        # sin of the keypoint's orientation
+    "log_size",   # log(size / max(width, height)): scale-free, about -3 (fine) .. -1 (coarse)
+    "response",   # Harris response / the image's strongest response, in [0, 1]
+    "octave",     # pyramid level / (n_levels - 1), in [0, 1]
+)
+N_SET_FEATURES = len(SET_FEATURES)
+
+
+@dataclass(frozen=True)
+class KeypointSetConfig:
+    """ORB detection for keypoint sets. `n_features` candidates are detected over the pyramid (OpenCV spreads
+    them over the levels) and the `n_keypoints` strongest are kept. `image_scale` resizes the image first
+    (> 1 finds more, finer keypoints on small images; the default city is 256 x 192)."""
+
+    n_keypoints: int = 256
+    n_features: int = 500
+    image_scale: float = 1.0
+    scale_factor: float = 1.2
+    n_levels: int = 8
+    edge_threshold: int = 31
+    fast_threshold: int = 20
+    patch_size: int = 31
+    max_side: int = 1024  # larger images (after image_scale) are downscaled to this side first
+
+    def __post_init__(self) -> None:
+        if self.n_keypoints < 1:
+            raise ValueError(f"n_keypoints must be >= 1, got {self.n_keypoints}")
+        if self.n_features < self.n_keypoints:
+            raise ValueError(f"n_features ({self.n_features}) must be >= n_keypoints ({self.n_keypoints})")
+        if not self.image_scale > 0:
+            raise ValueError(f"image_scale must be > 0, got {self.image_scale}")
+        if self.max_side < 8:
+            raise ValueError(f"max_side must be >= 8, got {self.max_side}")
+        if self.n_levels < 1:
+            raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
+
+    def create(self) -> cv2.ORB:
+        return cv2.ORB_create(
+            nfeatures=int(self.n_features),
+            scaleFactor=float(self.scale_factor),
+            nlevels=int(self.n_levels),
+            edgeThreshold=int(self.edge_threshold),
+            firstLevel=0,
+            WTA_K=2,
+            scoreType=cv2.ORB_HARRIS_SCORE,
+            patchSize=int(self.patch_size),
+            fastThreshold=int(self.fast_threshold),
+        )
+
+
+def empty_set_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.zeros((count, n, DESC_BYTES), np.uint8),
+        np.zeros((count, n, N_SET_FEATURES), np.float32),
+        np.zeros((count, n), bool),
+    )
+
+
+def extract_orb_set(image: np.ndarray, cfg: KeypointSetConfig = KeypointSetConfig(), orb: cv2.ORB | None = None):
+    """(desc, feat, mask) of one image (grayscale, BGR or BGRA). Never raises for blank, tiny or odd images."""
+    n = cfg.n_keypoints
+    desc, feat, mask = (a[0] for a in empty_set_features(n))
+    gray = to_gray(image)
+    h, w = gray.shape[:2]
+    if h == 0 or w == 0:
+        return desc, feat, mask
+    scale = float(cfg.image_scale)
+    if max(h, w) * scale > cfg.max_side:
+        scale = cfg.max_side / max(h, w)
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        h, w = gray.shape
+    if min(h, w) <= 2 * max(cfg.edge_threshold, cfg.patch_size // 2 + 1):
+        return desc, feat, mask
+    kps, d = (orb or cfg.create()).detectAndCompute(gray, None)
+    if d is None or not len(kps):
+        return desc, feat, mask
+    resp = np.array([k.response for k in kps], np.float64)
+    pts = np.array([k.pt for k in kps], np.float64).reshape(-1, 2)
+    order = np.lexsort((pts[:, 0], pts[:, 1], -resp))[:n]  # strongest first, ties by (y, x)
+    k = len(order)
+    sel = [kps[i] for i in order]
+    angle = np.deg2rad(np.array([kp.angle % 360.0 for kp in sel], np.float64))
+    size = np.array([max(kp.size, 1e-3) for kp in sel], np.float64)
+    top = resp[order].max()
+    desc[:k] = d[order]
+    feat[:k, 0] = np.clip(pts[order, 0] / w, 0.0, 1.0)
+    feat[:k, 1] = np.clip(pts[order, 1] / h, 0.0, 1.0)
+    feat[:k, 2] = np.cos(angle)
+    feat[:k, 3] = np.sin(angle)
+    feat[:k, 4] = np.log(size / max(h, w))
+    feat[:k, 5] = np.clip(resp[order] / top, 0.0, 1.0) if top > 0 else 1.0
+    feat[:k, 6] = np.array([kp.octave for kp in sel], np.float64) / max(1, cfg.n_levels - 1)
+    mask[:k] = True
+    return desc, feat, mask
+
+
+@dataclass
+class KeypointSetFeatures:
+    db_desc: np.ndarray  # (n_db, n, 32) uint8
+    db_feat: np.ndarray  # (n_db, n, 7) float32
+    db_mask: np.ndarray  # (n_db, n) bool
+    q_desc: np.ndarray
+    q_feat: np.ndarray
+    q_mask: np.ndarray
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("db_desc", "db_feat", "db_mask", "q_desc", "q_feat", "q_mask")
+
+    @property
+    def n_keypoints(self) -> int:
+        return self.db_desc.shape[1]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+
+def _extract_set_into(paths: Sequence[str], cfg: KeypointSetConfig, workers: int,
+                      out: tuple[np.ndarray, np.ndarray, np.ndarray], advance: Advance) -> None:
+    """As `_extract_into`, for keypoint sets: one ORB object per chunk, rows written into `out`."""
+    desc, feat, mask = out
+
+    def run(indices: range) -> None:
+        orb = cfg.create()
+        d, f, m = empty_set_features(cfg.n_keypoints, len(indices))
+        for j, i in enumerate(indices):
+            d[j], f[j], m[j] = extract_orb_set(read_image(paths[i]), cfg, orb)
+        rows = slice(indices.start, indices.stop)
+        desc[rows], feat[rows], mask[rows] = d, f, m
+        release_mapped_pages()
+
+    chunked_map(counted(run, advance), range(len(paths)), workers, pool_context=opencv_single_threaded)
+
+
+def keypoint_set_cache_file(dataset, cfg: KeypointSetConfig, cache_dir: str | os.PathLike) -> Path:
+    """The cache of `extract_dataset_keypoint_sets` for this dataset and config: a directory of .npy files."""
+    key = stable_hash(
+        {
+            "fingerprint": dataset.fingerprint,
+            "cfg": asdict(cfg),
+            "features": list(SET_FEATURES),
+            "db_paths": list(dataset.db_paths),
+            "q_paths": list(dataset.q_paths),
+            "version": KEYPOINT_SET_CACHE_VERSION,
+            "cv2": cv2.__version__.split(".")[0],
+        }
+    )
+    return Path(cache_dir) / f"keypoint-sets-{key}"
+
+
+def set_feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape and dtype of every `KeypointSetFeatures` field."""
+    specs: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for side, count in (("db", n_db), ("q", n_q)):
+        specs[f"{side}_desc"] = ((count, n, DESC_BYTES), np.uint8)
+        specs[f"{side}_feat"] = ((count, n, N_SET_FEATURES), np.float32)
+        specs[f"{side}_mask"] = ((count, n), np.bool_)
+    return specs
+
+
+def extract_dataset_keypoint_sets(
+    dataset,
+    cfg: KeypointSetConfig = KeypointSetConfig(),
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+) -> KeypointSetFeatures:
+    """Keypoint sets of every database and query image; cached in `cache_dir` when given (copy-on-write
+    memmaps of the cache, as `extract_dataset_keypoints`)."""
+    path = keypoint_set_cache_file(dataset, cfg, cache_dir) if cache_dir is not None else None
+
+    def extract(out: dict[str, np.ndarray]) -> None:
+        log.info("extracting ORB keypoint sets from %d images%s", dataset.n_db + dataset.n_query,
+                 f" (cache miss: {path})" if path is not None else "")
+        with progress("extracting ORB keypoint sets", total=dataset.n_db + dataset.n_query) as advance:
+            for side, rel in (("db", dataset.db_paths), ("q", dataset.q_paths)):
+                files = [str(dataset.root / p) for p in rel]
+                _extract_set_into(files, cfg, workers, (out[f"{side}_desc"], out[f"{side}_feat"], out[f"{side}_mask"]),
+                                  advance)
+
+    specs = set_feature_specs(dataset.n_db, dataset.n_query, cfg.n_keypoints)
+    return KeypointSetFeatures(**cached_arrays(path, specs, "keypoint set", extract, logger=log))

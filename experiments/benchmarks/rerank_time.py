@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
 from pathlib import Path
 
 import cv2
@@ -38,16 +37,11 @@ from siamese_retrieval.retrieval import learned_matches as lm
 from siamese_retrieval.retrieval.orb_ransac import _METHODS, OrbRansacConfig, cached_features, hamming_knn2, inlier_count
 from siamese_retrieval.retrieval.ranking import InlierReranker
 
+from query_latency import best_of  # this folder's scripts: sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def model_top_n(ckpt_path: str | None, dataset, query_idx: np.ndarray, n: int, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:

@@ -296,6 +296,9 @@ def test_schema_rejects_bad_values(override, message, tmp_path: Path) -> None:
 def test_default_config_passes_the_schema(tmp_path: Path) -> None:
     cfg = compose_config("train", ["model=keypoint_set"], tmp_path, tmp_path)
     assert check_config(cfg, "train") == []
+    # cnn_snn's recipe: look-alike P x K place batches with the multi-similarity term next to mined GCL
+    assert cfg.data.batches == "places" and cfg.data.places.lookalike == "embedding"
+    assert cfg.model.module.loss.terms.ms._target_.endswith("MultiSimilarity")
 
 
 # --------------------------------------------------------------------------- end to end

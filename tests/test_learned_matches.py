@@ -191,6 +191,8 @@ def test_reranker_orders_by_score_then_the_models_order() -> None:
     ({"train": {"labels": "fov"}}, "train.labels must be one of"),
     ({"matching": {"ratio": 1.5}}, "matching.ratio must be in (0, 1]"),
     ({"network": {"widht": 3}}, "widht"),
+    ({"combine": "mean"}, "combine must be one of replace, fused"),
+    ({"saturate": 4}, "saturate must be null or >= min_inliers"),
 ])
 def test_bad_settings_are_one_line_config_errors(change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -202,7 +204,7 @@ def test_evaluate_with_learned_matches_on_the_tiny_city(tiny_checkpoint: Path, t
     from siamese_retrieval.evaluate import evaluate
 
     overrides = ["data=synth_tiny", f"ckpt_path={tiny_checkpoint}", "rerank=learned_matches", "rerank.top_n=10",
-                 "logger=none", *TINY_TRAIN]
+                 "rerank.combine=replace", "logger=none", *TINY_TRAIN]
     result = evaluate(compose_config("eval", overrides, tmp_path / "a", cache_dir))
     m = result["metrics"]
     assert result["method"] == "model+rerank_learned_matches"
@@ -215,3 +217,14 @@ def test_evaluate_with_learned_matches_on_the_tiny_city(tiny_checkpoint: Path, t
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["method"] == "model+rerank_learned_matches"
     with pytest.raises(ConfigError, match="split=all"):
         evaluate(compose_config("eval", overrides + ["split=all"], tmp_path / "c", cache_dir))
+    # combine=fused reuses the fitted verifier (its cache key holds no combine knob); with a threshold no soft
+    # inlier count reaches, nothing is verified and the ranking is exactly the model's
+    fitted = sorted(cache_dir.glob("learned_matches-*.pt"))
+    never = evaluate(compose_config("eval", overrides + ["rerank.combine=fused", "rerank.min_inliers=100000"],
+                                    tmp_path / "d", cache_dir))["metrics"]
+    assert sorted(cache_dir.glob("learned_matches-*.pt")) == fitted
+    for name in ("recall@1", "recall@5", "mAP", "ndcg@10"):
+        assert never[f"test/{name}"] == pytest.approx(never[f"test/before_rerank/{name}"], abs=1e-6)
+    with pytest.raises(ConfigError, match="combine=fused needs network.pool=inliers"):
+        evaluate(compose_config("eval", overrides + ["rerank.combine=fused", "rerank.network.pool=learned"],
+                                tmp_path / "e", cache_dir))

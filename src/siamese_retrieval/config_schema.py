@@ -298,6 +298,8 @@ RULES: tuple[Rule, ...] = (
     R("rerank.outlier_z", FLOAT, ge=0, tasks=EVAL, note="robust spreads above the query's median inliers"),
     R("rerank.skip_margin", FLOAT, ge=0, nullable=True, tasks=EVAL, note="null: verify every query"),
     # rerank=learned_matches (retrieval/learned_matches.py; conf/rerank/learned_matches.yaml)
+    R("rerank.combine", CHOICE, choices=("replace", "fused"), tasks=EVAL,
+      note="replace: the verifier's order | fused: FusedReranker over soft inlier counts"),
     R("rerank.model_weight", FLOAT, ge=0, tasks=EVAL, note="verifier score + this x the model's relevance"),
     R("rerank.workers", INT, ge=1, tasks=EVAL),
     R("rerank.features.n_features", INT, ge=2, tasks=EVAL),

@@ -249,6 +249,9 @@ def learned_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.nda
                         key={"fingerprint": ds.fingerprint})
     net = lm.fit_or_load(data, lm_cfg, dm.cache_dir)
     verify = lm.LearnedVerifier(net, [q_feats[i] for i in query_idx], db_feats, lm_cfg.matching)
+    if lm_cfg.combine == "fused":  # soft inlier counts as evidence added to the model's order (rerank=fused's rule)
+        return FusedReranker(lm_cfg.top_n, verify, min_inliers=lm_cfg.min_inliers, saturate=lm_cfg.saturate,
+                             outlier_z=lm_cfg.outlier_z)
     return lm.LearnedReranker(lm_cfg.top_n, verify, lm_cfg.model_weight)
 
 

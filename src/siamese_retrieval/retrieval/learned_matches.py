@@ -56,6 +56,7 @@ CACHE_VERSION = 1
 N_INPUTS = 9  # per-match features (see match_features)
 POOLS = ("inliers", "learned")
 LABELS = ("ransac", "ransac_relevant")
+COMBINES = ("replace", "fused")
 _FAR = 1 << 20  # Hamming distance of a padded (absent) candidate feature
 
 
@@ -105,7 +106,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LearnedMatchesConfig:
     top_n: int = 20
-    model_weight: float = 0.0  # verifier score + model_weight x the model's relevance decides the order
+    combine: str = "fused"  # replace: order by the verifier (+ model_weight x relevance) | fused: FusedReranker
+    model_weight: float = 0.0  # combine=replace: verifier score + model_weight x the model's relevance
+    min_inliers: int = 12  # combine=fused: soft inlier count for a candidate to count as verified ...
+    outlier_z: float = 5.0  # ... and this many spreads above the median of the query's top N (FusedReranker)
+    saturate: int | None = None  # combine=fused: null (= min_inliers): verified candidates keep the model's order
     workers: int = 2
     features: FeatureConfig = field(default_factory=FeatureConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
@@ -115,7 +120,10 @@ class LearnedMatchesConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.top_n >= 1, "top_n must be >= 1"),
+            (self.combine in COMBINES, f"combine must be one of {', '.join(COMBINES)}"),
             (self.model_weight >= 0, "model_weight must be >= 0"),
+            (self.min_inliers >= 1 and self.outlier_z >= 0, "min_inliers must be >= 1 and outlier_z >= 0"),
+            (self.saturate is None or self.saturate >= self.min_inliers, "saturate must be null or >= min_inliers"),
             (self.workers >= 1, "workers must be >= 1"),
             (self.features.n_features >= 2, "features.n_features must be >= 2"),
             (1 <= self.features.min_side <= self.features.max_side, "need 1 <= features.min_side <= features.max_side"),
@@ -132,6 +140,8 @@ class LearnedMatchesConfig:
             (self.train.lr > 0 and self.train.weight_decay >= 0, "train.lr must be > 0, train.weight_decay >= 0"),
             (self.train.ransac_threshold > 0 and self.train.max_seconds > 0,
              "train.ransac_threshold and train.max_seconds must be > 0"),
+            (self.combine != "fused" or self.network.pool == "inliers",
+             "combine=fused needs network.pool=inliers (soft inlier counts)"),
         ]
         for ok, message in checks:
             if not ok:

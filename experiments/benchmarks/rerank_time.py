@@ -13,7 +13,8 @@ query, over its N candidates, one thread (cv2, FAISS and torch set to 1: a singl
   * matching included: orb_ransac = N x (FAISS 2-NN + ratio test + USAC), exactly rerank_scores' per-pair work;
     learned = one Hamming matrix against all N candidates, mutual + ratio test, features, forward pass.
 Each query is timed --repeats times and the best kept (the machine is shared); medians over the queries;
-the ratios come from this run. recall@1 (and @5) of the model's own order, of each re-ranking, same queries.
+the ratios come from this run. recall@1 (and @5) of the model's own order and of each way evaluate.py combines
+the scores (replace: the verifier's order; fused: conf/rerank/fused.yaml's rule), same queries.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from siamese_retrieval.data.splits import split_by_place
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
 from siamese_retrieval.retrieval import learned_matches as lm
 from siamese_retrieval.retrieval.orb_ransac import _METHODS, OrbRansacConfig, cached_features, hamming_knn2, inlier_count
-from siamese_retrieval.retrieval.ranking import InlierReranker
+from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
 
 from query_latency import best_of  # this folder's scripts: sys.path[0] when run as a script
 
@@ -142,8 +143,15 @@ def main() -> None:
         t_lm_all.append(best_of(lm_all, args.repeats))
 
     rows = np.arange(len(query_idx))
-    orb_ids, _ = InlierReranker(args.top_n, lambda rr, c: inliers[rr])(rows, ids, rel)
-    lm_ids, _ = lm.LearnedReranker(args.top_n, lambda rr, c: learned[rr], cfg.model_weight)(rows, ids, rel)
+    fused_knobs = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "rerank" / "fused.yaml"))
+    orderings = {  # the same verification scores, combined as evaluate.py's rerank= options do
+        "orb_ransac (replace)": InlierReranker(args.top_n, lambda rr, c: inliers[rr])(rows, ids, rel)[0],
+        "fused (ORB inliers)": FusedReranker(args.top_n, lambda rr, c: inliers[rr], min_inliers=fused_knobs["min_inliers"],
+                                             outlier_z=fused_knobs["outlier_z"])(rows, ids, rel)[0],
+        "learned (replace)": lm.LearnedReranker(args.top_n, lambda rr, c: learned[rr], cfg.model_weight)(rows, ids, rel)[0],
+        "learned (fused)": FusedReranker(args.top_n, lambda rr, c: learned[rr], min_inliers=cfg.min_inliers,
+                                         saturate=cfg.saturate, outlier_z=cfg.outlier_z)(rows, ids, rel)[0],
+    }
 
     def recall(ranked: np.ndarray, k: int) -> float:
         sim, _ = truth.lookup(query_idx, ranked[:, :k])
@@ -158,8 +166,10 @@ def main() -> None:
     print(f"{'verification ms/query':28s}{med(t_orb_v):12.2f}{med(t_lm_v):12.2f}{med(t_orb_v) / med(t_lm_v):8.1f}x")
     print(f"{'matching + verif. ms/query':28s}{med(t_orb_all):12.2f}{med(t_lm_all):12.2f}"
           f"{med(t_orb_all) / med(t_lm_all):8.1f}x")
-    for k in (1, 5):
-        print(f"{f'recall@{k}':28s}{recall(orb_ids, k):12.3f}{recall(lm_ids, k):12.3f}   (model alone {recall(ids, k):.3f})")
+    print(f"\nrecall@1 / recall@5 of the same {len(query_idx)} queries (model alone {recall(ids, 1):.3f} / "
+          f"{recall(ids, 5):.3f}; learned combine={cfg.combine} is what rerank=learned_matches does):")
+    for name, ranked in orderings.items():
+        print(f"  {name:24s}{recall(ranked, 1):8.3f}{recall(ranked, 5):8.3f}")
     print(f"features per image: orb_ransac {orb_cfg.n_features} (mean {np.mean([len(f) for f in orb_db]):.0f} db), "
           f"learned {cfg.features.n_features} (mean {np.mean([len(f) for f in lm_db]):.0f} db)")
 

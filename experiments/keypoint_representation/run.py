@@ -9,8 +9,9 @@ Rows (test split of the default city; every number comes from a train.py or eval
   orb_bow                       bag of binary words, vocabulary per seed        evaluate.py method=orb_bow seed=N
   orb_ransac                    ratio-test matches + RANSAC inliers, all pairs  evaluate.py method=orb_ransac
   keypoint_set + orb_ransac     its top 20 re-ordered by inlier counts          ... rerank=orb_ransac rerank.top_n=20
-  keypoint_set + learned        its top 20 re-ordered by the learned verifier   ... rerank=learned_matches
-                                (fitted on the training split with rerank.train.seed=N)
+  keypoint_set + fused (ORB)    RANSAC-verified candidates of its top 20 first  ... rerank=fused
+  keypoint_set + learned        the same rule over the learned verifier's soft  ... rerank=learned_matches
+                                inlier counts (fitted on the training split with rerank.train.seed=N)
 
 Each evaluation is the command above run as a subprocess with its run directory under
 <sweep>/keypoint_representation/<row>/seed<N>; a row whose metrics.json is already there is not run again.
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-METRICS = ("recall@1", "recall@5", "recall@10", "mAP")
+METRICS = ("recall@1", "recall@5", "recall@10", "mAP")  # re-ranking time: experiments/benchmarks/rerank_time.py
 
 
 def sweep_jobs(sweep: Path) -> dict[str, dict[int, dict]]:
@@ -51,7 +52,7 @@ def evaluate(out: Path, overrides: list[str]) -> dict:
     record = json.loads((out / "metrics.json").read_text())
     if record.get("status") != "ok":
         raise SystemExit(f"{out}: evaluation failed ({record.get('error', 'see its eval.log')})")
-    return record
+    return record["metrics"]
 
 
 def mean_std(values: list[float]) -> str:
@@ -73,17 +74,19 @@ def main() -> None:
         rows[model] = [r["metrics"] for _, r in sorted(jobs.get(model, {}).items())]
     set_runs = sorted(jobs.get("keypoint_set", {}).items())
     seeds = [seed for seed, _ in set_runs] or [0, 1, 2]
-    rows["orb_bow"] = [evaluate(out / "orb_bow" / f"seed{s}", ["method=orb_bow", f"seed={s}"])["metrics"] for s in seeds]
-    rows["orb_ransac"] = [evaluate(out / "orb_ransac", ["method=orb_ransac"])["metrics"]]
+    rows["orb_bow"] = [evaluate(out / "orb_bow" / f"seed{s}", ["method=orb_bow", f"seed={s}"]) for s in seeds]
+    rows["orb_ransac"] = [evaluate(out / "orb_ransac", ["method=orb_ransac"])]
     for name, rerank in (("keypoint_set + orb_ransac", ["rerank=orb_ransac"]),
+                         ("keypoint_set + fused (ORB)", ["rerank=fused"]),
                          ("keypoint_set + learned verifier", ["rerank=learned_matches"])):
         rows[name] = []
         for seed, run in set_runs:
             extra = [f"rerank.train.seed={seed}"] if "learned" in name else []
-            record = evaluate(out / name.replace(" + ", "+").replace(" ", "_") / f"seed{seed}",
+            folder = name.replace(" + ", "+").replace(" ", "_").replace("(", "").replace(")", "")
+            record = evaluate(out / folder / f"seed{seed}",
                               [f"ckpt_path={run['checkpoint']}", f"seed={seed}", *rerank, f"rerank.top_n={args.top_n}",
                                *extra])
-            rows[name].append(record["metrics"])
+            rows[name].append(record)
 
     lines = [f"| method | n | {' | '.join(f'test/{m}' for m in METRICS)} |",
              "|---|---:|" + "---:|" * len(METRICS)]

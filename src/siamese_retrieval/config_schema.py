@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -411,12 +411,18 @@ def _monitor_exists_when_streaming(cfg: DictConfig, task: str) -> None:
                               f"val/mAP@{search_k}; set {key}=val/mAP@{search_k} (or val/recall@1)")
 
 
+def _bare_name_or_node(cfg: DictConfig, key: str, names: Sequence[str]) -> Any:
+    """The value at `key`: a node, or a bare name (`key=NAME` on the command line replaces the node) that must be
+    one of `names`."""
+    value = _get(cfg, key)
+    if value not in (_ABSENT, None) and not isinstance(value, dict) and value not in names:
+        raise ConfigError(f"{key}={_show(value, CHOICE)}: must be one of {', '.join(names)} (or a node with name: ...)")
+    return value
+
+
 def _encoder_aggregation(cfg: DictConfig, task: str) -> None:
     """`aggregation=netvlad` (a bare head name, replacing the node) is a name too; whiten_dim <= the projected size."""
-    agg = _get(cfg, "model.module.encoder.aggregation")
-    if agg not in (_ABSENT, None) and not isinstance(agg, dict) and agg not in AGGREGATIONS:
-        raise ConfigError(f"model.module.encoder.aggregation={_show(agg, CHOICE)}: must be one of "
-                          f"{', '.join(AGGREGATIONS)} (or a node with name: ...)")
+    agg = _bare_name_or_node(cfg, "model.module.encoder.aggregation", AGGREGATIONS)
     whiten, dim = _get(cfg, "model.module.encoder.whiten_dim"), _get(cfg, "model.module.encoder.embedding_dim")
     projected = not (isinstance(agg, dict) and agg.get("project") is False)
     if projected and _is_int(whiten) and _is_int(dim) and whiten > dim:
@@ -426,10 +432,7 @@ def _encoder_aggregation(cfg: DictConfig, task: str) -> None:
 
 def _keypoint_set(cfg: DictConfig, task: str) -> None:
     """keypoint_set: `pooling=gem` (a bare name) is a name too; n_features >= n_keypoints; n_heads divides d_model."""
-    pooling = _get(cfg, "model.module.encoder.pooling")
-    if pooling not in (_ABSENT, None) and not isinstance(pooling, dict) and pooling not in KEYPOINT_POOLINGS:
-        raise ConfigError(f"model.module.encoder.pooling={_show(pooling, CHOICE)}: must be one of "
-                          f"{', '.join(KEYPOINT_POOLINGS)} (or a node with name: ...)")
+    _bare_name_or_node(cfg, "model.module.encoder.pooling", KEYPOINT_POOLINGS)
     n_features, n_keypoints = _get(cfg, "model.inputs.n_features"), _get(cfg, "model.inputs.n_keypoints")
     if _is_int(n_features) and _is_int(n_keypoints) and n_features < n_keypoints:
         raise ConfigError(f"model.inputs.n_features={n_features}: must be >= model.inputs.n_keypoints ({n_keypoints}), "

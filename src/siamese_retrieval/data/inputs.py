@@ -16,7 +16,9 @@ import torch
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.images import load_images
 from siamese_retrieval.data.keypoints import (
+    KeypointFeatures,
     KeypointSetConfig,
+    KeypointSetFeatures,
     OrbConfig,
     extract_dataset_keypoint_sets,
     extract_dataset_keypoints,
@@ -35,6 +37,12 @@ class InputBuilder(Protocol):
         """Train-time augmentation of one side of a pair batch (identity where none applies)."""
 
 
+def _as_tensors(kp: KeypointFeatures | KeypointSetFeatures) -> tuple[Tensors, Tensors]:
+    """(database, query) dicts of tensors that share the (memory-mapped, copy-on-write) cache arrays: no copy."""
+    db, q = ({name: torch.from_numpy(a) for name, a in kp.side(side).items()} for side in ("db", "q"))
+    return db, q
+
+
 class KeypointInputs:
     """The study's inputs: the N strongest ORB keypoints per image, padded + masked."""
 
@@ -49,11 +57,7 @@ class KeypointInputs:
         self.workers = workers
 
     def build(self, dataset: RetrievalDataset, cache_dir: Path | None) -> tuple[Tensors, Tensors]:
-        kp = extract_dataset_keypoints(dataset, self.cfg, cache_dir, workers=self.workers)
-        as_t = torch.from_numpy  # shares the (memory-mapped, copy-on-write) cache arrays: no copy
-        db = {"desc": as_t(kp.db_desc), "geom": as_t(kp.db_geom), "mask": as_t(kp.db_mask)}
-        q = {"desc": as_t(kp.q_desc), "geom": as_t(kp.q_geom), "mask": as_t(kp.q_mask)}
-        return db, q
+        return _as_tensors(extract_dataset_keypoints(dataset, self.cfg, cache_dir, workers=self.workers))
 
     def augment(self, batch: Tensors) -> Tensors:
         return batch
@@ -86,11 +90,7 @@ class KeypointSetInputs:
         self.keypoint_dropout, self.xy_jitter = float(keypoint_dropout), float(xy_jitter)
 
     def build(self, dataset: RetrievalDataset, cache_dir: Path | None) -> tuple[Tensors, Tensors]:
-        kp = extract_dataset_keypoint_sets(dataset, self.cfg, cache_dir, workers=self.workers)
-        as_t = torch.from_numpy  # shares the (memory-mapped, copy-on-write) cache arrays: no copy
-        db = {"desc": as_t(kp.db_desc), "feat": as_t(kp.db_feat), "mask": as_t(kp.db_mask)}
-        q = {"desc": as_t(kp.q_desc), "feat": as_t(kp.q_feat), "mask": as_t(kp.q_mask)}
-        return db, q
+        return _as_tensors(extract_dataset_keypoint_sets(dataset, self.cfg, cache_dir, workers=self.workers))
 
     def augment(self, batch: Tensors) -> Tensors:
         if "mask" not in batch or batch["mask"].numel() == 0 or (self.keypoint_dropout <= 0 and self.xy_jitter <= 0):

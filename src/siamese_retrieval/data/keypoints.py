@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import cv2
 import numpy as np
@@ -68,12 +68,13 @@ class OrbConfig:
         )
 
 
+def _empty(n: int, count: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(desc, geometry, mask) of `count` images with `n` keypoints each, all zero (= no keypoint)."""
+    return np.zeros((count, n, DESC_BYTES), np.uint8), np.zeros((count, n, width), np.float32), np.zeros((count, n), bool)
+
+
 def empty_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (
-        np.zeros((count, n, DESC_BYTES), np.uint8),
-        np.zeros((count, n, 4), np.float32),
-        np.zeros((count, n), bool),
-    )
+    return _empty(n, count, 4)
 
 
 def extract_orb(image: np.ndarray, cfg: OrbConfig = OrbConfig(), orb: cv2.ORB | None = None):
@@ -105,117 +106,6 @@ def extract_orb(image: np.ndarray, cfg: OrbConfig = OrbConfig(), orb: cv2.ORB | 
     np.clip(geom, 0.0, 1.0, out=geom)
     mask[:k] = True
     return desc, geom, mask
-
-
-# ----------------------------------------------------------------------------------------- dataset
-
-
-@dataclass
-class KeypointFeatures:
-    db_desc: np.ndarray  # (n_db, n, 32) uint8
-    db_geom: np.ndarray  # (n_db, n, 4) float32
-    db_mask: np.ndarray  # (n_db, n) bool
-    q_desc: np.ndarray
-    q_geom: np.ndarray
-    q_mask: np.ndarray
-
-    FIELDS: ClassVar[tuple[str, ...]] = ("db_desc", "db_geom", "db_mask", "q_desc", "q_geom", "q_mask")
-
-    @property
-    def n_keypoints(self) -> int:
-        return self.db_desc.shape[1]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in self.FIELDS}
-
-
-def _extract_chunk(paths: Sequence[str], cfg: OrbConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Worker: one ORB object per chunk (cv2 objects are not shared between threads)."""
-    orb = cfg.create()
-    desc, geom, mask = empty_features(cfg.n_keypoints, len(paths))
-    for i, p in enumerate(paths):
-        desc[i], geom[i], mask[i] = extract_orb(read_image(p), cfg, orb)
-    return desc, geom, mask
-
-
-def _extract_into(paths: Sequence[str], cfg: OrbConfig, workers: int,
-                  out: tuple[np.ndarray, np.ndarray, np.ndarray], advance: Advance) -> None:
-    """ORB of `paths` written into the rows of `out` = (desc, geom, mask), one chunk at a time: only a
-    chunk's features are ever held besides `out` (which may be a memmap of the cache)."""
-    desc, geom, mask = out
-
-    def run(indices: range) -> None:
-        d, g, m = _extract_chunk([paths[i] for i in indices], cfg)
-        rows = slice(indices.start, indices.stop)
-        desc[rows], geom[rows], mask[rows] = d, g, m
-        release_mapped_pages()  # written rows leave this process's RSS (at most once a second; io_utils)
-
-    chunked_map(counted(run, advance), range(len(paths)), workers, pool_context=opencv_single_threaded)
-
-
-def extract_paths(
-    paths: Sequence[str | os.PathLike], cfg: OrbConfig, workers: int = 2
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ORB for many files, in chunks, on a thread pool.
-
-    Threads, not processes: cv2 releases the GIL while decoding and detecting, and a process pool
-    pays its start-up on every call. Measured on 2 cores, 500 JPEGs of 256x192: 1 thread ~800
-    images/s, 2 threads ~1400 images/s, 2 spawned processes ~800 images/s.
-    """
-    paths = [str(p) for p in paths]
-    out = empty_features(cfg.n_keypoints, len(paths))
-    if paths:
-        with progress("extracting ORB keypoints", total=len(paths)) as advance:
-            _extract_into(paths, cfg, workers, out, advance)
-    return out
-
-
-def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) -> Path:
-    """The cache of `extract_dataset_keypoints` for this dataset and config: a directory of .npy files."""
-    key = stable_hash(
-        {
-            "fingerprint": dataset.fingerprint,
-            "cfg": asdict(cfg),
-            "db_paths": list(dataset.db_paths),
-            "q_paths": list(dataset.q_paths),
-            "version": KEYPOINTS_CACHE_VERSION,
-            "cv2": cv2.__version__.split(".")[0],
-        }
-    )
-    return Path(cache_dir) / f"keypoints-{key}"
-
-
-def feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shape and dtype of every `KeypointFeatures` field."""
-    specs: dict[str, tuple[tuple[int, ...], Any]] = {}
-    for side, count in (("db", n_db), ("q", n_q)):
-        specs[f"{side}_desc"] = ((count, n, DESC_BYTES), np.uint8)
-        specs[f"{side}_geom"] = ((count, n, 4), np.float32)
-        specs[f"{side}_mask"] = ((count, n), np.bool_)
-    return specs
-
-
-def extract_dataset_keypoints(
-    dataset,
-    cfg: OrbConfig = OrbConfig(),
-    cache_dir: str | os.PathLike | None = None,
-    workers: int = 2,
-) -> KeypointFeatures:
-    """ORB features of every database and query image; cached in `cache_dir` when given (then the
-    arrays are copy-on-write memmaps of the cache: read lazily, writable, never written back)."""
-    path = keypoints_cache_file(dataset, cfg, cache_dir) if cache_dir is not None else None
-
-    def extract(out: dict[str, np.ndarray]) -> None:
-        log.info("extracting ORB keypoints from %d images%s", dataset.n_db + dataset.n_query,
-                 f" (cache miss: {path})" if path is not None else "")
-        with progress("extracting ORB keypoints", total=dataset.n_db + dataset.n_query) as advance:
-            for side, rel in (("db", dataset.db_paths), ("q", dataset.q_paths)):
-                files = [str(dataset.root / p) for p in rel]
-                _extract_into(files, cfg, workers, (out[f"{side}_desc"], out[f"{side}_geom"], out[f"{side}_mask"]),
-                              advance)
-
-    specs = feature_specs(dataset.n_db, dataset.n_query, cfg.n_keypoints)
-    return KeypointFeatures(**cached_arrays(path, specs, "keypoint", extract, logger=log))
 
 
 # ----------------------------------------------------------------------------------------- keypoint sets
@@ -286,11 +176,7 @@ class KeypointSetConfig:
 
 
 def empty_set_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (
-        np.zeros((count, n, DESC_BYTES), np.uint8),
-        np.zeros((count, n, N_SET_FEATURES), np.float32),
-        np.zeros((count, n), bool),
-    )
+    return _empty(n, count, N_SET_FEATURES)
 
 
 def extract_orb_set(image: np.ndarray, cfg: KeypointSetConfig = KeypointSetConfig(), orb: cv2.ORB | None = None):
@@ -333,66 +219,175 @@ def extract_orb_set(image: np.ndarray, cfg: KeypointSetConfig = KeypointSetConfi
     return desc, feat, mask
 
 
+# ----------------------------------------------------------------------------------------- dataset caches
+#
+# One pipeline for both kinds: extraction in chunks on a thread pool, written straight into the memory-mapped
+# cache files of io_utils.cached_arrays. `_KINDS` holds what differs: the geometry array's name and width, the
+# per-image extractor, the cache directory's prefix and version, and the words of the log lines.
+
+
+@dataclass(frozen=True)
+class _Kind:
+    geometry: str  # the name of the (n, width) float array: "geom" | "feat"
+    width: int
+    extract: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]  # (image, cfg, orb) -> (desc, geometry, mask)
+    prefix: str  # the cache directory: <prefix>-<key>
+    version: int
+    noun: str  # "keypoint" | "keypoint set"
+    key_extra: tuple[tuple[str, Any], ...] = ()  # more cache-key entries
+
+
+_KINDS: dict[type, _Kind] = {
+    OrbConfig: _Kind("geom", 4, extract_orb, "keypoints", KEYPOINTS_CACHE_VERSION, "keypoint"),
+    KeypointSetConfig: _Kind("feat", N_SET_FEATURES, extract_orb_set, "keypoint-sets", KEYPOINT_SET_CACHE_VERSION,
+                             "keypoint set", (("features", list(SET_FEATURES)),)),
+}
+
+
+class _DatasetArrays:
+    """What both dataclasses below share: rows are images (db_* then q_*), columns keypoints."""
+
+    @property
+    def n_keypoints(self) -> int:
+        return self.db_desc.shape[1]  # type: ignore[attr-defined]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    def side(self, side: str) -> dict[str, np.ndarray]:
+        """One side's arrays ("db" | "q") under their short names: desc, geom or feat, mask."""
+        return {name[len(side) + 1:]: a for name, a in self.arrays().items() if name.startswith(f"{side}_")}
+
+
 @dataclass
-class KeypointSetFeatures:
+class KeypointFeatures(_DatasetArrays):
     db_desc: np.ndarray  # (n_db, n, 32) uint8
-    db_feat: np.ndarray  # (n_db, n, 7) float32
+    db_geom: np.ndarray  # (n_db, n, 4) float32
+    db_mask: np.ndarray  # (n_db, n) bool
+    q_desc: np.ndarray
+    q_geom: np.ndarray
+    q_mask: np.ndarray
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("db_desc", "db_geom", "db_mask", "q_desc", "q_geom", "q_mask")
+
+
+@dataclass
+class KeypointSetFeatures(_DatasetArrays):
+    db_desc: np.ndarray  # (n_db, n, 32) uint8
+    db_feat: np.ndarray  # (n_db, n, 7) float32: SET_FEATURES
     db_mask: np.ndarray  # (n_db, n) bool
     q_desc: np.ndarray
     q_feat: np.ndarray
     q_mask: np.ndarray
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("db_desc", "db_feat", "db_mask", "q_desc", "q_feat", "q_mask")
 
-    @property
-    def n_keypoints(self) -> int:
-        return self.db_desc.shape[1]
+def _extract_chunk(paths: Sequence[str], cfg: OrbConfig | KeypointSetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Worker: one ORB object per chunk (cv2 objects are not shared between threads)."""
+    kind = _KINDS[type(cfg)]
+    orb = cfg.create()
+    desc, geom, mask = _empty(cfg.n_keypoints, len(paths), kind.width)
+    for i, p in enumerate(paths):
+        desc[i], geom[i], mask[i] = kind.extract(read_image(p), cfg, orb)
+    return desc, geom, mask
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in self.FIELDS}
 
-
-def _extract_set_into(paths: Sequence[str], cfg: KeypointSetConfig, workers: int,
-                      out: tuple[np.ndarray, np.ndarray, np.ndarray], advance: Advance) -> None:
-    """As `_extract_into`, for keypoint sets: one ORB object per chunk, rows written into `out`."""
-    desc, feat, mask = out
+def _extract_into(paths: Sequence[str], cfg: OrbConfig | KeypointSetConfig, workers: int,
+                  out: tuple[np.ndarray, np.ndarray, np.ndarray], advance: Advance) -> None:
+    """ORB of `paths` written into the rows of `out` = (desc, geometry, mask), one chunk at a time: only a
+    chunk's features are ever held besides `out` (which may be a memmap of the cache)."""
+    desc, geom, mask = out
 
     def run(indices: range) -> None:
-        orb = cfg.create()
-        d, f, m = empty_set_features(cfg.n_keypoints, len(indices))
-        for j, i in enumerate(indices):
-            d[j], f[j], m[j] = extract_orb_set(read_image(paths[i]), cfg, orb)
+        d, g, m = _extract_chunk([paths[i] for i in indices], cfg)
         rows = slice(indices.start, indices.stop)
-        desc[rows], feat[rows], mask[rows] = d, f, m
-        release_mapped_pages()
+        desc[rows], geom[rows], mask[rows] = d, g, m
+        release_mapped_pages()  # written rows leave this process's RSS (at most once a second; io_utils)
 
     chunked_map(counted(run, advance), range(len(paths)), workers, pool_context=opencv_single_threaded)
 
 
+def extract_paths(
+    paths: Sequence[str | os.PathLike], cfg: OrbConfig, workers: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ORB for many files, in chunks, on a thread pool.
+
+    Threads, not processes: cv2 releases the GIL while decoding and detecting, and a process pool
+    pays its start-up on every call. Measured on 2 cores, 500 JPEGs of 256x192: 1 thread ~800
+    images/s, 2 threads ~1400 images/s, 2 spawned processes ~800 images/s.
+    """
+    paths = [str(p) for p in paths]
+    out = _empty(cfg.n_keypoints, len(paths), _KINDS[type(cfg)].width)
+    if paths:
+        with progress("extracting ORB keypoints", total=len(paths)) as advance:
+            _extract_into(paths, cfg, workers, out, advance)
+    return out
+
+
+def _cache_dir(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.PathLike) -> Path:
+    kind = _KINDS[type(cfg)]
+    key = stable_hash({"fingerprint": dataset.fingerprint, "cfg": asdict(cfg), "db_paths": list(dataset.db_paths),
+                       "q_paths": list(dataset.q_paths), "version": kind.version, "cv2": cv2.__version__.split(".")[0],
+                       **dict(kind.key_extra)})
+    return Path(cache_dir) / f"{kind.prefix}-{key}"
+
+
+def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) -> Path:
+    """The cache of `extract_dataset_keypoints` for this dataset and config: a directory of .npy files."""
+    return _cache_dir(dataset, cfg, cache_dir)
+
+
 def keypoint_set_cache_file(dataset, cfg: KeypointSetConfig, cache_dir: str | os.PathLike) -> Path:
     """The cache of `extract_dataset_keypoint_sets` for this dataset and config: a directory of .npy files."""
-    key = stable_hash(
-        {
-            "fingerprint": dataset.fingerprint,
-            "cfg": asdict(cfg),
-            "features": list(SET_FEATURES),
-            "db_paths": list(dataset.db_paths),
-            "q_paths": list(dataset.q_paths),
-            "version": KEYPOINT_SET_CACHE_VERSION,
-            "cv2": cv2.__version__.split(".")[0],
-        }
-    )
-    return Path(cache_dir) / f"keypoint-sets-{key}"
+    return _cache_dir(dataset, cfg, cache_dir)
 
 
-def set_feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shape and dtype of every `KeypointSetFeatures` field."""
+def _specs(n_db: int, n_q: int, n: int, kind: _Kind) -> dict[str, tuple[tuple[int, ...], Any]]:
     specs: dict[str, tuple[tuple[int, ...], Any]] = {}
     for side, count in (("db", n_db), ("q", n_q)):
         specs[f"{side}_desc"] = ((count, n, DESC_BYTES), np.uint8)
-        specs[f"{side}_feat"] = ((count, n, N_SET_FEATURES), np.float32)
+        specs[f"{side}_{kind.geometry}"] = ((count, n, kind.width), np.float32)
         specs[f"{side}_mask"] = ((count, n), np.bool_)
     return specs
+
+
+def feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape and dtype of every `KeypointFeatures` array."""
+    return _specs(n_db, n_q, n, _KINDS[OrbConfig])
+
+
+def set_feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Shape and dtype of every `KeypointSetFeatures` array."""
+    return _specs(n_db, n_q, n, _KINDS[KeypointSetConfig])
+
+
+def _dataset_arrays(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.PathLike | None,
+                    workers: int) -> dict[str, np.ndarray]:
+    kind = _KINDS[type(cfg)]
+    path = _cache_dir(dataset, cfg, cache_dir) if cache_dir is not None else None
+    what = f"ORB {kind.noun}s"
+
+    def extract(out: dict[str, np.ndarray]) -> None:
+        log.info("extracting %s from %d images%s", what, dataset.n_db + dataset.n_query,
+                 f" (cache miss: {path})" if path is not None else "")
+        with progress(f"extracting {what}", total=dataset.n_db + dataset.n_query) as advance:
+            for side, rel in (("db", dataset.db_paths), ("q", dataset.q_paths)):
+                files = [str(dataset.root / p) for p in rel]
+                _extract_into(files, cfg, workers,
+                              (out[f"{side}_desc"], out[f"{side}_{kind.geometry}"], out[f"{side}_mask"]), advance)
+
+    specs = _specs(dataset.n_db, dataset.n_query, cfg.n_keypoints, kind)
+    return cached_arrays(path, specs, kind.noun, extract, logger=log)
+
+
+def extract_dataset_keypoints(
+    dataset,
+    cfg: OrbConfig = OrbConfig(),
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+) -> KeypointFeatures:
+    """ORB features of every database and query image; cached in `cache_dir` when given (then the
+    arrays are copy-on-write memmaps of the cache: read lazily, writable, never written back)."""
+    return KeypointFeatures(**_dataset_arrays(dataset, cfg, cache_dir, workers))
 
 
 def extract_dataset_keypoint_sets(
@@ -403,16 +398,4 @@ def extract_dataset_keypoint_sets(
 ) -> KeypointSetFeatures:
     """Keypoint sets of every database and query image; cached in `cache_dir` when given (copy-on-write
     memmaps of the cache, as `extract_dataset_keypoints`)."""
-    path = keypoint_set_cache_file(dataset, cfg, cache_dir) if cache_dir is not None else None
-
-    def extract(out: dict[str, np.ndarray]) -> None:
-        log.info("extracting ORB keypoint sets from %d images%s", dataset.n_db + dataset.n_query,
-                 f" (cache miss: {path})" if path is not None else "")
-        with progress("extracting ORB keypoint sets", total=dataset.n_db + dataset.n_query) as advance:
-            for side, rel in (("db", dataset.db_paths), ("q", dataset.q_paths)):
-                files = [str(dataset.root / p) for p in rel]
-                _extract_set_into(files, cfg, workers, (out[f"{side}_desc"], out[f"{side}_feat"], out[f"{side}_mask"]),
-                                  advance)
-
-    specs = set_feature_specs(dataset.n_db, dataset.n_query, cfg.n_keypoints)
-    return KeypointSetFeatures(**cached_arrays(path, specs, "keypoint set", extract, logger=log))
+    return KeypointSetFeatures(**_dataset_arrays(dataset, cfg, cache_dir, workers))

@@ -25,6 +25,12 @@ partial overlaps (0 < fov, not relevant) and look-alikes (the nearest fov = 0 da
 thumbnail). Match labels: RANSAC homography inliers (cv2 USAC) of the pair's matches, and with
 `labels=ransac_relevant` only in relevant pairs; pair labels: `sim`. The cache holds state_dict tensors only
 (torch.load(weights_only=True)); the architecture always comes from the config.
+
+Combining (`combine`): `replace` orders the top N by the pair score (LearnedReranker), as rerank=orb_ransac
+does with inlier counts; `fused` (the default) hands the soft inlier counts to rerank=fused's rule
+(ranking.FusedReranker): candidates whose count is high and stands out from the query's other candidates move
+ahead, the model's order stays otherwise. On the default city (seed 0's cnn_snn, top 20) val recall@1 was
+0.800 replacing and 0.853 fused (the model alone 0.853), which picked the default.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ _FAR = 1 << 20  # Hamming distance of a padded (absent) candidate feature
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    n_features: int = 512  # ORB features per image (matching cost grows with the square)
+    n_features: int = 256  # ORB features per image (matching cost grows with the square)
     fast_threshold: int = 20
     min_side: int = 240  # smaller images are upscaled first (as orb_ransac)
     max_side: int = 640

@@ -32,20 +32,34 @@ AGGREGATION_DEFAULTS: dict[str, Any] = {"name": "gem", "project": True, "cluster
                                         "pool": (2, 2)}
 
 
+def named_knobs(value: str | Mapping[str, Any] | None, defaults: Mapping[str, Any], names: Sequence[str],
+                what: str) -> dict[str, Any]:
+    """A name or a {name, knobs} node -> `defaults` updated by it. Unknown keys and an unknown name are a
+    ValueError naming `what` (the config node: aggregation, pooling). Shared by the CNN's heads and keypoint_set's
+    poolings, whose config nodes work the same way."""
+    given = {"name": value} if isinstance(value, str) else dict(value or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {unknown}; known: {sorted(defaults)}")
+    cfg = {**defaults, **given}
+    if cfg["name"] not in names:
+        raise ValueError(f"{what}.name={cfg['name']!r}: must be one of {', '.join(names)}")
+    return cfg
+
+
+def is_positive_int(value: Any) -> bool:
+    """An int >= 1 (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def aggregation_config(aggregation: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """A head name or {name, knobs} -> the full, checked knob dict (ValueError names a bad value)."""
-    given = {"name": aggregation} if isinstance(aggregation, str) else dict(aggregation or {})
-    unknown = sorted(set(given) - set(AGGREGATION_DEFAULTS))
-    if unknown:
-        raise ValueError(f"aggregation: unknown key(s) {unknown}; known: {sorted(AGGREGATION_DEFAULTS)}")
-    cfg = {**AGGREGATION_DEFAULTS, **given}
-    if cfg["name"] not in AGGREGATIONS:
-        raise ValueError(f"aggregation.name={cfg['name']!r}: must be one of {', '.join(AGGREGATIONS)}")
+    cfg = named_knobs(aggregation, AGGREGATION_DEFAULTS, AGGREGATIONS, "aggregation")
     pool = tuple(cfg["pool"]) if isinstance(cfg["pool"], Sequence) else ()
     if len(pool) != 2 or not all(isinstance(s, int) and s >= 1 for s in pool):
         raise ValueError(f"aggregation.pool={cfg['pool']!r}: must be two integers >= 1 (s1, s2)")
     for key in ("clusters", "channels"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+        if not is_positive_int(cfg[key]):
             raise ValueError(f"aggregation.{key}={cfg[key]!r}: must be an integer >= 1")
     return {**cfg, "pool": pool, "project": bool(cfg["project"])}
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from siamese_retrieval.data.keypoints import DESC_BYTES, N_SET_FEATURES
+from siamese_retrieval.models.aggregation import is_positive_int, named_knobs
 
 POOLINGS: tuple[str, ...] = ("mean", "gem", "attention", "netvlad")
 # Every knob of every pooling, with its default; a pooling ignores the others' knobs (one config node holds all,
@@ -37,17 +38,11 @@ _BITS = DESC_BYTES * 8
 
 def pooling_config(pooling: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """A pooling name or {name, knobs} -> the full, checked knob dict (ValueError names a bad value)."""
-    given = {"name": pooling} if isinstance(pooling, str) else dict(pooling or {})
-    unknown = sorted(set(given) - set(POOLING_DEFAULTS))
-    if unknown:
-        raise ValueError(f"pooling: unknown key(s) {unknown}; known: {sorted(POOLING_DEFAULTS)}")
-    cfg = {**POOLING_DEFAULTS, **given}
-    if cfg["name"] not in POOLINGS:
-        raise ValueError(f"pooling.name={cfg['name']!r}: must be one of {', '.join(POOLINGS)}")
+    cfg = named_knobs(pooling, POOLING_DEFAULTS, POOLINGS, "pooling")
     for key in ("queries", "clusters"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+        if not is_positive_int(cfg[key]):
             raise ValueError(f"pooling.{key}={cfg[key]!r}: must be an integer >= 1")
-    if cfg["dim"] is not None and (not isinstance(cfg["dim"], int) or isinstance(cfg["dim"], bool) or cfg["dim"] < 1):
+    if cfg["dim"] is not None and not is_positive_int(cfg["dim"]):
         raise ValueError(f"pooling.dim={cfg['dim']!r}: must be an integer >= 1 or null")
     if not float(cfg["gem_p"]) > 0:
         raise ValueError(f"pooling.gem_p={cfg['gem_p']!r}: must be > 0")

@@ -24,7 +24,13 @@ from siamese_retrieval.data.keypoints import (
     extract_orb_set,
 )
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.models.keypoint_set import POOLINGS, BitsLinear, KeypointSetEncoder, unpack_bits
+from siamese_retrieval.models.keypoint_set import (
+    POOLINGS,
+    BitsLinear,
+    KeypointSetEncoder,
+    _MaskedGeMFunction,
+    unpack_bits,
+)
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.trust import check_targets
 from tests.conftest import ROOT, compose_config
@@ -153,6 +159,41 @@ def test_gem_pooling_width() -> None:
     assert enc(random_batch()).shape == (3, 16)
     with pytest.raises(ValueError, match="pooling.dim"):
         KeypointSetEncoder(**SMALL, pooling={"name": "gem", "dim": 0})
+
+
+def plain_masked_gem(z: torch.Tensor, mask: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Tensor:
+    """The formula _MaskedGeMFunction computes, written with autograd's ops (what MaskedGeM ran before)."""
+    f = torch.relu(z).clamp(min=eps).pow(p)
+    m = mask.unsqueeze(-1).to(z.dtype)
+    return ((f * m).sum(1) / m.sum(1).clamp(min=1.0)).clamp(min=eps).pow(1.0 / p)
+
+
+@pytest.mark.parametrize("p_value", [1.0, 2.7, 6.0])
+def test_fused_gem_matches_the_plain_formula_and_its_gradients(p_value: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 9, 6, dtype=torch.float64, generator=g)
+    z[0, 0, :3] = 0.0  # exactly at and below the floor: clamp's zero gradient
+    z.requires_grad_(True)
+    mask = torch.rand(4, 9, generator=g) > 0.3
+    mask[0, :2] = True
+    mask[3] = False  # an image without keypoints: constant output, zero gradient
+    p = torch.tensor(p_value, dtype=torch.float64, requires_grad=True)
+    m = mask.to(z.dtype)
+    weights = m / m.sum(1, keepdim=True).clamp(min=1.0)
+    fused = _MaskedGeMFunction.apply(z, weights, p, 1e-6)
+    plain = plain_masked_gem(z, mask, p, 1e-6)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-15)
+    grad_out = torch.randn(fused.shape, dtype=fused.dtype, generator=g)
+    for a, b in zip(torch.autograd.grad(fused, (z, p), grad_out), torch.autograd.grad(plain, (z, p), grad_out)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z_, p_: _MaskedGeMFunction.apply(z_, weights, p_, 1e-6), (z, p))
+
+
+def test_gem_pooling_learns_its_exponent() -> None:
+    enc = KeypointSetEncoder(**SMALL, n_layers=0, pooling={"name": "gem", "dim": 40})
+    enc(random_batch()).sum().backward()
+    assert enc.pool.p.grad is not None and enc.pool.p.grad.abs() > 0
+    assert enc.pool.proj.weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------- extraction + cache

@@ -295,16 +295,16 @@ def test_config_targets_are_allowed_and_one_step_trains() -> None:
     cfg = model_cfg()
     plain = OmegaConf.to_container(cfg, resolve=True)
     check_targets(plain, "conf/model/keypoint_set.yaml")
-    assert cfg.name == "keypoint_set" and cfg.inputs.n_keypoints == 256
+    assert cfg.name == "keypoint_set" and cfg.inputs.n_keypoints == 512 and cfg.inputs.n_features == 1000
     inputs = instantiate(cfg.inputs)
-    assert isinstance(inputs, KeypointSetInputs) and inputs.cfg.n_keypoints == 256
+    assert isinstance(inputs, KeypointSetInputs) and inputs.cfg.n_keypoints == 512
     torch.manual_seed(0)
     module = instantiate(cfg.module, _recursive_=False)
     assert isinstance(module, SiameseModule) and isinstance(module.encoder, KeypointSetEncoder)
     b = 4
     fov = torch.tensor([1.0, 0.7, 0.2, 0.0])
-    batch = {"q": inputs.augment(random_batch(b, 256, 1, (256, 100, 40, 0))),
-             "d": inputs.augment(random_batch(b, 256, 2, (256, 256, 10, 3))),
+    batch = {"q": inputs.augment(random_batch(b, 512, 1, (512, 100, 40, 0))),
+             "d": inputs.augment(random_batch(b, 512, 2, (512, 256, 10, 3))),
              "target": (fov >= 0.5).float(), "fov": fov,
              "q_idx": torch.tensor([0, 0, 1, 2]), "d_idx": torch.tensor([5, 6, 7, 8]),
              "cross_fov": torch.where(torch.eye(b, dtype=torch.bool), fov.diag(), torch.zeros(b, b))}
@@ -322,7 +322,7 @@ def test_config_targets_are_allowed_and_one_step_trains() -> None:
 @pytest.mark.parametrize("override, message", [
     ("model.module.encoder.pooling.name=max", "model.module.encoder.pooling.name='max': must be one of"),
     ("model.module.encoder.pooling=max", "model.module.encoder.pooling='max': must be one of"),
-    ("model.inputs.n_features=100", "model.inputs.n_features=100: must be >= model.inputs.n_keypoints (256)"),
+    ("model.inputs.n_features=100", "model.inputs.n_features=100: must be >= model.inputs.n_keypoints (512)"),
     ("model.module.encoder.n_heads=3", "model.module.encoder.n_heads=3: must divide"),
     ("model.module.encoder.n_layers=-1", "model.module.encoder.n_layers=-1: must be an integer in [0, 8]"),
     ("model.inputs.keypoint_dropout=1.0", "model.inputs.keypoint_dropout=1.0: must be a number in [0, 1)"),

@@ -125,6 +125,34 @@ def test_encoder_options_and_errors() -> None:
         KeypointSetEncoder(**{**SMALL, "n_heads": 5})
 
 
+@pytest.mark.parametrize("pooling", POOLING_CFGS, ids=POOLINGS)
+@pytest.mark.parametrize("n_layers", [0, 1])
+def test_inference_in_chunks_gives_the_same_embeddings(pooling, n_layers) -> None:
+    enc = encoder(pooling, n_layers=n_layers)
+    batch = random_batch(b=7, valid=(N, 30, 5, 0, 12, N, 1))
+    enc.inference_chunk = None
+    with torch.no_grad():
+        whole = enc(batch)
+    enc.inference_chunk = 3  # 7 sets: chunks of 3, 3, 1
+    with torch.no_grad():
+        chunked = enc(batch)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+
+
+def test_inference_chunks_only_without_autograd(monkeypatch) -> None:
+    enc = KeypointSetEncoder(**SMALL, n_layers=0, pooling="gem", inference_chunk=2)
+    sizes: list[int] = []
+    real = enc._embed
+    monkeypatch.setattr(enc, "_embed", lambda batch: sizes.append(len(batch["desc"])) or real(batch))
+    batch = random_batch(b=5, valid=(N, 30, 5, 1, 9))
+    enc(batch).sum().backward()  # training: one pass, every set in the graph
+    with torch.no_grad():
+        enc(batch)
+    assert sizes == [5, 2, 2, 1]
+    with pytest.raises(ValueError, match="inference_chunk must be >= 1 or null, got 0"):
+        KeypointSetEncoder(**SMALL, inference_chunk=0)
+
+
 def test_netvlad_clusters_are_set_once_and_saved() -> None:
     torch.manual_seed(0)
     enc = KeypointSetEncoder(**SMALL, pooling={"name": "netvlad", "clusters": 4})
@@ -326,6 +354,7 @@ def test_config_targets_are_allowed_and_one_step_trains() -> None:
     ("model.module.encoder.n_heads=3", "model.module.encoder.n_heads=3: must divide"),
     ("model.module.encoder.n_layers=-1", "model.module.encoder.n_layers=-1: must be an integer in [0, 8]"),
     ("model.inputs.keypoint_dropout=1.0", "model.inputs.keypoint_dropout=1.0: must be a number in [0, 1)"),
+    ("model.module.encoder.inference_chunk=0", "model.module.encoder.inference_chunk=0: must be an integer >= 1"),
 ])
 def test_schema_rejects_bad_values(override, message, tmp_path: Path) -> None:
     cfg = compose_config("train", ["model=keypoint_set", override], tmp_path, tmp_path)

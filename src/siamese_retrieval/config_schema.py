@@ -181,6 +181,7 @@ RULES: tuple[Rule, ...] = (
     R("model.module.encoder.pooling.gem_p", FLOAT, gt=0),
     R("model.module.encoder.pooling.gem_learnable", BOOL),
     R("model.module.encoder.pooling.dim", INT, ge=1, nullable=True, note="gem: feature width; null: d_model"),
+    R("model.module.encoder.inference_chunk", INT, ge=1, nullable=True, note="sets per pass without gradients"),
     R("model.module.distance", CHOICE, choices=("euclidean", "cosine")),
     R("model.module.head.init_weight", FLOAT),
     R("model.module.head.init_bias", FLOAT),

@@ -264,12 +264,6 @@ def make_pooling(cfg: Mapping[str, Any], dim: int) -> nn.Module:
 # ----------------------------------------------------------------------------------------- the encoder
 
 
-def _rows(batch: Mapping[str, Any], start: int, stop: int, n: int) -> dict[str, Any]:
-    """Rows start:stop of every per-set tensor of a batch (n sets); anything else as it is."""
-    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v
-            for k, v in batch.items()}
-
-
 class KeypointSetEncoder(nn.Module):
     """(desc, feat, mask) of B images with N keypoints each -> (B, embedding_dim), invariant to keypoint order.
 
@@ -363,8 +357,9 @@ class KeypointSetEncoder(nn.Module):
         chunk = self.inference_chunk
         if chunk is not None and n > chunk and not torch.is_grad_enabled():
             # why: at 1024 sets a (B, 512, 512) float activation is 1 GiB; glibc hands blocks that big back to
-            # the kernel when freed, so every one is faulted in again: ~3x the time of 128-set chunks
-            return torch.cat([self._embed(_rows(batch, s, s + chunk, n)) for s in range(0, n, chunk)])
+            # the kernel when freed, so every one is faulted in again: ~4.5x the time of 128-set chunks
+            # (experiments/benchmarks/inference_chunk.py); slices are views, nothing is copied
+            return torch.cat([self._embed({k: v[s : s + chunk] for k, v in batch.items()}) for s in range(0, n, chunk)])
         return self._embed(batch)
 
     def _embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

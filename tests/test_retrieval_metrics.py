@@ -14,12 +14,11 @@ from torchmetrics.functional.retrieval import (
     retrieval_precision,
 )
 
+from siamese_retrieval.models.pair_metrics import RangeAccuracy, range_accuracy
 from siamese_retrieval.retrieval.metrics import (
-    RangeAccuracy,
     RetrievalScores,
     per_query_retrieval_scores,
     prefixed,
-    range_accuracy,
 )
 
 L3 = math.log2(3)  # discount of rank 2 is 1/log2(2+1) = 1/1.5849625; rank 1: 1/log2(2) = 1; rank 3: 1/log2(4) = 1/2

@@ -125,7 +125,7 @@ def test_map_at_k_convention() -> None:
 def test_streaming_equals_full_on_the_tiny_city(cache_dir) -> None:
     from siamese_retrieval.data.dataset import read_dataset
     from siamese_retrieval.data.synth import SynthConfig, ensure_city
-    from siamese_retrieval.data.synth.preview import thumbnail
+    from siamese_retrieval.data.images import thumbnail
 
     ds = read_dataset(ensure_city(cache_dir, SynthConfig.from_preset("tiny"), workers=1), check="none")
     db = torch.from_numpy(np.stack([thumbnail(ds.db_file(i)) for i in range(ds.n_db)]))

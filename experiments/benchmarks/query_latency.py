@@ -30,6 +30,7 @@ from siamese_retrieval.data.dataset import read_dataset
 from siamese_retrieval.data.images import read_image
 from siamese_retrieval.data.splits import split_by_place
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
+from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
 from siamese_retrieval.retrieval.orb_ransac import (
     OrbRansacConfig,
@@ -38,7 +39,7 @@ from siamese_retrieval.retrieval.orb_ransac import (
     rerank_scores,
     score_matrix,
 )
-from siamese_retrieval.retrieval.ranking import FusedReranker, embed_all
+from siamese_retrieval.retrieval.ranking import FusedReranker
 from siamese_retrieval.retrieve import query_inputs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def model_top_n(ckpt_path: str | None, dataset, query_idx: np.ndarray, n: int, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) (m, n): the checkpoint's top n (flat index), or without one the thumbnail L2 top n."""
     if ckpt_path is None:
-        from siamese_retrieval.data.synth.preview import thumbnail
+        from siamese_retrieval.data.images import thumbnail
 
         db = torch.from_numpy(np.stack([thumbnail(dataset.db_file(j)) for j in range(dataset.n_db)]))
         q = torch.from_numpy(np.stack([thumbnail(dataset.query_file(int(i))) for i in query_idx]))
@@ -58,7 +58,8 @@ def model_top_n(ckpt_path: str | None, dataset, query_idx: np.ndarray, n: int, c
     from siamese_retrieval.checkpoints import load_checkpoint
     from siamese_retrieval.data.inputs import take
     from siamese_retrieval.retrieval.index import IndexConfig, build_index
-    from siamese_retrieval.retrieval.ranking import embed_all, search_relevance
+    from siamese_retrieval.models.embedding import embed_all
+    from siamese_retrieval.retrieval.ranking import search_relevance
 
     ckpt = load_checkpoint(ckpt_path)
     module = ckpt.module

@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from siamese_retrieval.retrieval.ranking import embed_all
+from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
 
 ROOT = Path(__file__).resolve().parents[2]

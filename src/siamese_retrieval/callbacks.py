@@ -1,4 +1,5 @@
-"""Lightning callbacks: retrieval metrics over the full database, and retrieval example grids.
+"""Lightning callbacks: retrieval metrics over the full database, retrieval example grids, and the W&B run's
+best val/* summary and its record in the checkpoints.
 
 The metrics live in a callback, not in the module, so that every encoder gets the same evaluation; the
 callback only decides when and on which split, the retrieval engine (retrieval/ranking.py) does the rest.
@@ -14,10 +15,10 @@ from typing import Any
 import pytorch_lightning as pl
 
 from siamese_retrieval.data.inputs import take
+from siamese_retrieval.models.embedding import embed_sharded
 from siamese_retrieval.retrieval.ranking import (
     Ranking,
     RankingSettings,
-    embed_sharded,
     rank_embeddings,
     rank_queries,
     ranking_grid,
@@ -157,3 +158,19 @@ class BestValSummary(pl.Callback):
                 changed[f"best_epoch/{name}"] = epoch
         for run in wandb_runs.wandb_runs(trainer.loggers):
             run.summary.update(changed)
+
+
+class WandbRunInCheckpoint(pl.Callback):
+    """Records the W&B run a model is trained in (wandb_runs.wandb_run_info: project, group, name, id) in each
+    checkpoint, as training_data["wandb"], so that evaluate.py logs into the training run's W&B group.
+
+    Only where SiameseModule.on_save_checkpoint records the training data (a datamodule with a split config);
+    Lightning calls this hook before the module's, which keeps what is here. A no-op without W&B."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "split_cfg"):
+            return
+        run = wandb_runs.wandb_run_info(trainer.loggers)
+        if run:
+            checkpoint.setdefault("training_data", {})["wandb"] = run

@@ -301,7 +301,8 @@ def per_query_table(dataset: Any, ranking: Any, top_k: int = 5, image_rows: int 
     """
     import wandb
 
-    from siamese_retrieval.retrieval.visualize import GREEN, GREY, RED, thumb
+    from siamese_retrieval.drawing import thumb
+    from siamese_retrieval.retrieval.visualize import GREEN, GREY, RED
 
     k = min(int(top_k), ranking.top_ids.shape[1])
     thumbs: dict[tuple[str, int, bool], Any] = {}

@@ -83,6 +83,14 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported image shape {img.shape}")
 
 
+def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:
+    """Standardised grayscale thumbnail (flattened float32): the cheap look-alike measure (the contact sheet's
+    hard negatives, learned_matches' look-alike pairs, the thumbnail baseline of retrieval/thumbnail.py)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    t = cv2.resize(img, size, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    return (t - t.mean()) / (t.std() + 1e-6)
+
+
 # ----------------------------------------------------------------------------------------- tensors
 
 

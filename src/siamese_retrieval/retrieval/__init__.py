@@ -8,11 +8,9 @@ from siamese_retrieval.retrieval.index import (
     search,
 )
 from siamese_retrieval.retrieval.metrics import (
-    RangeAccuracy,
     RetrievalScores,
     per_query_retrieval_scores,
     prefixed,
-    range_accuracy,
 )
 
 __all__ = [
@@ -22,8 +20,6 @@ __all__ = [
     "save_index",
     "load_index",
     "RetrievalScores",
-    "RangeAccuracy",
     "per_query_retrieval_scores",
-    "range_accuracy",
     "prefixed",
 ]

@@ -49,12 +49,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from siamese_retrieval.data.images import read_image
+from siamese_retrieval.data.images import read_image, thumbnail
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import atomic_path, cached_npz, stable_hash
 from siamese_retrieval.parallel import chunked_map
 from siamese_retrieval.progress import counted, progress
-from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, _resized_gray, _single_threaded_kernels
+from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, resized_gray, single_threaded_kernels
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _empty(wh=(1.0, 1.0)) -> Keypoints:
 
 def image_keypoints(image: np.ndarray, cfg: FeatureConfig = FeatureConfig(), orb: cv2.ORB | None = None) -> Keypoints:
     """ORB on one decoded image, resized as orb_ransac resizes. Never raises for blank or tiny images."""
-    gray = _resized_gray(image, OrbRansacConfig(min_side=cfg.min_side, max_side=cfg.max_side))
+    gray = resized_gray(image, OrbRansacConfig(min_side=cfg.min_side, max_side=cfg.max_side))
     if gray.size == 0:
         return _empty()
     wh = (float(gray.shape[1]), float(gray.shape[0]))
@@ -212,7 +212,7 @@ def extract_keypoints(paths: Sequence[str | os.PathLike], cfg: FeatureConfig = F
     paths = [Path(p) for p in paths]
     with progress("ORB features (for the learned verifier)", total=len(paths)) as advance:
         parts = chunked_map(counted(chunk, advance), paths, workers, max_chunk=32,
-                            pool_context=_single_threaded_kernels)
+                            pool_context=single_threaded_kernels)
     return [k for part in parts for k in part]
 
 
@@ -415,8 +415,6 @@ class TrainData:
 def training_candidates(data: TrainData, cfg: TrainConfig) -> list[tuple[int, np.ndarray]]:
     """(query, database ids) per training query: positives, partial overlaps and thumbnail look-alikes, drawn
     (seeded) from the training database only."""
-    from siamese_retrieval.data.synth.preview import thumbnail
-
     rng = np.random.default_rng(cfg.seed)
     train_db = np.asarray(data.train_db)
     if cfg.lookalikes:
@@ -453,7 +451,7 @@ def ransac_labels(q: Keypoints, d: Keypoints, qi: np.ndarray, di: np.ndarray, cf
 def training_set(data: TrainData, cfg: LearnedMatchesConfig) -> dict[str, torch.Tensor]:
     """Padded tensors of every training pair: x (P, M, 9), mask (P, M), match labels (P, M), pair labels (P,)."""
     xs, masks, ys, sims = [], [], [], []
-    with _single_threaded_kernels():
+    with single_threaded_kernels():
         for q, cand in training_candidates(data, cfg.train):
             qf = data.q_feats[q]
             mt = match_features(qf, [data.db_feats[j] for j in cand], cfg.matching)
@@ -598,7 +596,7 @@ class LearnedVerifier:
         return np.where(np.asarray(candidates) >= 0, s, 0.0)
 
     def __call__(self, rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        with _single_threaded_kernels():
+        with single_threaded_kernels():
             return np.stack([self.score(self.q_feats[int(r)], c) for r, c in zip(rows, candidates)]) \
                 if len(rows) else np.zeros(candidates.shape)
 

@@ -1,4 +1,5 @@
-"""Retrieval metrics: each query ranked against the full database (or its top k); and the study's range accuracy.
+"""Retrieval metrics: each query ranked against the full database (or its top k). (The study's range accuracy,
+a metric of the model's pair scores, is models/pair_metrics.py.)
 
 Logged as `{prefix}/<name>` (prefix "val" or "test", see `prefixed`), names from `RetrievalScores`:
 
@@ -27,10 +28,8 @@ from torchmetrics import Metric
 
 __all__ = [
     "RetrievalScores",
-    "RangeAccuracy",
     "per_query_retrieval_scores",
     "ranked_retrieval_scores",
-    "range_accuracy",
     "prefixed",
 ]
 
@@ -214,41 +213,6 @@ class RetrievalScores(Metric):
         out["n_queries"] = self.n_queries.float()
         out["n_queries_without_positive"] = self.n_without_positive.float()
         return out
-
-
-def range_accuracy(pred: Tensor, target: Tensor, margin: float = 0.01) -> Tensor:
-    """Fraction of pairs with |pred - target| < margin, strictly (the study's "accuracy within a
-    relevance range of 0.01"). NaN for empty input."""
-    pred, target = torch.as_tensor(pred), torch.as_tensor(target)
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
-    within = (pred.double() - target.double()).abs() < margin
-    return within.double().mean().float() if within.numel() else torch.tensor(float("nan"))
-
-
-class RangeAccuracy(Metric):
-    """`range_accuracy` accumulated over batches (sum states; exact under DDP)."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, margin: float = 0.01, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if margin <= 0:
-            raise ValueError(f"margin must be > 0, got {margin}")
-        self.margin = float(margin)
-        self.add_state("within", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, pred: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        if pred.shape != target.shape:
-            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
-        self.within += ((pred.double() - target.double()).abs() < self.margin).sum()
-        self.total += pred.numel()
-
-    def compute(self) -> Tensor:
-        return (self.within.double() / self.total.double()).float()
 
 
 def prefixed(metrics: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -83,7 +83,7 @@ EMPTY = Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
 
 
 @contextmanager
-def _single_threaded_kernels() -> Iterator[None]:
+def single_threaded_kernels() -> Iterator[None]:
     """OpenCV and FAISS (OpenMP) run single-threaded inside our thread pool; restored afterwards."""
     with opencv_single_threaded():
         faiss.omp_set_num_threads(1)
@@ -93,7 +93,7 @@ def _single_threaded_kernels() -> Iterator[None]:
             set_faiss_threads()
 
 
-def _resized_gray(image: np.ndarray, cfg: OrbRansacConfig) -> np.ndarray:
+def resized_gray(image: np.ndarray, cfg: OrbRansacConfig) -> np.ndarray:
     gray = to_gray(image)
     h, w = gray.shape[:2]
     if h == 0 or w == 0:
@@ -111,7 +111,7 @@ def _resized_gray(image: np.ndarray, cfg: OrbRansacConfig) -> np.ndarray:
 
 def image_features(image: np.ndarray, cfg: OrbRansacConfig = OrbRansacConfig(), orb: cv2.ORB | None = None) -> Features:
     """ORB on one decoded image (gray, BGR or BGRA). Never raises for blank or tiny images."""
-    gray = _resized_gray(image, cfg)
+    gray = resized_gray(image, cfg)
     if gray.size == 0:
         return EMPTY
     orb = orb or cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold)
@@ -132,7 +132,7 @@ def extract_features(paths: Sequence[str | os.PathLike], cfg: OrbRansacConfig = 
     paths = [Path(p) for p in paths]
     with progress("ORB features (for RANSAC)", total=len(paths)) as advance:
         parts = chunked_map(counted(lambda chunk: _extract_chunk(chunk, cfg), advance), paths, workers, max_chunk=32,
-                            pool_context=_single_threaded_kernels)
+                            pool_context=single_threaded_kernels)
     return [f for part in parts for f in part]
 
 
@@ -202,7 +202,7 @@ def _parallel_rows(rows: list[tuple[Features, Sequence[int]]], db: Sequence[Feat
                    workers: int, description: str) -> list[np.ndarray]:
     with progress(description, total=len(rows)) as advance:  # one tick per query
         parts = chunked_map(counted(lambda chunk: _score_rows(chunk, db, cfg), advance), rows, workers, max_chunk=1,
-                            pool_context=_single_threaded_kernels)
+                            pool_context=single_threaded_kernels)
     return [row for part in parts for row in part]
 
 

@@ -3,7 +3,7 @@
 Every number the project reports goes through here, so the learned models, the classical baseline
 and re-ranking are measured the same way:
 
-    embed_all / embed_sharded       inputs -> embeddings (in batches; under DDP each rank embeds a shard)
+    models.embedding.embed_all      inputs -> embeddings, in batches (embed_sharded: under DDP, a shard per rank)
     rank_embeddings / rank_queries  embeddings -> FAISS index -> full rankings (or the top search_k) -> `Ranking`
     rank_scores                     a dense (queries x database) score matrix -> `Ranking` (baselines)
     InlierReranker                  a ranking's top N re-ordered by a verifier (ORB + RANSAC inliers)
@@ -29,10 +29,11 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import numpy as np
 import torch
 
+from siamese_retrieval.data.conditions import query_conditions
 from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.io_utils import release_mapped_pages
+from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
 from siamese_retrieval.retrieval.metrics import RetrievalScores
 from siamese_retrieval.retrieval.visualize import retrieval_grid
@@ -197,46 +198,6 @@ class Embedder(Protocol):
     def embed(self, inputs: Tensors) -> torch.Tensor: ...
 
     def score_distances(self, distance: torch.Tensor) -> torch.Tensor: ...
-
-
-@torch.inference_mode()
-def embed_all(module: Embedder, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:
-    """Embeddings of every item of `inputs`, in batches, on the module's device; returned on CPU.
-
-    A progress bar (progress.py) when there are more than a few batches (fewer take a moment).
-    """
-    from siamese_retrieval.progress import progress
-
-    n = len(next(iter(inputs.values())))
-    few_batches = 4
-    out = []
-    with progress(f"embedding {n} items", total=n if -(-n // batch_size) > few_batches else 0) as advance:
-        for start in range(0, n, batch_size):
-            chunk = {k: v[start : start + batch_size].to(module.device) for k, v in inputs.items()}
-            out.append(module.embed(chunk).float().cpu())
-            release_mapped_pages()  # memory-mapped inputs: embedded rows leave RSS (io_utils; once a second at most)
-            advance(len(out[-1]))
-    return torch.cat(out) if out else torch.zeros(0, 1)
-
-
-def embed_sharded(trainer: Any, module: Any, inputs: Tensors, batch_size: int = 512) -> torch.Tensor:
-    """Embeddings of every item under DDP: rank r embeds the r-th contiguous block, the blocks are all-gathered.
-
-    Every rank returns the full (n, dim) tensor on CPU, in the original order.
-    """
-    n = len(next(iter(inputs.values())))
-    world, rank = trainer.world_size, trainer.global_rank
-    block = -(-n // world)
-    start, stop = min(rank * block, n), min((rank + 1) * block, n)
-    idx = np.arange(start, stop)
-    local = embed_all(module, take(inputs, idx), batch_size) if len(idx) else None
-    dim = torch.tensor([local.shape[1] if local is not None else 0], device=module.device)
-    dim = int(trainer.strategy.reduce(dim, reduce_op="max").item())
-    padded = torch.zeros(block, dim)
-    if local is not None:
-        padded[: len(local)] = local
-    gathered = module.all_gather(padded.to(module.device)).reshape(world * block, dim).cpu()
-    return gathered[:n]
 
 
 # ----------------------------------------------------------------------------------------- rankings
@@ -416,8 +377,6 @@ def ranking_grid(dataset: Any, ranking: Ranking, n_queries: int = 6, top_k: int 
     each result with its rank, score and fov; the last column is the query's best ground-truth positive (the
     database image of highest fov) with its fov and its rank in the ranking (when within the kept top).
     """
-    from siamese_retrieval.data.synth.generate import query_conditions
-
     rng = np.random.default_rng(seed)
     with_pos = np.flatnonzero(ranking.first_positive_rank > 0)
     pool = with_pos if len(with_pos) else np.arange(len(ranking.query_idx))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from siamese_retrieval.data.dataset import RetrievalDataset
-from siamese_retrieval.data.synth.preview import thumbnail
+from siamese_retrieval.data.images import thumbnail
 from siamese_retrieval.retrieval.ranking import RankingSettings, rank_scores
 
 

@@ -1,7 +1,6 @@
 """Retrieval example grids: a query, its top-k bordered green (relevant) or red, and its best positive.
 
-`thumb` and `tile` are the image-tile helpers of every picture the package draws (these grids and
-the synthetic city's contact sheet, data/synth/preview.py)."""
+The image tiles come from drawing.py, shared with every other picture the package draws."""
 
 from __future__ import annotations
 
@@ -11,35 +10,15 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from siamese_retrieval.drawing import FONT, WHITE, thumb
 from siamese_retrieval.io_utils import atomic_path
 
-GREEN, RED, GREY, WHITE = (40, 180, 60), (210, 40, 40), (90, 90, 90), (255, 255, 255)  # RGB
+GREEN, RED, GREY = (40, 180, 60), (210, 40, 40), (90, 90, 90)  # RGB
 BLUE = (40, 110, 230)  # the best ground-truth positive
 LIGHT, DARK, PAPER = (235, 235, 235), (25, 25, 25), (255, 255, 255)
-FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 # grid layout (px): tile frame, the two text lines under each tile, column titles, gaps, legend
 BORDER, LINE_H, HEADER_H, GAP, SPACE, LEGEND_H = 5, 17, 26, 12, 3, 30  # SPACE: between tiles
-
-
-def thumb(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """The image at `path` as uint8 RGB resized to `size` = (W, H); mid-grey if it cannot be read."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        img = np.full((size[1], size[0], 3), 128, np.uint8)
-    return cv2.cvtColor(cv2.resize(img, size, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
-
-
-def tile(img: np.ndarray, colour: tuple[int, int, int], label: str, border: int = 4, band: int = 0) -> np.ndarray:
-    """`img` framed by `border` px of `colour` and labelled: in white over its bottom-left corner, or,
-    with `band` > 0, in `colour` on a dark strip `band` px high below the frame."""
-    framed = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
-    if not band:
-        cv2.putText(framed, label, (border + 2, framed.shape[0] - border - 4), FONT, 0.38, WHITE, 1, cv2.LINE_AA)
-        return framed
-    strip = np.full((band, framed.shape[1], 3), 25, np.uint8)
-    cv2.putText(strip, label, (4, 12), FONT, 0.4, colour, 1, cv2.LINE_AA)
-    return np.vstack([framed, strip])
 
 
 def _fit(text: str, width: int, scale: float) -> str:

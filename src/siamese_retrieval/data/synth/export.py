@@ -19,10 +19,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from siamese_retrieval.data.conditions import query_conditions
 from siamese_retrieval.data.convert import staged_output_dir
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
 from siamese_retrieval.data.layouts import vpr_file_name
-from siamese_retrieval.data.synth.generate import query_conditions
 
 UTM_ZONE = (33, "T")
 UTM_ORIGIN = (400000.0, 5000000.0)  # (easting, northing) added to loc's east/north

@@ -2,7 +2,7 @@
 
     generate_city(out, cfg)   -> out (database/images, query/images, *.json, gt.h5, synth_config.json)
     ensure_city(cache_dir, cfg) -> cache_dir/synth-<hash>, generated only when missing
-    query_conditions(root)    -> each query's condition (night, fog, ...) from synth_config.json, or None
+    (each query's condition is read back by data/conditions.py: query_conditions(root))
 
 Every random draw comes from a generator seeded by (cfg.seed, purpose, street, index), so the
 result does not depend on how streets are split over worker processes.
@@ -10,7 +10,6 @@ result does not depend on how streets are split over worker processes.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from siamese_retrieval.data.conditions import CONFIG_FILE
 from siamese_retrieval.data.dataset import fits_dense, write_dataset
 from siamese_retrieval.data.ground_truth import SparseRelevance
 from siamese_retrieval.data.synth.appearance import database_appearance, pick_condition, query_appearance
@@ -33,8 +33,6 @@ from siamese_retrieval.data.synth.geometry import Camera, camera_array, fov_pair
 from siamese_retrieval.data.synth.render import SceneRenderer
 from siamese_retrieval.io_utils import atomic_write_json, remove_stale_temporaries, stable_hash
 from siamese_retrieval.progress import progress
-
-CONFIG_FILE = "synth_config.json"
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -204,20 +202,3 @@ def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int | None = N
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def load_config(root: str | Path) -> dict:
-    return json.loads((Path(root) / CONFIG_FILE).read_text())
-
-
-def query_conditions(root: str | Path, n_query: int | None = None) -> list[str] | None:
-    """Each query's appearance condition (overcast, sunny, dusk, night, rain, fog), in query order, as
-    `generate_city` stored it in the city's config file; None for a dataset without one (not a synthetic
-    city, an older or unreadable config, or one whose count differs from `n_query`)."""
-    try:
-        conditions = load_config(root).get("conditions")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(conditions, list) or (n_query is not None and len(conditions) != n_query):
-        return None
-    return [str(c) for c in conditions]

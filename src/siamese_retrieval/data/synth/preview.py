@@ -10,17 +10,11 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.data.dataset import read_dataset
+from siamese_retrieval.data.images import thumbnail
+from siamese_retrieval.drawing import thumb, tile
 from siamese_retrieval.io_utils import atomic_path
-from siamese_retrieval.retrieval.visualize import thumb, tile
 
 GREEN, RED, WHITE = (60, 200, 60), (230, 50, 50), (235, 235, 235)  # RGB
-
-
-def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:
-    """Standardised grayscale thumbnail (flattened float32): the cheap look-alike measure."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    t = cv2.resize(img, size, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
-    return (t - t.mean()) / (t.std() + 1e-6)
 
 
 def _tile(path: Path, text: str, colour, size: tuple[int, int]) -> np.ndarray:

@@ -6,6 +6,7 @@ Each case composes the task's config in-process, as the entry point would see it
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -310,3 +311,95 @@ print(f"{{time.perf_counter() - t:.2f}} s")
     assert out.stdout.splitlines()[0] == "model.batch_size=abc: must be an integer >= 1"
     bare = "import siamese_retrieval.config_schema, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", bare], check=True, cwd=ROOT, timeout=60)
+
+
+# ---------------------------------------------------------------------------- typos on the real command lines
+# (script, overrides, the one stderr line): Hydra refuses an unknown key or group option; the entry point says
+# so in one line with the nearest valid name, exit code 2, before torch is imported.
+TYPO_CASES: list[tuple[str, list[str], str]] = [
+    ("train.py", ["trainer.max_epoch=3"],
+     "error: Could not override 'trainer.max_epoch': key 'max_epoch' is not in struct "
+     "(did you mean trainer.max_epochs?)"),
+    ("train.py", ["sed=3"], "error: Could not override 'sed': key 'sed' is not in struct (did you mean seed?)"),
+    ("train.py", ["trainr.max_epochs=3"],  # a typo in the parent: the full dotted path
+     "error: Could not override 'trainr.max_epochs': key 'trainr' is not in struct (did you mean trainer.max_epochs?)"),
+    ("train.py", ["devices=2"],  # the right key under another parent
+     "error: Could not override 'devices': key 'devices' is not in struct (did you mean trainer.devices?)"),
+    ("train.py", ["model=cnn_snn", "model.inputs.heigth=64"],
+     "error: Could not override 'model.inputs.heigth': key 'heigth' is not in struct "
+     "(did you mean model.inputs.height?)"),
+    ("train.py", ["model=cnn_sn"],
+     "error: In 'train': Could not find 'model/cnn_sn'; available options in 'model': cnn_snn, cnn_snn_pairs, "
+     "keypoint_set, keypoint_snn (did you mean model=cnn_snn?)"),
+    ("evaluate.py", ["top_k=3"],  # retrieve's key; eval has top_ks
+     "error: Could not override 'top_k': key 'top_k' is not in struct (did you mean top_ks?)"),
+    ("retrieve.py", ["topk=3"], "error: Could not override 'topk': key 'topk' is not in struct (did you mean top_k?)"),
+    # nothing close: Hydra's own advice, no guess
+    ("train.py", ["foo=1"],
+     "error: Could not override 'foo': key 'foo' is not in struct; to append to your config use +foo=1"),
+    ("train.py", ["model.inputs.heigth=64"],  # keypoint_snn's inputs have no height
+     "error: Could not override 'model.inputs.heigth': key 'heigth' is not in struct; "
+     "to append to your config use +model.inputs.heigth=64"),
+    ("train.py", ["trainer.max_epochs=3="],
+     "error: Error parsing override 'trainer.max_epochs=3=': extraneous input '=' expecting <EOF>; "
+     "see https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+]
+
+# Runs the script as `python script args`, then prints which heavy modules were imported by the time it exited.
+RUN_AND_LIST_HEAVY = f"""
+import atexit, runpy, sys
+atexit.register(lambda: print(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _run_script(script: str, args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "WANDB_MODE": "offline", **env}
+    if "HYDRA_FULL_ERROR" not in env:
+        environ.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-c", RUN_AND_LIST_HEAVY, str(ROOT / script), *args,
+                           f"paths.log_dir={tmp_path / 'outputs'}"],
+                          capture_output=True, text=True, cwd=tmp_path, env=environ, timeout=120)
+
+
+@pytest.mark.parametrize(("script", "overrides", "expected"), TYPO_CASES,
+                         ids=[f"{s}:{' '.join(o)}" for s, o, _ in TYPO_CASES])
+def test_typo_is_one_line_with_the_nearest_name(script: str, overrides: list[str], expected: str,
+                                                tmp_path: Path) -> None:
+    proc = _run_script(script, overrides, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [expected]
+    assert proc.stdout.splitlines() == ["[]"]  # no heavy import: it failed before torch
+    assert not (tmp_path / "outputs").exists()  # nor made a run directory
+
+
+def test_hydra_full_error_keeps_hydras_traceback(tmp_path: Path) -> None:
+    """The user's own HYDRA_FULL_ERROR=1 asks for the whole traceback: Hydra's exception, Python's exit 1."""
+    proc = _run_script("train.py", ["sed=3"], tmp_path, HYDRA_FULL_ERROR="1")
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ConfigCompositionException: Could not override 'sed'" in proc.stderr
+
+
+def test_hydra_full_error_is_set_only_until_the_task_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            cache_dir: Path) -> None:
+    """run_entry_point sets HYDRA_FULL_ERROR=1 so Hydra raises its composition errors; the task (and what it
+    starts) sees the user's value again, so a crash inside it is reported by Hydra as before."""
+    from siamese_retrieval import cli
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(cli, "_task_started", False)
+    cfg = _compose("retrieve", [], tmp_path, cache_dir)
+    seen: dict[str, str | None] = {}
+
+    @cli.report_user_errors
+    def task(cfg) -> None:
+        seen["task"] = os.environ.get("HYDRA_FULL_ERROR")
+
+    def main() -> None:
+        seen["composing"] = os.environ.get("HYDRA_FULL_ERROR")
+        task(cfg)
+
+    cli.run_entry_point(main)
+    assert seen == {"composing": "1", "task": "0"}
+    assert os.environ["HYDRA_FULL_ERROR"] == "0"

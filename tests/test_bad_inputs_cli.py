@@ -31,8 +31,11 @@ CONFIG_CASES = [
     ("top_ks_0", "evaluate.py", ["top_ks=[0]"], "error: top_ks=[0]: every entry must be an integer >= 1"),
     ("method_bogus", "evaluate.py", ["method=bogus"], "error: method='bogus': must be one of model, orb_ransac, orb_bow"),
     ("preset_bogus", "train.py", ["data.pairs.preset=bogus"], "error: data.pairs.preset='bogus': must be one of study, default, light"),
-    ("unknown_key", "train.py", ["foo=1"], re.compile(r"Set the environment variable HYDRA_FULL_ERROR")),
-    ("unknown_model", "train.py", ["model=nope"], re.compile(r"Set the environment variable HYDRA_FULL_ERROR")),
+    ("unknown_key", "train.py", ["foo=1"],
+     "error: Could not override 'foo': key 'foo' is not in struct; to append to your config use +foo=1"),
+    ("unknown_model", "train.py", ["model=nope"],
+     "error: In 'train': Could not find 'model/nope'; available options in 'model': cnn_snn, cnn_snn_pairs, "
+     "keypoint_set, keypoint_snn"),
 ]
 
 

@@ -9,7 +9,8 @@ the current directory.
 
 Each Hydra task checks its composed config (`report_user_errors`) and only then imports its pipeline: a
 mistyped override fails in a second, before torch loads. `run_entry_point` turns Hydra's own errors
-(unknown key, unknown group option) into exit code 2, like every user error.
+(unknown key, unknown group option) into one `error:` line naming the nearest valid key or option, and exit
+code 2, like every user error.
 """
 
 from __future__ import annotations

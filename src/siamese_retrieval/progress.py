@@ -1,5 +1,5 @@
 """What a run draws on the terminal while it works: a progress bar per long step, and Lightning's model
-summary without a FLOPs column of zeros.
+summary.
 
     with progress("extracting ORB keypoints", total=len(paths)) as advance:
         chunked_map(counted(work, advance), paths, workers)    # advance(len(chunk)) after each chunk
@@ -13,9 +13,10 @@ Inside another live display on rich's shared console (Lightning's RichProgressBa
 joins that display below Lightning's bars instead of fighting it for the terminal, and goes away when done.
 Ranks > 0 of a distributed run draw nothing.
 
-`ModelSummary` is Lightning's RichModelSummary without the FLOPs column and the "Total FLOPs" line when
-nothing was measured (Lightning counts FLOPs only through `example_input_array`, which our models do not
-set, so it prints a column of zeros). It is built on first use, so importing this module stays cheap.
+`ModelSummary` is Lightning's RichModelSummary as it is, imported on first use so that importing this module
+stays cheap. Its FLOPs column reads 0: Lightning counts FLOPs only through `example_input_array`, which our
+models do not set. Hiding it would take a copy of RichModelSummary.summarize (the one method that draws,
+and it adds that column unconditionally), which breaks on Lightning upgrades.
 """
 
 from __future__ import annotations
@@ -128,62 +129,11 @@ def counted(fn: Callable[[Sequence[T]], R], advance: Advance) -> Callable[[Seque
 # ----------------------------------------------------------------------------------------- model summary
 
 
-def _build_model_summary() -> type:
-    from pytorch_lightning.callbacks import RichModelSummary
-    from pytorch_lightning.utilities.model_summary import get_human_readable_count
-
-    class ModelSummary(RichModelSummary):
-        """Lightning's RichModelSummary; the FLOPs column and total only when FLOPs were measured."""
-
-        @staticmethod
-        def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
-                      model_size: float, total_training_modes: dict[str, int], total_flops: int = 0,
-                      **summarize_kwargs: Any) -> None:
-            from rich import get_console
-            from rich.table import Table
-
-            if not total_flops:
-                summary_data = [(name, values) for name, values in summary_data if name != "FLOPs"]
-            table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
-            for name, _ in summary_data:
-                style = "dim" if name == " " else "white" if name in ("In sizes", "Out sizes") else None
-                right = name in ("Params", "Params per Device", "FLOPs", "In sizes", "Out sizes")
-                table.add_column(name, justify="right" if right else "left", style=style, no_wrap=name == "Name")
-            for row in zip(*(values for _, values in summary_data)):
-                table.add_row(*row)
-            console = get_console()
-            console.print(table)
-
-            def count(n: float) -> str:
-                return get_human_readable_count(int(n)).strip()
-
-            size = f"{model_size:,.3f}"
-            lines = [
-                f"[bold]Trainable params[/]: {count(trainable_parameters)}",
-                f"[bold]Non-trainable params[/]: {count(total_parameters - trainable_parameters)}",
-                f"[bold]Total params[/]: {count(total_parameters)}",
-                f"[bold]Total estimated model params size (MB)[/]: {size}",
-                f"[bold]Modules in train mode[/]: {total_training_modes['train']}",
-                f"[bold]Modules in eval mode[/]: {total_training_modes['eval']}",
-            ]
-            if total_flops:
-                lines.append(f"[bold]Total FLOPs[/]: {count(total_flops)}")
-            for line in lines:
-                console.print(line, soft_wrap=True, highlight=False)
-
-    ModelSummary.__module__ = __name__
-    ModelSummary.__qualname__ = "ModelSummary"
-    return ModelSummary
-
-
-_LAZY: dict[str, Any] = {}
-
-
 def __getattr__(name: str) -> Any:
     """`ModelSummary` (conf/callbacks: `_target_: siamese_retrieval.progress.ModelSummary`) imports Lightning
     on first use only: this module is imported by the city generator's worker processes."""
     if name == "ModelSummary":
-        if name not in _LAZY:
-            _LAZY[name] = _build_model_summary()
-        return _LAZY[name]
+        from pytorch_lightning.callbacks import RichModelSummary
+
+        return RichModelSummary
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,10 @@ import torch
 from torch.nn import functional as F
 
 from siamese_retrieval.checkpoints import load_checkpoint
-from siamese_retrieval.config_schema import AGGREGATIONS as SCHEMA_AGGREGATIONS
 from siamese_retrieval.config_schema import check_config
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.models.aggregation import AGGREGATIONS, NetVLAD, PCAWhitening
+from siamese_retrieval.models.aggregation import NetVLAD, PCAWhitening
+from siamese_retrieval.registry import AGGREGATIONS
 from siamese_retrieval.models.aggregation_fitting import AggregationFitting
 from siamese_retrieval.models.cnn import PlainCNN
 from siamese_retrieval.models.keypoint_mlp import KeypointMLP
@@ -93,13 +93,14 @@ def test_gem_default_keeps_todays_checkpoint_keys() -> None:
 
 def test_head_by_bare_name_and_bad_names() -> None:
     assert isinstance(PlainCNN(**SMALL, aggregation="netvlad").pool, NetVLAD)
-    with pytest.raises(ValueError, match=r"aggregation.name='vlad': must be one of gem, netvlad, convap"):
-        PlainCNN(**SMALL, aggregation={"name": "vlad"})
+    with pytest.raises(ValueError) as info:
+        PlainCNN(**SMALL, aggregation={"name": "netvlda"})
+    assert str(info.value) == "aggregation.name='netvlda': must be one of netvlad, convap, gem (did you mean netvlad?)"
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['k'\]"):
         PlainCNN(**SMALL, aggregation={"name": "netvlad", "k": 3})
     with pytest.raises(ValueError, match=r"whiten_dim=32: must be in \[1, 16\]"):
         PlainCNN(**SMALL, whiten_dim=32)
-    assert SCHEMA_AGGREGATIONS == AGGREGATIONS
+    assert set(AGGREGATIONS.names()) == {"gem", "netvlad", "convap"}  # registered where each head is defined
 
 
 # --------------------------------------------------------------------------- NetVLAD k-means init
@@ -204,9 +205,9 @@ def test_train_initialises_netvlad_and_fits_whitening(tmp_path: Path, caplog: py
     (["model.module.encoder.aggregation.name=convap", "model.module.encoder.whiten_dim=64"], None),
     (["model.module.encoder.aggregation=netvlad"], None),
     (["model.module.encoder.aggregation.name=vlad"],
-     "model.module.encoder.aggregation.name='vlad': must be one of gem, netvlad, convap"),
+     "model.module.encoder.aggregation.name='vlad': must be one of netvlad, convap, gem (did you mean netvlad?)"),
     (["model.module.encoder.aggregation=vlad"],
-     "model.module.encoder.aggregation='vlad': must be one of gem, netvlad, convap (or a node with name: ...)"),
+     "model.module.encoder.aggregation='vlad': must be one of netvlad, convap, gem (did you mean netvlad?)"),
     (["model.module.encoder.aggregation.clusters=0"],
      "model.module.encoder.aggregation.clusters=0: must be an integer >= 1"),
     (["model.module.encoder.aggregation.pool=[2]"],

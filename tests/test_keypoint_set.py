@@ -25,19 +25,20 @@ from siamese_retrieval.data.keypoints import (
 )
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.models.keypoint_set import (
-    POOLINGS,
     BitsLinear,
     KeypointSetEncoder,
     _MaskedGeMFunction,
     unpack_bits,
 )
 from siamese_retrieval.models.siamese import SiameseModule
+from siamese_retrieval.registry import KEYPOINT_POOLINGS
 from siamese_retrieval.trust import check_targets
 from tests.conftest import ROOT, compose_config
 from tests.helpers import make_dataset, textured_image
 
 N = 48  # keypoints per image in the encoder tests
 SMALL = dict(n_keypoints=N, d_model=32, n_heads=4, embedding_dim=16)
+POOLINGS = KEYPOINT_POOLINGS.names()
 POOLING_CFGS = [{"name": name, "queries": 3, "clusters": 4, "dim": 40} for name in POOLINGS]
 
 

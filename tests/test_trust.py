@@ -70,6 +70,43 @@ def test_allowlist_accepts_the_projects_own_targets_only() -> None:
         check_targets({"a": [{"b": {"_target_": "os.system"}}]}, "x")
 
 
+class UserEncoder:  # a class of the researcher's own (importable as tests.test_trust.UserEncoder)
+    pass
+
+
+def user_function() -> None:
+    pass
+
+
+def test_trust_allow_accepts_named_classes_only() -> None:
+    user = "tests.test_trust.UserEncoder"
+    assert not is_allowed(user)  # neither registered nor allowed
+    assert is_allowed(user, allow=[user])
+    # functions, builtins and operating-system classes are refused whatever the list says
+    for never in ("tests.test_trust.user_function", "builtins.open", "builtins.eval", "os.system",
+                  "subprocess.Popen", "shutil.copyfile", "pathlib.Path", "numpy.savetxt", "tests.test_trust.__class__"):
+        assert not is_allowed(never, allow=[never]), never
+    with pytest.raises(UserError) as info:
+        check_targets({"encoder": {"_target_": user}}, "checkpoint x.ckpt", allow=["a.B"])
+    assert str(info.value) == ("checkpoint x.ckpt: refusing to instantiate encoder._target_='tests.test_trust.UserEncoder': "
+                               "it is not a registered component of this package; if you trust that class, add "
+                               "trust.allow=[a.B,tests.test_trust.UserEncoder]")
+    with pytest.raises(UserError, match="only classes can be allowed"):
+        check_targets({"loss": {"_target_": "os.system"}}, "x", allow=["os.system"])
+
+
+def test_the_allowlist_is_the_registries() -> None:
+    """Every registered component may be named by a file; its registry is where it was defined."""
+    from siamese_retrieval.registry import ENCODERS, INPUTS, LOSSES
+
+    assert {"plain_cnn", "keypoint_mlp", "keypoint_set"} <= set(ENCODERS.names())
+    assert {"images", "keypoints", "keypoint_sets"} <= set(INPUTS.names())
+    for registry in (ENCODERS, INPUTS, LOSSES):
+        for entry in registry.entries():
+            assert is_allowed(entry.target), entry.target
+    assert ENCODERS.entry("plain_cnn").target == "siamese_retrieval.models.cnn.PlainCNN"
+
+
 def run_cli(script: str, args: list[str], cache_dir: Path, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "SIAMESE_CACHE_DIR": str(cache_dir)}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -93,9 +130,9 @@ def test_every_entry_point_refuses_a_poisoned_checkpoint(checkpoint: Path, tmp_p
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert lines[-1] == (f"error: checkpoint {bad}: refusing to instantiate loss._target_='builtins.open': not on "
-                         "this package's allowlist (siamese_retrieval.trust); a file can only name this package's "
-                         "models, losses and input builders and torch.optim optimizers/schedulers")
+    assert lines[-1] == (f"error: checkpoint {bad}: refusing to instantiate loss._target_='builtins.open': it is not "
+                         "a registered component of this package; only classes can be allowed, never functions, "
+                         "builtins or operating-system modules")
     assert victim.read_text() == "precious"
 
 

@@ -4,8 +4,9 @@ A checkpoint is self-contained: `hyper_parameters` hold the encoder, loss, optim
 and the input builder's config (`inputs`: keypoints or images, their count or size, ORB settings), and
 `training_data` records which data, seed and split it was trained on. So `evaluate.py` and `retrieve.py`
 need nothing but the file. Reading it is the trust boundary (DESIGN.md): it is loaded with
-`weights_only=True`, every `_target_` anywhere in it is checked against the allowlist (trust.py) before
-anything is built, and every fault is one `UserError` naming the file.
+`weights_only=True`, every `_target_` anywhere in it is checked (trust.py: registered components, or the
+classes the user names with `trust.allow=[...]`) before anything is built, and every fault is one `UserError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.models.siamese import SiameseModule
-from siamese_retrieval.trust import check_targets, checked_instantiate
+from siamese_retrieval.trust import allow_list, check_targets, checked_instantiate
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LoadedCheckpoint:
     module: SiameseModule  # in eval mode, on the requested device
     inputs_cfg: dict[str, Any]  # the input builder's config, `_target_` included (checked)
     training_data: dict[str, Any]  # {"name", "seed", "split"} of the training run ({} when unknown)
+    trust_allow: tuple[str, ...] = ()  # the user's trust.allow, for what is built from the file later
 
     @property
     def model_name(self) -> str:
@@ -34,7 +36,7 @@ class LoadedCheckpoint:
 
     def build_inputs(self) -> Any:
         """The input builder the model was trained with (data/inputs.py)."""
-        return checked_instantiate(self.inputs_cfg, f"checkpoint {self.path}: inputs")
+        return checked_instantiate(self.inputs_cfg, f"checkpoint {self.path}: inputs", self.trust_allow)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -42,8 +44,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict, checked: a torch file, a SiameseModule checkpoint, only allowed targets."""
+def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """The raw checkpoint dict, checked: a torch file, a SiameseModule checkpoint, only allowed targets
+    (`allow`: the user's trust.allow)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
@@ -54,7 +57,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     if not isinstance(raw, dict) or "state_dict" not in raw or not isinstance(hparams, dict) or "encoder" not in hparams:
         raise UserError(f"checkpoint {path} is not a SiameseModule checkpoint (no hyper_parameters.encoder / state_dict)")
-    check_targets(hparams, f"checkpoint {path}")  # the whole tree, before anything is built
+    check_targets(hparams, f"checkpoint {path}", allow)  # the whole tree, before anything is built
     return raw
 
 
@@ -75,10 +78,12 @@ def check_resumable(raw: dict[str, Any], path: str | Path, module: torch.nn.Modu
 
 
 def load_checkpoint(path: str | Path, expected_model: str | None = None,
-                    map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """The checkpoint's model (eval mode) and input config; `expected_model` must match its `model_name`."""
+                    map_location: str | torch.device = "cpu", allow: tuple[str, ...] | list[str] = ()) -> LoadedCheckpoint:
+    """The checkpoint's model (eval mode) and input config; `expected_model` must match its `model_name`;
+    `allow`: the classes the user trusts beyond the registered ones (trust.allow)."""
     path = Path(path).expanduser()
-    raw = read_checkpoint(path)
+    allow = tuple(allow)
+    raw = read_checkpoint(path, allow)
     hparams = raw["hyper_parameters"]
     found = hparams.get("model_name", "?")
     if expected_model is not None and found != expected_model:
@@ -88,13 +93,14 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None,
         raise UserError(f"checkpoint {path} has no input builder config (hyper_parameters.inputs): it was made by "
                         f"an older siamese-retrieval; retrain it with this version")
     try:
-        module = SiameseModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        module = SiameseModule.load_from_checkpoint(path, map_location=map_location, weights_only=True,
+                                                    trust_allow=allow)
     except UserError as exc:
         raise UserError(f"checkpoint {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - state_dict / hparams that no longer fit this code
         raise UserError(f"checkpoint {path} (model_name={found!r}) does not fit this code: {_first_line(exc)}") from None
     training = raw.get("training_data")
-    return LoadedCheckpoint(path, module.eval(), inputs_cfg, training if isinstance(training, dict) else {})
+    return LoadedCheckpoint(path, module.eval(), inputs_cfg, training if isinstance(training, dict) else {}, allow)
 
 
 def load_from_config(cfg: Any) -> LoadedCheckpoint:
@@ -104,7 +110,8 @@ def load_from_config(cfg: Any) -> LoadedCheckpoint:
         raise UserError("ckpt_path: no checkpoint given (ckpt_path=PATH/TO.ckpt)")
     model = cfg.get("model")
     expected = str(model.name) if model is not None and model.get("name") else None
-    return load_checkpoint(str(cfg.ckpt_path), expected, map_location=resolve_device(str(cfg.get("device", "auto"))))
+    return load_checkpoint(str(cfg.ckpt_path), expected, map_location=resolve_device(str(cfg.get("device", "auto"))),
+                           allow=allow_list(cfg))
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -3,14 +3,16 @@ in a sweep, a failed job is recorded (metrics.json, W&B, the sweeper's worst val
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import logging
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
@@ -34,9 +36,12 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
     def wrapper(cfg: DictConfig) -> Any:
         global _task_started
         _task_started = True
+        _restore_full_error()  # the task's own crashes: Hydra reports them as before
         try:
             from siamese_retrieval.config_schema import check_config
+            from siamese_retrieval.registry import import_user_modules
 
+            import_user_modules(cfg.get("imports"))  # the user's own components register themselves first
             for warning in check_config(cfg, str(cfg.get("task_name", ""))):
                 log.warning(warning)
             return sweeper_value(task(cfg))
@@ -60,15 +65,147 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
     return wrapper
 
 
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
+LEAF_CUTOFF = 0.8  # difflib ratio: `heigth` ~ `height` (0.83), `lr` ~ `lr`; `foo` ~ nothing
+_saved_full_error: list[str | None] = []  # the user's HYDRA_FULL_ERROR while this process overrides it
+
+
 def run_entry_point(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function; Hydra's own errors (unknown key, unknown group option, a bad override)
-    exit with 2 like every user error, instead of Hydra's 1. A failure inside the task keeps its code."""
+    are one `error:` line with exit code 2 like every user error, instead of Hydra's several lines and 1.
+    A failure inside the task keeps its code.
+
+    Hydra prints its errors itself unless HYDRA_FULL_ERROR=1, when it raises them: set until the task starts,
+    so its composition errors reach us as exceptions with the config node that refused the key (for "did you
+    mean"). A user's own HYDRA_FULL_ERROR=1 keeps Hydra's full traceback.
+    """
+    if os.environ.get(FULL_ERROR_ENV) != "1":
+        _saved_full_error.append(os.environ.get(FULL_ERROR_ENV))
+        os.environ[FULL_ERROR_ENV] = "1"
     try:
         main()
     except SystemExit as exc:
         if exc.code == 1 and not _task_started:
             sys.exit(2)
         raise
+    except Exception as exc:
+        if _task_started or not _saved_full_error:
+            raise
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+            traceback.print_exc()  # not a config error Hydra knows: as Hydra would print it, exit 2 as before
+            sys.exit(2)
+        print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _restore_full_error()
+
+
+def _restore_full_error() -> None:
+    """HYDRA_FULL_ERROR as the user left it (the task, and the processes it starts, see theirs)."""
+    if not _saved_full_error:
+        return
+    value = _saved_full_error.pop()
+    if value is None:
+        os.environ.pop(FULL_ERROR_ENV, None)
+    else:
+        os.environ[FULL_ERROR_ENV] = value
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """Hydra's message for a bad command line in one line, in Hydra's words, plus the nearest valid key or
+    group option ("did you mean ...?") when one is close.
+
+    `Could not override 'trainer.max_epoch': key 'max_epoch' is not in struct (did you mean trainer.max_epochs?)`
+    """
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+        group, _, name = str(exc.missing_cfg_file).rpartition("/")
+        options = [str(o) for o in exc.options]
+        text = f"{lines[0]}; available options in '{group}': {', '.join(options)}"
+        close = difflib.get_close_matches(name, options, n=1)
+        return text + (f" (did you mean {group}={close[0]}?)" if close else "")
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException):  # Hydra prints the cause's first line too
+        reason = str(cause).strip().splitlines()
+        if reason:
+            lines.insert(1, reason[0])
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            suggestion = nearest_key(cause, _quoted(lines[0]))
+            if suggestion is not None:  # Hydra's "To append to your config use +<typo>" no longer fits
+                return _one_line(lines[:2]) + f" (did you mean {suggestion}?)"
+    return _one_line(lines) if lines else type(exc).__name__
+
+
+def nearest_key(error: Exception, wanted: str | None = None) -> str | None:
+    """The config key closest to the one a KeyError-like OmegaConf error refused, as a full dotted path.
+
+    First among the keys of the node that refused it (`trainer.max_epoch` -> `trainer.max_epochs`,
+    `trainr.max_epochs` -> `trainer.max_epochs`), else the dotted path of the config whose last part is
+    closest (`devices` -> `trainer.devices`, `lr` -> `model.module.optimizer.lr`); None when nothing is close.
+    `wanted` is the override's whole key, when the refused key is only its first unknown part.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    parent, key = getattr(error, "parent_node", None), getattr(error, "key", None)
+    if not isinstance(parent, DictConfig) or key is None:
+        return None
+    key = str(key)
+    full_key = str(getattr(error, "full_key", None) or key)
+    wanted = wanted if wanted and wanted.startswith(full_key) else full_key
+    prefix = full_key[: -len(key)] if full_key.endswith(key) else ""
+    paths = set(_dotted_paths(OmegaConf.to_container(parent._get_root(), resolve=False)))
+    close = difflib.get_close_matches(key, [str(k) for k in parent.keys()], n=1)
+    if close and prefix + close[0] + wanted[len(full_key):] in paths:
+        return prefix + close[0] + wanted[len(full_key):]
+    # elsewhere: the path whose last part is closest to the wanted one's (a shared parent alone is no match),
+    # the closest whole path among equals; Hydra's own settings only for a key under hydra.
+    own = _under_hydra(wanted)
+    scored = [(_similarity(_leaf(wanted), _leaf(p)), _similarity(wanted, p), p) for p in sorted(paths)
+              if own or not _under_hydra(p)]
+    best = max((s for s in scored if s[0] >= LEAF_CUTOFF), default=None)
+    return best[2] if best is not None else None
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _under_hydra(path: str) -> bool:
+    return path == "hydra" or path.startswith("hydra.")
+
+
+def _dotted_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    """Every key of a nested dict as a dotted path, nodes and leaves (list items are no keys)."""
+    if isinstance(node, dict):
+        for k, value in node.items():
+            yield f"{prefix}{k}"
+            yield from _dotted_paths(value, f"{prefix}{k}.")
+
+
+def _quoted(text: str) -> str | None:
+    """The first 'quoted' part of a message (Hydra's `Could not override 'a.b'.`)."""
+    parts = text.split("'")
+    return parts[1] if len(parts) >= 3 else None
+
+
+def _one_line(lines: list[str]) -> str:
+    """`First.` + `Second line.` -> `First: second line`: Hydra's lines joined, without its trailing dots."""
+    def tidy(ln: str) -> str:
+        ln = ln.rstrip(".")
+        return ln[:1].lower() + ln[1:] if ln[1:2].islower() else ln
+
+    head, rest = lines[0].rstrip("."), [tidy(ln) for ln in lines[1:]]
+    return head + (": " + "; ".join(rest) if rest else "")
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}

@@ -66,10 +66,6 @@ PRECISIONS: tuple[Any, ...] = (
     "transformer-engine", "transformer-engine-float16",
 )
 
-# The PlainCNN aggregation heads (models/aggregation.py AGGREGATIONS; not imported: it pulls in torch).
-AGGREGATIONS: tuple[str, ...] = ("gem", "netvlad", "convap")
-# The KeypointSetEncoder poolings (models/keypoint_set.py POOLINGS; not imported: it pulls in torch).
-KEYPOINT_POOLINGS: tuple[str, ...] = ("mean", "gem", "attention", "netvlad")
 
 # Kinds of value.
 INT, FLOAT, BOOL, STR, CHOICE, PATH = "int", "float", "bool", "str", "choice", "path"
@@ -111,6 +107,8 @@ RULES: tuple[Rule, ...] = (
     R("experiment_name", STR, nullable=True, tasks=TRAIN, note="W&B group of a study"),
     R("tags", STRS, tasks=TRAIN, note="extra W&B tags (quote numbers: tags=['2024'])"),
     R("optimized_metric", STR, tasks=TRAIN, note="returned to sweepers"),
+    R("imports", STRS, note="the user's modules to import first (their components register themselves)"),
+    R("trust.allow", STRS, note="classes a checkpoint may name beyond the registered components (trust.py)"),
     # ---------------------------------------------------------------- model (train; eval/retrieve with model=NAME)
     R("model.name", STR),
     R("model.batch_size", INT, ge=1, note="pairs per batch"),
@@ -155,7 +153,6 @@ RULES: tuple[Rule, ...] = (
     R("model.module.encoder.normalize", BOOL),
     R("model.module.encoder.input_norm", CHOICE, choices=("fixed", "per_image"), note="models/cnn.py INPUT_NORMS"),
     R("model.module.encoder.channels_last", BOOL, note="NHWC convolutions: a speed choice, same numbers"),
-    R("model.module.encoder.aggregation.name", CHOICE, choices=AGGREGATIONS, note="models/aggregation.py"),
     R("model.module.encoder.aggregation.project", BOOL, note="false: no projection to embedding_dim"),
     R("model.module.encoder.aggregation.clusters", INT, ge=1, note="netvlad: K clusters"),
     R("model.module.encoder.aggregation.channels", INT, ge=1, note="convap: 1x1 conv output channels"),
@@ -175,7 +172,6 @@ RULES: tuple[Rule, ...] = (
     R("model.module.encoder.n_layers", INT, ge=0, le=8, note="masked self-attention blocks"),
     R("model.module.encoder.n_heads", INT, ge=1, note="divides d_model (CROSS_CHECKS)"),
     R("model.module.encoder.ff_mult", INT, ge=1),
-    R("model.module.encoder.pooling.name", CHOICE, choices=KEYPOINT_POOLINGS, note="models/keypoint_set.py"),
     R("model.module.encoder.pooling.queries", INT, ge=1, note="attention: learned queries"),
     R("model.module.encoder.pooling.clusters", INT, ge=1, note="netvlad: K clusters"),
     R("model.module.encoder.pooling.gem_p", FLOAT, gt=0),
@@ -213,7 +209,6 @@ RULES: tuple[Rule, ...] = (
     R("data.files.gt_h5", PATH, nullable=True, note="null: gt.h5 or the single <name>_gt.h5"),
     R("data.image_check", CHOICE, choices=("decode", "exists", "none")),
     R("data.follow_symlinks_outside_root", BOOL),
-    R("data.layout", CHOICE, choices=("contract", "vpr_folder", "msls_official"), note="data/layouts.py"),
     R("data.layout_options.split", CHOICE, choices=("train", "val", "test"), note="vpr_folder: images/<split>/"),
     R("data.layout_options.radius_m", FLOAT, gt=0, note="positives within this many metres"),
     R("data.layout_options.max_heading_deg", FLOAT, ge=0, le=180, nullable=True, note="null: heading ignored"),
@@ -292,7 +287,6 @@ RULES: tuple[Rule, ...] = (
     R("ndcg_k", INT, ge=1, tasks=EVAL),
     R("search_k", INT, ge=1, nullable=True, tasks=EVAL, note="null: full ranking; K: streaming top-K metrics"),
     R("embed_batch", INT, ge=1, tasks=EVAL_RETRIEVE),
-    R("rerank.name", CHOICE, choices=("orb_ransac", "fused", "learned_matches"), tasks=EVAL),
     R("rerank.top_n", INT, ge=1, tasks=EVAL, note="candidates verified geometrically"),
     R("rerank.min_inliers", INT, ge=1, tasks=EVAL, note="inliers for a verified candidate"),
     R("rerank.saturate", INT, ge=1, nullable=True, tasks=EVAL, note="null: = min_inliers"),
@@ -374,6 +368,7 @@ def check_config(cfg: DictConfig, task: str | None = None) -> list[str]:
             raise ConfigError(f"{rule.key}={_show(value, rule.kind)}: {problem}")
     for check in CROSS_CHECKS:
         check(cfg, task)
+    _registered_choices(cfg)  # last: it imports the components (torch), after every cheap check passed
     return [w for warn in WARNINGS for w in warn(cfg, task)]
 
 
@@ -412,18 +407,34 @@ def _monitor_exists_when_streaming(cfg: DictConfig, task: str) -> None:
                               f"val/mAP@{search_k}; set {key}=val/mAP@{search_k} (or val/recall@1)")
 
 
-def _bare_name_or_node(cfg: DictConfig, key: str, names: Sequence[str]) -> Any:
-    """The value at `key`: a node, or a bare name (`key=NAME` on the command line replaces the node) that must be
-    one of `names`."""
-    value = _get(cfg, key)
-    if value not in (_ABSENT, None) and not isinstance(value, dict) and value not in names:
-        raise ConfigError(f"{key}={_show(value, CHOICE)}: must be one of {', '.join(names)} (or a node with name: ...)")
-    return value
+
+# key -> the registry (siamese_retrieval.registry) its name must be in; a key may hold a bare name or a node
+# with `name:` (`aggregation=netvlad` on the command line replaces the node by a name).
+REGISTERED_CHOICES = {
+    "model.module.encoder.aggregation": "AGGREGATIONS",
+    "model.module.encoder.pooling": "KEYPOINT_POOLINGS",
+    "data.layout": "LAYOUTS",
+    "rerank": "RERANKERS",
+}
+
+
+def _registered_choices(cfg: DictConfig) -> None:
+    for key, registry_name in REGISTERED_CHOICES.items():
+        value = _get(cfg, key)
+        name = value.get("name", _ABSENT) if isinstance(value, dict) else value
+        if name in (_ABSENT, None):
+            continue
+        from siamese_retrieval import registry
+
+        names = getattr(registry, registry_name).names()
+        if name not in names:
+            shown = f"{key}.name" if isinstance(value, dict) else key
+            raise ConfigError(registry.unknown_choice(shown, name, names))
 
 
 def _encoder_aggregation(cfg: DictConfig, task: str) -> None:
-    """`aggregation=netvlad` (a bare head name, replacing the node) is a name too; whiten_dim <= the projected size."""
-    agg = _bare_name_or_node(cfg, "model.module.encoder.aggregation", AGGREGATIONS)
+    """whiten_dim <= the projected size."""
+    agg = _get(cfg, "model.module.encoder.aggregation")
     whiten, dim = _get(cfg, "model.module.encoder.whiten_dim"), _get(cfg, "model.module.encoder.embedding_dim")
     projected = not (isinstance(agg, dict) and agg.get("project") is False)
     if projected and _is_int(whiten) and _is_int(dim) and whiten > dim:
@@ -432,8 +443,7 @@ def _encoder_aggregation(cfg: DictConfig, task: str) -> None:
 
 
 def _keypoint_set(cfg: DictConfig, task: str) -> None:
-    """keypoint_set: `pooling=gem` (a bare name) is a name too; n_features >= n_keypoints; n_heads divides d_model."""
-    _bare_name_or_node(cfg, "model.module.encoder.pooling", KEYPOINT_POOLINGS)
+    """keypoint_set: n_features >= n_keypoints; n_heads divides d_model."""
     n_features, n_keypoints = _get(cfg, "model.inputs.n_features"), _get(cfg, "model.inputs.n_keypoints")
     if _is_int(n_features) and _is_int(n_keypoints) and n_features < n_keypoints:
         raise ConfigError(f"model.inputs.n_features={n_features}: must be >= model.inputs.n_keypoints ({n_keypoints}), "

@@ -34,20 +34,20 @@ from siamese_retrieval.data.inputs import NoInputs
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import atomic_path
 from siamese_retrieval.malloc_tuning import tune_malloc
+from siamese_retrieval.models.pair_metrics import RangeAccuracy
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.retrieval import orb_bow
-from siamese_retrieval.retrieval.metrics import RangeAccuracy
-from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, cached_features, rerank_scores, score_matrix
+from siamese_retrieval.retrieval.orb_ransac import score_matrix
 from siamese_retrieval.retrieval.ranking import (
-    ranking_config,
     FusedReranker,
-    InlierReranker,
     Ranking,
     RankingSettings,
     rank_queries,
     rank_scores,
+    ranking_config,
     ranking_grid,
 )
+from siamese_retrieval.retrieval.rerankers import RerankSource, build_reranker, dataset_orb_features, orb_config
 from siamese_retrieval.retrieval.visualize import save_png
 from siamese_retrieval.run_outputs import print_results, quiet_known_warnings, run_dir, write_metrics_json
 from siamese_retrieval.wandb_runs import log_evaluation
@@ -88,7 +88,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     elif ckpt is None:
         ranking = orb_ransac_ranking(cfg, dm, query_idx, settings)
     else:
-        reranker = orb_reranker(cfg, dm, query_idx) if cfg.get("rerank") else None
+        reranker = None
+        if cfg.get("rerank"):
+            source = RerankSource(dataset, query_idx=query_idx, cache_dir=dm.cache_dir, orb=plain(cfg.orb_ransac),
+                                  splits=dm.splits if split != "all" else None, split=split)
+            reranker = build_reranker(plain(cfg.rerank), source)
         ranking = rank_queries(ckpt.module, dm.db_inputs, dm.q_inputs, query_idx, dataset, settings, reranker)
         if ranking.before_rerank is not None:
             extra = {f"before_rerank/{k}": v for k, v in ranking.before_rerank.items()}
@@ -159,27 +163,13 @@ def warn_if_split_differs(cfg: DictConfig, ckpt: LoadedCheckpoint, split: str) -
 # ----------------------------------------------------------------------------------------- rankings
 
 
-def orb_config(cfg: DictConfig) -> tuple[OrbRansacConfig, int]:
-    params = dict(OmegaConf.to_container(cfg.orb_ransac, resolve=True))
-    workers = int(params.pop("workers", 2))
-    try:
-        return OrbRansacConfig(**params), workers
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"orb_ransac: {exc}") from None
-
-
-def dataset_orb_features(cfg: DictConfig, dm: RetrievalDataModule):
-    dataset = dm.dataset
-    orb_cfg, workers = orb_config(cfg)
-    files = [dataset.root / p for p in dataset.db_paths + dataset.q_paths]
-    feats = cached_features(files, {"fingerprint": dataset.fingerprint}, orb_cfg, dm.cache_dir, workers)
-    return feats[: dataset.n_db], feats[dataset.n_db :], orb_cfg, workers
 
 
 def orb_ransac_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray,
                        settings: RankingSettings) -> Ranking:
     """The classical baseline: every query verified against the full database, score = inlier count."""
-    db_feats, q_feats, orb_cfg, workers = dataset_orb_features(cfg, dm)
+    db_feats, q_feats = dataset_orb_features(plain(cfg.orb_ransac), dm.dataset, dm.cache_dir)
+    orb_cfg, workers = orb_config(plain(cfg.orb_ransac))
     scores = score_matrix([q_feats[i] for i in query_idx], db_feats, orb_cfg, workers)
     return rank_scores(scores, query_idx, dm.dataset, settings)
 
@@ -195,7 +185,8 @@ def orb_bow_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndar
         raise ConfigError(f"orb_bow: {exc}") from None
     except ValueError as exc:  # "orb_bow.<knob> must be ..."
         raise ConfigError(str(exc)) from None
-    db_feats, q_feats, orb_cfg, _ = dataset_orb_features(cfg, dm)
+    db_feats, q_feats = dataset_orb_features(plain(cfg.orb_ransac), dm.dataset, dm.cache_dir)
+    orb_cfg, _ = orb_config(plain(cfg.orb_ransac))
     dataset = dm.dataset
     train_db, train_q = orb_bow.training_images(dm.splits, dataset.n_db)
     key = {"fingerprint": dataset.fingerprint, "orb": dataclasses.asdict(orb_cfg),
@@ -208,51 +199,6 @@ def orb_bow_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndar
                             dataset, settings)
 
 
-def orb_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray) -> InlierReranker | FusedReranker:
-    """The model's top-N re-ordered with ORB + RANSAC inliers (retrieval/ranking.py):
-    rerank=orb_ransac by the inlier count alone (InlierReranker), rerank=fused by the model's score with
-    the verified candidates first (FusedReranker); rerank=learned_matches: `learned_reranker`."""
-    if str(cfg.rerank.name) == "learned_matches":
-        return learned_reranker(cfg, dm, query_idx)
-    db_feats, q_feats, orb_cfg, workers = dataset_orb_features(cfg, dm)
-    split_feats = [q_feats[i] for i in query_idx]
-
-    def verify(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        return rerank_scores(candidates, [split_feats[r] for r in rows], db_feats, orb_cfg, workers)
-
-    if str(cfg.rerank.name) == "fused":
-        r = cfg.rerank
-        return FusedReranker(int(r.top_n), verify, min_inliers=int(r.min_inliers), saturate=r.get("saturate"),
-                             outlier_z=float(r.outlier_z), skip_margin=r.get("skip_margin"))
-    return InlierReranker(int(cfg.rerank.top_n), verify)
-
-
-def learned_reranker(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray):
-    """rerank=learned_matches: the model's top-N re-ordered by a learned match verifier (retrieval/learned_matches.py),
-    fitted on this dataset's TRAINING split at first use (a minute or two on CPU) and cached in the data cache."""
-    from siamese_retrieval.data.ground_truth import as_ground_truth
-    from siamese_retrieval.retrieval import learned_matches as lm
-
-    lm_cfg = lm.LearnedMatchesConfig.from_mapping(OmegaConf.to_container(cfg.rerank, resolve=True))
-    splits = getattr(dm, "splits", None)
-    if splits is None:
-        raise ConfigError("rerank=learned_matches is fitted on the dataset's train split; split=all has none "
-                          "(use split=test|val, or rerank=orb_ransac)")
-    if str(cfg.split) == "train":
-        log.warning("rerank=learned_matches on split=train: the verifier was fitted on these very queries")
-    ds = dm.dataset
-    db_files, q_files = [ds.db_file(j) for j in range(ds.n_db)], [ds.query_file(i) for i in range(ds.n_query)]
-    feats = lm.cached_keypoints(db_files + q_files, {"fingerprint": ds.fingerprint}, lm_cfg.features, dm.cache_dir,
-                                lm_cfg.workers)
-    db_feats, q_feats = feats[: ds.n_db], feats[ds.n_db :]
-    data = lm.TrainData(q_feats, db_feats, q_files, db_files, splits.train_q, splits.train_db, as_ground_truth(ds),
-                        key={"fingerprint": ds.fingerprint})
-    net = lm.fit_or_load(data, lm_cfg, dm.cache_dir)
-    verify = lm.LearnedVerifier(net, [q_feats[i] for i in query_idx], db_feats, lm_cfg.matching)
-    if lm_cfg.combine == "fused":  # soft inlier counts as evidence added to the model's order (rerank=fused's rule)
-        return FusedReranker(lm_cfg.top_n, verify, min_inliers=lm_cfg.min_inliers, saturate=lm_cfg.saturate,
-                             outlier_z=lm_cfg.outlier_z)
-    return lm.LearnedReranker(lm_cfg.top_n, verify, lm_cfg.model_weight)
 
 
 @torch.inference_mode()
@@ -270,6 +216,11 @@ def pair_metrics(module: SiameseModule, dm: RetrievalDataModule, query_idx: np.n
     if not n_sum:
         return {}
     return {module.range_key: float(acc.compute()), "loss": loss_sum / n_sum}
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain python (resolved)."""
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
 # ----------------------------------------------------------------------------------------- outputs

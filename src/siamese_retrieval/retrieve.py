@@ -28,8 +28,16 @@ from siamese_retrieval.checkpoints import load_from_config
 from siamese_retrieval.data.datamodule import build_datamodule, evaluation_data_config
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.errors import ConfigError, UserError
+from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.embedding_cache import cached_database_index
-from siamese_retrieval.retrieval.ranking import RankingSettings, embed_all, index_config, ranking_config, search_relevance
+from siamese_retrieval.retrieval.ranking import (
+    RankingSettings,
+    canonical_order,
+    index_config,
+    ranking_config,
+    search_relevance,
+)
+from siamese_retrieval.retrieval.rerankers import RerankSource, build_reranker
 from siamese_retrieval.retrieval.visualize import retrieval_grid, save_png
 from siamese_retrieval.run_outputs import check_writable_dir, quiet_known_warnings
 
@@ -76,7 +84,12 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         log.warning("top_k=%d is larger than the database (%d images): showing all %d", top_k, db.index.ntotal,
                     db.index.ntotal)
         top_k = int(db.index.ntotal)
-    ids, distance, scores = search_relevance(module, db.index, q_emb, k=top_k)
+    rerank = OmegaConf.to_container(cfg.rerank, resolve=True) if cfg.get("rerank") else None
+    k = min(max(top_k, int(rerank.get("top_n", top_k))), int(db.index.ntotal)) if rerank else top_k
+    ids, distance, scores = search_relevance(module, db.index, q_emb, k=k)
+    ids, scores, distance, rerank_scores = rerank_top(ids, scores, distance, rerank, dataset, query_files, dm.cache_dir,
+                                                      cfg.get("orb_ransac"))
+    ids, scores, distance = ids[:, :top_k], scores[:, :top_k], distance[:, :top_k]
     search_s = time.perf_counter() - search_started
 
     results = [
@@ -84,7 +97,8 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
             "query": str(qf),
             "results": [
                 {"rank": r + 1, "path": dataset.db_paths[int(j)], "file": str(dataset.db_file(int(j))),
-                 "score": float(scores[i, r]), "distance": float(distance[i, r])}
+                 "score": float(scores[i, r]), "distance": float(distance[i, r]),
+                 **({"rerank_score": float(rerank_scores[i, r])} if rerank_scores is not None else {})}
                 for r, j in enumerate(ids[i]) if j >= 0  # approximate indexes pad with -1
             ],
         }
@@ -100,6 +114,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         "n_database": int(dataset.n_db),
         "top_k": top_k,
         "index": index_cfg.kind,
+        "rerank": rerank.get("name") if rerank else None,
         "cache_hit": db.hit,
         "cache_dir": str(db.directory) if db.directory else None,
         "database_s": round(db.seconds, 4),
@@ -110,6 +125,30 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     }
     print_results(result, output)
     return result
+
+
+def rerank_top(ids: np.ndarray, scores: np.ndarray, distance: np.ndarray, rerank: dict[str, Any] | None,
+               dataset: RetrievalDataset, query_files: list[Path], cache_dir: Any,
+               orb: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The model's ranking in evaluate.py's canonical order (ties by database index), re-ranked by `rerank=`
+    (retrieval/rerankers.py, the same builder as evaluate.py's). Returns ids, the model's relevance and distance
+    in the new order, and the re-ranker's scores (None without re-ranking)."""
+    order_ids, order_scores = canonical_order(ids, scores)
+    if rerank is None:
+        return order_ids, order_scores, _follow(ids, distance, order_ids), None
+    source = RerankSource(dataset, query_files=query_files, cache_dir=cache_dir,
+                          orb=OmegaConf.to_container(orb, resolve=True) if orb is not None else {}, split="all")
+    new_ids, new_scores = build_reranker(rerank, source)(np.arange(len(ids)), order_ids, order_scores)
+    return new_ids, _follow(ids, scores, new_ids), _follow(ids, distance, new_ids), new_scores
+
+
+def _follow(ids: np.ndarray, values: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
+    """`values` (aligned with `ids`) re-aligned with `new_ids`, a per-row permutation of `ids`."""
+    out = np.empty_like(values)
+    for i in range(len(ids)):
+        where = {int(j): r for r, j in enumerate(ids[i])}
+        out[i] = values[i, [where[int(j)] for j in new_ids[i]]]
+    return out
 
 
 def find_queries(query: Any) -> list[Path]:

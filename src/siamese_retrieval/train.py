@@ -12,7 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from siamese_retrieval.checkpoints import check_resumable, read_checkpoint
@@ -29,6 +29,7 @@ from siamese_retrieval.run_outputs import (
     task_overrides,
     write_metrics_json,
 )
+from siamese_retrieval.trust import allow_list, iter_targets
 from siamese_retrieval.wandb_runs import (
     is_wandb,
     logged_config,
@@ -51,7 +52,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     resume_from = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     # the same checks as evaluate.py, before any work: a bad file is one line
-    resume_raw = read_checkpoint(resume_from) if resume_from is not None else None
+    # the file's targets: registered, trust.allow=[...], or what this run's own model config names (the user's)
+    trusted = [*allow_list(cfg), *(t for _, t in iter_targets(OmegaConf.to_container(cfg.model, resolve=True)))]
+    resume_raw = read_checkpoint(resume_from, trusted) if resume_from is not None else None
     datamodule = build_datamodule(cfg.data, instantiate(cfg.model.inputs))
     datamodule.prepare_data()
     datamodule.setup("fit")  # validates the dataset now: a bad root fails before any model is built

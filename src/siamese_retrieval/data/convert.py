@@ -87,7 +87,7 @@ def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m siamese_retrieval.data.convert",
                                      description="Convert a dataset layout into the project's format.")
-    parser.add_argument("--layout", required=True, choices=LAYOUTS)
+    parser.add_argument("--layout", required=True, choices=[n for n in LAYOUTS.names() if n != "contract"])
     parser.add_argument("--root", required=True, help="the source dataset's root folder")
     parser.add_argument("--out", required=True, help="the folder to write (new or empty)")
     parser.add_argument("--split", default=None, help="vpr_folder: train | val | test (default test)")

@@ -30,6 +30,7 @@ import numpy as np
 from siamese_retrieval.data.ground_truth import DenseRelevance, GroundTruth, SparseRelevance
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import atomic_path, atomic_write_json, file_fingerprint
+from siamese_retrieval.registry import LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -497,6 +498,7 @@ def check_image_files(paths: Sequence[Path], check: str) -> None:
         raise DatasetError(f"unknown image check {check!r} (use decode, exists or none)")
 
 
+@LAYOUTS.register("contract")  # the project's own format (DESIGN.md); data.files names its files
 def read_dataset(
     root: str | Path,
     files: DatasetFiles | None = None,

@@ -23,6 +23,7 @@ from siamese_retrieval.data.keypoints import (
     extract_dataset_keypoint_sets,
     extract_dataset_keypoints,
 )
+from siamese_retrieval.registry import INPUTS
 
 Tensors = dict[str, torch.Tensor]
 
@@ -43,6 +44,7 @@ def _as_tensors(kp: KeypointFeatures | KeypointSetFeatures) -> tuple[Tensors, Te
     return db, q
 
 
+@INPUTS.register("keypoints")
 class KeypointInputs:
     """The study's inputs: the N strongest ORB keypoints per image, padded + masked."""
 
@@ -63,6 +65,7 @@ class KeypointInputs:
         return batch
 
 
+@INPUTS.register("keypoint_sets")
 class KeypointSetInputs:
     """A SET of ORB keypoints per image for model=keypoint_set: the `n_keypoints` strongest of `n_features`
     detected (data/keypoints.py KeypointSetConfig), each with its packed descriptor (`desc`, uint8 (N, 32)),
@@ -168,6 +171,7 @@ class ImageAugment:
 _LUMA = (0.299, 0.587, 0.114)
 
 
+@INPUTS.register("images")
 class ImageInputs:
     """Decoded RGB images resized to (height, width), held as uint8 (n, 3, H, W) tensors.
 

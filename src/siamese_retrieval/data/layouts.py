@@ -37,8 +37,8 @@ from siamese_retrieval.data.dataset import (
 from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference  # noqa: F401 (re-exported)
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
+from siamese_retrieval.registry import LAYOUTS
 
-LAYOUTS = ("vpr_folder", "msls_official")
 
 # Both benchmarks count a database image as a positive of a query when their UTM positions lie within 25 m
 # (boundary included: sklearn's radius_neighbors, which both use, returns points at exactly the radius):
@@ -181,6 +181,7 @@ def _vpr_folder(root: Path, split: str, kind: str) -> Path:
     return folder
 
 
+@LAYOUTS.register("vpr_folder")
 def read_vpr_folder(
     root: str | Path,
     split: str = "test",
@@ -337,6 +338,7 @@ def msls_cities(root: str | Path, subdir: str = "train_val") -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
+@LAYOUTS.register("msls_official")
 def read_msls_official(
     root: str | Path,
     city: str | None = None,
@@ -400,10 +402,5 @@ def read_msls_official(
 
 
 def read_layout(layout: str, root: str | Path, **options) -> RetrievalDataset:
-    """Dispatch on the layout name: vpr_folder (options: split, radius_m, max_heading_deg, ...) or
-    msls_official (options: city, radius_m, max_heading_deg, exclude_panos, ...)."""
-    if layout == "vpr_folder":
-        return read_vpr_folder(root, **options)
-    if layout == "msls_official":
-        return read_msls_official(root, **options)
-    raise DatasetError(f"unknown dataset layout {layout!r} (use {', '.join(LAYOUTS)})")
+    """The registered layout reader `layout` (data.layout) applied to `root` with its options."""
+    return LAYOUTS.get(layout, key="data.layout")(root, **options)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-AGGREGATIONS: tuple[str, ...] = ("gem", "netvlad", "convap")
+from siamese_retrieval.registry import AGGREGATIONS, unknown_choice
+
 # Every knob of every head, with its default; a head ignores the others' knobs (one config node holds all, so
 # `aggregation.name=netvlad` on the command line switches heads without adding keys).
 AGGREGATION_DEFAULTS: dict[str, Any] = {"name": "gem", "project": True, "clusters": 32, "channels": 64,
@@ -43,7 +44,7 @@ def named_knobs(value: str | Mapping[str, Any] | None, defaults: Mapping[str, An
         raise ValueError(f"{what}: unknown key(s) {unknown}; known: {sorted(defaults)}")
     cfg = {**defaults, **given}
     if cfg["name"] not in names:
-        raise ValueError(f"{what}.name={cfg['name']!r}: must be one of {', '.join(names)}")
+        raise ValueError(unknown_choice(f"{what}.name", cfg["name"], tuple(names)))
     return cfg
 
 
@@ -54,7 +55,7 @@ def is_positive_int(value: Any) -> bool:
 
 def aggregation_config(aggregation: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """A head name or {name, knobs} -> the full, checked knob dict (ValueError names a bad value)."""
-    cfg = named_knobs(aggregation, AGGREGATION_DEFAULTS, AGGREGATIONS, "aggregation")
+    cfg = named_knobs(aggregation, AGGREGATION_DEFAULTS, AGGREGATIONS.names(), "aggregation")
     pool = tuple(cfg["pool"]) if isinstance(cfg["pool"], Sequence) else ()
     if len(pool) != 2 or not all(isinstance(s, int) and s >= 1 for s in pool):
         raise ValueError(f"aggregation.pool={cfg['pool']!r}: must be two integers >= 1 (s1, s2)")
@@ -203,3 +204,18 @@ class PCAWhitening(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_dim} -> {self.out_dim}, fitted={self._fitted}"
+
+
+# ----------------------------------------------------------------------------------------- the registered heads
+# A head builder: (channels of the last feature map, the aggregation knobs) -> a module with `out_dim` (or the
+# input channels when it keeps them). GeM registers itself in cnn.py, beside the encoder that owns its knobs.
+
+
+@AGGREGATIONS.register("netvlad")
+def netvlad_head(dim: int, knobs: Mapping[str, Any]) -> nn.Module:
+    return NetVLAD(dim, knobs["clusters"])
+
+
+@AGGREGATIONS.register("convap")
+def convap_head(dim: int, knobs: Mapping[str, Any]) -> nn.Module:
+    return ConvAP(dim, knobs["channels"], knobs["pool"])

@@ -26,13 +26,14 @@ from torch import nn
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.models.cnn import PlainCNN
-from siamese_retrieval.retrieval.ranking import embed_all
+from siamese_retrieval.models.embedding import embed_all
+from siamese_retrieval.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
 
 
 class _Embedder:
-    """What retrieval.ranking.embed_all needs of a module: a device and an embed()."""
+    """What models.embedding.embed_all needs of a module: a device and an embed()."""
 
     def __init__(self, device: torch.device, embed: Callable[[Tensors], torch.Tensor]) -> None:
         self.device, self.embed = device, embed
@@ -57,6 +58,7 @@ def training_images(dm: Any, n: int, seed: int) -> Tensors:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+@CALLBACKS.register("aggregation_fitting")
 class AggregationFitting(pl.Callback):
     def __init__(self, kmeans_images: int = 1000, max_descriptors: int = 50_000, whiten_samples: int = 2000,
                  batch_size: int = 256, seed: int = 0) -> None:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from siamese_retrieval.models.aggregation import ConvAP, NetVLAD, PCAWhitening, aggregation_config
+from siamese_retrieval.models.aggregation import NetVLAD, PCAWhitening, aggregation_config
+from siamese_retrieval.registry import AGGREGATIONS, ENCODERS
 
 # ImageNet statistics: fixed constants (not learned), a sensible scale for RGB photographs.
 RGB_MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +58,13 @@ def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+@AGGREGATIONS.register("gem")
+def gem_head(dim: int, knobs: Mapping[str, Any]) -> nn.Module:
+    """GeM keeps the channels; its exponent is the encoder's gem_p / gem_learnable."""
+    return GeM(knobs["gem_p"], learnable=knobs["gem_learnable"])
+
+
+@ENCODERS.register("plain_cnn")
 class PlainCNN(nn.Module):
     """Stages of `blocks_per_stage` x (conv3x3-BN-ReLU) + 2x2 max-pool, aggregation, dropout, linear, L2 norm
     [, PCA-whitening].
@@ -105,13 +113,8 @@ class PlainCNN(nn.Module):
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.aggregation = str(agg["name"])
-        self.pool: nn.Module
-        if self.aggregation == "netvlad":
-            self.pool = NetVLAD(cin, agg["clusters"])
-        elif self.aggregation == "convap":
-            self.pool = ConvAP(cin, agg["channels"], agg["pool"])
-        else:
-            self.pool = GeM(gem_p, learnable=gem_learnable)
+        self.pool: nn.Module = AGGREGATIONS.get(self.aggregation)(cin, {**agg, "gem_p": gem_p,
+                                                                      "gem_learnable": gem_learnable})
         head_dim = getattr(self.pool, "out_dim", cin)
         self.dropout = nn.Dropout(dropout)
         self.proj = nn.Linear(head_dim, embedding_dim) if agg["project"] else nn.Identity()

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from siamese_retrieval.registry import ENCODERS
+
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
@@ -20,6 +22,7 @@ def activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
+@ENCODERS.register("keypoint_mlp")
 class KeypointMLP(nn.Module):
     """The study's branch: N ORB descriptors (32 bytes each) flattened -> Dense 100-50-10, sigmoid.
 

@@ -27,8 +27,8 @@ from torch.nn import functional as F
 
 from siamese_retrieval.data.keypoints import DESC_BYTES, N_SET_FEATURES
 from siamese_retrieval.models.aggregation import is_positive_int, named_knobs
+from siamese_retrieval.registry import ENCODERS, KEYPOINT_POOLINGS
 
-POOLINGS: tuple[str, ...] = ("mean", "gem", "attention", "netvlad")
 # Every knob of every pooling, with its default; a pooling ignores the others' knobs (one config node holds all,
 # so `pooling.name=gem` on the command line switches poolings without adding keys).
 POOLING_DEFAULTS: dict[str, Any] = {"name": "attention", "queries": 4, "clusters": 16, "gem_p": 3.0,
@@ -38,7 +38,7 @@ _BITS = DESC_BYTES * 8
 
 def pooling_config(pooling: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """A pooling name or {name, knobs} -> the full, checked knob dict (ValueError names a bad value)."""
-    cfg = named_knobs(pooling, POOLING_DEFAULTS, POOLINGS, "pooling")
+    cfg = named_knobs(pooling, POOLING_DEFAULTS, KEYPOINT_POOLINGS.names(), "pooling")
     for key in ("queries", "clusters"):
         if not is_positive_int(cfg[key]):
             raise ValueError(f"pooling.{key}={cfg[key]!r}: must be an integer >= 1")
@@ -249,21 +249,34 @@ class MaskedNetVLAD(nn.Module):
 
 
 def make_pooling(cfg: Mapping[str, Any], dim: int) -> nn.Module:
-    name = cfg["name"]
-    if name == "mean":
-        return MaskedMean(dim)
-    if name == "gem":
-        return MaskedGeM(dim, p=float(cfg["gem_p"]), learnable=bool(cfg["gem_learnable"]), out_dim=cfg["dim"])
-    if name == "attention":
-        return AttentionPooling(dim, queries=int(cfg["queries"]))
-    if name == "netvlad":
-        return MaskedNetVLAD(dim, clusters=int(cfg["clusters"]))
-    raise ValueError(f"pooling.name={name!r}: must be one of {', '.join(POOLINGS)}")
+    """The registered pooling `cfg["name"]` (pooling_config's knobs) over `dim`-wide tokens."""
+    return KEYPOINT_POOLINGS.get(str(cfg["name"]), key="pooling.name")(dim, cfg)
+
+
+@KEYPOINT_POOLINGS.register("mean")
+def _mean(dim: int, cfg: Mapping[str, Any]) -> nn.Module:
+    return MaskedMean(dim)
+
+
+@KEYPOINT_POOLINGS.register("gem")
+def _gem(dim: int, cfg: Mapping[str, Any]) -> nn.Module:
+    return MaskedGeM(dim, p=float(cfg["gem_p"]), learnable=bool(cfg["gem_learnable"]), out_dim=cfg["dim"])
+
+
+@KEYPOINT_POOLINGS.register("attention")
+def _attention(dim: int, cfg: Mapping[str, Any]) -> nn.Module:
+    return AttentionPooling(dim, queries=int(cfg["queries"]))
+
+
+@KEYPOINT_POOLINGS.register("netvlad")
+def _netvlad(dim: int, cfg: Mapping[str, Any]) -> nn.Module:
+    return MaskedNetVLAD(dim, clusters=int(cfg["clusters"]))
 
 
 # ----------------------------------------------------------------------------------------- the encoder
 
 
+@ENCODERS.register("keypoint_set")
 class KeypointSetEncoder(nn.Module):
     """(desc, feat, mask) of B images with N keypoints each -> (B, embedding_dim), invariant to keypoint order.
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from siamese_retrieval.registry import LOSSES
+
 if TYPE_CHECKING:
     from siamese_retrieval.models.distance import Distance
 
@@ -39,6 +41,7 @@ class PairOutput:
     labels: torch.Tensor | None = None  # (N,) place index within the batch
 
 
+@LOSSES.register("mse")
 class MSEHeadLoss(nn.Module):
     """The study's loss: mean squared error between the head's relevance and the target."""
 
@@ -46,6 +49,7 @@ class MSEHeadLoss(nn.Module):
         return F.mse_loss(out.score, out.target)
 
 
+@LOSSES.register("bce")
 class BCEHeadLoss(nn.Module):
     """Binary cross-entropy on the head's logits (targets may be graded, e.g. fov).
 
@@ -64,6 +68,7 @@ class BCEHeadLoss(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, out.target)
 
 
+@LOSSES.register("sum")
 class SumOfLosses(nn.Module):
     """Weighted sum of named loss terms, each logged by the module as train/loss_<name>.
 
@@ -88,6 +93,7 @@ class SumOfLosses(nn.Module):
         return sum(self.weights[name] * value for name, value in self.last_terms.items())
 
 
+@LOSSES.register("contrastive")
 class ContrastiveLoss(nn.Module):
     """Hadsell et al. 2006: y * d^2 + (1 - y) * max(0, margin - d)^2 on binary sim (target > 0.5)."""
 
@@ -100,6 +106,7 @@ class ContrastiveLoss(nn.Module):
         return graded_contrastive(out.distance, y, self.margin)
 
 
+@LOSSES.register("graded_contrastive")
 class GradedContrastiveLoss(nn.Module):
     """Generalized Contrastive Loss (Leyva-Vallina et al.): the binary label replaced by fov in [0, 1].
 

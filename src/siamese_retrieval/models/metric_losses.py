@@ -29,8 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from siamese_retrieval.models.losses import PairOutput
+from siamese_retrieval.registry import LOSSES
 
 
+@LOSSES.register("multi_similarity")
 class MultiSimilarity(nn.Module):
     """Multi-similarity loss + multi-similarity miner on `PairOutput.embeddings` / `labels` (module docstring).
 

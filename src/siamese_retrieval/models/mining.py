@@ -30,6 +30,7 @@ from torch import nn
 
 from siamese_retrieval.models.distance import Distance
 from siamese_retrieval.models.losses import PairOutput
+from siamese_retrieval.registry import LOSSES
 
 
 _EUCLIDEAN = Distance("euclidean")
@@ -54,6 +55,7 @@ def known_cross_fov(out: PairOutput) -> torch.Tensor | None:
     return torch.where(found, fov[order[pos]], nan)
 
 
+@LOSSES.register("batch_hard_contrastive")
 class BatchHardContrastive(nn.Module):
     """`base_loss` + weight x mean over query rows of the k hardest known in-batch negatives' push.
 
@@ -77,9 +79,9 @@ class BatchHardContrastive(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(base_loss, Mapping):
-            from siamese_retrieval.trust import checked_instantiate
+            from hydra.utils import instantiate  # a config the caller composed or checked (trust.py)
 
-            base_loss = checked_instantiate(dict(base_loss), "BatchHardContrastive.base_loss")
+            base_loss = instantiate(dict(base_loss))
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.base_loss = base_loss

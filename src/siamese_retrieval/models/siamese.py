@@ -1,8 +1,9 @@
 """SiameseModule: shared encoder -> embeddings -> distance -> relevance head, with a configurable loss.
 
-Constructed from plain config dicts (Hydra `_target_` nodes), which it instantiates itself through the
-trust boundary (siamese_retrieval.trust): the checkpoint then holds only primitives, loads under torch's
-`weights_only=True`, and can name nothing but this package's classes. It also keeps the input builder's
+Constructed from plain config dicts (Hydra `_target_` nodes), which it instantiates itself: the checkpoint then
+holds only primitives and loads under torch's `weights_only=True`. The configs it is given are trusted (the
+user composed them); a checkpoint's are checked where the file is read (checkpoints.py, and
+`load_from_checkpoint` below), before this constructor sees them. It also keeps the input builder's
 config (`inputs`), so a checkpoint alone rebuilds the model and the tensors it eats (checkpoints.py).
 """
 
@@ -12,13 +13,15 @@ from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.models.distance import Distance
+from siamese_retrieval.models.embedding import embed_all, embed_sharded
 from siamese_retrieval.models.heads import RelevanceHead
 from siamese_retrieval.models.losses import PairOutput
-from siamese_retrieval.retrieval.metrics import RangeAccuracy
-from siamese_retrieval.trust import checked_instantiate
+from siamese_retrieval.models.pair_metrics import RangeAccuracy
+from siamese_retrieval.registry import MODULES
 
 Batch = dict[str, Any]
 
@@ -30,6 +33,7 @@ def plain(cfg: Any) -> Any:
     return cfg
 
 
+@MODULES.register("siamese")
 class SiameseModule(pl.LightningModule):
     def __init__(
         self,
@@ -58,13 +62,25 @@ class SiameseModule(pl.LightningModule):
             },
             logger=False,  # train.py logs the whole resolved config once (wandb_runs.logged_config)
         )
-        self.encoder = checked_instantiate(self.hparams.encoder, "model.encoder")
+        self.encoder = instantiate(self.hparams.encoder)
         self.head = RelevanceHead(**self.hparams.head)
-        self.loss_fn = checked_instantiate(self.hparams.loss, "model.loss")
+        self.loss_fn = instantiate(self.hparams.loss)
         self.distance = Distance(distance)
         self.val_range_acc = RangeAccuracy(range_margin)
         self.test_range_acc = RangeAccuracy(range_margin)
         self.range_key = f"range_acc@{range_margin:g}"
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, trust_allow: tuple[str, ...] = (),
+                             **kwargs: Any) -> "SiameseModule":
+        """Lightning's loader with the file's `_target_`s checked first (trust.py): the hyper-parameters of a
+        checkpoint are data, and this constructor would instantiate them. `trust_allow`: the user's trust.allow."""
+        from siamese_retrieval.trust import check_targets
+
+        raw = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        check_targets(raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}, f"checkpoint {checkpoint_path}",
+                      trust_allow)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ the network
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,8 +137,6 @@ class SiameseModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not getattr(dm, "needs_anchor_embeddings", lambda: False)():
             return
-        from siamese_retrieval.retrieval.ranking import embed_all, embed_sharded
-
         was_training = self.training
         self.eval()
         try:
@@ -149,28 +163,27 @@ class SiameseModule(pl.LightningModule):
         self._eval_step(batch, "test", self.test_range_acc)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the data the model is trained on, so evaluate.py can tell whether a split is the training run's."""
+        """Record the data the model is trained on, so evaluate.py can tell whether a split is the training run's.
+
+        What callbacks recorded there first is kept (Lightning calls the callbacks' on_save_checkpoint before
+        the module's): the W&B run the model is trained in (callbacks.WandbRunInCheckpoint)."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "split_cfg"):
             checkpoint["training_data"] = {
                 "name": str(dm.name), "seed": int(dm.seed), "pairs_target": str(dm.recipe.target),
                 "split": OmegaConf.to_container(OmegaConf.create(dict(dm.split_cfg))),
                 "train_views": OmegaConf.to_container(OmegaConf.create(dict(dm.train_views))) if dm.train_views else None,
+                **checkpoint.get("training_data", {}),
             }
-            from siamese_retrieval.wandb_runs import wandb_run_info
-
-            run = wandb_run_info(self.trainer.loggers)  # evaluate.py logs into this run's W&B group
-            if run:
-                checkpoint["training_data"]["wandb"] = run
 
     def configure_optimizers(self) -> Any:
-        optimizer = checked_instantiate(self.hparams.optimizer, "model.optimizer", _partial_=True)(self.parameters())
+        optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.parameters())
         if not self.hparams.scheduler:
             return optimizer
         sched_cfg = dict(self.hparams.scheduler)
         interval = sched_cfg.pop("interval", "epoch")
         if sched_cfg.get("_target_", "").endswith("CosineAnnealingLR") and sched_cfg.get("T_max") is None:
             sched_cfg["T_max"] = max(1, self.trainer.max_epochs or 1)
-        scheduler = checked_instantiate(sched_cfg, "model.scheduler", _partial_=True)(optimizer)
+        scheduler = instantiate(sched_cfg, _partial_=True)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 

@@ -1,0 +1,157 @@
+"""One registry per extension point: a component is registered where it is defined, with a decorator.
+
+    from siamese_retrieval.registry import ENCODERS
+
+    @ENCODERS.register("plain_cnn")
+    class PlainCNN(nn.Module): ...
+
+Everything that needs to know the components reads these registries instead of keeping its own list: the
+trust allowlist (trust.py: a registered class may be named by a `_target_` in a checkpoint), the config
+choices (`aggregation.name`, `data.layout`, `rerank=`...), the layout and re-ranker dispatch, and the metric
+lists. A researcher's component registers itself the same way from their own module (examples/).
+
+Each registry knows the package(s) that define its built-in components and imports them on first use, so
+`names()` is complete without anyone keeping a mirror list. This module imports nothing heavy: asking a
+registry for its names is what imports torch, not importing the registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+from siamese_retrieval.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component: its name, the object, and what its registry records about it."""
+
+    name: str
+    obj: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """The dotted path a `_target_` names it by."""
+        return f"{self.obj.__module__}.{self.obj.__qualname__}"
+
+
+class Registry:
+    """Named components of one kind; `homes` are the modules or packages whose import registers the built-ins."""
+
+    def __init__(self, kind: str, homes: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.homes = homes
+        self._entries: dict[str, Entry] = {}
+        self._loaded = False
+        _ALL[kind] = self
+
+    def register(self, name: str | None = None, **meta: Any) -> Callable[[T], T]:
+        """Decorator: register the class or function under `name` (default: its own name, lower-case)."""
+
+        def add(obj: T) -> T:
+            key = name or getattr(obj, "__name__", "").lower()
+            if not key:
+                raise ValueError(f"{self.kind} registry: give a name for {obj!r}")
+            old = self._entries.get(key)
+            if old is not None and old.target != Entry(key, obj).target:
+                raise ValueError(f"{self.kind} {key!r} is already registered by {old.target}")
+            self._entries[key] = Entry(key, obj, dict(meta))
+            return obj
+
+        return add
+
+    def load(self) -> "Registry":
+        """Import the built-in components' modules (once)."""
+        if not self._loaded:
+            self._loaded = True
+            for home in self.homes:
+                _import_tree(home)
+        return self
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.load()._entries)
+
+    def entries(self) -> Iterator[Entry]:
+        return iter(tuple(self.load()._entries.values()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.load()._entries
+
+    def entry(self, name: str, key: str | None = None) -> Entry:
+        """The entry called `name`; `key` (the config key that chose it) words the one-line error."""
+        self.load()
+        found = self._entries.get(str(name)) if isinstance(name, str) else None
+        if found is None:
+            raise ConfigError(unknown_choice(key or self.kind, name, self.names()))
+        return found
+
+    def get(self, name: str, key: str | None = None) -> Any:
+        return self.entry(name, key).obj
+
+
+def unknown_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
+    """`key='x': must be one of a, b, c (did you mean b?)`: the one line of a bad registry choice."""
+    text = f"{key}={value!r}: must be one of {', '.join(choices)}"
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
+    return text + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def import_user_modules(names: Any) -> None:
+    """Import the modules the user lists in `imports=[...]` (their own encoders, layouts, re-rankers register
+    themselves on import). The user composed the list: it is trusted. A module that fails to import is one line."""
+    for name in list(names or []):
+        try:
+            importlib.import_module(str(name))
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's module is reported the same way
+            raise ConfigError(f"imports: cannot import {str(name)!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _import_tree(name: str) -> None:
+    """Import a module, or a package and every module below it."""
+    module = importlib.import_module(name)
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=f"{name}."):
+        importlib.import_module(info.name)
+
+
+_ALL: dict[str, Registry] = {}
+
+# The extension points. A new built-in component is one decorated class in one of these homes (+ one yaml).
+ENCODERS = Registry("encoder", ("siamese_retrieval.models",))
+AGGREGATIONS = Registry("aggregation head", ("siamese_retrieval.models.cnn", "siamese_retrieval.models.aggregation"))
+KEYPOINT_POOLINGS = Registry("keypoint pooling", ("siamese_retrieval.models.keypoint_set",))
+INPUTS = Registry("input builder", ("siamese_retrieval.data.inputs",))
+LOSSES = Registry("loss", ("siamese_retrieval.models",))  # losses and miners (a miner wraps a loss)
+MODULES = Registry("lightning module", ("siamese_retrieval.models.siamese",))
+CALLBACKS = Registry("callback", ("siamese_retrieval.models.aggregation_fitting",))
+LAYOUTS = Registry("dataset layout", ("siamese_retrieval.data.layouts",))
+RERANKERS = Registry("re-ranker", ("siamese_retrieval.retrieval.rerankers",))
+
+
+def registries() -> tuple[Registry, ...]:
+    return tuple(_ALL.values())
+
+
+def registered_target(target: str) -> Entry | None:
+    """The entry a `_target_` path names, in any registry; None when it is not registered.
+
+    Only this package's own modules are imported to find out (they are this package's code); a foreign
+    module is never imported here, so a name read from a file cannot make this import anything new.
+    """
+    if target.startswith("siamese_retrieval."):
+        module = target.rpartition(".")[0]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    for registry in registries():
+        for entry in registry._entries.values():
+            if entry.target == target:
+                return entry
+    return None

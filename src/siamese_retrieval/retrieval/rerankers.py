@@ -1,0 +1,160 @@
+"""Every re-ranker is registered here and built by one function, for evaluate.py and retrieve.py alike.
+
+A re-ranker is a callable `(rows, ids, scores) -> (ids, scores)`: the model's ranked candidates of some
+query rows in, a new order (and scores) out (retrieval/ranking.py applies it to each chunk of queries). A
+builder gets the `rerank=` node and a `RerankSource` (the database, the queries being ranked, the feature
+cache, the training split when the dataset has one) and returns one:
+
+    @RERANKERS.register("my_reranker")
+    def build(cfg: Mapping[str, Any], source: RerankSource) -> Reranker: ...
+
+`rerank=my_reranker` (conf/rerank/my_reranker.yaml with `name: my_reranker`) then works in both pipelines.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.registry import RERANKERS
+from siamese_retrieval.retrieval.orb_ransac import (
+    Features,
+    OrbRansacConfig,
+    cached_features,
+    extract_features,
+    rerank_scores,
+)
+from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
+
+log = logging.getLogger(__name__)
+
+Reranker = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class RerankSource:
+    """What a re-ranker is built from.
+
+    dataset: the RetrievalDataset whose database is ranked.
+    query_idx: the dataset's queries being ranked, in row order (evaluate.py); None with `query_files`.
+    query_files: outside images being ranked, in row order (retrieve.py); None with `query_idx`.
+    cache_dir: where features are cached (None: no cache).
+    orb: the `orb_ransac` node (ORB features and RANSAC) shared by the ORB re-rankers and baselines.
+    splits: the dataset's place split (its train split fits learned re-rankers); None for split=all / retrieve.
+    split: the name of the split being ranked (a warning when it is the training split).
+    """
+
+    dataset: Any
+    query_idx: np.ndarray | None = None
+    query_files: Sequence[Path] | None = None
+    cache_dir: Path | None = None
+    orb: Mapping[str, Any] = field(default_factory=dict)
+    splits: Any = None
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        if (self.query_idx is None) == (self.query_files is None):
+            raise ValueError("RerankSource: give exactly one of query_idx and query_files")
+
+
+def build_reranker(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
+    """The re-ranker `cfg["name"]` names (a one-line ConfigError lists the registered ones)."""
+    builder = RERANKERS.get(str(cfg.get("name")), key="rerank")
+    return builder(cfg, source)
+
+
+# ----------------------------------------------------------------------------------------- ORB features
+
+
+def orb_config(node: Mapping[str, Any]) -> tuple[OrbRansacConfig, int]:
+    """The `orb_ransac` node -> (OrbRansacConfig, worker threads); a bad value is one ConfigError."""
+    params = dict(node)
+    workers = int(params.pop("workers", 2))
+    try:
+        return OrbRansacConfig(**params), workers
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"orb_ransac: {exc}") from None
+
+
+def dataset_orb_features(node: Mapping[str, Any], dataset: Any,
+                         cache_dir: Path | None) -> tuple[list[Features], list[Features]]:
+    """(database, query) ORB features of every image of the dataset, cached together under its fingerprint."""
+    cfg, workers = orb_config(node)
+    files = [dataset.root / p for p in dataset.db_paths + dataset.q_paths]
+    feats = cached_features(files, {"fingerprint": dataset.fingerprint}, cfg, cache_dir, workers)
+    return feats[: dataset.n_db], feats[dataset.n_db :]
+
+
+def source_orb_features(source: RerankSource) -> tuple[list[Features], list[Features]]:
+    """(database, ranked queries in row order) ORB features: the dataset's cache, plus outside queries
+    extracted now (they have no fingerprint to cache them under)."""
+    if source.query_idx is not None:
+        db, queries = dataset_orb_features(source.orb, source.dataset, source.cache_dir)
+        return db, [queries[int(i)] for i in source.query_idx]
+    cfg, workers = orb_config(source.orb)
+    ds = source.dataset
+    db = cached_features([ds.root / p for p in ds.db_paths], {"fingerprint": ds.fingerprint}, cfg, source.cache_dir,
+                         workers)
+    return db, extract_features(list(source.query_files), cfg, workers)
+
+
+def orb_verifier(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """verify(rows, candidates) -> RANSAC homography inlier counts (len(rows), N)."""
+    db, queries = source_orb_features(source)
+    cfg, workers = orb_config(source.orb)
+
+    def verify(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        return rerank_scores(candidates, [queries[int(r)] for r in rows], db, cfg, workers)
+
+    return verify
+
+
+# ----------------------------------------------------------------------------------------- the re-rankers
+
+
+@RERANKERS.register("orb_ransac")
+def orb_ransac(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
+    """The model's top N re-ordered by ORB + RANSAC inliers alone (ties: the model's order)."""
+    return InlierReranker(int(cfg.get("top_n", 20)), orb_verifier(source))
+
+
+@RERANKERS.register("fused")
+def fused(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
+    """The model's order, with the candidates whose inliers stand out moved ahead (ranking.FusedReranker)."""
+    return FusedReranker(int(cfg.get("top_n", 20)), orb_verifier(source), min_inliers=int(cfg.get("min_inliers", 12)),
+                         saturate=cfg.get("saturate"), outlier_z=float(cfg.get("outlier_z", 5.0)),
+                         skip_margin=cfg.get("skip_margin"))
+
+
+@RERANKERS.register("learned_matches")
+def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
+    """The model's top N re-ordered by a learned match verifier (retrieval/learned_matches.py), fitted on the
+    dataset's TRAINING split at first use (a minute or two on CPU) and cached in the data cache."""
+    from siamese_retrieval.retrieval import learned_matches as lm
+
+    lm_cfg = lm.LearnedMatchesConfig.from_mapping(cfg)
+    if source.splits is None:
+        raise ConfigError("rerank=learned_matches is fitted on the dataset's train split; this dataset has none here "
+                          "(split=all, or retrieve.py): use split=test|val, or rerank=orb_ransac|fused")
+    if source.split == "train":
+        log.warning("rerank=learned_matches on split=train: the verifier was fitted on these very queries")
+    ds = source.dataset
+    db_files, q_files = [ds.db_file(j) for j in range(ds.n_db)], [ds.query_file(i) for i in range(ds.n_query)]
+    feats = lm.cached_keypoints(db_files + q_files, {"fingerprint": ds.fingerprint}, lm_cfg.features, source.cache_dir,
+                                lm_cfg.workers)
+    db_feats, q_feats = feats[: ds.n_db], feats[ds.n_db :]
+    from siamese_retrieval.data.ground_truth import as_ground_truth
+
+    data = lm.TrainData(q_feats, db_feats, q_files, db_files, source.splits.train_q, source.splits.train_db,
+                        as_ground_truth(ds), key={"fingerprint": ds.fingerprint})
+    net = lm.fit_or_load(data, lm_cfg, source.cache_dir)
+    verify = lm.LearnedVerifier(net, [q_feats[int(i)] for i in source.query_idx], db_feats, lm_cfg.matching)
+    if lm_cfg.combine == "fused":  # soft inlier counts as evidence added to the model's order (rerank=fused's rule)
+        return FusedReranker(lm_cfg.top_n, verify, min_inliers=lm_cfg.min_inliers, saturate=lm_cfg.saturate,
+                             outlier_z=lm_cfg.outlier_z)
+    return lm.LearnedReranker(lm_cfg.top_n, verify, lm_cfg.model_weight)

@@ -6,6 +6,7 @@ import math
 import time
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torchmetrics.functional.retrieval import (
     retrieval_average_precision,
@@ -192,3 +193,132 @@ def test_range_accuracy_hand_example_and_boundary():
     metric.update(pred[:2], target[:2])
     metric.update(pred[2:], target[2:])
     assert metric.compute().item() == pytest.approx(0.4, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- the METRICS registry
+# What "best" means per family (the W&B summaries before the registry: max for the ranking metrics and range_acc,
+# min for the loss; counts and the loss terms have none).
+DIRECTIONS = {"precision": "max", "recall": "max", "mAP": "max", "ndcg": "max", "range_acc": "max", "loss": "min"}
+NO_FAMILY = ("n_queries", "n_queries_without_positive")  # counts; and train/loss_<term>
+TABLE_ROWS = ["precision@1", "precision@5", "precision@10", "recall@1", "recall@5", "recall@10", "mAP", "ndcg@10",
+              "range_acc@0.01"]  # the results table's rows before the registry (run_outputs.SHOWN_METRICS)
+
+
+def prefix_rule_best_mode(name: str) -> str | None:
+    """wandb_runs.best_mode before the registry (its metric-name prefixes), the reference for today's names."""
+    metric = name.split("/", 1)[-1]
+    if metric.startswith(("recall", "precision", "mAP", "ndcg", "range_acc")):
+        return "max"
+    return "min" if metric == "loss" else None
+
+
+class LoggedNames(pl.Callback):
+    """Every metric name a run puts in `trainer.callback_metrics`, and the val names BestValSummary defines."""
+
+    seen: set[str] = set()
+    summarised: dict[str, str] = {}
+
+    def _collect(self, trainer: pl.Trainer, *_: object) -> None:
+        LoggedNames.seen |= set(trainer.callback_metrics)
+
+    on_train_epoch_end = on_validation_end = on_test_end = _collect
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from siamese_retrieval.callbacks import BestValSummary
+        from siamese_retrieval.wandb_runs import best_mode
+
+        summary = next(c for c in trainer.callbacks if isinstance(c, BestValSummary))
+        LoggedNames.summarised = {n: m for n in summary._val_names(trainer, pl_module) if (m := best_mode(n))}
+
+
+@pytest.fixture(scope="module")
+def tiny_run_names(tmp_path_factory: pytest.TempPathFactory, cache_dir):
+    """(every logged name, BestValSummary's val names -> mode, the run's metrics.json metrics) of a tiny run."""
+    from omegaconf import open_dict
+
+    from siamese_retrieval.train import train
+    from tests.conftest import compose_config
+
+    out = tmp_path_factory.mktemp("metric_names")
+    cfg = compose_config("train", ["data=synth_tiny", "trainer=cpu", "trainer.max_epochs=1",
+                                   "+trainer.limit_train_batches=2", "logger=none"], out, cache_dir)
+    with open_dict(cfg):
+        cfg.callbacks.logged_names = {"_target_": f"{__name__}.LoggedNames"}
+    LoggedNames.seen, LoggedNames.summarised = set(), {}
+    result = train(cfg)
+    return set(LoggedNames.seen), dict(LoggedNames.summarised), result["metrics"]
+
+
+def test_every_logged_metric_of_a_tiny_run_has_a_registered_family(tiny_run_names) -> None:
+    from siamese_retrieval.registry import METRICS
+    from siamese_retrieval.run_outputs import shown_metrics
+    from siamese_retrieval.wandb_runs import best_mode
+
+    seen, summarised, metrics = tiny_run_names
+    names = seen | set(metrics)
+    assert {"train/loss", "val/loss", "val/mAP", "test/precision@10", "test/range_acc@0.01"} <= names
+    for name in sorted(names):
+        base = name.rsplit("/", 1)[-1].split("@", 1)[0]
+        family = METRICS.family(name)
+        if base in NO_FAMILY or base.startswith("loss_"):
+            assert family is None and best_mode(name) is None, name
+            continue
+        assert family is not None and family.name == base, f"{name}: no registered metric family"
+        assert best_mode(name) == DIRECTIONS[base] == prefix_rule_best_mode(name), name
+        assert family.meta["at_k"] == ("@" in name) or base == "mAP", name  # mAP: mAP@k when streaming
+    # BestValSummary: a best summary for each val metric the run logs, in the direction of its family
+    assert set(summarised) == {n for n in names if n.startswith("val/") and best_mode(n)}
+    assert summarised == {n: prefix_rule_best_mode(n) for n in summarised}
+    # the results table: the same rows as before the registry, in the same order
+    assert shown_metrics(metrics) == TABLE_ROWS
+
+
+def test_best_mode_and_the_table_rows_follow_the_registry() -> None:
+    from siamese_retrieval.run_outputs import SHOWN_METRICS, shown_metrics
+    from siamese_retrieval.wandb_runs import best_mode
+
+    assert list(SHOWN_METRICS) == TABLE_ROWS
+    for name in ["val/loss", "train/loss", "test/mAP@100", "all/ndcg@5", "before_rerank/precision@1", "loss",
+                 "val/n_queries", "train/loss_contrastive", "test/rerank/verified_fraction", "epoch", "lr-Adam"]:
+        assert best_mode(name) == prefix_rule_best_mode(name), name
+    assert best_mode("test/before_rerank/recall@5") == "max"  # any path before the name: its family's direction
+    # streaming evaluation: every logged mAP@k after the fixed rows, sorted (as the table always did)
+    streamed = {"val/mAP@100": 0.3, "test/mAP@20": 0.2, "test/before_rerank/mAP@50": 0.1}
+    assert shown_metrics(streamed) == [*TABLE_ROWS, "mAP@100", "mAP@20"]
+
+
+def _hit_rate() -> None:
+    """A researcher's metric family (registered by the test below, removed after)."""
+
+
+def _median_rank() -> None:
+    """Another one, lower is better."""
+
+
+def test_a_new_metric_family_is_picked_up_without_editing_the_readers(capsys: pytest.CaptureFixture[str]) -> None:
+    from siamese_retrieval.registry import METRICS
+    from siamese_retrieval.run_outputs import print_results, shown_metrics
+    from siamese_retrieval.wandb_runs import best_mode
+
+    with pytest.raises(ValueError, match="higher_is_better"):
+        METRICS.register("no_direction", at_k=False, description="x")(_hit_rate)
+    with pytest.raises(ValueError, match="row"):
+        METRICS.register("no_row", higher_is_better=True, at_k=False, shown=("no_row",), description="x")(_hit_rate)
+    assert "no_direction" not in METRICS and "no_row" not in METRICS
+    assert best_mode("val/hit_rate@3") is None and best_mode("val/median_rank") is None
+    try:
+        METRICS.register("hit_rate", higher_is_better=True, at_k=True, shown=("hit_rate@3",), row=25,
+                         description="queries with a positive among the top k, per query")(_hit_rate)
+        METRICS.register("median_rank", higher_is_better=False, at_k=False, shown=("median_rank",), row=60,
+                         description="median rank of the first positive")(_median_rank)
+        assert best_mode("val/hit_rate@3") == "max" and best_mode("test/hit_rate@10") == "max"
+        assert best_mode("val/median_rank") == "min"
+        assert shown_metrics() == [*TABLE_ROWS[:6], "hit_rate@3", *TABLE_ROWS[6:], "median_rank"]
+        print_results({"test/hit_rate@3": 0.25, "test/median_rank": 4.0, "test/recall@1": 0.5}, title="t",
+                      stages=("test",))
+        rows = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+        assert rows == ["recall@1", "hit_rate@3", "median_rank"]
+    finally:
+        METRICS.unregister("hit_rate")
+        METRICS.unregister("median_rank")
+    assert shown_metrics() == TABLE_ROWS and best_mode("val/hit_rate@3") is None

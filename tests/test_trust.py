@@ -105,6 +105,12 @@ def test_the_allowlist_is_the_registries() -> None:
         for entry in registry.entries():
             assert is_allowed(entry.target), entry.target
     assert ENCODERS.entry("plain_cnn").target == "siamese_retrieval.models.cnn.PlainCNN"
+    # what is chosen by name (layout readers, re-ranker and head builders: functions) is never a `_target_`
+    from siamese_retrieval.registry import AGGREGATIONS, LAYOUTS, RERANKERS
+
+    for registry in (AGGREGATIONS, LAYOUTS, RERANKERS):
+        for entry in registry.entries():
+            assert not is_allowed(entry.target), entry.target
 
 
 def run_cli(script: str, args: list[str], cache_dir: Path, out: Path) -> subprocess.CompletedProcess:

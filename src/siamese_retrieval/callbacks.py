@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 
 from siamese_retrieval.data.inputs import take
 from siamese_retrieval.models.embedding import embed_sharded
+from siamese_retrieval.retrieval.metrics import retrieval_metric_names
 from siamese_retrieval.retrieval.ranking import (
     Ranking,
     RankingSettings,
@@ -112,10 +113,11 @@ class RetrievalExamples(pl.Callback):
 class BestValSummary(pl.Callback):
     """W&B summary of a training run: each val/* metric's best value and the epoch it was reached.
 
-    `define_metric` makes W&B keep `val/<m>` = {max (min for the loss), last} in the summary and plot val/*
-    against `epoch`; this callback adds `best_epoch/val/<m>` (0-based, the `epoch` axis). A no-op without W&B.
-    The metric names come from the RetrievalMetrics callback (its top_ks and ndcg_k) and the module's
-    range key."""
+    `define_metric` makes W&B keep `val/<m>` = {max or min, last} in the summary and plot val/* against
+    `epoch`; this callback adds `best_epoch/val/<m>` (0-based, the `epoch` axis). A no-op without W&B.
+    The names are what the run logs: the module's loss and range key, and the RetrievalMetrics callback's
+    metrics (retrieval_metric_names of its settings); each one's direction is its family's in
+    registry.METRICS (wandb_runs.best_mode), and a name of no registered family gets no summary."""
 
     def __init__(self) -> None:
         self.modes: dict[str, str] = {}
@@ -127,9 +129,8 @@ class BestValSummary(pl.Callback):
             names.append(f"val/{module.range_key}")
         metrics_cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalMetrics)), None)
         if metrics_cb is not None:
-            s = metrics_cb.settings
-            names += [f"val/{m}@{k}" for m in ("precision", "recall") for k in s.top_ks] + [f"val/ndcg@{s.ndcg_k}"]
-            names.append(f"val/mAP@{s.search_k}" if s.search_k else "val/mAP")  # streaming: mAP of the top k
+            s = metrics_cb.settings  # streaming (search_k): mAP@k, the mAP of the top k
+            names += [f"val/{m}" for m in retrieval_metric_names(s.top_ks, s.ndcg_k, s.search_k)]
         return names
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

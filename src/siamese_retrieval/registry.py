@@ -8,7 +8,8 @@
 Everything that needs to know the components reads these registries instead of keeping its own list: the
 trust allowlist (trust.py: a registered class may be named by a `_target_` in a checkpoint), the config
 choices (`aggregation.name`, `data.layout`, `rerank=`...), the layout and re-ranker dispatch, and the metric
-lists. A researcher's component registers itself the same way from their own module (examples/).
+lists (METRICS: the results table's rows and the W&B best-value summaries). A researcher's component registers
+itself the same way from their own module (examples/).
 
 Each registry knows the package(s) that define its built-in components and imports them on first use, so
 `names()` is complete without anyone keeping a mirror list. This module imports nothing heavy: asking a
@@ -43,11 +44,15 @@ class Entry:
 
 
 class Registry:
-    """Named components of one kind; `homes` are the modules or packages whose import registers the built-ins."""
+    """Named components of one kind; `homes` are the modules or packages whose import registers the built-ins.
 
-    def __init__(self, kind: str, homes: tuple[str, ...] = ()) -> None:
+    `trusted`: whether a registered object may be named by a `_target_` read from a file (trust.py). Only
+    registries of buildable components are; METRICS describes what is logged and is not an allowlist."""
+
+    def __init__(self, kind: str, homes: tuple[str, ...] = (), trusted: bool = True) -> None:
         self.kind = kind
         self.homes = homes
+        self.trusted = trusted
         self._entries: dict[str, Entry] = {}
         self._loaded = False
         _ALL[kind] = self
@@ -96,6 +101,47 @@ class Registry:
         return self.entry(name, key).obj
 
 
+class MetricRegistry(Registry):
+    """METRICS: one entry per metric FAMILY, registered where it is computed. A family is what a logged name
+    means once its stage and cut-off are stripped: `val/precision@10`, `test/before_rerank/precision@1` and
+    `precision@5` are all "precision". Everything that needs to know about metrics reads it: the results table
+    (run_outputs.shown_metrics), the W&B best-value summaries (wandb_runs.best_mode, callbacks.BestValSummary).
+
+        @METRICS.register("recall", higher_is_better=True, at_k=True, shown=("recall@1", "recall@5"), row=20,
+                          description="fraction of queries with a positive in the top k")
+
+    higher_is_better  the direction of "best" (W&B summary max / min)
+    at_k              logged as `<name>@<k>` (a cut-off, or range_acc's margin)
+    shown             the names (no stage prefix) the results table shows as rows, in this order; `<name>@*`:
+                      every `<name>@<k>` the run logged (streaming mAP@k), after the fixed rows; () = not shown
+    row               where the family's rows go in the table (ascending); needed only when `shown`
+    description       one line: what the number is
+    """
+
+    def register(self, name: str | None = None, **meta: Any) -> Callable[[T], T]:
+        if not isinstance(meta.get("higher_is_better"), bool) or not isinstance(meta.get("at_k"), bool):
+            raise ValueError(f"metric {name!r}: give higher_is_better=True/False and at_k=True/False")
+        shown = meta.setdefault("shown", ())
+        if isinstance(shown, str) or not all(isinstance(n, str) for n in shown):
+            raise ValueError(f"metric {name!r}: shown must be a tuple of metric names, got {shown!r}")
+        meta["shown"] = tuple(shown)
+        if shown and not isinstance(meta.get("row"), (int, float)):
+            raise ValueError(f"metric {name!r}: a shown metric needs row=<number> (its place in the results table)")
+        if not isinstance(meta.get("description"), str) or not meta["description"].strip():
+            raise ValueError(f"metric {name!r}: give a one-line description")
+        return super().register(name, **meta)
+
+    def family(self, metric: str) -> Entry | None:
+        """The family of a logged metric name (any `stage/` or `before_rerank/` path before it, any `@k` after
+        it); None for what is not a registered metric (counts, timings, `train/loss_<term>`...)."""
+        base = str(metric).rsplit("/", 1)[-1].split("@", 1)[0]
+        return self.load()._entries.get(base)
+
+    def unregister(self, name: str) -> None:
+        """Remove a family (a test's temporary one)."""
+        self._entries.pop(name, None)
+
+
 def unknown_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
     """`key='x': must be one of a, b, c (did you mean b?)`: the one line of a bad registry choice."""
     text = f"{key}={value!r}: must be one of {', '.join(choices)}"
@@ -124,14 +170,19 @@ _ALL: dict[str, Registry] = {}
 
 # The extension points. A new built-in component is one decorated class in one of these homes (+ one yaml).
 ENCODERS = Registry("encoder", ("siamese_retrieval.models",))
-AGGREGATIONS = Registry("aggregation head", ("siamese_retrieval.models.cnn", "siamese_retrieval.models.aggregation"))
-KEYPOINT_POOLINGS = Registry("keypoint pooling", ("siamese_retrieval.models.keypoint_set",))
+# Chosen by name, never by a `_target_` (trusted=False): a file cannot make the trust check accept their builders.
+AGGREGATIONS = Registry("aggregation head", ("siamese_retrieval.models.cnn", "siamese_retrieval.models.aggregation"),
+                        trusted=False)
+KEYPOINT_POOLINGS = Registry("keypoint pooling", ("siamese_retrieval.models.keypoint_set",), trusted=False)
 INPUTS = Registry("input builder", ("siamese_retrieval.data.inputs",))
 LOSSES = Registry("loss", ("siamese_retrieval.models",))  # losses and miners (a miner wraps a loss)
 MODULES = Registry("lightning module", ("siamese_retrieval.models.siamese",))
 CALLBACKS = Registry("callback", ("siamese_retrieval.models.aggregation_fitting",))
-LAYOUTS = Registry("dataset layout", ("siamese_retrieval.data.layouts",))
-RERANKERS = Registry("re-ranker", ("siamese_retrieval.retrieval.rerankers",))
+LAYOUTS = Registry("dataset layout", ("siamese_retrieval.data.layouts",), trusted=False)
+RERANKERS = Registry("re-ranker", ("siamese_retrieval.retrieval.rerankers",), trusted=False)
+# metric families: the ranking metrics, the pair scores' range accuracy, the loss (SiameseModule.compute_loss)
+METRICS = MetricRegistry("metric", ("siamese_retrieval.retrieval.metrics", "siamese_retrieval.models.pair_metrics",
+                                    "siamese_retrieval.models.siamese"), trusted=False)
 
 
 def registries() -> tuple[Registry, ...]:
@@ -151,6 +202,8 @@ def registered_target(target: str) -> Entry | None:
         except ImportError:
             pass
     for registry in registries():
+        if not registry.trusted:
+            continue
         for entry in registry._entries.values():
             if entry.target == target:
                 return entry

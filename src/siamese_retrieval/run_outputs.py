@@ -7,20 +7,35 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig
 
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.io_utils import atomic_write_json
+from siamese_retrieval.registry import METRICS
 
 log = logging.getLogger(__name__)
 
 
-SHOWN_METRICS = (
-    "precision@1", "precision@5", "precision@10", "recall@1", "recall@5", "recall@10", "mAP", "ndcg@10",
-    "range_acc@0.01",
-)
+def shown_metrics(metrics: Iterable[str] = ()) -> list[str]:
+    """The rows of the results table, names without the stage: each registered metric family's `shown` names,
+    families ordered by their `row` (registry.METRICS), then every `<name>@<k>` of `metrics` (keys
+    `<stage>/<name>@<k>`) that a family shows as `<name>@*` (streaming evaluation's mAP@k), sorted.
+
+    Reading the registry imports the modules that define the metrics (torch): call it when the results are
+    printed, never at import (this module is imported before torch, for one-line config errors)."""
+    families = sorted((e for e in METRICS.entries() if e.meta["shown"]), key=lambda e: e.meta["row"])
+    shown = [n for e in families for n in e.meta["shown"] if not n.endswith("@*")]
+    every_k = tuple(n[:-1] for e in families for n in e.meta["shown"] if n.endswith("@*"))  # ("mAP@",)
+    logged = {k.split("/", 1)[1] for k in metrics if k.count("/") == 1}
+    return [*shown, *sorted(n for n in logged if n.startswith(every_k) and n not in shown)]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SHOWN_METRICS":  # the fixed rows, as the constant this was (read lazily: see shown_metrics)
+        return tuple(shown_metrics())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 THIRD_PARTY_LOGGERS = (
@@ -181,8 +196,7 @@ def print_results(
     table.add_column("metric", no_wrap=True)
     for stage in stages:
         table.add_column(stage, justify="right", no_wrap=True)
-    streamed = sorted({k.split("/", 1)[1] for k in metrics if "/mAP@" in k and k.count("/") == 1})
-    for name in SHOWN_METRICS if not streamed else [*SHOWN_METRICS, *streamed]:  # mAP@k: streaming evaluation
+    for name in shown_metrics(metrics):  # the registered metrics' rows (+ mAP@k of a streaming evaluation)
         row = [metrics.get(f"{stage}/{name}") for stage in stages]
         if any(v is not None for v in row):
             table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in row))

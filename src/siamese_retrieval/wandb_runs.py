@@ -38,6 +38,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.data.ground_truth import as_ground_truth
+from siamese_retrieval.registry import METRICS
 from siamese_retrieval.run_outputs import finish_loggers, hydra_mode, task_overrides
 
 log = logging.getLogger(__name__)
@@ -277,13 +278,12 @@ def write_summary(loggers: Iterable[Any], values: Mapping[str, Any], skip: tuple
 
 
 def best_mode(name: str) -> str | None:
-    """max for recall / precision / mAP / ndcg / range_acc, min for loss, None for counts."""
-    metric = name.split("/", 1)[-1]
-    if metric.startswith(("recall", "precision", "mAP", "ndcg", "range_acc")):
-        return "max"
-    if metric == "loss":
-        return "min"
-    return None
+    """"max" or "min" by the metric's family in registry.METRICS (`val/recall@5` -> recall: max; `val/loss` ->
+    loss: min); None for a name of no registered family (counts, timings, `train/loss_<term>`)."""
+    family = METRICS.family(name)
+    if family is None:
+        return None
+    return "max" if family.meta["higher_is_better"] else "min"
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -2,7 +2,8 @@
 
 A metric of the model's pair scores (the relevance head's output against the pair's target), logged by
 SiameseModule's validation and test steps as `{val,test}/range_acc@<margin>` and by evaluate.py, so it lives
-with the model; the ranking metrics of the retrieval engine are retrieval/metrics.py.
+with the model; the ranking metrics of the retrieval engine are retrieval/metrics.py. Registered in
+registry.METRICS as the family "range_acc" (higher is better; the results table shows range_acc@0.01).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from siamese_retrieval.registry import METRICS
 
 __all__ = ["RangeAccuracy", "range_accuracy"]
 
@@ -24,6 +27,8 @@ def range_accuracy(pred: Tensor, target: Tensor, margin: float = 0.01) -> Tensor
     return within.double().mean().float() if within.numel() else torch.tensor(float("nan"))
 
 
+@METRICS.register("range_acc", higher_is_better=True, at_k=True, row=50, shown=("range_acc@0.01",),
+                  description="fraction of pairs whose relevance score is within the margin (@<margin>) of the target")
 class RangeAccuracy(Metric):
     """`range_accuracy` accumulated over batches (sum states; exact under DDP)."""
 

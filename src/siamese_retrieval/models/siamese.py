@@ -21,7 +21,7 @@ from siamese_retrieval.models.embedding import embed_all, embed_sharded
 from siamese_retrieval.models.heads import RelevanceHead
 from siamese_retrieval.models.losses import PairOutput
 from siamese_retrieval.models.pair_metrics import RangeAccuracy
-from siamese_retrieval.registry import MODULES
+from siamese_retrieval.registry import METRICS, MODULES
 
 Batch = dict[str, Any]
 
@@ -115,6 +115,8 @@ class SiameseModule(pl.LightningModule):
                           head_logits_detached=self.head.logits(distance.detach()), distance_fn=self.distance,
                           **extra)
 
+    @METRICS.register("loss", higher_is_better=False, at_k=False,
+                      description="the loss of the pairs (+ the encoder's regularization): {train,val,test}/loss")
     def compute_loss(self, out: PairOutput) -> torch.Tensor:
         loss = self.loss_fn(out)
         if hasattr(self.encoder, "regularization"):

@@ -16,6 +16,9 @@ Logged as `{prefix}/<name>` (prefix "val" or "test", see `prefixed`), names from
 
 Ranking: database items sorted by score, higher first; equal scores are broken by database index
 (stable sort), so results are deterministic.
+
+Each family (precision, recall, mAP, ndcg) is registered in registry.METRICS on `RetrievalScores`, with its
+direction and the rows the results table shows: the table and the W&B best-value summaries read it from there.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from siamese_retrieval.registry import METRICS
+
 __all__ = [
     "RetrievalScores",
+    "retrieval_metric_names",
     "per_query_retrieval_scores",
     "ranked_retrieval_scores",
     "prefixed",
@@ -159,6 +165,23 @@ def ranked_retrieval_scores(
     return out
 
 
+def retrieval_metric_names(top_ks: Sequence[int] = (1, 5, 10), ndcg_k: int = 10,
+                           map_k: int | None = None) -> list[str]:
+    """The averaged metrics `RetrievalScores(top_ks, ndcg_k, map_k)` computes, in its order, without prefix
+    (the counts n_queries / n_queries_without_positive come after them)."""
+    return ([f"precision@{int(k)}" for k in top_ks] + [f"recall@{int(k)}" for k in top_ks]
+            + ["mAP" if map_k is None else f"mAP@{int(map_k)}", f"ndcg@{int(ndcg_k)}"])
+
+
+@METRICS.register("precision", higher_is_better=True, at_k=True, row=10,
+                  shown=("precision@1", "precision@5", "precision@10"),
+                  description="mean over queries of the sim=1 items in the top k, divided by k")
+@METRICS.register("recall", higher_is_better=True, at_k=True, row=20, shown=("recall@1", "recall@5", "recall@10"),
+                  description="fraction of queries with at least one sim=1 item in the top k (VPR Recall@N)")
+@METRICS.register("mAP", higher_is_better=True, at_k=False, row=30, shown=("mAP", "mAP@*"),
+                  description="mean average precision of the whole ranking (streaming: mAP@k, of the top k)")
+@METRICS.register("ndcg", higher_is_better=True, at_k=True, row=40, shown=("ndcg@10",),
+                  description="nDCG of the top k graded by fov (linear gain, log2 discount)")
 class RetrievalScores(Metric):
     """precision@k, recall@k, mAP (mAP@map_k), nDCG@K over chunks of queries (full rankings or top-k lists).
 
@@ -179,10 +202,7 @@ class RetrievalScores(Metric):
             raise ValueError(f"top_ks must be positive integers, got {top_ks}")
         self.ndcg_k = int(ndcg_k)
         self.map_k = None if map_k is None else int(map_k)
-        self._names = (
-            [f"precision@{k}" for k in self.top_ks] + [f"recall@{k}" for k in self.top_ks]
-            + ["mAP" if self.map_k is None else f"mAP@{self.map_k}", f"ndcg@{self.ndcg_k}"]
-        )
+        self._names = retrieval_metric_names(self.top_ks, self.ndcg_k, self.map_k)
         self.add_state("sums", default=torch.zeros(len(self._names), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_queries", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("n_without_positive", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")

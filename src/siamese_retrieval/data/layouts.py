@@ -83,7 +83,7 @@ def _finite(text: str, what: str, where: str) -> float:
     return value
 
 
-def _finish(
+def finish_dataset(
     root: Path,
     db_paths: list[str],
     db_loc: np.ndarray,
@@ -98,7 +98,12 @@ def _finish(
     name: str,
     follow_symlinks_outside_root: bool,
 ) -> RetrievalDataset:
-    """The images checked (links out of the root, then `check`), the fingerprint computed, the dataset built."""
+    """The images checked (links out of the root, then `check`), the fingerprint computed, the dataset built.
+
+    Public for layout readers of your own (examples/custom_layout): paths are relative to `root` (resolved),
+    loc rows are [east, north, heading], `db_source`/`q_source` name what listed the images in error lines, and
+    `meta_files` (the files the layout was read from) join the fingerprint that keys every cache.
+    """
     check_real_paths(root, db_paths, db_source, follow_symlinks_outside_root)
     check_real_paths(root, q_paths, q_source, follow_symlinks_outside_root)
     all_paths = [root / p for p in db_paths + q_paths]
@@ -233,9 +238,9 @@ def read_vpr_folder(
     q_paths, q_loc, q_folder = per_kind["queries"]
     relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
                                                  db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
-    return _finish(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_folder, q_source=q_folder, meta_files=[],
-                   check=check, name=name or f"{root.name}-{split}",
-                   follow_symlinks_outside_root=follow_symlinks_outside_root)
+    return finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_folder, q_source=q_folder,
+                          meta_files=[], check=check, name=name or f"{root.name}-{split}",
+                          follow_symlinks_outside_root=follow_symlinks_outside_root)
 
 
 # ----------------------------------------------------------------------------------------- MSLS official layout
@@ -396,9 +401,9 @@ def read_msls_official(
     q_paths, q_loc, q_meta = loaded["query"]
     relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
                                                  db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
-    return _finish(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_meta[0], q_source=q_meta[0],
-                   meta_files=db_meta + q_meta, check=check, name=name or city,
-                   follow_symlinks_outside_root=follow_symlinks_outside_root)
+    return finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_meta[0], q_source=q_meta[0],
+                          meta_files=db_meta + q_meta, check=check, name=name or city,
+                          follow_symlinks_outside_root=follow_symlinks_outside_root)
 
 
 def read_layout(layout: str, root: str | Path, **options) -> RetrievalDataset:

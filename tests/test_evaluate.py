@@ -87,7 +87,8 @@ def _per_query(path: Path) -> dict[str, list[str]]:
 
 
 def _orb_features(cache_dir: Path, paths: list[str]):
-    from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, extract_features
+    from siamese_retrieval.retrieval.orb_features import extract_features
+    from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig
 
     root = next(cache_dir.glob("synth-*/gt.h5")).parent
     cfg = OrbRansacConfig(**{k: v for k, v in compose_config("eval", [], cache_dir / "x", cache_dir).orb_ransac.items()

@@ -17,6 +17,7 @@ import torch
 
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.retrieval import learned_matches as lm
+from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig, cached_features, image_features
 from tests.conftest import compose_config
 from tests.helpers import textured_image
 
@@ -70,18 +71,18 @@ def _padding_case(net: lm.MatchNet, pool: str) -> None:
         assert float(scores[2]) == pytest.approx(0.0, abs=1e-9)
 
 
-def _shifted_pair(dx: int = 24, dy: int = 10) -> tuple[lm.Keypoints, lm.Keypoints, np.ndarray]:
+def _shifted_pair(dx: int = 24, dy: int = 10) -> tuple[Features, Features, np.ndarray]:
     img = textured_image(np.random.default_rng(0), 240, 320)
     shifted = cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, dy]]), (320, 240), borderMode=cv2.BORDER_REFLECT)
-    cfg = lm.FeatureConfig(n_features=300)
-    return lm.image_keypoints(img, cfg), lm.image_keypoints(shifted, cfg), img
+    cfg = OrbFeatureConfig(n_features=300)
+    return image_features(img, cfg), image_features(shifted, cfg), img
 
 
 def test_per_match_features_of_an_image_and_its_shifted_copy() -> None:
     dx, dy = 24, 10
     a, b, img = _shifted_pair(dx, dy)
     assert a.wh.tolist() == [320.0, 240.0] and len(a) > 100  # 240 x 320: no resizing, so pixels are pixels
-    other = lm.image_keypoints(textured_image(np.random.default_rng(9), 240, 320), lm.FeatureConfig(n_features=300))
+    other = image_features(textured_image(np.random.default_rng(9), 240, 320), OrbFeatureConfig(n_features=300))
     mt = lm.match_features(a, [b, None, other], lm.MatchingConfig(ratio=0.9, max_matches=128))
     assert mt.x.shape == (3, 128, lm.N_INPUTS) and mt.mask.shape == (3, 128)
     assert not mt.mask[1].any() and (mt.qi[1] == -1).all()  # no candidate: no match
@@ -110,7 +111,7 @@ def test_per_match_features_of_an_image_and_its_shifted_copy() -> None:
 
 def test_matching_of_empty_and_single_feature_images() -> None:
     a, _, _ = _shifted_pair()
-    blank = lm.image_keypoints(np.full((96, 128), 127, np.uint8))
+    blank = image_features(np.full((96, 128), 127, np.uint8))
     assert len(blank) == 0
     for q, cands in ((blank, [a]), (a, [blank, blank]), (a, [])):
         mt = lm.match_features(q, cands)
@@ -139,7 +140,7 @@ def _train_data(dm, cfg: lm.LearnedMatchesConfig, cache: Path) -> lm.TrainData:
 
     ds = dm.dataset
     db_files, q_files = [ds.db_file(j) for j in range(ds.n_db)], [ds.query_file(i) for i in range(ds.n_query)]
-    feats = lm.cached_keypoints(db_files + q_files, {"fingerprint": ds.fingerprint}, cfg.features, cache, 1)
+    feats = cached_features(db_files + q_files, {"fingerprint": ds.fingerprint}, cfg.features, cache, 1)
     return lm.TrainData(feats[ds.n_db :], feats[: ds.n_db], q_files, db_files, dm.splits.train_q,
                         dm.splits.train_db, as_ground_truth(ds), {"fingerprint": ds.fingerprint})
 

@@ -15,7 +15,8 @@ from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.evaluate import evaluate
 from siamese_retrieval.retrieval import orb_bow
 from siamese_retrieval.retrieval.orb_bow import BowConfig, cached_vocabulary, fit_vocabulary, rank_bow
-from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, image_features
+from siamese_retrieval.retrieval.orb_features import image_features
+from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig
 from siamese_retrieval.retrieval.ranking import RankingSettings
 from tests.conftest import compose_config
 from tests.helpers import textured_image

@@ -7,15 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from siamese_retrieval.retrieval.orb_ransac import (
-    OrbRansacConfig,
-    cached_features,
-    extract_features,
-    image_features,
-    inlier_count,
-    rerank_scores,
-    score_matrix,
-)
+from siamese_retrieval.retrieval.orb_features import cached_features, extract_features, image_features
+from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, inlier_count, rerank_scores, score_matrix
 from tests.helpers import textured_image
 
 
@@ -64,7 +57,7 @@ def test_feature_cache_round_trip(tmp_path: Path) -> None:
         cv2.imwrite(str(paths[-1]), textured_image(rng, 96, 128))
     cfg = OrbRansacConfig(n_features=200)
     first = cached_features(paths, {"fingerprint": "x"}, cfg, tmp_path / "cache", workers=2)
-    assert len(list((tmp_path / "cache").glob("orb_ransac-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("orb-*.npz"))) == 1
     second = cached_features(paths, {"fingerprint": "x"}, cfg, tmp_path / "cache", workers=1)
     for a, b in zip(first, second):
         assert np.array_equal(a.points, b.points) and np.array_equal(a.desc, b.desc)

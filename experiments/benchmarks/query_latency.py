@@ -32,13 +32,8 @@ from siamese_retrieval.data.splits import split_by_place
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
 from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
-from siamese_retrieval.retrieval.orb_ransac import (
-    OrbRansacConfig,
-    cached_features,
-    image_features,
-    rerank_scores,
-    score_matrix,
-)
+from siamese_retrieval.retrieval.orb_features import cached_features, image_features
+from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, rerank_scores, score_matrix
 from siamese_retrieval.retrieval.ranking import FusedReranker
 from siamese_retrieval.retrieve import query_inputs
 

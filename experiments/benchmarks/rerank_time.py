@@ -35,7 +35,8 @@ from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.data.splits import split_by_place
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
 from siamese_retrieval.retrieval import learned_matches as lm
-from siamese_retrieval.retrieval.orb_ransac import _METHODS, OrbRansacConfig, cached_features, hamming_knn2, inlier_count
+from siamese_retrieval.retrieval.orb_features import cached_features
+from siamese_retrieval.retrieval.orb_ransac import _METHODS, OrbRansacConfig, hamming_knn2, inlier_count
 from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
 
 from query_latency import best_of  # this folder's scripts: sys.path[0] when run as a script
@@ -99,7 +100,7 @@ def main() -> None:
     node = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "rerank" / "learned_matches.yaml"),
                            OmegaConf.from_dotlist(args.overrides))
     cfg = lm.LearnedMatchesConfig.from_mapping(OmegaConf.to_container(node))
-    feats = lm.cached_keypoints(db_files + q_files, key, cfg.features, args.cache_dir, workers=2)
+    feats = cached_features(db_files + q_files, key, cfg.features, args.cache_dir, workers=2)
     lm_db, lm_q = feats[: dataset.n_db], feats[dataset.n_db :]
     data = lm.TrainData(lm_q, lm_db, q_files, db_files, splits.train_q, splits.train_db, truth, key)
     net = lm.fit_or_load(data, cfg, args.cache_dir)

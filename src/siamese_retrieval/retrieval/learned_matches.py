@@ -1,6 +1,6 @@
 """A learned match verifier: re-rank a model's top-N by a small network's verdict on the putative ORB matches.
 
-    feats = cached_keypoints(files, key, cfg.features, cache_dir)          # ORB + angle + scale, once per image
+    feats = cached_features(files, key, cfg.features, cache_dir)   # retrieval/orb_features.py, once per image
     x, mask, _ = match_features(q, [feats[j] for j in candidates], cfg.matching)   # (N, M, 9), (N, M)
     net = fit_or_load(train_data, cfg, cache_dir)                        # trained on the TRAINING split, cached
     scores = LearnedVerifier(net, q_feats, db_feats, cfg)(rows, candidates)     # (n, N) pair scores
@@ -39,7 +39,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,12 +49,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from siamese_retrieval.data.images import read_image, thumbnail
+from siamese_retrieval.data.images import thumbnail
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.io_utils import atomic_path, cached_npz, stable_hash
-from siamese_retrieval.parallel import chunked_map
-from siamese_retrieval.progress import counted, progress
-from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, resized_gray, single_threaded_kernels
+from siamese_retrieval.io_utils import atomic_path, stable_hash
+from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig
+from siamese_retrieval.retrieval.orb_ransac import single_threaded_kernels
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,6 @@ _FAR = 1 << 20  # Hamming distance of a padded (absent) candidate feature
 
 
 # ----------------------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    n_features: int = 256  # ORB features per image (matching cost grows with the square)
-    fast_threshold: int = 20
-    min_side: int = 240  # smaller images are upscaled first (as orb_ransac)
-    max_side: int = 640
 
 
 @dataclass(frozen=True)
@@ -118,7 +109,7 @@ class LearnedMatchesConfig:
     outlier_z: float = 5.0  # ... and this many spreads above the median of the query's top N (FusedReranker)
     saturate: int | None = None  # combine=fused: null (= min_inliers): verified candidates keep the model's order
     workers: int = 2
-    features: FeatureConfig = field(default_factory=FeatureConfig)
+    features: OrbFeatureConfig = field(default_factory=lambda: OrbFeatureConfig(n_features=256))
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -132,7 +123,6 @@ class LearnedMatchesConfig:
             (self.saturate is None or self.saturate >= self.min_inliers, "saturate must be null or >= min_inliers"),
             (self.workers >= 1, "workers must be >= 1"),
             (self.features.n_features >= 2, "features.n_features must be >= 2"),
-            (1 <= self.features.min_side <= self.features.max_side, "need 1 <= features.min_side <= features.max_side"),
             (0 < self.matching.ratio <= 1, "matching.ratio must be in (0, 1]"),
             (self.matching.max_matches >= 1, "matching.max_matches must be >= 1"),
             (self.network.hidden >= 1, "network.hidden must be >= 1"),
@@ -157,93 +147,15 @@ class LearnedMatchesConfig:
     def from_mapping(cls, m: Mapping[str, Any]) -> "LearnedMatchesConfig":
         """From the rerank= node (a plain dict; `name` ignored). Unknown keys are a ConfigError."""
         m = {k: v for k, v in dict(m).items() if k != "name"}
-        parts = {"features": FeatureConfig, "matching": MatchingConfig, "network": NetworkConfig, "train": TrainConfig}
+        parts = {"features": OrbFeatureConfig, "matching": MatchingConfig, "network": NetworkConfig, "train": TrainConfig}
         try:
             kwargs = {k: (parts[k](**dict(v or {})) if k in parts else v) for k, v in m.items()}
             return cls(**kwargs)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # an unknown key; a feature setting out of range (OrbFeatureConfig)
             raise ConfigError(f"rerank (learned_matches): {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------- features
-
-
-@dataclass
-class Keypoints:
-    """One image's ORB features: points (n, 2) px, desc (n, 32) uint8, angle (n,) degrees, size (n,) px, and the
-    (width, height) of the resized frame they live in."""
-
-    points: np.ndarray
-    desc: np.ndarray
-    angle: np.ndarray
-    size: np.ndarray
-    wh: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.points)
-
-
-def _empty(wh=(1.0, 1.0)) -> Keypoints:
-    return Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), np.zeros(0, np.float32),
-                     np.ones(0, np.float32), np.asarray(wh, np.float32))
-
-
-def image_keypoints(image: np.ndarray, cfg: FeatureConfig = FeatureConfig(), orb: cv2.ORB | None = None) -> Keypoints:
-    """ORB on one decoded image, resized as orb_ransac resizes. Never raises for blank or tiny images."""
-    gray = resized_gray(image, OrbRansacConfig(min_side=cfg.min_side, max_side=cfg.max_side))
-    if gray.size == 0:
-        return _empty()
-    wh = (float(gray.shape[1]), float(gray.shape[0]))
-    orb = orb or cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold)
-    kps, desc = orb.detectAndCompute(gray, None)
-    if desc is None or not len(kps):
-        return _empty(wh)
-    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8),
-                     np.array([k.angle for k in kps], np.float32), np.array([k.size for k in kps], np.float32),
-                     np.asarray(wh, np.float32))
-
-
-def extract_keypoints(paths: Sequence[str | os.PathLike], cfg: FeatureConfig = FeatureConfig(),
-                      workers: int = 2) -> list[Keypoints]:
-    def chunk(ps: Sequence[Path]) -> list[Keypoints]:
-        orb = cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold)
-        return [image_keypoints(read_image(p), cfg, orb) for p in ps]
-
-    paths = [Path(p) for p in paths]
-    with progress("ORB features (for the learned verifier)", total=len(paths)) as advance:
-        parts = chunked_map(counted(chunk, advance), paths, workers, max_chunk=32,
-                            pool_context=single_threaded_kernels)
-    return [k for part in parts for k in part]
-
-
-def _pack(feats: Sequence[Keypoints]) -> dict[str, np.ndarray]:
-    counts = np.array([len(f) for f in feats], np.int64)
-    cat = lambda name, shape, dtype: (np.concatenate([getattr(f, name) for f in feats]) if feats  # noqa: E731
-                                      else np.zeros(shape, dtype))
-    return {"offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            "points": cat("points", (0, 2), np.float32), "desc": cat("desc", (0, 32), np.uint8),
-            "angle": cat("angle", (0,), np.float32), "size": cat("size", (0,), np.float32),
-            "wh": np.stack([f.wh for f in feats]) if feats else np.zeros((0, 2), np.float32)}
-
-
-def _unpack(z: Mapping[str, np.ndarray]) -> list[Keypoints]:
-    off = z["offsets"]
-    return [Keypoints(*(z[k][off[i] : off[i + 1]] for k in ("points", "desc", "angle", "size")), z["wh"][i])
-            for i in range(len(off) - 1)]
-
-
-def cached_keypoints(files: Sequence[Path], key: Mapping[str, Any], cfg: FeatureConfig,
-                     cache_dir: str | os.PathLike | None, workers: int = 2) -> list[Keypoints]:
-    """`extract_keypoints`, cached as one .npz keyed by `key` (the dataset fingerprint), the files and the config."""
-    if cache_dir is None:
-        return extract_keypoints(files, cfg, workers)
-    digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": asdict(cfg), "version": CACHE_VERSION,
-                          "cv2": cv2.__version__.split(".")[0]})
-    arrays = cached_npz(Path(cache_dir) / f"learned_matches_orb-{digest}.npz",
-                        ("offsets", "points", "desc", "angle", "size", "wh"), "learned-verifier ORB feature",
-                        lambda: _pack(extract_keypoints(files, cfg, workers)),
-                        validate=lambda a: len(a["offsets"]) - 1 == len(files), logger=log)
-    return _unpack(arrays)
 
 
 # ----------------------------------------------------------------------------------------- matching
@@ -270,7 +182,7 @@ class Matches:
     di: np.ndarray
 
 
-def match_features(q: Keypoints, cands: Sequence[Keypoints | None], cfg: MatchingConfig = MatchingConfig()) -> Matches:
+def match_features(q: Features, cands: Sequence[Features | None], cfg: MatchingConfig = MatchingConfig()) -> Matches:
     """Putative matches of `q` with every candidate (None: no candidate, no matches) and their 9 features:
     xq, yq, xd, yd (divided by the image's width / height), hamming / 256, ratio d1 / d2, cos and sin of
     (angle_d - angle_q), log(size_d / size_q). Up to `max_matches` per pair, best (lowest) ratio first."""
@@ -402,8 +314,8 @@ class TrainData:
     query and database indices (only those are read), the ground truth (sim / fov lookup) and the dataset's
     identity (its fingerprint: part of the cache key)."""
 
-    q_feats: Sequence[Keypoints]
-    db_feats: Sequence[Keypoints]
+    q_feats: Sequence[Features]
+    db_feats: Sequence[Features]
     q_files: Sequence[Path]
     db_files: Sequence[Path]
     train_q: np.ndarray
@@ -437,7 +349,7 @@ def training_candidates(data: TrainData, cfg: TrainConfig) -> list[tuple[int, np
     return out
 
 
-def ransac_labels(q: Keypoints, d: Keypoints, qi: np.ndarray, di: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+def ransac_labels(q: Features, d: Features, qi: np.ndarray, di: np.ndarray, cfg: TrainConfig) -> np.ndarray:
     """(len(qi),) bool: the matches that are inliers of a USAC homography (none when fewer than min_matches)."""
     if len(qi) < cfg.min_matches:
         return np.zeros(len(qi), bool)
@@ -582,12 +494,12 @@ class LearnedVerifier:
     """verify(rows, candidates) -> (len(rows), N) float64 pair scores (>= 0; -1 candidates score 0).
     `q_feats[r]` are the keypoints of row r's query; one padded forward pass per query over its N candidates."""
 
-    def __init__(self, net: MatchNet, q_feats: Sequence[Keypoints], db_feats: Sequence[Keypoints],
+    def __init__(self, net: MatchNet, q_feats: Sequence[Features], db_feats: Sequence[Features],
                  cfg: MatchingConfig = MatchingConfig()) -> None:
         self.net, self.q_feats, self.db_feats, self.cfg = net.eval(), q_feats, db_feats, cfg
 
     @torch.inference_mode()
-    def score(self, q: Keypoints, candidates: np.ndarray) -> np.ndarray:
+    def score(self, q: Features, candidates: np.ndarray) -> np.ndarray:
         cands = [self.db_feats[int(j)] if j >= 0 else None for j in candidates]
         mt = match_features(q, cands, self.cfg)
         width = max(1, int(mt.mask.sum(axis=1).max()))  # matches are packed at the front: drop the empty columns
@@ -621,10 +533,3 @@ class LearnedReranker:
         ids[:, :n] = np.take_along_axis(candidates, order, axis=1)
         scores[:, :n] = np.take_along_axis(1.0 + key, order, axis=1).astype(np.float32)
         return ids, scores
-
-
-def config_fields() -> dict[str, tuple[str, ...]]:
-    """The knob names of each section (for schema and docs checks)."""
-    return {name: tuple(f.name for f in fields(t)) for name, t in
-            (("features", FeatureConfig), ("matching", MatchingConfig), ("network", NetworkConfig),
-             ("train", TrainConfig))}

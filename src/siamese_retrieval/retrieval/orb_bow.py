@@ -46,7 +46,7 @@ import numpy as np
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.retrieval.index import build_index, search, set_faiss_threads
-from siamese_retrieval.retrieval.orb_ransac import Features
+from siamese_retrieval.retrieval.orb_features import Features
 from siamese_retrieval.retrieval.ranking import Ranking, RankingBuilder, RankingSettings, canonical_order
 
 log = logging.getLogger(__name__)

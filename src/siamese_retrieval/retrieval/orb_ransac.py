@@ -1,13 +1,13 @@
 """The classical baseline: ORB features + brute-force Hamming matching + Lowe ratio test + RANSAC homography.
 
-    feats = extract_features(paths, OrbRansacConfig())          # once per image (threads; disk-cacheable)
+    feats = extract_features(paths, OrbRansacConfig())          # retrieval/orb_features.py: once per image, cached
     scores = score_matrix(q_feats, db_feats, cfg, workers=2)    # (n_q, n_db) inlier counts, higher = more similar
     inliers = rerank_scores(top_ids, q_feats, db_feats, cfg)    # (n_q, N) inliers of a learned model's top-N
 
 The score of a (query, database) pair is the number of RANSAC inliers of a homography fitted to the
-ratio-test matches (0 when fewer than `min_matches` survive or no homography is found). Images are
-resized so that their shorter side is at least `min_side` (the tiny synthetic city is 128x96: ORB's
-31-px border would leave almost nothing) and their longer side at most `max_side`.
+ratio-test matches (0 when fewer than `min_matches` survive or no homography is found). The features come from
+the verification wing's one extractor (retrieval/orb_features.py), set by this config's n_features,
+fast_threshold, min_side and max_side.
 
 Matching is brute force over all descriptor pairs with FAISS' binary (popcount) kernel, then the
 ratio test on the two nearest. Threads, not processes: OpenCV and FAISS release the GIL, so a thread
@@ -19,25 +19,21 @@ seeds its RNG per call, so scores are deterministic.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import cv2
 import faiss
 import numpy as np
 
-from siamese_retrieval.data.images import read_image, to_gray
-from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 from siamese_retrieval.progress import counted, progress
 from siamese_retrieval.retrieval.index import set_faiss_threads
+from siamese_retrieval.retrieval.orb_features import Features
 
 log = logging.getLogger(__name__)
 
-ORB_RANSAC_CACHE_VERSION = 1
 # cv2.RANSAC spends ~1.5 ms per call whatever the number of matches (measured: 8 to 100 matches);
 # USAC_DEFAULT (LO-RANSAC in OpenCV's USAC framework) finds the same consensus in 0.03-0.4 ms.
 _METHODS = {"usac": cv2.USAC_DEFAULT, "ransac": cv2.RANSAC, "rho": cv2.RHO}
@@ -68,20 +64,6 @@ class OrbRansacConfig:
             raise ValueError(f"orb_ransac: need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
 
 
-@dataclass
-class Features:
-    """One image's ORB features: points (n, 2) float32 in the resized frame, descriptors (n, 32) uint8."""
-
-    points: np.ndarray
-    desc: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.points)
-
-
-EMPTY = Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
-
-
 @contextmanager
 def single_threaded_kernels() -> Iterator[None]:
     """OpenCV and FAISS (OpenMP) run single-threaded inside our thread pool; restored afterwards."""
@@ -91,77 +73,6 @@ def single_threaded_kernels() -> Iterator[None]:
             yield
         finally:
             set_faiss_threads()
-
-
-def resized_gray(image: np.ndarray, cfg: OrbRansacConfig) -> np.ndarray:
-    gray = to_gray(image)
-    h, w = gray.shape[:2]
-    if h == 0 or w == 0:
-        return gray
-    scale = 1.0
-    if min(h, w) < cfg.min_side:
-        scale = cfg.min_side / min(h, w)
-    if max(h, w) * scale > cfg.max_side:
-        scale = cfg.max_side / max(h, w)
-    if scale != 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    return gray
-
-
-def image_features(image: np.ndarray, cfg: OrbRansacConfig = OrbRansacConfig(), orb: cv2.ORB | None = None) -> Features:
-    """ORB on one decoded image (gray, BGR or BGRA). Never raises for blank or tiny images."""
-    gray = resized_gray(image, cfg)
-    if gray.size == 0:
-        return EMPTY
-    orb = orb or cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold)
-    kps, desc = orb.detectAndCompute(gray, None)
-    if desc is None or not len(kps):  # cv2 returns None descriptors when nothing is detected
-        return EMPTY
-    return Features(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8))
-
-
-def _extract_chunk(paths: Sequence[Path], cfg: OrbRansacConfig) -> list[Features]:
-    orb = cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold)
-    return [image_features(read_image(p), cfg, orb) for p in paths]
-
-
-def extract_features(paths: Sequence[str | os.PathLike], cfg: OrbRansacConfig = OrbRansacConfig(),
-                     workers: int = 2) -> list[Features]:
-    """ORB features of every file, on a thread pool (DatasetError names the first undecodable file)."""
-    paths = [Path(p) for p in paths]
-    with progress("ORB features (for RANSAC)", total=len(paths)) as advance:
-        parts = chunked_map(counted(lambda chunk: _extract_chunk(chunk, cfg), advance), paths, workers, max_chunk=32,
-                            pool_context=single_threaded_kernels)
-    return [f for part in parts for f in part]
-
-
-def _pack(feats: Sequence[Features]) -> dict[str, np.ndarray]:
-    counts = np.array([len(f) for f in feats], np.int64)
-    return {
-        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        "points": np.concatenate([f.points for f in feats]) if feats else np.zeros((0, 2), np.float32),
-        "desc": np.concatenate([f.desc for f in feats]) if feats else np.zeros((0, 32), np.uint8),
-    }
-
-
-def _unpack(z: dict[str, np.ndarray]) -> list[Features]:
-    off = z["offsets"]
-    return [Features(z["points"][off[i] : off[i + 1]], z["desc"][off[i] : off[i + 1]]) for i in range(len(off) - 1)]
-
-
-def cached_features(files: Sequence[Path], key: dict, cfg: OrbRansacConfig, cache_dir: str | os.PathLike | None,
-                    workers: int = 2) -> list[Features]:
-    """`extract_features`, cached in `cache_dir` as one .npz keyed by `key` (e.g. the dataset fingerprint),
-    the file list and the config; written atomically. No cache when `cache_dir` is None."""
-    if cache_dir is None:
-        return extract_features(files, cfg, workers)
-    digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": asdict(cfg),
-                          "version": ORB_RANSAC_CACHE_VERSION, "cv2": cv2.__version__.split(".")[0]})
-    arrays = cached_npz(Path(cache_dir) / f"orb_ransac-{digest}.npz", ("offsets", "points", "desc"), "ORB feature",
-                        lambda: _pack(extract_features(files, cfg, workers)),
-                        validate=lambda a: len(a["offsets"]) - 1 == len(files), logger=log)
-    return _unpack(arrays)
 
 
 # ----------------------------------------------------------------------------------------- verification

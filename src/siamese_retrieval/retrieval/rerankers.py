@@ -22,13 +22,8 @@ import numpy as np
 
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.registry import RERANKERS
-from siamese_retrieval.retrieval.orb_ransac import (
-    Features,
-    OrbRansacConfig,
-    cached_features,
-    extract_features,
-    rerank_scores,
-)
+from siamese_retrieval.retrieval.orb_features import Features, cached_features, extract_features
+from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, rerank_scores
 from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
 
 log = logging.getLogger(__name__)
@@ -145,8 +140,8 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
         log.warning("rerank=learned_matches on split=train: the verifier was fitted on these very queries")
     ds = source.dataset
     db_files, q_files = [ds.db_file(j) for j in range(ds.n_db)], [ds.query_file(i) for i in range(ds.n_query)]
-    feats = lm.cached_keypoints(db_files + q_files, {"fingerprint": ds.fingerprint}, lm_cfg.features, source.cache_dir,
-                                lm_cfg.workers)
+    feats = cached_features(db_files + q_files, {"fingerprint": ds.fingerprint}, lm_cfg.features, source.cache_dir,
+                            lm_cfg.workers)  # the same extractor and cache as orb_ransac's, at its own n_features
     db_feats, q_feats = feats[: ds.n_db], feats[ds.n_db :]
     from siamese_retrieval.data.ground_truth import as_ground_truth
 

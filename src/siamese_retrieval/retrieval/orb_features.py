@@ -1,0 +1,162 @@
+"""The one ORB feature extractor of the verification wing.
+
+ORB + RANSAC (the baseline and `rerank=orb_ransac|fused`), the ORB bag of words (`method=orb_bow`) and the
+learned match verifier (`rerank=learned_matches`) read the same features: OpenCV ORB on the grey image resized
+so that its shorter side is at least `min_side` (the tiny synthetic city is 128x96: ORB's 31-px border would
+leave almost nothing) and its longer side at most `max_side`. Each image's features are extracted once per
+setting and cached as one .npz per image list (`cached_features`), whichever of them asks first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from siamese_retrieval.data.images import read_image, to_gray
+from siamese_retrieval.io_utils import cached_npz, stable_hash
+from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
+from siamese_retrieval.progress import counted, progress
+
+log = logging.getLogger(__name__)
+
+ORB_CACHE_VERSION = 1
+FEATURE_FIELDS = ("n_features", "fast_threshold", "min_side", "max_side")  # what the features depend on
+
+
+@dataclass(frozen=True)
+class OrbFeatureConfig:
+    n_features: int = 1000  # ORB features per image
+    fast_threshold: int = 20  # ORB's FAST threshold
+    min_side: int = 240  # smaller images are upscaled first
+    max_side: int = 640  # larger images are downscaled first
+
+    def __post_init__(self) -> None:
+        if self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {self.n_features}")
+        if self.min_side < 1 or self.max_side < self.min_side:
+            raise ValueError(f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+
+
+@dataclass
+class Features:
+    """One image's ORB features: points (n, 2) px in the resized frame, desc (n, 32) uint8, angle (n,) degrees,
+    size (n,) px, and the (width, height) of the resized frame."""
+
+    points: np.ndarray
+    desc: np.ndarray
+    angle: np.ndarray
+    size: np.ndarray
+    wh: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+def empty(wh: tuple[float, float] = (1.0, 1.0)) -> Features:
+    return Features(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), np.zeros(0, np.float32),
+                    np.ones(0, np.float32), np.asarray(wh, np.float32))
+
+
+def feature_settings(cfg: Any) -> dict[str, Any]:
+    """The feature knobs of any config that has them (OrbFeatureConfig, OrbRansacConfig): the cache key."""
+    return {name: getattr(cfg, name) for name in FEATURE_FIELDS}
+
+
+def resized_gray(image: np.ndarray, cfg: Any) -> np.ndarray:
+    """The grey image scaled to min_side <= shorter side, longer side <= max_side (cfg: any config with them)."""
+    gray = to_gray(image)
+    h, w = gray.shape[:2]
+    if h == 0 or w == 0:
+        return gray
+    scale = 1.0
+    if min(h, w) < cfg.min_side:
+        scale = cfg.min_side / min(h, w)
+    if max(h, w) * scale > cfg.max_side:
+        scale = cfg.max_side / max(h, w)
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return gray
+
+
+def _orb(cfg: Any) -> cv2.ORB:
+    return cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold)
+
+
+def image_features(image: np.ndarray, cfg: Any = OrbFeatureConfig(), orb: cv2.ORB | None = None) -> Features:
+    """ORB on one decoded image (gray, BGR or BGRA). Never raises for blank or tiny images."""
+    gray = resized_gray(image, cfg)
+    if gray.size == 0:
+        return empty()
+    wh = (float(gray.shape[1]), float(gray.shape[0]))
+    kps, desc = (orb or _orb(cfg)).detectAndCompute(gray, None)
+    if desc is None or not len(kps):  # cv2 returns None descriptors when nothing is detected
+        return empty(wh)
+    return Features(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8),
+                    np.array([k.angle for k in kps], np.float32), np.array([k.size for k in kps], np.float32),
+                    np.asarray(wh, np.float32))
+
+
+def extract_features(paths: Sequence[str | os.PathLike], cfg: Any = OrbFeatureConfig(),
+                     workers: int = 2) -> list[Features]:
+    """ORB features of every file, on a thread pool (DatasetError names the first undecodable file)."""
+
+    def chunk(ps: Sequence[Path]) -> list[Features]:
+        orb = _orb(cfg)
+        return [image_features(read_image(p), cfg, orb) for p in ps]
+
+    paths = [Path(p) for p in paths]
+    with progress("ORB features", total=len(paths)) as advance:
+        parts = chunked_map(counted(chunk, advance), paths, workers, max_chunk=32, pool_context=opencv_single_threaded)
+    return [f for part in parts for f in part]
+
+
+ARRAYS = ("offsets", "points", "desc", "angle", "size", "wh")
+
+
+def _pack(feats: Sequence[Features]) -> dict[str, np.ndarray]:
+    counts = np.array([len(f) for f in feats], np.int64)
+
+    def cat(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        return np.concatenate([getattr(f, name) for f in feats]) if feats else np.zeros(shape, dtype)
+
+    return {"offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "points": cat("points", (0, 2), np.float32), "desc": cat("desc", (0, 32), np.uint8),
+            "angle": cat("angle", (0,), np.float32), "size": cat("size", (0,), np.float32),
+            "wh": np.stack([f.wh for f in feats]) if feats else np.zeros((0, 2), np.float32)}
+
+
+def _unpack(z: Mapping[str, np.ndarray]) -> list[Features]:
+    off = z["offsets"]
+    return [Features(*(z[k][off[i] : off[i + 1]] for k in ("points", "desc", "angle", "size")), z["wh"][i])
+            for i in range(len(off) - 1)]
+
+
+def _valid(z: Mapping[str, np.ndarray], n_files: int) -> bool:
+    """The arrays fit together: one offset per file (+1), increasing, and every per-feature array that long."""
+    off = z["offsets"]
+    if off.ndim != 1 or len(off) != n_files + 1 or off[0] != 0 or np.any(np.diff(off) < 0):
+        return False
+    n = int(off[-1])
+    return (z["points"].shape == (n, 2) and z["desc"].shape == (n, 32) and z["desc"].dtype == np.uint8
+            and z["angle"].shape == (n,) and z["size"].shape == (n,) and z["wh"].shape == (n_files, 2))
+
+
+def cached_features(files: Sequence[Path], key: Mapping[str, Any], cfg: Any, cache_dir: str | os.PathLike | None,
+                    workers: int = 2) -> list[Features]:
+    """`extract_features`, cached in `cache_dir` as one .npz keyed by `key` (e.g. the dataset fingerprint), the
+    file list and the feature settings; written atomically. No cache when `cache_dir` is None."""
+    if cache_dir is None:
+        return extract_features(files, cfg, workers)
+    digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": feature_settings(cfg),
+                          "version": ORB_CACHE_VERSION, "cv2": cv2.__version__.split(".")[0]})
+    arrays = cached_npz(Path(cache_dir) / f"orb-{digest}.npz", ARRAYS, "ORB feature",
+                        lambda: _pack(extract_features(files, cfg, workers)),
+                        validate=lambda a: _valid(a, len(files)), logger=log)
+    return _unpack(arrays)

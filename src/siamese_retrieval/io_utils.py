@@ -3,6 +3,16 @@
 Two kinds of array cache: `cached_npz`, one `.npz` read fully into memory (small caches), and
 `cached_arrays`, a directory of `.npy` files opened memory-mapped (caches too large for RAM: decoded
 images, keypoints of 100k+ images), filled in place and renamed into place whole.
+
+Shared cache folders (a cluster's or a lab server's, where other users can create entries): no write ever
+goes through a name someone else could have planted. Temporaries get random names and are created
+exclusively (`atomic_path`/`atomic_file`: mkstemp, O_CREAT|O_EXCL|O_NOFOLLOW; `make_temp_dir`: mkdtemp,
+0700 until published), so an existing name or symbolic link is never opened, and a temporary's name is
+not known before it exists. A cache's final name that is a symbolic link (or not of the cache's type) is
+removed, never followed, and the cache rebuilt (`check_cache_entry`; an entry that cannot be removed is
+one UserError naming it); renames never follow their destination; `safe_remove` deletes without ever
+following a link. Residual: in a folder without the sticky bit another user can also rename or delete
+entries they do not own; use sticky (chmod +t) shared folders.
 """
 
 from __future__ import annotations
@@ -15,12 +25,16 @@ import logging
 import mmap
 import os
 import shutil
+import stat
+import sys
 import tempfile
 import time
 import weakref
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping, Sequence
+
+from siamese_retrieval.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,28 +44,165 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+# ----------------------------------------------------------------------------------------- never follow a planted link
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets normal permissions
+    return umask
+
+
+def safe_remove(path: str | os.PathLike, ignore_errors: bool = False) -> None:
+    """Delete `path` without ever following a symbolic link: a link (or file, socket, ...) is unlinked, the link
+    itself and never its target; a real directory is deleted by shutil.rmtree, which unlinks the links inside
+    without descending into them (and refuses a directory that turned into a link meanwhile). Nothing there:
+    nothing to do. Other failures raise OSError unless `ignore_errors`."""
+    path = os.fspath(path)
+
+    def gone_is_fine(exc: BaseException) -> None:  # removed concurrently: the goal is reached
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
+
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=lambda func, name, exc: gone_is_fine(exc))
+            else:
+                shutil.rmtree(path, onerror=lambda func, name, exc_info: gone_is_fine(exc_info[1]))
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def _link_is_trusted(link: Path, st: os.stat_result) -> bool:
+    """The rule of Linux' fs.protected_symlinks: a link may be followed when it is ours, root's, or made by the
+    owner of the folder that holds it (who could have put anything there anyway)."""
+    if st.st_uid in (os.getuid(), 0):
+        return True
+    try:
+        return os.stat(link.parent).st_uid == st.st_uid
+    except OSError:
+        return False
+
+
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents) when missing. The folder a caller names (a configured cache or output
+    folder) may be a symbolic link, but only one of the caller's own (or root's, or the owner's of the folder
+    holding it): a link there made by another user is refused with one line, never written through."""
+    folder = Path(folder)
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        st = None
+    except OSError:  # e.g. a parent that is not a folder: mkdir below says so
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode) and not _link_is_trusted(folder, st):
+        raise UserError(f"{folder} is a symbolic link made by another user (uid {st.st_uid}, to "
+                        f"{os.readlink(folder)}): refusing to write through it; remove it or use another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _entry_problem(path: Path, kind: str) -> str | None:
+    """Why the cache entry `path` cannot be used as it is (None: missing, or a real `kind` "file"/"dir")."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"is a symbolic link (to {target})"
+    if kind == "dir" and not stat.S_ISDIR(st.st_mode):
+        return "is unreadable (not a directory)"
+    if kind == "file" and not stat.S_ISREG(st.st_mode):
+        return "is unreadable (not a regular file)"
+    return None
+
+
+def _remove_entry(path: Path, what: str, problem: str) -> None:
+    """Remove the cache entry `path` (never following it); one UserError naming it when that is impossible."""
+    try:
+        safe_remove(path)
+    except OSError as exc:
+        raise UserError(f"{what} cache {path} {problem} and cannot be removed ({exc.strerror or exc}); "
+                        f"delete it or use another cache folder") from None
+
+
+def check_cache_entry(path: str | os.PathLike, what: str, kind: str, logger: logging.Logger = log) -> None:
+    """Make a cache's final name safe to read and to rename onto (`kind`: "file" or "dir"). A symbolic link
+    there (anyone's, in a shared cache folder) is never followed: the link itself is removed, its target left
+    untouched, and the cache rebuilt; so is an entry of the other type (a folder where the cache is a file, ...).
+    Only the final name: the cache folder itself is `ensure_folder`'s. An entry that cannot be removed (another
+    user's, in a sticky folder) is a UserError naming it."""
+    path = Path(path)
+    problem = _entry_problem(path, kind)
+    if problem is not None:
+        logger.warning("%s cache %s %s; removing it (never following it) and rebuilding it", what, path, problem)
+        _remove_entry(path, what, problem)
+
+
+def _open_nofollow(path: str | os.PathLike, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
+@contextlib.contextmanager
+def _temp_file_beside(path: Path, suffix: str) -> Iterator[tuple[int, Path]]:
+    """(descriptor, name) of a new file beside `path`, renamed onto `path` when the block succeeds."""
+    ensure_folder(path.parent)
+    # mkstemp: a random name, opened O_CREAT|O_EXCL|O_NOFOLLOW, so never an existing file or a planted link
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    tmp_path = Path(tmp)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets normal permissions
+        created = os.fstat(fd)
+        yield fd, tmp_path
+        now = os.lstat(tmp_path)
+        if (now.st_dev, now.st_ino) != (created.st_dev, created.st_ino):
+            raise OSError(errno.EEXIST, "the temporary file was replaced by someone else", str(tmp_path))
+        try:
+            os.replace(tmp_path, path)  # a link under `path` is replaced, not followed
+        except PermissionError as exc:  # another user's link in a sticky folder: refused, never written through
+            problem = _entry_problem(path, "file")
+            if problem is None:
+                raise
+            raise UserError(f"{path} {problem} and cannot be replaced ({exc.strerror or exc}); delete it or use "
+                            f"another folder") from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)  # gone after the rename; else ours (or, never followed, whatever took its name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary is created exclusively under a random name before it is yielded (so it is never a planted
+    link); the rename replaces a link under `path` without following it. Prefer `atomic_file` where the writer
+    takes a file object: then the bytes go to the created file whatever happens to names meanwhile."""
+    with _temp_file_beside(Path(path), suffix) as (_, tmp):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[BinaryIO]:
+    """`atomic_path`, yielding the temporary opened for binary writing (the descriptor mkstemp created)."""
+    with _temp_file_beside(Path(path), suffix) as (fd, _):
+        with os.fdopen(os.dup(fd), "wb") as f:
+            yield f
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    with atomic_file(path) as f:
+        f.write(text.encode())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -62,21 +213,72 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
     """An .npz cache written under a temporary name and renamed: a killed writer leaves no half file."""
     import numpy as np
 
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
-            np.savez(f, **arrays)
+    with atomic_file(path, suffix=".npz") as f:  # a file object: np.savez would otherwise append .npz to the name
+        np.savez(f, **arrays)
+
+
+def make_temp_dir(path: str | os.PathLike) -> Path:
+    """A new, empty, private (0700) directory beside the cache directory `path`, to be filled and then
+    `publish_dir`-ed: `.<name>.tmp-<random>-<pid>`, made by mkdtemp, so it is never an existing name or a planted
+    link and its name cannot be known before it exists (the pid only tells `remove_stale_temporaries` whether
+    its writer is alive). The stale temporaries of dead writers are removed first."""
+    path = Path(path)
+    ensure_folder(path.parent)
+    remove_stale_temporaries(path)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", suffix=f"-{os.getpid()}", dir=path.parent))
+
+
+def normal_dir_mode(tmp: str | os.PathLike) -> None:
+    """Give a filled `make_temp_dir`/mkdtemp directory (0700) the normal permissions (0777 minus the umask), through
+    a descriptor opened without following a link (never chmod-ing whatever took its name)."""
+    fd = _open_nofollow(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fchmod(fd, 0o777 & ~_umask())
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp: Path, path: Path, what: str, keep_existing: Callable[[Path], bool],
+                logger: logging.Logger = log) -> bool:
+    """Rename the filled temporary directory `tmp` (from `make_temp_dir`) onto the cache directory `path`, giving
+    it normal permissions first. A link or file under `path` is removed (never followed); a real directory there
+    is kept when `keep_existing(path)` (a concurrent writer's complete cache: ours is dropped, False returned),
+    else removed (an incomplete leftover). True when ours was renamed into place."""
+    normal_dir_mode(tmp)
+    for _ in range(3):
+        check_cache_entry(path, what, "dir", logger)
+        if os.path.lexists(path):
+            if keep_existing(path):
+                return False
+            if os.path.lexists(path):
+                _remove_entry(path, what, "is incomplete or unreadable")
+        try:
+            os.replace(tmp, path)  # rename(2): never follows a link under `path` (a directory cannot replace one)
+            return True
+        except OSError as exc:  # something appeared under `path` meanwhile: look again
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+    raise OSError(errno.EEXIST, f"{what} cache keeps reappearing while being replaced", str(path))
+
+
+def _no_link(path: Path) -> Path:
+    """`path`, or ValueError when it is a symbolic link (a cache's member files are read, never followed)."""
+    if os.path.islink(path):
+        raise ValueError(f"{path.name} is a symbolic link")
+    return path
 
 
 def load_npz_cache(path: Path, keys: Sequence[str], what: str) -> dict[str, Any] | None:
-    """The arrays of an .npz cache, or None (the file deleted, with a warning) when it cannot be read."""
+    """The arrays of an .npz cache, or None (the file deleted, with a warning) when it cannot be read. A link
+    under `path` is not opened (O_NOFOLLOW): unreadable, so removed and rebuilt."""
     import numpy as np
 
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with os.fdopen(_open_nofollow(path, os.O_RDONLY), "rb") as f, np.load(f, allow_pickle=False) as z:
             return {k: z[k] for k in keys}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, exc)
-        path.unlink(missing_ok=True)
+        safe_remove(path, ignore_errors=True)
         return None
 
 
@@ -89,20 +291,25 @@ def cached_npz(
     logger: logging.Logger = log,
 ) -> dict[str, Any]:
     """The arrays `keys` of the .npz cache at `path` when it is readable and `validate(arrays)` holds;
-    otherwise `compute()`'s arrays, written to `path` atomically. A bad cache is deleted with a warning.
+    otherwise `compute()`'s arrays, written to `path` atomically. A bad cache is deleted with a warning,
+    and so is a symbolic link (or folder) under `path`: never followed, rebuilt (`check_cache_entry`).
     No cache when `path` is None. `what` names the cache in the messages ("image" -> "image cache hit"),
     which go to `logger` (the caller's)."""
-    if path is not None and path.is_file():
-        arrays = load_npz_cache(path, keys, what)
-        if arrays is not None and validate is not None and not validate(arrays):
-            logger.warning("%s cache %s has unexpected shapes; rebuilding it", what, path)
-            path.unlink(missing_ok=True)
-            arrays = None
-        if arrays is not None:
-            logger.info("%s cache hit: %s", what, path)
-            return arrays
+    if path is not None:
+        path = Path(path)
+        check_cache_entry(path, what, "file", logger)
+        if path.is_file():
+            arrays = load_npz_cache(path, keys, what)
+            if arrays is not None and validate is not None and not validate(arrays):
+                logger.warning("%s cache %s has unexpected shapes; rebuilding it", what, path)
+                safe_remove(path, ignore_errors=True)
+                arrays = None
+            if arrays is not None:
+                logger.info("%s cache hit: %s", what, path)
+                return arrays
     arrays = dict(compute())
     if path is not None:
+        check_cache_entry(path, what, "file", logger)  # what appeared there while computing
         atomic_save_npz(path, **arrays)
     return arrays
 
@@ -122,13 +329,14 @@ def cached_arrays(
     The directory holds one `<name>.npy` per array. On a hit the files are opened copy-on-write
     (mmap_mode "c"): nothing is read until touched, pages come from (and stay in) the page cache, and
     the arrays are writable (torch.from_numpy neither copies nor warns) without ever writing back. On a
-    miss `fill(arrays)` writes into fresh `.npy` memmaps in a temporary sibling directory, which is then
-    renamed onto `path` whole, so a producer never holds the arrays in RAM and a killed writer leaves
-    nothing under the final name. A directory that cannot be read or has other shapes is rebuilt with a
-    warning; a rebuild deletes the old files and writes new ones, never rewriting a file in place (a file
-    truncated under a live mapping would fault its readers with SIGBUS). `path` None: no cache, in-memory
-    arrays filled by `fill`. `what` names the cache in the messages ("image" -> "image cache hit"), which
-    go to `logger` (the caller's)."""
+    miss `fill(arrays)` writes into fresh `.npy` memmaps in a private temporary sibling directory
+    (`make_temp_dir`), which is then renamed onto `path` whole (`publish_dir`), so a producer never holds
+    the arrays in RAM and a killed writer leaves nothing under the final name. A directory that cannot be
+    read or has other shapes is rebuilt with a warning; so is a symbolic link under `path` or among its
+    files (removed, never followed). A rebuild deletes the old files and writes new ones, never rewriting a
+    file in place (a file truncated under a live mapping would fault its readers with SIGBUS). `path` None:
+    no cache, in-memory arrays filled by `fill`. `what` names the cache in the messages ("image" -> "image
+    cache hit"), which go to `logger` (the caller's)."""
     import numpy as np
 
     if path is None:
@@ -136,7 +344,7 @@ def cached_arrays(
         fill(arrays)
         return arrays
     path = Path(path)
-    arrays = open_array_cache(path, specs, what, logger, remove_invalid=True)
+    arrays = open_array_cache(path, specs, what, logger, remove_invalid=True)  # removes a link there, unfollowed
     if arrays is not None:
         logger.info("%s cache hit: %s", what, path)
         return arrays
@@ -151,20 +359,23 @@ def open_array_cache(
     path: Path, specs: ArraySpecs, what: str, logger: logging.Logger = log, remove_invalid: bool = False
 ) -> dict[str, np.ndarray] | None:
     """The copy-on-write memmaps of a complete cache directory, or None when it is missing or invalid
-    (then, with `remove_invalid`, it is deleted with a warning so that it is rebuilt)."""
-    if not path.exists():
-        return None
-    try:
-        arrays = _open_arrays(path, specs)
-    except (OSError, ValueError, EOFError) as exc:
-        problem = f"is unreadable ({exc})"
-    else:
-        if arrays is not None:
-            return arrays
-        problem = "has unexpected shapes"
+    (then, with `remove_invalid`, it is deleted with a warning so that it is rebuilt). A symbolic link under
+    `path` or in place of one of its files is invalid: never followed."""
+    problem = _entry_problem(path, "dir")
+    if problem is None:
+        if not os.path.lexists(path):
+            return None
+        try:
+            arrays = _open_arrays(path, specs)
+        except (OSError, ValueError, EOFError) as exc:
+            problem = f"is unreadable ({exc})"
+        else:
+            if arrays is not None:
+                return arrays
+            problem = "has unexpected shapes"
     if remove_invalid:
         logger.warning("%s cache %s %s; rebuilding it", what, path, problem)
-        _remove(path)
+        _remove_entry(path, what, problem)
     return None
 
 
@@ -174,7 +385,7 @@ def _open_arrays(path: Path, specs: ArraySpecs) -> dict[str, np.ndarray] | None:
 
     arrays = {}
     for name, (shape, dtype) in specs.items():
-        arr = np.load(path / f"{name}.npy", mmap_mode="c", allow_pickle=False)
+        arr = np.load(_no_link(path / f"{name}.npy"), mmap_mode="c", allow_pickle=False)
         if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype) or not arr.flags.c_contiguous:
             return None
         arrays[name] = arr
@@ -186,17 +397,12 @@ def _open_arrays(path: Path, specs: ArraySpecs) -> dict[str, np.ndarray] | None:
 def _write_array_cache(
     path: Path, specs: ArraySpecs, what: str, fill: Callable[[dict[str, np.ndarray]], None], logger: logging.Logger
 ) -> None:
-    """`fill` into `.npy` memmaps in a temporary sibling directory, flushed, then renamed onto `path`.
+    """`fill` into `.npy` memmaps in a private temporary sibling directory, flushed, then renamed onto `path`.
     A concurrent writer that got there first with a valid cache wins; ours is dropped."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", suffix=f"-{os.getpid()}", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the cache gets normal permissions
         arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=tuple(shape), dtype=dtype)
                   for name, (shape, dtype) in specs.items()}
         for name in arrays:
@@ -206,9 +412,10 @@ def _write_array_cache(
         for arr in arrays.values():
             arr.flush()
         del arrays
-        _rename_into_place(tmp, path, specs, what, logger)
+        publish_dir(tmp, path, what,
+                    lambda p: open_array_cache(p, specs, what, logger, remove_invalid=True) is not None, logger)
     finally:
-        _remove(tmp)
+        safe_remove(tmp, ignore_errors=True)
 
 
 def _allocate(file: Path) -> None:
@@ -226,23 +433,14 @@ def _allocate(file: Path) -> None:
             raise OSError(exc.errno, exc.strerror, str(file)) from None
 
 
-def _rename_into_place(tmp: Path, path: Path, specs: ArraySpecs, what: str, logger: logging.Logger) -> None:
-    if open_array_cache(path, specs, what, logger, remove_invalid=True) is not None:
-        return  # a concurrent writer finished first
-    try:
-        os.replace(tmp, path)
-    except OSError:  # a directory appeared under `path` meanwhile (os.replace cannot overwrite a full one)
-        if open_array_cache(path, specs, what, logger) is None:
-            raise
-
-
 def remove_stale_temporaries(path: Path) -> None:
     """The temporary siblings `.<name>.tmp-...-<pid>` of `path` whose writer died are deleted (the caches here,
-    the synthetic cities of data/synth/generate.py): a killed writer's half-written output never piles up."""
+    the synthetic cities of data/synth/generate.py): a killed writer's half-written output never piles up.
+    Links among them are unlinked, never followed; what cannot be removed (another user's) is left."""
     for stale in path.parent.glob(f".{path.name}.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if not (pid.isdigit() and _pid_alive(int(pid))):
-            _remove(stale)
+            safe_remove(stale, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -254,14 +452,9 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:
+        return False
     return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------- resident pages

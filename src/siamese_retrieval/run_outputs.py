@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -123,9 +124,12 @@ def unwritable_reason(path: str | Path) -> str | None:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write_probe-", dir=path)  # a new, random name: never a planted link
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         return " ".join(str(exc.strerror or exc).split())
     return None

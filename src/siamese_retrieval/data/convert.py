@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
@@ -28,28 +29,32 @@ import numpy as np
 from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset, write_dataset
 from siamese_retrieval.data.layouts import DEFAULT_RADIUS_M, LAYOUTS, read_layout
 from siamese_retrieval.errors import UserError
+from siamese_retrieval.io_utils import ensure_folder, normal_dir_mode, safe_remove
 
 
 @contextlib.contextmanager
 def staged_output_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder of `out`; rename it onto `out` only if the block succeeds.
+    """Yield a private temporary sibling folder of `out` (a random name made by mkdtemp: never an existing name
+    or a planted link); rename it onto `out` only if the block succeeds.
 
-    `out` must not exist or be an empty folder (UserError otherwise): nothing already there is overwritten.
+    `out` must not exist or be an empty folder (UserError otherwise): nothing already there is overwritten,
+    and a symbolic link under `out` is refused, never followed.
     """
     out = Path(out).expanduser()
+    if os.path.islink(out):
+        raise UserError(f"{out}: is a symbolic link (to {os.readlink(out)}); choose a new output folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    ensure_folder(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
+        normal_dir_mode(tmp)  # mkdtemp makes 0700; the dataset gets normal permissions
+        if os.path.isdir(out) and not os.path.islink(out):
             out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # rename(2) never follows a link that appeared under `out` meanwhile (it fails)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_remove(tmp, ignore_errors=True)
 
 
 def output_names(paths: Sequence[str], kind: str) -> list[str]:

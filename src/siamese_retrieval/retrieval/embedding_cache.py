@@ -9,10 +9,11 @@ bytes: a copied or moved checkpoint still hits, a rewritten one misses), the dat
 contract files' bytes), its root and database paths, the input builder's config and the index config.
 Anything changes -> another key -> a miss. Nothing is written next to the checkpoint: that folder is
 another run's outputs.
-Written atomically: the entry is assembled in a temporary sibling directory and renamed into place,
-so a crash or a concurrent writer never leaves a half-written entry under the key (a reader sees
-either nothing or the complete entry). A cache directory that cannot be written only costs the
-cache (a warning), never the search.
+Written atomically: the entry is assembled in a private temporary sibling directory with a random name
+(io_utils.make_temp_dir) and renamed into place, so a crash or a concurrent writer never leaves a
+half-written entry under the key (a reader sees either nothing or the complete entry). A symbolic link
+under the key's name (a shared cache folder) is removed, never followed, and the entry rebuilt. A cache
+directory that cannot be written only costs the cache (a warning), never the search.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from siamese_retrieval.io_utils import stable_hash
+from siamese_retrieval.errors import UserError
+from siamese_retrieval.io_utils import check_cache_entry, make_temp_dir, publish_dir, safe_remove, stable_hash
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, load_index, save_index
 
 log = logging.getLogger(__name__)
@@ -95,26 +95,34 @@ def _read_entry(entry: Path, key: dict, use_gpu: bool) -> tuple[faiss.Index, np.
 
 def _write_entry(entry: Path, key: dict, emb: np.ndarray, index: faiss.Index, extra: dict[str, Any]) -> bool:
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
-    except OSError as exc:
+        tmp = make_temp_dir(entry)  # private, random name: never an existing name or a planted link
+    except (OSError, UserError) as exc:
         log.warning("cannot cache the database embeddings under %s (%s): the next search embeds again",
-                    entry.parent, exc.strerror or exc)
+                    entry.parent, getattr(exc, "strerror", None) or exc)
         return False
     try:
         np.save(tmp / "embeddings.npy", emb)
         save_index(index, tmp / "index.faiss")
         (tmp / "meta.json").write_text(json.dumps({"key": key, **extra}, indent=2) + "\n")
-        if entry.exists():  # an older, unreadable entry under the same key
-            shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
+        # an older, unreadable entry under the same key is replaced; a link there is removed, never followed
+        publish_dir(tmp, entry, "embedding", lambda _: False, log)
         return True
-    except OSError as exc:
-        log.warning("could not write the embedding cache %s (%s)", entry, exc.strerror or exc)
+    except (OSError, UserError) as exc:
+        log.warning("could not write the embedding cache %s (%s)", entry, getattr(exc, "strerror", None) or exc)
         return False
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        safe_remove(tmp, ignore_errors=True)
+
+
+def _usable_entry(entry: Path) -> bool:
+    """Whether `entry` may be read or replaced: a symbolic link (or file) under its name is removed (never
+    followed) first; one that cannot be removed costs the cache (a warning), never the search."""
+    try:
+        check_cache_entry(entry, "embedding", "dir", log)
+    except (OSError, UserError) as exc:
+        log.warning("%s: the database is embedded without the cache", exc)
+        return False
+    return True
 
 
 def cached_database_index(
@@ -130,6 +138,7 @@ def cached_database_index(
     started = time.perf_counter()
     key = cache_key(ckpt_path, dataset, inputs_cfg, index_cfg)
     entry = Path(cache_dir) / stable_hash(key)
+    enabled = enabled and _usable_entry(entry)
     if enabled and entry.is_dir():
         found = _read_entry(entry, key, index_cfg.use_gpu)
         if found is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -31,7 +30,14 @@ from siamese_retrieval.data.synth.config import SynthConfig, db_positions
 from siamese_retrieval.data.synth.facades import build_street, make_archetypes
 from siamese_retrieval.data.synth.geometry import Camera, camera_array, fov_pairs, street_width, world_loc
 from siamese_retrieval.data.synth.render import SceneRenderer
-from siamese_retrieval.io_utils import atomic_write_json, remove_stale_temporaries, stable_hash
+from siamese_retrieval.io_utils import (
+    atomic_write_json,
+    check_cache_entry,
+    make_temp_dir,
+    publish_dir,
+    safe_remove,
+    stable_hash,
+)
 from siamese_retrieval.progress import progress
 
 
@@ -182,23 +188,24 @@ def ensure_city(cache_dir: str | Path, cfg: SynthConfig, workers: int | None = N
     """The city for `cfg` under cache_dir, generated only if missing (on `workers` processes; None: one per
     core, at most 16).
 
-    Generation goes to a temporary sibling that is renamed into place when complete, so an
-    interrupted run never leaves something that looks like a city; stale temporaries are removed.
+    Generation goes to a private temporary sibling with a random name (io_utils.make_temp_dir: never an existing
+    name or a planted link) that is renamed into place when complete, so an interrupted run never leaves
+    something that looks like a city; stale temporaries are removed. A symbolic link (or a file) under the
+    city's name is removed, never followed, and the city generated again (io_utils.check_cache_entry).
     """
     final = city_dir(cache_dir, cfg)
-    if (final / "gt.h5").is_file() and (final / CONFIG_FILE).is_file():
+    check_cache_entry(final, "synthetic city", "dir")
+    if _complete(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover (an earlier failed call)
+    tmp = make_temp_dir(final)
     try:
         generate_city(tmp, cfg, workers=workers or min(16, len(os.sched_getaffinity(0))))
-        if final.exists():  # an incomplete leftover under the final name, or a concurrent winner
-            if (final / "gt.h5").is_file():
-                return final
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final, "synthetic city", _complete)  # a concurrent winner's complete city is kept
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_remove(tmp, ignore_errors=True)
     return final
+
+
+def _complete(root: Path) -> bool:
+    """A finished city: its ground truth and config are there as regular files (links are not followed)."""
+    return all(os.path.isfile(f) and not os.path.islink(f) for f in (root / "gt.h5", root / CONFIG_FILE))

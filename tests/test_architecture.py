@@ -89,11 +89,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # no package imports but each other: errors, files, threads, progress bars, the trust boundary, the
     # registries, the image tiles every picture is drawn with
     "foundation": ("siamese_retrieval", "errors", "io_utils", "parallel", "progress", "malloc_tuning", "trust",
-                   "registry", "drawing"),
+                   "registry", "drawing", "image_header"),
     "data": ("data",),  # incl. data.synth, the synthetic city
     "models": ("models",),
     "retrieval": ("retrieval",),
-    "services": ("callbacks", "checkpoints", "wandb_runs", "run_outputs", "resume", "config_schema"),
+    "services": ("callbacks", "checkpoints", "wandb_runs", "run_outputs", "resume", "config_schema",
+                 "sweeper_storage"),
     "pipelines": ("train", "evaluate", "retrieve", "compare", "entry_points", "cli"),
 }
 # Rules within the layer order: the retrieval engine does not depend on the synthetic city's generator.

@@ -240,7 +240,7 @@ def test_rules_are_well_formed() -> None:
 OPTIONAL = {
     "trainer.min_epochs", "trainer.max_steps", "trainer.min_steps", "trainer.limit_val_batches",
     "trainer.limit_test_batches", "trainer.limit_predict_batches", "model.module.loss.margin",
-    "model.module.loss.terms.embedding.margin",
+    "model.module.loss.terms.embedding.margin", "model.train_views.seed", "data.train_views.seed",
 }
 
 

@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import os
+import stat
 import sys
 import traceback
 from pathlib import Path
@@ -44,6 +45,7 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
             import_user_modules(cfg.get("imports"))  # the user's own components register themselves first
             for warning in check_config(cfg, str(cfg.get("task_name", ""))):
                 log.warning(warning)
+            check_cache_dirs(cfg)
             return sweeper_value(task(cfg))
         except UserError as exc:
             if hydra_mode() == "MULTIRUN":
@@ -63,6 +65,60 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
             return sweeper_value(mark_job_failed(cfg, f"{type(exc).__name__}: {exc}"))
 
     return wrapper
+
+
+CACHE_ENV = "SIAMESE_CACHE_DIR"  # conf/paths/default.yaml: paths.cache_dir's default
+CACHE_KEYS = ("paths.cache_dir", "data.cache_dir", "index_cache_dir")  # data.cache_dir, index_cache_dir: from it
+
+
+def check_cache_dirs(cfg: DictConfig) -> None:
+    """The cache directories of the config must be directories, or not exist yet (they are created on first
+    use): a file there, or on the way there, is one UserError naming where the path came from (the
+    SIAMESE_CACHE_DIR variable, else the config key), before anything is generated. Nothing is touched."""
+    env = os.environ.get(CACHE_ENV)
+    seen = set()
+    for key in CACHE_KEYS:
+        try:
+            value = OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001 - an interpolation that cannot be resolved: the task reports it
+            continue
+        if value in (None, "") or str(value) in seen:
+            continue
+        seen.add(str(value))
+        problem = not_a_directory(Path(str(value)).expanduser())
+        if problem is not None:
+            name = CACHE_ENV if env is not None and key == "paths.cache_dir" and str(value) == env else key
+            raise UserError(f"{name}={value}: {problem}; the cache needs a directory (set {name} to one)")
+
+
+def not_a_directory(path: Path) -> str | None:
+    """Why `path` cannot be (made) a directory: it, or the first of its parents that exists, is something else;
+    None when it is a directory or can be created (permissions aside: those are reported where it is written)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):  # a dangling link: mkdir(exist_ok=True) fails on it
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        st = None
+    except NotADirectoryError:
+        st = None
+    except OSError:
+        return None
+    if st is not None:
+        return None if stat.S_ISDIR(st.st_mode) else f"is {_kind(st.st_mode)}, not a directory"
+    for parent in path.parents:
+        try:
+            st = os.stat(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+        return None if stat.S_ISDIR(st.st_mode) else f"{parent} is {_kind(st.st_mode)}, not a directory"
+    return None
+
+
+def _kind(mode: int) -> str:
+    return "a file" if stat.S_ISREG(mode) else "a special file" if not stat.S_ISLNK(mode) else "a link"
 
 
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
@@ -303,6 +359,9 @@ class OutputDirCheck(_HydraCallback):
         self._check(path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from siamese_retrieval.sweeper_storage import check_sweeper_storage
+
+        check_sweeper_storage(config)  # an unusable Optuna storage file: refused before the sweep dir is made
         path = str(config.hydra.sweep.dir)
         if _timestamped(config.hydra.sweep, "dir"):
             _claim(path, unique=False)
@@ -335,6 +394,7 @@ def _resumed_run_dir(config: DictConfig) -> Path | None:
         found = find_unfinished_run(root, depth, list(config.hydra.overrides.task))
         if found is None:
             _fail(f"ckpt_path=last: no unfinished run of these overrides under {root}; start one without ckpt_path")
+        _continuable(found, "ckpt_path=last")
         print(f"ckpt_path=last: resuming {found}", file=sys.stderr)
         return found
     path = Path(str(ckpt_path)).expanduser()
@@ -342,7 +402,18 @@ def _resumed_run_dir(config: DictConfig) -> Path | None:
         return None  # a checkpoint file: a new run directory
     if not (path / LAST_CKPT).is_file():
         _fail(f"ckpt_path: run directory {ckpt_path} holds no {LAST_CKPT.as_posix()}")
+    _continuable(path, "ckpt_path")
     return path
+
+
+def _continuable(run_dir: Path, how: str) -> None:
+    """Exit 2 with one line, before any training, when the run to continue could not record its result."""
+    from siamese_retrieval.resume import check_continuable
+
+    try:
+        check_continuable(run_dir, how)
+    except UserError as exc:
+        _fail(str(exc))
 
 
 def _fail(message: str) -> None:

@@ -96,6 +96,20 @@ R = Rule
 AUG_STRENGTH = dict(kind=FLOAT, ge=0, lt=1)  # a jitter of +- this fraction
 PROB = dict(kind=FLOAT, ge=0, le=1)
 
+
+def train_views_rules(node: str) -> tuple[Rule, ...]:
+    """The training-only city's knobs (data/train_views.py, conf/data/synth_views.yaml) under `<node>.train_views`
+    (null: no such city, nothing checked); train_views.py refuses the same values that reach it another way."""
+    key = f"{node}.train_views"
+    return (
+        R(f"{key}.preset", CHOICE, choices=SYNTH_PRESETS, note="the street and camera layout of its streets"),
+        R(f"{key}.n_streets", INT, ge=1, note="streets of the training-only city"),
+        R(f"{key}.queries_per_street", INT, ge=1, note="query views per street"),
+        R(f"{key}.first_street", INT, ge=0, nullable=True, note="null: right after the evaluation city's streets"),
+        R(f"{key}.seed", INT, ge=0, le=2**32 - 1, note="absent: the evaluation city's seed"),
+    )
+
+
 # The order is the order of the checks: a value is reported before the ones interpolated from it
 # (model.batch_size before data.batch_size, model.max_epochs before trainer.max_epochs).
 RULES: tuple[Rule, ...] = (
@@ -119,6 +133,7 @@ RULES: tuple[Rule, ...] = (
     R("model.places.K", INT, ge=2, note="views per place, the anchor query included"),
     R("model.places.min_fov", FLOAT, gt=0, le=1, note="a database image is a view of the place at fov >= this"),
     R("model.places.lookalike", CHOICE, choices=("embedding",), nullable=True, note="null: random places"),
+    *train_views_rules("model"),  # the model's training-only city; data.train_views defaults to it (data=synth)
     R("model.inputs.n_keypoints", INT, ge=1, note="keypoint_snn: ORB keypoints per image"),
     R("model.inputs.height", INT, ge=8, note="cnn_snn: image height (5 pooling stages)"),
     R("model.inputs.width", INT, ge=8, note="cnn_snn: image width"),
@@ -204,10 +219,12 @@ RULES: tuple[Rule, ...] = (
     R("data.root", PATH, nullable=True, note="null: the synthetic city"),
     R("data.synth.preset", CHOICE, choices=SYNTH_PRESETS),
     R("data.synth.seed", INT, ge=0, le=2**32 - 1),
+    *train_views_rules("data"),
     R("data.files.database_json", PATH),
     R("data.files.query_json", PATH),
     R("data.files.gt_h5", PATH, nullable=True, note="null: gt.h5 or the single <name>_gt.h5"),
     R("data.image_check", CHOICE, choices=("decode", "exists", "none")),
+    R("data.max_image_pixels", INT, ge=1, note="width x height above which an image is refused, never decoded"),
     R("data.follow_symlinks_outside_root", BOOL),
     R("data.layout_options.split", CHOICE, choices=("train", "val", "test"), note="vpr_folder: images/<split>/"),
     R("data.layout_options.radius_m", FLOAT, gt=0, note="positives within this many metres"),
@@ -453,9 +470,18 @@ def _keypoint_set(cfg: DictConfig, task: str) -> None:
         raise ConfigError(f"model.module.encoder.n_heads={heads}: must divide model.module.encoder.d_model ({d_model})")
 
 
+def _train_views_is_a_mapping(cfg: DictConfig, task: str) -> None:
+    """`data.train_views=abc`: the node replaced by a value that is no city at all (null: none)."""
+    for key in ("model.train_views", "data.train_views"):
+        value = _get(cfg, key)
+        if value is not _ABSENT and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{key}={_show(value, STR)}: must be a mapping of the training city's settings "
+                              f"(preset, n_streets, queries_per_street, first_street) or null")
+
+
 CROSS_CHECKS: tuple[Callable[[DictConfig, str], None], ...] = (
-    _fractions_sum_to_one, _min_side_le_max_side, _monitor_exists_when_streaming, _encoder_aggregation, _keypoint_set,
-    _kmeans_samples_ge_words,
+    _train_views_is_a_mapping, _fractions_sum_to_one, _min_side_le_max_side, _monitor_exists_when_streaming,
+    _encoder_aggregation, _keypoint_set, _kmeans_samples_ge_words,
 )
 
 

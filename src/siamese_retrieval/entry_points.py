@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.cli import report_user_errors, run_entry_point
+from siamese_retrieval.sweeper_storage import check_sweeper_storage, sqlite_path
 
 CONF_PACKAGE = "siamese_retrieval.conf"
 
@@ -150,9 +151,11 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 class SweeperStorageDir(_HydraCallback):
     """Hydra callback (conf/hparams_search/optuna.yaml): creates the directory of the sweeper's sqlite
     storage before the sweeper opens it, so `hparams_search=optuna` works on a fresh clone (sqlite does not
-    create directories). A directory that cannot be made is one line and exit code 2."""
+    create directories). A directory that cannot be made, or a storage file that is no Optuna study
+    (`check_sweeper_storage`), is one line and exit code 2."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_sweeper_storage(config)
         path = sqlite_path(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
         if path is None:
             return
@@ -162,17 +165,6 @@ class SweeperStorageDir(_HydraCallback):
             print(f"error: cannot create {path.parent} for the sweeper's storage ({exc.strerror or exc})",
                   file=sys.stderr)
             sys.exit(2)
-
-
-def sqlite_path(storage: Any) -> Path | None:
-    """The database file of an SQLAlchemy sqlite URL (`sqlite:///rel/x.db`, `sqlite:////abs/x.db`), or None
-    (another backend, in memory, not a string)."""
-    if not isinstance(storage, str) or not storage.startswith("sqlite:///"):
-        return None
-    path = storage[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return Path(path)
 
 
 COMMANDS = {"train": train_main, "evaluate": evaluate_main, "retrieve": retrieve_main, "compare": compare_main}

@@ -1,5 +1,10 @@
 """Errors that end a run with one clear line instead of a traceback."""
 
+from __future__ import annotations
+
+import re
+from typing import Any
+
 
 class UserError(Exception):
     """A problem with the user's input (dataset, config, path); the message says what and where."""
@@ -11,3 +16,138 @@ class DatasetError(UserError):
 
 class ConfigError(UserError):
     """A configuration value that cannot work (empty split, impossible pair recipe, ...)."""
+
+
+# A TypeError raised while binding a constructor's arguments (a keyword it does not take, a missing one): the
+# config's fault, not the constructor's. Python's own wording (3.8 - 3.13).
+_BINDING_ERROR = re.compile(
+    r"got an unexpected keyword argument|missing \d+ required (positional|keyword-only) arguments?"
+    r"|takes (from \d+ to )?\d+ positional arguments? but \d+ (was|were) given|got multiple values for argument"
+    r"|got some positional-only arguments passed as keyword arguments|takes no (keyword )?arguments")
+
+
+def instantiate_config(key: str, node: Any, *args: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, *args, **kwargs)` of the user's config node `key` (`trainer`,
+    `callbacks.model_checkpoint`, `model.module`, ...). What the config cannot build is one ConfigError naming the
+    node, the target and the reason (`instantiation_error`); anything else raised inside a constructor (a bug)
+    keeps its traceback."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        error = instantiation_error(key, exc, node)
+        if error is None:
+            raise
+        raise error from None
+
+
+def instantiate_partial(key: str, node: Any, *args: Any) -> Any:
+    """`instantiate_config(key, node, _partial_=True)(*args)`: the optimizer / scheduler nodes, whose keywords
+    meet the class only at this call; its refusal of them is the same one ConfigError."""
+    factory = instantiate_config(key, node, _partial_=True)
+    try:
+        return factory(*args)
+    except Exception as exc:
+        if isinstance(exc, UserError) or not _refused_by_constructor(exc):
+            raise
+        raise ConfigError(f"{key}: cannot build {_written_target(node) or '?'}: {_reason(exc)}") from None
+
+
+def instantiation_error(key: str, exc: BaseException, node: Any = None) -> UserError | None:
+    """The UserError of a Hydra InstantiationException that the config caused, else None (a crash to show).
+
+    The config's fault: a `_target_` that does not import or is not callable, a keyword the constructor does
+    not take (or a missing one), a value the constructor refuses (ValueError, an ImportError of an optional
+    requirement, Lightning's MisconfigurationException), a UserError raised by the constructor (as it is).
+    A nested instantiation (a module that instantiates its encoder) is judged by the innermost one, and named
+    by the part of `node` (the config that was instantiated) with that `_target_` when there is one. Targets are
+    named as the config writes them (Hydra's message names the class where it is defined).
+
+        trainer: cannot build pytorch_lightning.Trainer: Trainer.__init__() got an unexpected keyword argument 'x'
+    """
+    from hydra.errors import InstantiationException
+
+    cause = exc.__cause__
+    if isinstance(cause, InstantiationException):  # e.g. SiameseModule building its encoder from model.module.encoder
+        inner = _quoted_target(str(cause).splitlines()[0] if str(cause) else "")
+        where = _path_of_target(node, inner)
+        return instantiation_error(f"{key}.{where}" if where else key, cause, _at(node, where) if where else None)
+    if isinstance(cause, UserError):
+        return cause
+    message = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("full_key:")]
+    head = message[0] if message else ""
+    target = _written_target(node) or _quoted_target(head)
+    if cause is None:  # Hydra's own refusal (a target that is not callable, a bad _partial_ flag)
+        return ConfigError(f"{key}: {'; '.join(m.rstrip('.') for m in message) or type(exc).__name__}")
+    if head.startswith("Error locating target"):
+        root = cause
+        while root.__cause__ is not None:
+            root = root.__cause__
+        return ConfigError(f"{key}: cannot build {target}: {_reason(root)}")
+    if _refused_by_constructor(cause):
+        return ConfigError(f"{key}: cannot build {target}: {_reason(cause)}")
+    return None
+
+
+def _refused_by_constructor(exc: BaseException) -> bool:
+    if isinstance(exc, TypeError):
+        return bool(_BINDING_ERROR.search(str(exc)))
+    if isinstance(exc, (ValueError, ImportError)):
+        return True
+    return any(cls.__name__ == "MisconfigurationException" for cls in type(exc).__mro__)  # Lightning's
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's message in one line; its type first where the message alone would not say what."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (ImportError, TypeError, ValueError)) or type(exc).__name__ == "MisconfigurationException":
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _quoted_target(line: str) -> str:
+    """The target Hydra names in its message: `Error in call to target 'a.B':` / `Error locating target 'a.B'`
+    / `Error in creating partial(a.B, ...) object:`."""
+    match = re.search(r"target '([^']+)'|partial\(([^,)]+)", line)
+    return next((g for g in match.groups() if g), "?") if match else "?"
+
+
+def _plain(node: Any) -> Any:
+    """A config node as plain Python (unresolvable parts left as they are); anything else as it is."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=False)
+    except Exception:  # noqa: BLE001 - only used to word a message
+        return None
+    return node
+
+
+def _written_target(node: Any) -> str | None:
+    target = _plain(node).get("_target_") if isinstance(_plain(node), dict) else None
+    return target if isinstance(target, str) else None
+
+
+def _path_of_target(node: Any, target: str) -> str | None:
+    """The dotted path below `node` of the one mapping whose `_target_` is `target`; None when not exactly one."""
+    found: list[str] = []
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            if path and value.get("_target_") == target:
+                found.append(path)
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+
+    walk(_plain(node), "")
+    return found[0] if len(found) == 1 else None
+
+
+def _at(node: Any, path: str) -> Any:
+    value = _plain(node)
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value

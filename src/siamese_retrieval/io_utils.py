@@ -268,16 +268,16 @@ def _no_link(path: Path) -> Path:
     return path
 
 
-def load_npz_cache(path: Path, keys: Sequence[str], what: str) -> dict[str, Any] | None:
-    """The arrays of an .npz cache, or None (the file deleted, with a warning) when it cannot be read. A link
-    under `path` is not opened (O_NOFOLLOW): unreadable, so removed and rebuilt."""
+def load_npz_cache(path: Path, keys: Sequence[str], what: str, logger: logging.Logger = log) -> dict[str, Any] | None:
+    """The arrays of an .npz cache, or None (the file deleted, with a warning to `logger`) when it cannot be read. A
+    link under `path` is not opened (O_NOFOLLOW): unreadable, so removed and rebuilt."""
     import numpy as np
 
     try:
         with os.fdopen(_open_nofollow(path, os.O_RDONLY), "rb") as f, np.load(f, allow_pickle=False) as z:
             return {k: z[k] for k in keys}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, exc)
+        logger.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, exc)
         safe_remove(path, ignore_errors=True)
         return None
 
@@ -289,19 +289,27 @@ def cached_npz(
     compute: Callable[[], Mapping[str, Any]],
     validate: Callable[[dict[str, Any]], bool] | None = None,
     logger: logging.Logger = log,
+    problem: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> dict[str, Any]:
     """The arrays `keys` of the .npz cache at `path` when it is readable and `validate(arrays)` holds;
     otherwise `compute()`'s arrays, written to `path` atomically. A bad cache is deleted with a warning,
     and so is a symbolic link (or folder) under `path`: never followed, rebuilt (`check_cache_entry`).
-    No cache when `path` is None. `what` names the cache in the messages ("image" -> "image cache hit"),
-    which go to `logger` (the caller's)."""
+    `problem(arrays)`, when given, is the finer check: why the arrays cannot be used (None: they can), said in
+    the one warning. What a cache holds is data: check every array the caller uses (dtype, shape, values), not
+    only one of them. No cache when `path` is None. `what` names the cache in the messages ("image" -> "image
+    cache hit"), which go to `logger` (the caller's)."""
     if path is not None:
         path = Path(path)
         check_cache_entry(path, what, "file", logger)
         if path.is_file():
-            arrays = load_npz_cache(path, keys, what)
+            arrays = load_npz_cache(path, keys, what, logger)
+            why = None
             if arrays is not None and validate is not None and not validate(arrays):
-                logger.warning("%s cache %s has unexpected shapes; rebuilding it", what, path)
+                why = "has unexpected shapes"
+            if arrays is not None and why is None and problem is not None:
+                why = problem(arrays)
+            if why is not None:
+                logger.warning("%s cache %s %s; rebuilding it", what, path, why)
                 safe_remove(path, ignore_errors=True)
                 arrays = None
             if arrays is not None:

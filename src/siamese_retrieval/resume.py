@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -82,10 +83,36 @@ def run_overrides(run_dir: Path) -> list[str] | None:
 
 def is_finished(run_dir: Path) -> bool:
     """A run is finished when its metrics.json says status ok (a failed or killed run is not)."""
+    if metrics_problem(run_dir) is not None:
+        return False  # never read a directory or a FIFO (a read would block)
     try:
         return json.loads((Path(run_dir) / "metrics.json").read_text()).get("status") == "ok"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def metrics_problem(run_dir: Path) -> str | None:
+    """Why the run's metrics.json, which a continued run replaces at its end, is in the way: it exists and is not
+    a regular file (a directory, a FIFO, ...); None when it is one or is missing (a link to one is fine)."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return f"its metrics.json cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    return f"its metrics.json is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}, not a file"
+
+
+def check_continuable(run_dir: Path, how: str) -> None:
+    """UserError when the run `run_dir` that `how` (`ckpt_path=last`) would continue could not record its
+    result: training it to the end would then fail to write metrics.json."""
+    problem = metrics_problem(run_dir)
+    if problem is not None:
+        raise UserError(f"{how}: cannot continue run {run_dir}: {problem} (the run would train and then fail to "
+                        f"write its results there); move it away, or start a new run without ckpt_path")
 
 
 def runs_root(pattern: str, resolved: str | Path, resolve_prefix=None) -> tuple[Path, int] | None:
@@ -118,7 +145,11 @@ def runs_root(pattern: str, resolved: str | Path, resolve_prefix=None) -> tuple[
 
 
 def find_unfinished_run(root: Path, depth: int, overrides: Iterable[str]) -> Path | None:
-    """The run `ckpt_path=last` continues (the rule in this module's docstring), or None."""
+    """The run `ckpt_path=last` continues (the rule in this module's docstring), or None.
+
+    A run whose metrics.json is not a file (a directory, a FIFO) is not finished, and is a candidate like any
+    other: when it is the one chosen, the caller refuses it (`check_continuable`) rather than skip to an older run
+    or start a new one behind the user's back."""
     want = comparable_overrides(overrides)
     root = Path(root)
     if not root.is_dir():

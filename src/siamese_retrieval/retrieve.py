@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from siamese_retrieval.checkpoints import load_from_config
 from siamese_retrieval.data.datamodule import build_datamodule, evaluation_data_config
 from siamese_retrieval.data.dataset import RetrievalDataset
-from siamese_retrieval.errors import ConfigError, UserError
+from siamese_retrieval.errors import UserError
 from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.embedding_cache import cached_database_index
 from siamese_retrieval.retrieval.ranking import (
@@ -44,19 +44,13 @@ from siamese_retrieval.run_outputs import check_writable_dir, quiet_known_warnin
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-OUTPUTS = ("table", "json")
 
 
 def retrieve(cfg: DictConfig) -> dict[str, Any]:
     """Rank the database for each query image; print the results; write the grid. Returns what JSON prints."""
     started = time.perf_counter()
     quiet_known_warnings()
-    output = str(cfg.output)
-    if output not in OUTPUTS:
-        raise ConfigError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-    top_k = int(cfg.top_k)
-    if top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    output, top_k = str(cfg.output), int(cfg.top_k)  # values checked with the whole config (config_schema.py)
     query_files = find_queries(cfg.get("query"))
     grid_dir = None if cfg.grid.get("dir") in (None, "") else Path(str(cfg.grid.dir))
     if grid_dir is not None:
@@ -74,12 +68,16 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         db_inputs, _ = dm.inputs.build(dm.read(check=dm.image_check), dm.cache_dir)
         return module.distance.for_index(embed_all(module, db_inputs, settings.embed_batch)).numpy()
 
+    # the queries first: a query that cannot be read fails before the database is embedded, and their dimension is
+    # the checkpoint's, which a cached index must have (a damaged or foreign one is rebuilt, never searched)
+    query_started = time.perf_counter()
+    q_emb = embed_all(module, query_inputs(dm.inputs, query_files), settings.embed_batch)
+    query_s = time.perf_counter() - query_started
     db = cached_database_index(cfg.index_cache_dir, ckpt.path, dataset, ckpt.inputs_cfg, index_cfg, embed_database,
-                               bool(cfg.cache))
+                               bool(cfg.cache), dim=int(q_emb.shape[1]))
     log.info("database index: %d images, %s in %.3f s", dataset.n_db, "cache hit" if db.hit else "embedded", db.seconds)
 
-    search_started = time.perf_counter()
-    q_emb = embed_all(module, query_inputs(dm.inputs, query_files), settings.embed_batch)
+    search_started = time.perf_counter() - query_s  # search_s: the queries' embedding and their search
     if top_k > db.index.ntotal:
         log.warning("top_k=%d is larger than the database (%d images): showing all %d", top_k, db.index.ntotal,
                     db.index.ntotal)

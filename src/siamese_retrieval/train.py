@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from siamese_retrieval.checkpoints import check_resumable, read_checkpoint
 from siamese_retrieval.data.datamodule import build_datamodule
-from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.errors import ConfigError, instantiate_config
 from siamese_retrieval.malloc_tuning import tune_malloc
 from siamese_retrieval.resume import resolve_ckpt_path, wandb_run_id
 from siamese_retrieval.run_outputs import (
@@ -55,17 +54,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # the file's targets: registered, trust.allow=[...], or what this run's own model config names (the user's)
     trusted = [*allow_list(cfg), *(t for _, t in iter_targets(OmegaConf.to_container(cfg.model, resolve=True)))]
     resume_raw = read_checkpoint(resume_from, trusted) if resume_from is not None else None
-    datamodule = build_datamodule(cfg.data, instantiate(cfg.model.inputs))
+    # every node of the user's config is built by instantiate_config: one that cannot be built (a `_target_` that
+    # does not import, a keyword its class does not take, a value it refuses) is one line naming the node
+    datamodule = build_datamodule(cfg.data, instantiate_config("model.inputs", cfg.model.inputs))
     datamodule.prepare_data()
     datamodule.setup("fit")  # validates the dataset now: a bad root fails before any model is built
-    model = instantiate(cfg.model.module, _recursive_=False)
+    model = instantiate_config("model.module", cfg.model.module, _recursive_=False)
     if resume_raw is not None:
         check_resumable(resume_raw, resume_from, model, str(cfg.model.name))
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [instantiate_config(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items()
+                 if c is not None]
     loggers = build_loggers(cfg)  # the resolved config logged once, with the W&B run's actual name/group/tags
     if not loggers:  # logger=none: LearningRateMonitor refuses a trainer without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate_config("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     try:
         if cfg.train:

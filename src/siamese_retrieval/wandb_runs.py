@@ -34,7 +34,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.data.ground_truth import as_ground_truth
@@ -236,13 +235,15 @@ def _resolved(node: Any) -> Any:
 
 def make_loggers(settings: Mapping[str, dict], config: Mapping[str, Any], log_model: bool = True) -> list[Any]:
     """Instantiate the loggers of `settings` and log `config` as their hyperparameters."""
+    from siamese_retrieval.errors import instantiate_config
+
     loggers = []
-    for lg in settings.values():
+    for key, lg in settings.items():
         lg = dict(lg)
         if is_wandb(lg):
             lg["log_model"] = LOG_MODEL[lg.get("log_model")] if log_model else False
             Path(lg["save_dir"]).mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(lg, _convert_="all"))
+        loggers.append(instantiate_config(f"logger.{key}", lg, _convert_="all"))  # a bad node: one line
     for lg in loggers:
         lg.log_hyperparams(dict(config))
     return loggers

@@ -2,14 +2,16 @@
 
     python -m siamese_retrieval.data.convert --layout vpr_folder --root SRC --out DST [--split test] [--radius 25]
     python -m siamese_retrieval.data.convert --layout msls_official --root SRC --out DST [--city london] [--radius 25]
-        [--max-heading DEG] [--include-panos] [--link] [--check decode|exists|none]
+        [--max-heading DEG] [--include-panos] [--link] [--check decode|exists|none] [--overwrite]
 
 DST gets database/images/..., query/images/..., database/database.json, query/query.json and gt.h5, with
 image paths relative to DST. Images are copied by default; `--link` makes symbolic links to the source images
 instead (no copy), which leave DST: read such a root with data.follow_symlinks_outside_root=true
-(read_dataset(..., follow_symlinks_outside_root=True)). DST must be new or empty; it is written under a
-temporary name and renamed when complete, so an interrupted conversion leaves nothing that looks like a dataset.
-Bad input is one line on stderr and exit code 2.
+(read_dataset(..., follow_symlinks_outside_root=True)). DST must be new or empty (`--overwrite`: a non-empty DST
+is replaced, but only once the new dataset is complete), and neither inside the source root nor holding it. It is
+written under a temporary name, read back, and renamed when complete, so an interrupted or refused conversion
+leaves nothing that looks like a dataset. Every output name is checked against the reader's rules (no control
+characters, no backslashes, ...) before anything is written. Bad input is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,35 +28,114 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset, write_dataset
+from siamese_retrieval.data.dataset import (
+    RetrievalDataset,
+    contract_relpath,
+    read_dataset,
+    relpath_problem,
+    write_dataset,
+)
 from siamese_retrieval.data.layouts import DEFAULT_RADIUS_M, LAYOUTS, read_layout
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import DatasetError, UserError
 from siamese_retrieval.io_utils import ensure_folder, normal_dir_mode, safe_remove
 
 
 @contextlib.contextmanager
-def staged_output_dir(out: str | Path) -> Iterator[Path]:
+def staged_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a private temporary sibling folder of `out` (a random name made by mkdtemp: never an existing name
     or a planted link); rename it onto `out` only if the block succeeds.
 
     `out` must not exist or be an empty folder (UserError otherwise): nothing already there is overwritten,
-    and a symbolic link under `out` is refused, never followed.
+    and a symbolic link under `out` is refused, never followed. With `overwrite`, a non-empty folder `out` is
+    replaced, only once the block has succeeded (until then it stays as it was).
     """
     out = Path(out).expanduser()
     if os.path.islink(out):
         raise UserError(f"{out}: is a symbolic link (to {os.readlink(out)}); choose a new output folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: already exists and is not a folder; choose a new output folder")
+    if out.exists() and not overwrite and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not an empty folder; choose a new output folder")
     ensure_folder(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old: Path | None = None
     try:
         yield tmp
         normal_dir_mode(tmp)  # mkdtemp makes 0700; the dataset gets normal permissions
         if os.path.isdir(out) and not os.path.islink(out):
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)  # rename(2) never follows a link that appeared under `out` meanwhile (it fails)
+            if any(out.iterdir()):  # overwrite (checked above): moved aside, removed once the new one is in place
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old)  # onto the empty folder mkdtemp made
+            else:
+                out.rmdir()
+        try:
+            os.replace(tmp, out)  # rename(2) never follows a link that appeared under `out` meanwhile (it fails)
+        except OSError:
+            if old is not None and not os.path.lexists(out):
+                os.replace(old, out)  # the old content back where it was
+                old = None
+            raise
     finally:
         safe_remove(tmp, ignore_errors=True)
+        if old is not None:
+            safe_remove(old, ignore_errors=True)
+
+
+def _shown(path: object) -> str:
+    """A path in an error line: as it is, or quoted with its control characters escaped (one line)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def one_line(message: str) -> str:
+    """`message` with control characters (a newline in a file name, ...) escaped: an error is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def check_output_place(root: str | Path, out: str | Path) -> None:
+    """The output folder lies neither in the source root (it would add files to the source) nor around it (a
+    non-empty output folder holding the source: --overwrite would delete the source). Real paths (links
+    followed) are compared."""
+    src, dst = os.path.realpath(Path(root).expanduser()), os.path.realpath(Path(out).expanduser())
+    if dst == src:
+        raise UserError(f"--out {_shown(out)} is the source root {_shown(root)}; choose a folder outside it")
+    if dst.startswith(src.rstrip(os.sep) + os.sep):
+        raise UserError(f"--out {_shown(out)} lies inside the source root {_shown(root)} (it would add files to the "
+                        "source); choose a folder outside it")
+    if src.startswith(dst.rstrip(os.sep) + os.sep):
+        raise UserError(f"--out {_shown(out)} holds the source root {_shown(root)}; choose a folder outside it")
+
+
+def check_output_folder(out: str | Path, overwrite: bool) -> None:
+    """Before reading the source: `out` is new, an empty folder, or (with `overwrite`) a folder; never a link or a
+    file (the same rules as `staged_output_dir`, which checks them again when it starts)."""
+    out = Path(out).expanduser()
+    if os.path.islink(out):
+        raise UserError(f"{_shown(out)}: is a symbolic link (to {_shown(os.readlink(out))}); choose a new output "
+                        "folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{_shown(out)}: already exists and is not a folder; choose a new output folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{_shown(out)}: already exists and is not an empty folder; choose a new output folder "
+                        "(or pass --overwrite to replace it)")
+
+
+def check_output_names(names: Sequence[str], sources: Sequence[Path]) -> None:
+    """Every name the conversion would write (`names`, from `sources`) is one the dataset reader accepts and reads
+    back as written: checked before anything is written, so a name the reader refuses (a control character in a
+    file name, a backslash, ...) is one DatasetError naming the source file, never an unreadable output."""
+    for name, src in zip(names, sources):
+        problem = relpath_problem(name)
+        if problem is None and contract_relpath(name) != name:
+            problem = f"would be read back as {contract_relpath(name)!r} (a backslash in a file name)"
+        if problem is not None:
+            raise DatasetError(f"{_shown(src)}: cannot be converted: its path in the dataset format {problem}; "
+                               "rename the file")
+    seen: dict[str, Path] = {}
+    for name, src in zip(names, sources):
+        first = seen.setdefault(name, src)
+        if first is not src:
+            raise DatasetError(f"{_shown(src)} and {_shown(first)} would both be written as {name!r}")
 
 
 def output_names(paths: Sequence[str], kind: str) -> list[str]:
@@ -74,18 +155,24 @@ def _place(job: tuple[Path, Path, bool]) -> None:
         shutil.copyfile(src, dst)
 
 
-def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = False, workers: int = 4) -> Path:
-    """Write `dataset` (from any reader) into `out` in the contract format; images copied, or linked with `link`."""
+def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = False, workers: int = 4,
+                    overwrite: bool = False) -> Path:
+    """Write `dataset` (from any reader) into `out` in the contract format; images copied, or linked with `link`.
+    Every output name is checked first (`check_output_names`); the staged result is read back before it is renamed
+    onto `out` (with `overwrite`, replacing a non-empty `out` only then)."""
     db_names, q_names = output_names(dataset.db_paths, "database"), output_names(dataset.q_paths, "query")
-    with staged_output_dir(out) as tmp:
-        jobs = [(dataset.db_file(i), tmp / n, link) for i, n in enumerate(db_names)]
-        jobs += [(dataset.query_file(i), tmp / n, link) for i, n in enumerate(q_names)]
+    sources = [dataset.db_file(i) for i in range(dataset.n_db)]
+    sources += [dataset.query_file(i) for i in range(dataset.n_query)]
+    check_output_names(db_names + q_names, sources)
+    with staged_output_dir(out, overwrite=overwrite) as tmp:
+        jobs = [(src, tmp / n, link) for src, n in zip(sources, db_names + q_names)]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(_place, jobs))
         if dataset.is_sparse:  # too large for the dense arrays: the sparse gt.h5 layout (data/dataset.py)
             write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, None, None, sparse=dataset.relevance)
         else:
             write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, dataset.sim, dataset.fov)
+        read_dataset(tmp, check="none", follow_symlinks_outside_root=link)  # readable, or nothing is renamed
     return Path(out).expanduser()
 
 
@@ -110,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", default="exists", choices=("decode", "exists", "none"),
                         help="how the source images are checked before writing (default exists)")
     parser.add_argument("--name", default="", help="dataset name (default: the split or city)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out folder (only once the new dataset is complete)")
     return parser
 
 
@@ -127,14 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         options.update(city=args.city, exclude_panos=not args.include_panos)
     try:
+        check_output_place(args.root, args.out)
+        check_output_folder(args.out, args.overwrite)
         dataset = read_layout(args.layout, args.root, **options)
-        out = write_converted(dataset, args.out, link=args.link)
+        out = write_converted(dataset, args.out, link=args.link, overwrite=args.overwrite)
         written = read_dataset(out, check="none", follow_symlinks_outside_root=args.link)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # full disk, unwritable output folder: one line too
-        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {one_line(f'{exc.filename or args.out}: {exc.strerror or exc}')}", file=sys.stderr)
         return 2
     n_pos = written.relevance.n_positives(np.arange(written.n_query))
     print(f"wrote {written.root}: {written.n_db} database, {written.n_query} queries, "

@@ -122,8 +122,13 @@ class RetrievalDataModule(pl.LightningDataModule):
         train_views: Mapping[str, Any] | None = None,
         batches: str = "pairs",
         places: Mapping[str, Any] | None = None,
+        max_image_pixels: int = 50_000_000,
     ) -> None:
         super().__init__()
+        from siamese_retrieval.image_header import set_max_image_pixels
+
+        # every decoder of this process (the reader's check, the inputs, retrieve's queries) refuses larger images
+        self.max_image_pixels = set_max_image_pixels(max_image_pixels)
         if root is None and synth is None:
             raise ConfigError("data: set data.root (a dataset in the MSLS/GCL format) or data.synth")
         self.inputs = inputs
@@ -140,7 +145,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = seed
         self.name = name
-        self.train_views = dict(train_views) if train_views else None  # a training-only city (data/train_views.py)
+        from siamese_retrieval.data.train_views import views_mapping
+
+        self.train_views = views_mapping(train_views)  # a training-only city (data/train_views.py); null: none
         if batches not in BATCH_KINDS:
             raise ConfigError(f"data.batches={batches!r}: must be one of {', '.join(BATCH_KINDS)}")
         self.batches = str(batches)  # pairs | places: what training batches are (validation/test: always pairs)
@@ -172,7 +179,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     def _eval_city(self):
         from siamese_retrieval.data.train_views import synth_config
 
-        return synth_config(self.synth) if self.root is None and self.synth is not None else None
+        return synth_config(self.synth, "data.synth") if self.root is None and self.synth is not None else None
 
     def resolve_views_root(self) -> Path:
         """The training city of `train_views`, generated into the cache on first use."""
@@ -317,7 +324,8 @@ def evaluation_data_config(data_cfg: Any, target: str | None = None) -> Any:
 
 
 def build_datamodule(data_cfg: Any, inputs: InputBuilder) -> RetrievalDataModule:
-    """The datamodule of a `data=` config (the user's own conf/, not a file from elsewhere) around `inputs`."""
-    from hydra.utils import instantiate
+    """The datamodule of a `data=` config (the user's own conf/, not a file from elsewhere) around `inputs`; a
+    `data` node that cannot be built is one ConfigError naming it."""
+    from siamese_retrieval.errors import instantiate_config
 
-    return instantiate(data_cfg, inputs=inputs, _recursive_=False)
+    return instantiate_config("data", data_cfg, inputs=inputs, _recursive_=False)

@@ -29,6 +29,7 @@ import numpy as np
 
 from siamese_retrieval.data.ground_truth import DenseRelevance, GroundTruth, SparseRelevance
 from siamese_retrieval.errors import DatasetError
+from siamese_retrieval.image_header import pixel_problem
 from siamese_retrieval.io_utils import atomic_path, atomic_write_json, file_fingerprint
 from siamese_retrieval.registry import LAYOUTS
 
@@ -139,20 +140,39 @@ def _json_kind(value: object) -> str:
     return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _safe_relpath(root: Path, im_path: object, source: Path, index: int) -> str:
-    """Refuse absolute paths and paths that climb out of the root; never touch them."""
+def relpath_problem(im_path: object) -> str | None:
+    """Why `im_path` cannot be an image path of the contract (None: it can): the reader's rules, which
+    convert.py also applies to the names it is about to write."""
     if not isinstance(im_path, str) or not im_path:
-        raise DatasetError(f"{source}: im_paths[{index}] is not a non-empty string: {_short(im_path)}")
+        return f"is not a non-empty string: {_short(im_path)}"
     bad = next((c for c in im_path if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
-        raise DatasetError(f"{source}: im_paths[{index}] contains the control character U+{ord(bad):04X} "
-                           f"({_short(im_path)})")
+        return f"contains the control character U+{ord(bad):04X} ({_short(im_path)})"
+    try:
+        im_path.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"is not valid UTF-8 (a name in another encoding: {_short(im_path)})"
     pure = PurePosixPath(im_path.replace("\\", "/"))
     if pure.is_absolute() or Path(im_path).is_absolute():
-        raise DatasetError(f"{source}: im_paths[{index}] is absolute ({im_path!r}); paths must be relative to {root}")
+        return f"is absolute ({im_path!r})"
     if ".." in pure.parts:
-        raise DatasetError(f"{source}: im_paths[{index}] escapes the dataset root ({im_path!r})")
-    return str(pure)
+        return f"escapes the dataset root ({im_path!r})"
+    return None
+
+
+def contract_relpath(im_path: str) -> str:
+    """The path the reader uses for a valid `im_path` (backslashes as '/', redundant '/' and '.' removed)."""
+    return str(PurePosixPath(im_path.replace("\\", "/")))
+
+
+def _safe_relpath(root: Path, im_path: object, source: Path, index: int) -> str:
+    """Refuse absolute paths and paths that climb out of the root; never touch them."""
+    problem = relpath_problem(im_path)
+    if problem is not None:
+        if problem.startswith("is absolute"):
+            problem += f"; paths must be relative to {root}"
+        raise DatasetError(f"{source}: im_paths[{index}] {problem}")
+    return contract_relpath(im_path)  # type: ignore[arg-type]
 
 
 def _check_unique(rel_paths: Sequence[str], source: Path) -> None:
@@ -428,12 +448,13 @@ def _quiet_opencv():
         logging_api.setLogLevel(level)
 
 
-def check_image(path: Path) -> str | None:
+def check_image(path: Path, max_pixels: int | None = None) -> str | None:
     """Why `path` is not a usable image, or None. Decodes it: a truncated file fails here, not mid-epoch.
 
     What the bytes are decides, never the file name: a PNG named .jpg is a good image. JPEG and PNG
     files are also walked to their end marker first (a cut-short file is refused before any decoder
-    sees it, and trailing bytes after the marker are accepted).
+    sees it, and trailing bytes after the marker are accepted). An image whose header claims more than
+    `max_pixels` pixels (None: data.max_image_pixels, image_header.py) is refused before it is decoded.
     """
     if not path.is_file():
         return "image not found"
@@ -451,6 +472,9 @@ def check_image(path: Path) -> str | None:
         problem = None
     if problem:
         return problem
+    problem = pixel_problem(data, max_pixels)  # from the header: a small file can claim a huge image
+    if problem:
+        return problem
     try:
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:
@@ -460,10 +484,10 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def check_images(paths: Sequence[Path], workers: int = 4) -> None:
-    """Raise one DatasetError listing the first bad images (missing, empty, corrupt)."""
+def check_images(paths: Sequence[Path], workers: int = 4, max_pixels: int | None = None) -> None:
+    """Raise one DatasetError listing the first bad images (missing, empty, corrupt, too large by their header)."""
     with _quiet_opencv(), ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = [(p, why) for p, why in zip(paths, pool.map(check_image, paths)) if why]
+        problems = [(p, why) for p, why in zip(paths, pool.map(lambda p: check_image(p, max_pixels), paths)) if why]
     if problems:
         shown = "; ".join(f"{p}: {why}" for p, why in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -486,10 +510,11 @@ def images_stamp(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_image_files(paths: Sequence[Path], check: str) -> None:
-    """`check` the images: decode (every file decodes), exists (every file is there) or none."""
+def check_image_files(paths: Sequence[Path], check: str, max_pixels: int | None = None) -> None:
+    """`check` the images: decode (every file decodes, none above `max_pixels` by its header; None:
+    data.max_image_pixels), exists (every file is there) or none."""
     if check == "decode":
-        check_images(paths)
+        check_images(paths, max_pixels=max_pixels)
     elif check == "exists":
         missing = [p for p in paths if not p.is_file()]
         if missing:

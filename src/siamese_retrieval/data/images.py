@@ -1,7 +1,8 @@
 """Decoding images from a dataset root, and decoded RGB tensors for the CNN encoders (cached).
 
 `read_image` is the single place that turns a file into pixels: it raises `DatasetError` naming the
-file when it cannot be decoded. `load_images` resizes every database and query image to (H, W),
+file when it cannot be decoded, or when its header claims more pixels than data.max_image_pixels (checked
+before decoding: image_header.py). `load_images` resizes every database and query image to (H, W),
 converts grayscale / BGRA / 16-bit to 8-bit RGB and returns channel-first uint8 arrays, cached
 in a directory `images-<H>x<W>-<key>/` of two `.npy` files (db, q) keyed by the dataset fingerprint,
 the paths, the size and a format version. The cache is decoded straight into those files and opened
@@ -19,6 +20,7 @@ import cv2
 import numpy as np
 
 from siamese_retrieval.errors import DatasetError
+from siamese_retrieval.image_header import check_pixels
 from siamese_retrieval.io_utils import cached_arrays, release_mapped_pages, stable_hash
 from siamese_retrieval.parallel import chunked_map
 from siamese_retrieval.progress import counted, progress
@@ -31,14 +33,25 @@ IMAGES_CACHE_VERSION = 2  # 2: a directory of memory-mapped .npy files (1: one .
 # ----------------------------------------------------------------------------------------- decoding
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode `path` as stored (grayscale, BGR or BGRA; any bit depth); DatasetError if impossible."""
-    path = Path(path)
+def _read_checked(path: Path, max_pixels: int | None) -> np.ndarray:
+    """The bytes of the image file `path`, once its header says it is no larger than `max_pixels` (None: the
+    process's data.max_image_pixels, image_header.py); DatasetError naming the file otherwise."""
     try:
-        data = np.fromfile(str(path), dtype=np.uint8)  # unlike cv2.imread, works for any path encoding
+        with open(path, "rb") as f:  # unlike cv2.imread, works for any path encoding
+            data = f.read()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read image ({exc.strerror or exc})") from None
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if not data:
+        raise DatasetError(f"{path}: not a decodable image")
+    check_pixels(path, data, max_pixels)  # before decoding: a small file can claim a huge image
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Decode `path` as stored (grayscale, BGR or BGRA; any bit depth); DatasetError if impossible, or when its
+    header says it has more than `max_pixels` pixels (None: data.max_image_pixels), which is never decoded."""
+    path = Path(path)
+    img = cv2.imdecode(_read_checked(path, max_pixels), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise DatasetError(f"{path}: not a decodable image")
     return img
@@ -86,7 +99,9 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:
     """Standardised grayscale thumbnail (flattened float32): the cheap look-alike measure (the contact sheet's
     hard negatives, learned_matches' look-alike pairs, the thumbnail baseline of retrieval/thumbnail.py)."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    img = cv2.imdecode(_read_checked(Path(path), None), cv2.IMREAD_GRAYSCALE)  # as cv2.imread, size checked first
+    if img is None or img.size == 0:
+        raise DatasetError(f"{path}: not a decodable image")
     t = cv2.resize(img, size, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
     return (t - t.mean()) / (t.std() + 1e-6)
 

@@ -13,7 +13,8 @@ last street, and `check_no_shared_places` refuses overlapping ranges of the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
@@ -22,31 +23,103 @@ import torch
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.ground_truth import GroundTruth, SparseRelevance, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors
-from siamese_retrieval.data.synth.config import SynthConfig
+from siamese_retrieval.data.synth.config import PRESETS, SynthConfig
 from siamese_retrieval.errors import ConfigError
 
+DEFAULTS: dict[str, Any] = {f.name: getattr(SynthConfig(), f.name) for f in fields(SynthConfig)}
+_UNKNOWN = object()
 
-def synth_config(cfg: Mapping[str, Any]) -> SynthConfig:
-    """A `data.synth`-style mapping (preset + field overrides) as a SynthConfig; ConfigError when invalid."""
-    fields = dict(cfg)
-    preset = fields.pop("preset", "default")
+
+# Ranges of the fields a training city is usually given (conf/data/synth_views.yaml); every other field only
+# has to be of its default's type. The same rules as config_schema.py's data.train_views.* (this catches what
+# reaches the datamodule without the schema: a config of another shape, a direct call).
+FIELD_RANGES: dict[str, tuple[int, int | None]] = {
+    "n_streets": (1, None),
+    "queries_per_street": (1, None),
+    "first_street": (0, None),
+    "seed": (0, 2**32 - 1),
+}
+
+
+def views_mapping(value: Any) -> dict[str, Any] | None:
+    """`data.train_views` as a plain dict (None when null / empty); ConfigError when it is not a mapping."""
+    if value is None or (isinstance(value, Mapping) and not value):
+        return None
+    if not isinstance(value, Mapping):
+        _not_a_mapping("data.train_views", value)
+    return dict(value)
+
+
+def _not_a_mapping(where: str, value: Any) -> None:
+    raise ConfigError(f"{where}={_shown(value)}: must be a mapping of the city's settings (preset, n_streets, "
+                      f"queries_per_street, first_street) or null")
+
+
+def synth_config(cfg: Mapping[str, Any], where: str = "data.train_views") -> SynthConfig:
+    """A `data.synth`-style mapping (preset + field overrides) as a SynthConfig; ConfigError (naming `where`)
+    when it is not a mapping, names an unknown preset or field, or a field has a wrong type or range."""
+    if not isinstance(cfg, Mapping):
+        _not_a_mapping(where, cfg)
+    values = dict(cfg)
+    preset = values.pop("preset", "default")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"{where}.preset={preset!r}: must be one of {', '.join(PRESETS)}")
+    for name, value in values.items():
+        problem = _field_problem(str(name), value)
+        if problem is not None:
+            raise ConfigError(f"{where}.{name}={_shown(value)}: {problem}")
     try:
-        return SynthConfig.from_preset(preset, **fields)
+        return SynthConfig.from_preset(preset, **values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"data.train_views: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+    """What a SynthConfig field's value must be, or None when it fits (unknown names: from_preset says so)."""
+    default = DEFAULTS.get(name, _UNKNOWN)
+    if default is _UNKNOWN:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        low, high = FIELD_RANGES.get(name, (None, None))
+        ok = (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+              and (high is None or value <= high))
+        bounds = (f" in [{low}, {high}]" if low is not None and high is not None
+                  else f" >= {low}" if low is not None else "")
+        return None if ok else f"must be an integer{bounds}"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "must be a number"
+    if isinstance(default, tuple):
+        return None if isinstance(value, (list, tuple)) else "must be a list"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """As config_schema shows a value: bare, strings quoted only when they would not read as one word."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and value.isprintable() and " " not in value else repr(value)
+    return repr(value)
 
 
 def views_config(views: Mapping[str, Any], eval_city: SynthConfig | None) -> SynthConfig:
     """The training city of `data.train_views`. Its seed defaults to the evaluation city's and `first_street`
     (null) to the street right after the evaluation city's last one."""
-    fields = dict(views)
+    if not isinstance(views, Mapping):
+        _not_a_mapping("data.train_views", views)
+    values = dict(views)
     if eval_city is not None:
-        fields.setdefault("seed", eval_city.seed)
-        if fields.get("first_street") is None:
-            fields["first_street"] = eval_city.first_street + eval_city.n_streets
-    elif fields.get("first_street") is None:
-        fields["first_street"] = 0
-    city = synth_config(fields)
+        values.setdefault("seed", eval_city.seed)
+        if values.get("first_street") is None:
+            values["first_street"] = eval_city.first_street + eval_city.n_streets
+    elif values.get("first_street") is None:
+        values["first_street"] = 0
+    city = synth_config(values)
     if eval_city is not None:
         check_no_shared_places(eval_city, city)
     return city

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from siamese_retrieval.errors import instantiate_partial
 from siamese_retrieval.models.distance import Distance
 from siamese_retrieval.models.embedding import embed_all, embed_sharded
 from siamese_retrieval.models.heads import RelevanceHead
@@ -179,13 +180,15 @@ class SiameseModule(pl.LightningModule):
             }
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.parameters())
+        # the config's optimizer / scheduler nodes (train.py builds this module from model.module): a keyword or
+        # value the class refuses is one line naming the node, not a traceback from inside fit
+        optimizer = instantiate_partial("model.module.optimizer", self.hparams.optimizer, self.parameters())
         if not self.hparams.scheduler:
             return optimizer
         sched_cfg = dict(self.hparams.scheduler)
         interval = sched_cfg.pop("interval", "epoch")
         if sched_cfg.get("_target_", "").endswith("CosineAnnealingLR") and sched_cfg.get("T_max") is None:
             sched_cfg["T_max"] = max(1, self.trainer.max_epochs or 1)
-        scheduler = instantiate(sched_cfg, _partial_=True)(optimizer)
+        scheduler = instantiate_partial("model.module.scheduler", sched_cfg, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 

@@ -32,7 +32,14 @@ import numpy as np
 
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.io_utils import check_cache_entry, make_temp_dir, publish_dir, safe_remove, stable_hash
-from siamese_retrieval.retrieval.index import IndexConfig, build_index, load_index, save_index
+from siamese_retrieval.retrieval.index import (
+    IndexConfig,
+    build_index,
+    index_problem,
+    load_index,
+    place_index,
+    save_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +82,49 @@ def cache_key(ckpt_path: str | os.PathLike, dataset: Any, inputs_cfg: dict[str, 
     }
 
 
-def _read_entry(entry: Path, key: dict, use_gpu: bool) -> tuple[faiss.Index, np.ndarray] | None:
+def _member(entry: Path, name: str) -> Path:
+    """A file of the entry, never through a symbolic link (a shared cache folder: a planted one is not followed)."""
+    path = entry / name
+    if os.path.islink(path):
+        raise ValueError(f"{name} is a symbolic link")
+    return path
+
+
+def embeddings_problem(emb: np.ndarray, n_db: int, dim: int | None) -> str | None:
+    """Why cached embeddings cannot be this database's (None: they can): (n_db, dim) float32, finite."""
+    if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[0] != n_db or (dim is not None and emb.shape[1] != dim):
+        expected = f"({n_db}, {dim if dim is not None else 'd'})"
+        return f"has embeddings of dtype {emb.dtype} and shape {emb.shape}, expected float32 {expected}"
+    if not np.isfinite(emb).all():
+        return "has non-finite embeddings"
+    return None
+
+
+def _read_entry(entry: Path, key: dict, index_cfg: IndexConfig,
+                dim: int | None) -> tuple[faiss.Index, np.ndarray] | None:
+    """The entry's index and embeddings when they are this key's and fit it in every respect: the database size,
+    the embedding dimension `dim` (this checkpoint's; None: the embeddings' own), the index config's metric and
+    kind, float32 finite embeddings. Anything else is one warning and None (rebuilt). The entry is data: read with
+    allow_pickle=False, never through a link."""
     try:
-        meta = json.loads((entry / "meta.json").read_text())
-        if meta.get("key") != json.loads(json.dumps(key)):
-            log.warning("embedding cache %s does not match its key; ignoring it", entry)
+        meta = json.loads(_member(entry, "meta.json").read_text())
+        if not isinstance(meta, dict) or meta.get("key") != json.loads(json.dumps(key)):
+            log.warning("embedding cache %s does not match its key; rebuilding it", entry)
             return None
-        emb = np.load(entry / "embeddings.npy", allow_pickle=False)
-        index = load_index(entry / "index.faiss", use_gpu=use_gpu)
+        emb = np.load(_member(entry, "embeddings.npy"), allow_pickle=False)
+        index = load_index(_member(entry, "index.faiss"), use_gpu=False)
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
         log.warning("embedding cache %s is unreadable (%s); rebuilding it", entry, exc)
         return None
-    if emb.shape[0] != key["n_db"] or index.ntotal != key["n_db"]:
-        log.warning("embedding cache %s has %d embeddings / %d indexed for %d database images; rebuilding it",
-                    entry, emb.shape[0], index.ntotal, key["n_db"])
+    n_db = int(key["n_db"])
+    problem = embeddings_problem(emb, n_db, dim) if isinstance(emb, np.ndarray) else "has no embedding array"
+    if problem is None:
+        problem = index_problem(index, index_cfg, emb.shape[1], n_db)
+        problem = None if problem is None else "index " + problem
+    if problem is not None:
+        log.warning("embedding cache %s %s; rebuilding it", entry, problem)
         return None
-    return index, emb
+    return place_index(index, index_cfg.use_gpu), emb
 
 
 def _write_entry(entry: Path, key: dict, emb: np.ndarray, index: faiss.Index, extra: dict[str, Any]) -> bool:
@@ -133,14 +167,17 @@ def cached_database_index(
     index_cfg: IndexConfig,
     embed: Callable[[], np.ndarray],
     enabled: bool = True,
+    dim: int | None = None,
 ) -> CachedIndex:
-    """The database's embeddings and index: from `<cache_dir>/<key>/` when there, else `embed()` + build + write."""
+    """The database's embeddings and index: from `<cache_dir>/<key>/` when there and valid, else `embed()` + build
+    + write. `dim`: the checkpoint's embedding dimension (e.g. its query embeddings'), which a cached entry must
+    have (a damaged or foreign one is rebuilt with one warning, never searched)."""
     started = time.perf_counter()
     key = cache_key(ckpt_path, dataset, inputs_cfg, index_cfg)
     entry = Path(cache_dir) / stable_hash(key)
     enabled = enabled and _usable_entry(entry)
     if enabled and entry.is_dir():
-        found = _read_entry(entry, key, index_cfg.use_gpu)
+        found = _read_entry(entry, key, index_cfg, dim)
         if found is not None:
             index, emb = found
             log.info("embedding cache hit: %s", entry)

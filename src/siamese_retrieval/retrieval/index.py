@@ -58,6 +58,8 @@ __all__ = [
     "recall_agreement",
     "save_index",
     "load_index",
+    "index_problem",
+    "place_index",
 ]
 
 # FAISS' k-means warns below this many training points per centroid.
@@ -350,7 +352,12 @@ def build_index(db_emb: np.ndarray | torch.Tensor, cfg: IndexConfig | None = Non
         index = _build_kind(x, cfg)
     if cfg.tune:
         _tune_on_database(index, x, cfg)
-    if cfg.use_gpu:
+    return place_index(index, cfg.use_gpu)
+
+
+def place_index(index: faiss.Index, use_gpu: bool) -> faiss.Index:
+    """`index` moved to the GPU when `use_gpu` and this faiss build has one (a warning and the CPU otherwise)."""
+    if use_gpu:
         if _gpu_available():
             try:
                 index = _to_gpu(index)
@@ -359,6 +366,38 @@ def build_index(db_emb: np.ndarray | torch.Tensor, cfg: IndexConfig | None = Non
         else:
             log.warning("use_gpu requested but this faiss build has no GPU available: searching on CPU")
     return index
+
+
+# What `build_index` makes for each kind: the kind's own index, or the flat one it falls back to on a small database.
+_KIND_TYPES: dict[str, tuple[str, ...]] = {
+    "flat": ("IndexFlat",),
+    "ivf": ("IndexIVFFlat", "IndexFlat"),
+    "ivfpq": ("IndexIVFPQ", "IndexFlat"),
+}
+
+
+def index_problem(index: faiss.Index, cfg: IndexConfig, d: int, ntotal: int) -> str | None:
+    """Why `index` (e.g. read from a cache: data, not trusted) cannot be the CPU index `build_index` makes with
+    `cfg` over `ntotal` vectors of dimension `d` (None: it can): its dimension, size, training, metric and kind."""
+    index = faiss.downcast_index(index)
+    if int(index.d) != int(d):
+        return f"has dimension {index.d}, expected {d} (the embeddings' dimension)"
+    if int(index.ntotal) != int(ntotal):
+        return f"holds {index.ntotal} vectors, expected {ntotal} (the database images)"
+    if not index.is_trained:
+        return "is not trained"
+    if int(index.metric_type) != _faiss_metric(cfg.metric):
+        names = {faiss.METRIC_L2: "l2", faiss.METRIC_INNER_PRODUCT: "ip"}
+        return f"uses metric {names.get(int(index.metric_type), int(index.metric_type))}, expected {cfg.metric}"
+    allowed = _KIND_TYPES.get(cfg.kind)
+    if allowed is not None and not any(isinstance(index, getattr(faiss, name)) for name in allowed):
+        return f"is a {type(index).__name__}, not what index kind {cfg.kind!r} builds ({' or '.join(allowed)})"
+    if isinstance(index, faiss.IndexIVF):
+        quantizer = faiss.downcast_index(index.quantizer)
+        if int(quantizer.d) != int(index.d) or int(quantizer.ntotal) != int(index.nlist):
+            return (f"has a coarse quantizer of dimension {quantizer.d} with {quantizer.ntotal} centroids, expected "
+                    f"{index.d} and {index.nlist}")
+    return None
 
 
 def _build_kind(x: np.ndarray, cfg: IndexConfig) -> faiss.Index:

@@ -51,7 +51,7 @@ from torch import nn
 
 from siamese_retrieval.data.images import thumbnail
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.io_utils import atomic_path, stable_hash
+from siamese_retrieval.io_utils import atomic_path, check_cache_entry, stable_hash
 from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig
 from siamese_retrieval.retrieval.orb_ransac import single_threaded_kernels
 
@@ -396,6 +396,20 @@ def _batches(counts: torch.Tensor, size: int, gen: torch.Generator) -> list[torc
     return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
 
 
+def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, pct_start: float = 0.1) -> Any:
+    """The one-cycle schedule (peak `lr`) over `steps` optimiser steps, defined for every step count.
+
+    torch's OneCycleLR ends its warm-up at step pct_start * steps - 1; where that is exactly step 0 (10 steps)
+    it divides 0 by 0 at the first step: the warm-up then ends half a step earlier, so the first step is in the
+    annealing phase, as for every shorter cycle. A single step gets the constant `lr` (a one-step cycle would
+    take it at the cycle's final lr, ~1e-6 of the peak)."""
+    if steps < 2:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    if float(pct_start * steps) - 1 == 0:
+        pct_start = 0.5 / steps
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
+
+
 def fit(data: TrainData, cfg: LearnedMatchesConfig) -> tuple[MatchNet, dict[str, float]]:
     """Train a MatchNet on the training pairs (deterministic given cfg.train.seed); returns it and a summary."""
     started = time.perf_counter()
@@ -405,8 +419,7 @@ def fit(data: TrainData, cfg: LearnedMatchesConfig) -> tuple[MatchNet, dict[str,
     net = MatchNet(cfg.network)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     n = len(t["sim"])
-    steps = tc.epochs * math.ceil(n / tc.batch_pairs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=steps, pct_start=0.1)
+    sched = _one_cycle(opt, tc.lr, tc.epochs * math.ceil(n / tc.batch_pairs))
     gen = torch.Generator().manual_seed(tc.seed)
     counts = t["mask"].sum(dim=1)  # matches are packed at the front of each row
     bce = nn.functional.binary_cross_entropy_with_logits
@@ -463,8 +476,10 @@ def load_weights(path: Path, cfg: NetworkConfig) -> MatchNet | None:
             raise ValueError("not a dict of tensors")
         net = MatchNet(cfg)
         net.load_state_dict(state, strict=True)
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as exc:
-        log.warning("learned verifier cache %s is unusable (%s); refitting", path, str(exc).splitlines()[0])
+    except Exception as exc:  # noqa: BLE001 - a cache is disposable: whatever is wrong with the file, refit
+        # (weights_only refuses to unpickle anything but tensors: a hostile file is an UnpicklingError here)
+        log.warning("learned verifier cache %s is unusable (%s); refitting", path,
+                    (str(exc).splitlines() or [type(exc).__name__])[0])
         return None
     net.eval()
     return net
@@ -473,6 +488,8 @@ def load_weights(path: Path, cfg: NetworkConfig) -> MatchNet | None:
 def fit_or_load(data: TrainData, cfg: LearnedMatchesConfig, cache_dir: str | os.PathLike | None) -> MatchNet:
     """The verifier of this training split and config: loaded from the cache, else fitted and cached."""
     path = cache_path(data, cfg, cache_dir) if cache_dir is not None else None
+    if path is not None:
+        check_cache_entry(path, "learned verifier", "file", log)  # a planted symlink is removed, never read through
     if path is not None and path.is_file():
         net = load_weights(path, cfg.network)
         if net is not None:

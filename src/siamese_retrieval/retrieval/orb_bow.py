@@ -194,20 +194,65 @@ def fit_vocabulary(feats: Sequence[Features], cfg: BowConfig = BowConfig()) -> V
     return vocab
 
 
+VOCABULARY_FIELDS = ("words", "idf", "power", "n_images", "n_descriptors")
+
+
+def vocabulary_cache_path(key: dict, cfg: BowConfig, n_images: int, cache_dir: str | os.PathLike) -> Path:
+    """Where `cached_vocabulary` keeps the vocabulary of `n_images` training images under `key` and `cfg`."""
+    digest = stable_hash({**key, "cfg": asdict(cfg), "n_images": int(n_images), "version": ORB_BOW_CACHE_VERSION,
+                          "faiss": faiss.__version__})
+    return Path(cache_dir) / f"orb_bow-{digest}.npz"
+
+
+def _scalar_problem(arrays: dict[str, np.ndarray], name: str, kinds: str) -> str | None:
+    value = arrays[name]
+    if value.shape != () or value.dtype.kind not in kinds:
+        what = "an integer" if kinds == "iu" else "a number"
+        return f"has {name} of dtype {value.dtype} and shape {value.shape}, not {what}"
+    return None
+
+
+def vocabulary_problem(arrays: dict[str, np.ndarray], cfg: BowConfig, n_images: int) -> str | None:
+    """Why the arrays of a cached vocabulary cannot be the one `cfg` fits on `n_images` training images (None:
+    they can). The cache is data: every array is checked (dtype, shape, finite values, scalars being scalars)."""
+    k, width = cfg.vocabulary_size, DESC_BITS // 8
+    words, idf = arrays["words"], arrays["idf"]
+    if words.dtype != np.uint8 or words.shape != (k, width):
+        return f"has words of dtype {words.dtype} and shape {words.shape}, expected uint8 {(k, width)}"
+    if idf.dtype != np.float32 or idf.shape != (k,):
+        return f"has idf of dtype {idf.dtype} and shape {idf.shape}, expected float32 {(k,)}"
+    if not np.isfinite(idf).all():
+        return "has non-finite idf weights"
+    if cfg.weighting == "tf" and not (idf == 1).all():
+        return "has idf weights other than 1 (weighting=tf)"
+    if cfg.weighting == "tfidf" and ((idf < 0).any() or (idf > np.log1p(n_images) + 1e-4).any()):
+        return f"has idf weights outside [0, log(1 + {n_images})]"
+    for name, kinds in (("power", "f"), ("n_images", "iu"), ("n_descriptors", "iu")):
+        problem = _scalar_problem(arrays, name, kinds)
+        if problem is not None:
+            return problem
+    if float(arrays["power"]) != float(cfg.power):
+        return f"has power {float(arrays['power'])!r}, expected {float(cfg.power)!r}"
+    if int(arrays["n_images"]) != n_images:
+        return f"was fitted on {int(arrays['n_images'])} images, expected {n_images}"
+    if not k <= int(arrays["n_descriptors"]) <= cfg.kmeans_samples:
+        return (f"has n_descriptors {int(arrays['n_descriptors'])}, outside [{k}, {cfg.kmeans_samples}] "
+                f"(vocabulary_size, kmeans_samples)")
+    return None
+
+
 def cached_vocabulary(feats: Sequence[Features], key: dict, cfg: BowConfig,
                       cache_dir: str | os.PathLike | None) -> Vocabulary:
     """`fit_vocabulary`, cached in `cache_dir` as one .npz (written atomically) keyed by `key` (the dataset
-    fingerprint, the training image list, the ORB config) and `cfg`. No cache when `cache_dir` is None."""
+    fingerprint, the training image list, the ORB config) and `cfg`. No cache when `cache_dir` is None. A cached
+    vocabulary that does not fit `cfg` in every array (`vocabulary_problem`) is refitted with one warning."""
     fit = lambda: dataclasses.asdict(fit_vocabulary(feats, cfg))  # noqa: E731
     if cache_dir is None:
         return Vocabulary(**fit())
-    digest = stable_hash({**key, "cfg": asdict(cfg), "n_images": len(feats), "version": ORB_BOW_CACHE_VERSION,
-                          "faiss": faiss.__version__})
-    fields = ("words", "idf", "power", "n_images", "n_descriptors")
-    arrays = cached_npz(Path(cache_dir) / f"orb_bow-{digest}.npz", fields, "ORB vocabulary", fit,
-                        validate=lambda a: a["words"].shape == (cfg.vocabulary_size, DESC_BITS // 8), logger=log)
-    return Vocabulary(arrays["words"], arrays["idf"], float(arrays["power"]), int(arrays["n_images"]),
-                      int(arrays["n_descriptors"]))
+    arrays = cached_npz(vocabulary_cache_path(key, cfg, len(feats), cache_dir), VOCABULARY_FIELDS, "ORB vocabulary",
+                        fit, logger=log, problem=lambda a: vocabulary_problem(a, cfg, len(feats)))
+    return Vocabulary(np.ascontiguousarray(arrays["words"]), np.ascontiguousarray(arrays["idf"]),
+                      float(arrays["power"]), int(arrays["n_images"]), int(arrays["n_descriptors"]))
 
 
 def rank_bow(db_vecs: np.ndarray, q_vecs: np.ndarray, query_idx: np.ndarray, truth: Any,

@@ -138,14 +138,25 @@ def _unpack(z: Mapping[str, np.ndarray]) -> list[Features]:
             for i in range(len(off) - 1)]
 
 
-def _valid(z: Mapping[str, np.ndarray], n_files: int) -> bool:
-    """The arrays fit together: one offset per file (+1), increasing, and every per-feature array that long."""
+def features_problem(z: Mapping[str, np.ndarray], n_files: int) -> str | None:
+    """Why the arrays of an ORB feature cache cannot be the features of `n_files` files (None: they can): one
+    int64 offset per file (+1), from 0, increasing; every per-feature array that long, of its dtype (float32,
+    descriptors uint8 (n, 32)) and finite; one (width, height) per file. The cache is data: every array is checked."""
     off = z["offsets"]
-    if off.ndim != 1 or len(off) != n_files + 1 or off[0] != 0 or np.any(np.diff(off) < 0):
-        return False
+    if off.dtype != np.int64 or off.shape != (n_files + 1,):
+        return f"has offsets of dtype {off.dtype} and shape {off.shape}, expected int64 {(n_files + 1,)}"
+    if off[0] != 0 or np.any(np.diff(off) < 0):
+        return "has offsets that do not start at 0 and increase"
     n = int(off[-1])
-    return (z["points"].shape == (n, 2) and z["desc"].shape == (n, 32) and z["desc"].dtype == np.uint8
-            and z["angle"].shape == (n,) and z["size"].shape == (n,) and z["wh"].shape == (n_files, 2))
+    for name, shape, dtype in (("points", (n, 2), np.float32), ("desc", (n, 32), np.uint8),
+                               ("angle", (n,), np.float32), ("size", (n,), np.float32),
+                               ("wh", (n_files, 2), np.float32)):
+        arr = z[name]
+        if arr.dtype != dtype or arr.shape != shape:
+            return f"has {name} of dtype {arr.dtype} and shape {arr.shape}, expected {np.dtype(dtype)} {shape}"
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return f"has non-finite {name}"
+    return None
 
 
 def cached_features(files: Sequence[Path], key: Mapping[str, Any], cfg: Any, cache_dir: str | os.PathLike | None,
@@ -158,5 +169,5 @@ def cached_features(files: Sequence[Path], key: Mapping[str, Any], cfg: Any, cac
                           "version": ORB_CACHE_VERSION, "cv2": cv2.__version__.split(".")[0]})
     arrays = cached_npz(Path(cache_dir) / f"orb-{digest}.npz", ARRAYS, "ORB feature",
                         lambda: _pack(extract_features(files, cfg, workers)),
-                        validate=lambda a: _valid(a, len(files)), logger=log)
+                        logger=log, problem=lambda a: features_problem(a, len(files)))
     return _unpack(arrays)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from siamese_retrieval.data.dataset import read_dataset
@@ -13,6 +14,7 @@ from siamese_retrieval.retrieval.thumbnail import thumbnail_metrics
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow  # a property of the default city's renderer (24 s): not of code that changes often
 def test_thumbnail_baseline_recall_at_1_below_half_on_default_test_split(cache_dir: Path) -> None:
     root = ensure_city(cache_dir, SynthConfig.from_preset("default"))
     ds = read_dataset(root, check="none")

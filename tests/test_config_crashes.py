@@ -170,7 +170,7 @@ SLOW = [pytest.mark.slow]
 
 CASES = [
     # 1. the learned verifier's one-cycle schedule (10 steps divided by zero)
-    Case("lm_epochs_1", "evaluate.py", [*EVALUATE, "rerank.train.epochs=1"], None, needs_checkpoint=True),
+    Case("lm_epochs_1", "evaluate.py", [*EVALUATE, "rerank.train.epochs=1"], None, needs_checkpoint=True, marks=SLOW),
     Case("lm_epochs_2", "evaluate.py", [*EVALUATE, "rerank.train.epochs=2"], None, needs_checkpoint=True),
     Case("lm_one_step", "evaluate.py", [*EVALUATE, "rerank.train.epochs=1", "rerank.train.batch_pairs=100000"], None,
          needs_checkpoint=True, marks=SLOW),
@@ -198,8 +198,8 @@ CASES = [
          "argument 'no_such_arg'"),
     Case("trainer_refuses_precision", "train.py", [*TRAIN, "trainer.precision=transformer-engine"],  # the schema's
          re.compile(r"error: trainer: cannot build pytorch_lightning\.Trainer: Requirement 'transformer_engine.+"),
-         marks=[pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
-                                   reason="transformer_engine is installed: Lightning accepts the precision")]),
+         marks=[*SLOW, pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                                          reason="transformer_engine is installed: Lightning accepts the precision")]),
     Case("trainer_refuses_accelerator", "train.py", [*TRAIN, "trainer.accelerator=tpu"],
          re.compile(r"error: trainer: cannot build pytorch_lightning\.Trainer: .+"), marks=SLOW),
     Case("callback_does_not_import", "train.py", [*TRAIN, "+callbacks.mine._target_=no_such_pkg.Callback"],
@@ -225,7 +225,7 @@ CASES = [
     Case("storage_link_to_directory", "train.py", [*SWEEP, STORAGE], re.compile(storage_error(DIRECTORY, link=True)),
          _storage("link_directory")),
     Case("storage_new_study", "train.py", [*SWEEP, STORAGE], None, _new_study, marks=SLOW),
-    Case("storage_valid_study", "train.py", [*SWEEP, STORAGE], None, _valid_study),
+    Case("storage_valid_study", "train.py", [*SWEEP, STORAGE], None, _valid_study, marks=SLOW),  # README's optuna test: default
     # 5. the data cache
     Case("cache_dir_is_a_file", "train.py", TRAIN, CACHE_ERROR.format(tmp="{tmp}", sub="", prefix=""),
          _cache_file(under=False)),

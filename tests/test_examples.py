@@ -128,6 +128,7 @@ def _hue_saturation(path: Path) -> np.ndarray:
     return hist / hist.sum()
 
 
+@pytest.mark.slow  # the re-ranker registry in both pipelines: test_evaluate's retrieve-vs-evaluate test (default)
 def test_custom_reranker_reorders_in_evaluate_and_retrieve(tmp_path: Path, cache_dir: Path) -> None:
     folder = tmp_path / "custom_reranker"
     shutil.copytree(EXAMPLES / "custom_reranker", folder)

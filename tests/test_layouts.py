@@ -262,7 +262,8 @@ def test_other_reader_errors(exported: dict[str, Path], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout,key,options", [("vpr_folder", "vpr", []),
-                                                ("msls_official", "msls", [f"data.layout_options.city={CITY}"])])
+                                                pytest.param("msls_official", "msls", [f"data.layout_options.city={CITY}"],
+                                                             marks=pytest.mark.slow)])  # the reader: in-process tests
 def test_evaluate_py_reads_the_layouts_directly(layout: str, key: str, options: list[str], exported: dict[str, Path],
                                                 original: RetrievalDataset, tmp_path: Path, cache_dir: Path) -> None:
     """`data=<layout> data.root=...` through the real command line: the baseline sees the city's own positives."""

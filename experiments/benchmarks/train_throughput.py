@@ -97,9 +97,9 @@ def compose_config(device: str, overrides: list[str], output_dir: str):
 
 
 def count_images(batch: dict[str, Any]) -> int:
-    """Images in a pair batch: the rows of the query side plus those of the database side."""
+    """Images in a batch: a place batch's images, or a pair batch's query rows plus its database rows."""
     n = 0
-    for side in ("q", "d"):
+    for side in ("images",) if "images" in batch else ("q", "d"):
         tensors = batch[side]
         n += int(next(iter(tensors.values())).shape[0]) if isinstance(tensors, dict) else int(tensors.shape[0])
     return n
@@ -200,6 +200,8 @@ def preload(datamodule, count: int, device: str) -> tuple[list[dict[str, Any]], 
 
 def augment(datamodule, batch: dict[str, Any]) -> dict[str, Any]:
     """What RetrievalDataModule.on_after_batch_transfer does to a training batch."""
+    if "images" in batch:  # a P x K place batch (cnn_snn's default): one set of images
+        return {**batch, "images": datamodule.inputs.augment(batch["images"])}
     return {**batch, "q": datamodule.inputs.augment(batch["q"]), "d": datamodule.inputs.augment(batch["d"])}
 
 

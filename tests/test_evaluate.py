@@ -86,11 +86,18 @@ def _per_query(path: Path) -> dict[str, list[str]]:
     return {r[0]: r[3:] for r in rows}
 
 
+def _tiny_city(cache_dir: Path) -> Path:
+    """The tiny city's root (the cache may hold other cities too: training-only cities of other tests)."""
+    from siamese_retrieval.data.synth import SynthConfig, ensure_city
+
+    return Path(ensure_city(cache_dir, SynthConfig.from_preset("tiny")))
+
+
 def _orb_features(cache_dir: Path, paths: list[str]):
     from siamese_retrieval.retrieval.orb_features import extract_features
     from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig
 
-    root = next(cache_dir.glob("synth-*/gt.h5")).parent
+    root = _tiny_city(cache_dir)
     cfg = OrbRansacConfig(**{k: v for k, v in compose_config("eval", [], cache_dir / "x", cache_dir).orb_ransac.items()
                              if k != "workers"})
     return extract_features([root / p for p in paths], cfg, workers=1), cfg
@@ -103,7 +110,7 @@ def test_orb_ransac_ranks_by_most_inliers(tmp_path: Path, cache_dir: Path) -> No
 
     _eval(["data=synth_tiny", "seed=3", "method=orb_ransac"], tmp_path, cache_dir)
     ranked = _per_query(tmp_path / "per_query.csv")
-    ds = read_dataset(next(cache_dir.glob("synth-*/gt.h5")).parent, check="none")
+    ds = read_dataset(_tiny_city(cache_dir), check="none")
     queries = sorted(ranked)
     feats, cfg = _orb_features(cache_dir, queries + ds.db_paths)
     ordered = 0

@@ -37,20 +37,23 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import faiss
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from siamese_retrieval.data.datamodule import build_datamodule, evaluation_data_config
     from siamese_retrieval.data.inputs import NoInputs
-    from siamese_retrieval.evaluate import dataset_orb_features, load_split
+    from siamese_retrieval.evaluate import load_split
     from siamese_retrieval.retrieval import orb_bow
     from siamese_retrieval.retrieval.index import set_faiss_threads
     from siamese_retrieval.retrieval.ranking import RankingSettings
+    from siamese_retrieval.retrieval.rerankers import dataset_orb_features, orb_config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("eval", overrides=[f"data={args.data}", "method=orb_bow", "logger=none",
                                          "hydra.runtime.output_dir=/tmp"])
     dm = build_datamodule(evaluation_data_config(cfg.data), NoInputs())
     query_idx = load_split(dm, args.split)
-    db_feats, q_feats, _, _ = dataset_orb_features(cfg, dm)
+    orb_cfg, workers = orb_config(OmegaConf.to_container(cfg.orb_ransac, resolve=True))
+    db_feats, q_feats = dataset_orb_features(orb_cfg, workers, dm.dataset, dm.cache_dir)
     train_db, train_q = orb_bow.training_images(dm.splits, dm.dataset.n_db)
     train = [db_feats[i] for i in train_db] + [q_feats[i] for i in train_q]
     bow = orb_bow.BowConfig(vocabulary_size=args.words, kmeans_samples=args.samples, kmeans_iters=args.iters)

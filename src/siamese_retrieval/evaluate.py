@@ -157,13 +157,11 @@ def warn_if_split_differs(cfg: DictConfig, ckpt: LoadedCheckpoint, split: str) -
 # ----------------------------------------------------------------------------------------- rankings
 
 
-
-
 def orb_ransac_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndarray,
                        settings: RankingSettings) -> Ranking:
     """The classical baseline: every query verified against the full database, score = inlier count."""
-    db_feats, q_feats = dataset_orb_features(plain(cfg.orb_ransac), dm.dataset, dm.cache_dir)
     orb_cfg, workers = orb_config(plain(cfg.orb_ransac))
+    db_feats, q_feats = dataset_orb_features(orb_cfg, workers, dm.dataset, dm.cache_dir)
     scores = score_matrix([q_feats[i] for i in query_idx], db_feats, orb_cfg, workers)
     return rank_scores(scores, query_idx, dm.dataset, settings)
 
@@ -179,8 +177,8 @@ def orb_bow_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndar
         raise ConfigError(f"orb_bow: {exc}") from None
     except ValueError as exc:  # "orb_bow.<knob> must be ..."
         raise ConfigError(str(exc)) from None
-    db_feats, q_feats = dataset_orb_features(plain(cfg.orb_ransac), dm.dataset, dm.cache_dir)
-    orb_cfg, _ = orb_config(plain(cfg.orb_ransac))
+    orb_cfg, workers = orb_config(plain(cfg.orb_ransac))
+    db_feats, q_feats = dataset_orb_features(orb_cfg, workers, dm.dataset, dm.cache_dir)
     dataset = dm.dataset
     train_db, train_q = orb_bow.training_images(dm.splits, dataset.n_db)
     key = {"fingerprint": dataset.fingerprint, "orb": dataclasses.asdict(orb_cfg),

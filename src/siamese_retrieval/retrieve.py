@@ -131,9 +131,9 @@ def rerank_top(ids: np.ndarray, scores: np.ndarray, distance: np.ndarray, rerank
     """The model's ranking in evaluate.py's canonical order (ties by database index), re-ranked by `rerank=`
     (retrieval/rerankers.py, the same builder as evaluate.py's). Returns ids, the model's relevance and distance
     in the new order, and the re-ranker's scores (None without re-ranking)."""
-    order_ids, order_scores = canonical_order(ids, scores)
+    order_ids, order_scores = canonical_order(ids, scores)  # the same arrays when no row needed reordering
     if rerank is None:
-        return order_ids, order_scores, _follow(ids, distance, order_ids), None
+        return order_ids, order_scores, distance if order_ids is ids else _follow(ids, distance, order_ids), None
     source = RerankSource(dataset, query_files=query_files, cache_dir=cache_dir,
                           orb=OmegaConf.to_container(orb, resolve=True) if orb is not None else {}, split="all")
     new_ids, new_scores = build_reranker(rerank, source)(np.arange(len(ids)), order_ids, order_scores)

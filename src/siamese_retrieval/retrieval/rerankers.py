@@ -76,22 +76,21 @@ def orb_config(node: Mapping[str, Any]) -> tuple[OrbRansacConfig, int]:
         raise ConfigError(f"orb_ransac: {exc}") from None
 
 
-def dataset_orb_features(node: Mapping[str, Any], dataset: Any,
+def dataset_orb_features(cfg: OrbRansacConfig, workers: int, dataset: Any,
                          cache_dir: Path | None) -> tuple[list[Features], list[Features]]:
     """(database, query) ORB features of every image of the dataset, cached together under its fingerprint."""
-    cfg, workers = orb_config(node)
     files = [dataset.root / p for p in dataset.db_paths + dataset.q_paths]
     feats = cached_features(files, {"fingerprint": dataset.fingerprint}, cfg, cache_dir, workers)
     return feats[: dataset.n_db], feats[dataset.n_db :]
 
 
-def source_orb_features(source: RerankSource) -> tuple[list[Features], list[Features]]:
+def source_orb_features(source: RerankSource, cfg: OrbRansacConfig,
+                        workers: int) -> tuple[list[Features], list[Features]]:
     """(database, ranked queries in row order) ORB features: the dataset's cache, plus outside queries
     extracted now (they have no fingerprint to cache them under)."""
     if source.query_idx is not None:
-        db, queries = dataset_orb_features(source.orb, source.dataset, source.cache_dir)
+        db, queries = dataset_orb_features(cfg, workers, source.dataset, source.cache_dir)
         return db, [queries[int(i)] for i in source.query_idx]
-    cfg, workers = orb_config(source.orb)
     ds = source.dataset
     db = cached_features([ds.root / p for p in ds.db_paths], {"fingerprint": ds.fingerprint}, cfg, source.cache_dir,
                          workers)
@@ -100,8 +99,8 @@ def source_orb_features(source: RerankSource) -> tuple[list[Features], list[Feat
 
 def orb_verifier(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """verify(rows, candidates) -> RANSAC homography inlier counts (len(rows), N)."""
-    db, queries = source_orb_features(source)
     cfg, workers = orb_config(source.orb)
+    db, queries = source_orb_features(source, cfg, workers)
 
     def verify(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         return rerank_scores(candidates, [queries[int(r)] for r in rows], db, cfg, workers)

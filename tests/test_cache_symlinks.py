@@ -181,30 +181,32 @@ def vocabulary_final(cache: Path, fixtures: Path) -> Path:
 
 
 def _verifier_data():
-    from siamese_retrieval.retrieval import learned_matches as lm
+    from siamese_retrieval.retrieval import verifier_fit as vf
 
-    return lm.TrainData([], [], [], [], np.array([0]), np.array([0]), None, {"fingerprint": "fp"})
+    return vf.TrainData([], [], [], [], np.array([0]), np.array([0]), None, {"fingerprint": "fp"})
 
 
 def verifier_build(cache: Path, fixtures: Path) -> Path:
     """learned_matches.fit_or_load, the training itself replaced by a fresh network (the cache's code path)."""
     from siamese_retrieval.retrieval import learned_matches as lm
+    from siamese_retrieval.retrieval import verifier_fit as vf
 
     cfg = lm.LearnedMatchesConfig()
-    fit = lm.fit
-    lm.fit = lambda data, cfg: (lm.MatchNet(cfg.network), {})
+    fit = vf.fit
+    vf.fit = lambda data, cfg, log_dir=None: (lm.MatchNet(cfg.network), {})
     try:
-        net = lm.fit_or_load(_verifier_data(), cfg, cache)
+        net = vf.fit_or_load(_verifier_data(), cfg, cache)
     finally:
-        lm.fit = fit
+        vf.fit = fit
     assert isinstance(net, lm.MatchNet)
-    return lm.cache_path(_verifier_data(), cfg, cache)
+    return vf.cache_path(_verifier_data(), cfg, cache)
 
 
 def verifier_final(cache: Path, fixtures: Path) -> Path:
     from siamese_retrieval.retrieval import learned_matches as lm
+    from siamese_retrieval.retrieval import verifier_fit as vf
 
-    return lm.cache_path(_verifier_data(), lm.LearnedMatchesConfig(), cache)
+    return vf.cache_path(_verifier_data(), lm.LearnedMatchesConfig(), cache)
 
 
 def _checkpoint(fixtures: Path) -> Path:
@@ -278,9 +280,9 @@ def plant(place: str, k: Kind, final: Path, victim: Path, fixtures: Path) -> lis
     raise ValueError(place)
 
 
-# learned_matches.fit_or_load (not io_utils) reads its cache: `path.is_file()` then torch.load, both following a
+# verifier_fit.fit_or_load (not io_utils) reads its cache: `path.is_file()` then torch.load, both following a
 # link. Its write (io_utils.atomic_path) is safe: the rename replaces the link, nothing is written in the victim.
-# Fix (in learned_matches.py, another engineer's file): io_utils.check_cache_entry(path, "learned verifier", "file")
+# Fix (in verifier_fit.py): io_utils.check_cache_entry(path, "learned verifier", "file")
 # before `path.is_file()`, and pickle.UnpicklingError among load_weights' caught exceptions.
 PLACES = ["final_to_victim", "final_dangling", "final_to_valid_copy", "guessed_temp", "old_predictable_temp"]
 
@@ -321,7 +323,7 @@ def test_planted_links_are_never_followed(kind: str, place: str, tmp_path: Path,
     assert built == final
     _assert_real_entry(k, final, cache)
     if place.startswith("final"):
-        if kind != "verifier_weights":  # (its read is learned_matches' own: no warning)
+        if kind != "verifier_weights":  # (its read is verifier_fit's own: no warning)
             assert "symbolic link" in caplog.text
         assert "cache hit" not in caplog.text
     else:
@@ -347,7 +349,7 @@ def test_a_link_that_cannot_be_removed_is_one_line_or_skipped(kind: str, tmp_pat
     fixtures.mkdir()
     victim = make_victim(tmp_path)
     final = k.final(cache, fixtures)
-    # (the verifier's weights: a link to a new name, which learned_matches' own read does not open; see above)
+    # (the verifier's weights: a link to a new name, which verifier_fit's own read does not open; see above)
     plant("final_dangling" if kind == "verifier_weights" else "final_to_victim", k, final, victim, fixtures)
     before = snapshot(victim)
     real = {name: getattr(os, name) for name in ("unlink", "replace", "rename")}

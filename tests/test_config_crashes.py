@@ -5,7 +5,7 @@ ONE `error: ...` line on stderr with exit code 2 (a user error), or success (a v
 the user's files it names are left untouched (byte-identical).
 
     learned verifier     rerank.train.epochs=1 / 2, one optimiser step: the one-cycle schedule is defined for
-                         every step count (10 steps divided 0 by 0)                     retrieval/learned_matches.py
+                         every step count (10 steps divided 0 by 0)                     retrieval/verifier_fit.py
     data.train_views.*   checked like every knob (config_schema.py RULES), and again by data/train_views.py
     instantiation        a node the config cannot build (bad keyword, missing import, refused value) names the
                          node, its target and the reason (errors.instantiate_config); a bug keeps its traceback
@@ -276,12 +276,12 @@ def test_one_cycle_schedule_is_defined_for_every_step_count() -> None:
 
     import torch
 
-    from siamese_retrieval.retrieval.learned_matches import _one_cycle
+    from siamese_retrieval.retrieval.verifier_fit import one_cycle
 
     for steps in range(1, 301):
         param = torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.AdamW([param], lr=0.003)
-        sched = _one_cycle(opt, 0.003, steps)
+        sched = one_cycle(opt, 0.003, steps)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(steps):

@@ -17,6 +17,7 @@ import torch
 
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.retrieval import learned_matches as lm
+from siamese_retrieval.retrieval import verifier_fit as vf
 from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig, cached_features, image_features
 from tests.conftest import compose_config
 from tests.helpers import textured_image
@@ -135,28 +136,28 @@ def tiny_city(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
     return dm, lm.LearnedMatchesConfig.from_mapping(OmegaConf.to_container(cfg.rerank, resolve=True))
 
 
-def _train_data(dm, cfg: lm.LearnedMatchesConfig, cache: Path) -> lm.TrainData:
+def _train_data(dm, cfg: lm.LearnedMatchesConfig, cache: Path) -> vf.TrainData:
     from siamese_retrieval.data.ground_truth import as_ground_truth
 
     ds = dm.dataset
     db_files, q_files = [ds.db_file(j) for j in range(ds.n_db)], [ds.query_file(i) for i in range(ds.n_query)]
     feats = cached_features(db_files + q_files, {"fingerprint": ds.fingerprint}, cfg.features, cache, 1)
-    return lm.TrainData(feats[ds.n_db :], feats[: ds.n_db], q_files, db_files, dm.splits.train_q,
+    return vf.TrainData(feats[ds.n_db :], feats[: ds.n_db], q_files, db_files, dm.splits.train_q,
                         dm.splits.train_db, as_ground_truth(ds), {"fingerprint": ds.fingerprint})
 
 
 def test_training_uses_the_train_split_and_writes_a_loadable_deterministic_cache(tiny_city, tmp_path: Path) -> None:
     dm, cfg = tiny_city
     data = _train_data(dm, cfg, tmp_path)
-    pairs = lm.training_candidates(data, cfg.train)
+    pairs = vf.training_candidates(data, cfg.train)
     assert pairs and {q for q, _ in pairs} <= set(dm.splits.train_q.tolist())
     assert set(np.concatenate([c for _, c in pairs]).tolist()) <= set(dm.splits.train_db.tolist())
-    net = lm.fit_or_load(data, cfg, tmp_path)
+    net = vf.fit_or_load(data, cfg, tmp_path)
     files = list(tmp_path.glob("learned_matches-*.pt"))
     assert len(files) == 1 and not list(tmp_path.glob(".*tmp*"))  # written atomically, no temporary left
     state = torch.load(files[0], weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # data only, no pickled code
-    loaded = lm.load_weights(files[0], cfg.network)
+    loaded = vf.load_weights(files[0], cfg.network)
     rows, q_idx = np.arange(3), dm.splits.test_q[:3]
     candidates = np.tile(np.arange(6), (3, 1))
     candidates[0, -1] = -1  # FAISS's "no result"
@@ -164,14 +165,14 @@ def test_training_uses_the_train_split_and_writes_a_loadable_deterministic_cache
     scores = verify(net)(rows, candidates)
     assert scores.shape == (3, 6) and scores[0, -1] == 0 and np.all(scores >= 0)
     np.testing.assert_array_equal(verify(loaded)(rows, candidates), scores)
-    again = lm.fit_or_load(data, cfg, tmp_path)  # a cache hit: no refit, the same weights
+    again = vf.fit_or_load(data, cfg, tmp_path)  # a cache hit: no refit, the same weights
     for k, v in again.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
-    refit, _ = lm.fit(data, cfg)  # deterministic given the seed
+    refit, _ = vf.fit(data, cfg)  # deterministic given the seed
     for k, v in refit.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
     # an architecture that does not fit the file: not loaded (refitted by fit_or_load)
-    assert lm.load_weights(files[0], lm.NetworkConfig(hidden=cfg.network.hidden + 1, blocks=1)) is None
+    assert vf.load_weights(files[0], lm.NetworkConfig(hidden=cfg.network.hidden + 1, blocks=1)) is None
 
 
 def test_reranker_orders_by_score_then_the_models_order() -> None:
@@ -204,9 +205,19 @@ def test_bad_settings_are_one_line_config_errors(change: dict, message: str) -> 
 def test_evaluate_with_learned_matches_on_the_tiny_city(tiny_checkpoint: Path, tmp_path: Path, cache_dir: Path) -> None:
     from siamese_retrieval.evaluate import evaluate
 
+    # max_seconds: a cache key no other test of this session shares, so the explicit fit below really fits
     overrides = ["data=synth_tiny", f"ckpt_path={tiny_checkpoint}", "rerank=learned_matches", "rerank.top_n=10",
-                 "rerank.combine=replace", "logger=none", *TINY_TRAIN]
+                 "rerank.combine=replace", "logger=none", "rerank.train.max_seconds=119.5", *TINY_TRAIN]
+    # the explicit command: a Lightning fit on the training split, logged (2 epochs) and cached, no checkpoint needed
+    fitted = evaluate(compose_config("eval", ["fit_only=true", *(o for o in overrides if not o.startswith("ckpt_path"))],
+                                           tmp_path / "fit", cache_dir))
+    assert fitted == {"status": "fitted", "rerank": "learned_matches", "data": "synth_tiny"}
+    logged = (tmp_path / "fit" / "verifier" / "metrics.csv").read_text().splitlines()
+    assert logged[0].split(",")[:2] == ["epoch", "step"] and len(logged) == 3, logged  # a row per epoch
+    assert (tmp_path / "fit" / "verifier" / "checkpoints" / "last.ckpt").is_file()
+    assert len(list(cache_dir.glob("learned_matches-*.pt"))) >= 1 and not (tmp_path / "fit" / "metrics.json").exists()
     result = evaluate(compose_config("eval", overrides, tmp_path / "a", cache_dir))
+    assert not (tmp_path / "a" / "verifier").exists()  # loaded from the cache: nothing fitted, nothing logged
     m = result["metrics"]
     assert result["method"] == "model+rerank_learned_matches"
     # the top 10 is permuted, never changed: precision@10 and recall@10 stay

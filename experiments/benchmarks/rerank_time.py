@@ -35,6 +35,7 @@ from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.data.splits import split_by_place
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
 from siamese_retrieval.retrieval import learned_matches as lm
+from siamese_retrieval.retrieval import verifier_fit
 from siamese_retrieval.retrieval.orb_features import cached_features
 from siamese_retrieval.retrieval.orb_ransac import _METHODS, OrbRansacConfig, hamming_knn2, inlier_count
 from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
@@ -102,8 +103,8 @@ def main() -> None:
     cfg = lm.LearnedMatchesConfig.from_mapping(OmegaConf.to_container(node))
     feats = cached_features(db_files + q_files, key, cfg.features, args.cache_dir, workers=2)
     lm_db, lm_q = feats[: dataset.n_db], feats[dataset.n_db :]
-    data = lm.TrainData(lm_q, lm_db, q_files, db_files, splits.train_q, splits.train_db, truth, key)
-    net = lm.fit_or_load(data, cfg, args.cache_dir)
+    data = verifier_fit.TrainData(lm_q, lm_db, q_files, db_files, splits.train_q, splits.train_db, truth, key)
+    net = verifier_fit.fit_or_load(data, cfg, args.cache_dir)
     verifier = lm.LearnedVerifier(net, lm_q, lm_db, cfg.matching)
 
     cv2.setNumThreads(1)

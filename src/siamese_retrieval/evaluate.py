@@ -66,6 +66,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     method, split = str(cfg.method), str(cfg.split)  # values checked with the whole config (config_schema.py)
     settings = RankingSettings.from_config(ranking_config(cfg), keep_top=CURVE_K)
     out_dir = run_dir(cfg)
+    if cfg.get("fit_only"):
+        return fit_reranker(cfg, out_dir)
 
     ckpt = load_from_config(cfg) if method == "model" else None
     target = ckpt.training_data.get("pairs_target") if ckpt is not None else None
@@ -85,7 +87,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         reranker = None
         if cfg.get("rerank"):
             source = RerankSource(dataset, query_idx=query_idx, cache_dir=dm.cache_dir, orb=plain(cfg.orb_ransac),
-                                  splits=dm.splits if split != "all" else None, split=split)
+                                  splits=dm.splits if split != "all" else None, split=split, log_dir=out_dir)
             reranker = build_reranker(plain(cfg.rerank), source)
         ranking = rank_queries(ckpt.module, dm.db_inputs, dm.q_inputs, query_idx, dataset, settings, reranker)
         if ranking.before_rerank is not None:
@@ -126,6 +128,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                   extra_rows=[("seconds/query", f"{result['seconds_per_query']:.4f}")],
                   caption=f"split {split}: {result['n_queries']} queries x {result['n_database']} database")
     return result
+
+
+def fit_reranker(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """`fit_only=true`: fit the rerank= re-ranker on the dataset's training split and cache it, nothing else
+    (no checkpoint needed): the explicit command for what a first evaluation would otherwise do on the way."""
+    if not cfg.get("rerank"):
+        raise ConfigError("fit_only=true fits the rerank= re-ranker; name one, e.g. rerank=learned_matches")
+    split = "test" if str(cfg.split) == "all" else str(cfg.split)
+    dm = build_datamodule(evaluation_data_config(cfg.data, None), NoInputs())
+    query_idx = load_split(dm, split)
+    source = RerankSource(dm.dataset, query_idx=query_idx, cache_dir=dm.cache_dir, orb=plain(cfg.orb_ransac),
+                          splits=dm.splits, split=split, log_dir=out_dir)
+    build_reranker(plain(cfg.rerank), source)
+    log.info("rerank=%s fitted on the training split of %s and cached in %s (training log: %s)", cfg.rerank.name,
+             dm.dataset.root, dm.cache_dir, out_dir)
+    return {"status": "fitted", "rerank": str(cfg.rerank.name), "data": str(cfg.data.name)}
 
 
 # ----------------------------------------------------------------------------------------- model and data

@@ -2,7 +2,7 @@
 
     feats = cached_features(files, key, cfg.features, cache_dir)   # retrieval/orb_features.py, once per image
     x, mask, _ = match_features(q, [feats[j] for j in candidates], cfg.matching)   # (N, M, 9), (N, M)
-    net = fit_or_load(train_data, cfg, cache_dir)                        # trained on the TRAINING split, cached
+    net = verifier_fit.fit_or_load(train_data, cfg, cache_dir)           # fitted on the TRAINING split, cached
     scores = LearnedVerifier(net, q_feats, db_feats, cfg)(rows, candidates)     # (n, N) pair scores
 
 Matching (one query against all its N candidates at once): one FAISS Hamming distance matrix (n_q, N x F),
@@ -19,7 +19,8 @@ gives an inlier logit per match and a pair score: `pool=inliers` sums the inlier
 count), `pool=learned` reads the pooled features (mean, max, soft count, match count) with a small head
 (the probability that the pair is relevant).
 
-Training (`fit`, run at first use by evaluate.py and cached): the training split's queries against the
+Training (retrieval/verifier_fit.py: a Lightning fit at first use, or `python evaluate.py rerank=learned_matches
+fit_only=true`; cached): the training split's queries against the
 training database only (splits.train_db; never a val/test query or place). Per query: its positives,
 partial overlaps (0 < fov, not relevant) and look-alikes (the nearest fov = 0 database images by the 16x12
 thumbnail). Match labels: RANSAC homography inliers (cv2 USAC) of the pair's matches, and with
@@ -35,29 +36,18 @@ ahead, the model's order stays otherwise. On the default city (seed 0's cnn_snn,
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import cv2
 import faiss
 import numpy as np
 import torch
 from torch import nn
 
-from siamese_retrieval.data.images import thumbnail
 from siamese_retrieval.errors import ConfigError
-from siamese_retrieval.io_utils import atomic_path, check_cache_entry, stable_hash
 from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig
 from siamese_retrieval.retrieval.orb_ransac import single_threaded_kernels
 
-log = logging.getLogger(__name__)
-
-CACHE_VERSION = 1
 N_INPUTS = 9  # per-match features (see match_features)
 POOLS = ("inliers", "learned")
 LABELS = ("ransac", "ransac_relevant")
@@ -303,205 +293,6 @@ class MatchNet(nn.Module):
     def pair_scores(self, pair: torch.Tensor) -> torch.Tensor:
         """The ranking score (>= 0) from the pair output: the soft inlier count, or P(relevant) (float64)."""
         return pair.double() if self.pool == "inliers" else torch.sigmoid(pair.double())
-
-
-# ----------------------------------------------------------------------------------------- training data
-
-
-@dataclass
-class TrainData:
-    """What fitting needs: every query's and database image's keypoints and image file, the TRAINING split's
-    query and database indices (only those are read), the ground truth (sim / fov lookup) and the dataset's
-    identity (its fingerprint: part of the cache key)."""
-
-    q_feats: Sequence[Features]
-    db_feats: Sequence[Features]
-    q_files: Sequence[Path]
-    db_files: Sequence[Path]
-    train_q: np.ndarray
-    train_db: np.ndarray
-    truth: Any  # a GroundTruth (data/ground_truth.py)
-    key: Mapping[str, Any] = field(default_factory=dict)
-
-
-def training_candidates(data: TrainData, cfg: TrainConfig) -> list[tuple[int, np.ndarray]]:
-    """(query, database ids) per training query: positives, partial overlaps and thumbnail look-alikes, drawn
-    (seeded) from the training database only."""
-    rng = np.random.default_rng(cfg.seed)
-    train_db = np.asarray(data.train_db)
-    if cfg.lookalikes:
-        q_thumbs = np.stack([thumbnail(data.q_files[int(i)]) for i in data.train_q])
-        db_thumbs = np.stack([thumbnail(data.db_files[int(j)]) for j in train_db])
-    out = []
-    for row, q in enumerate(np.asarray(data.train_q)):
-        sim, fov = data.truth.lookup(np.array([q]), train_db[None, :])
-        sim, fov = sim[0], fov[0]
-        pos, part = train_db[sim], train_db[~sim & (fov > 0)]
-        pick = lambda ids, k: rng.choice(ids, size=min(k, len(ids)), replace=False) if len(ids) else ids  # noqa: E731
-        chosen = [pick(pos, cfg.positives), pick(part, cfg.partial)]
-        if cfg.lookalikes:
-            zero = np.flatnonzero(fov <= 0)
-            d = ((db_thumbs[zero] - q_thumbs[row]) ** 2).sum(axis=1)
-            chosen.append(train_db[zero[np.argsort(d, kind="stable")[: cfg.lookalikes]]])
-        cand = np.concatenate(chosen).astype(np.int64)
-        if len(cand):
-            out.append((int(q), cand))
-    return out
-
-
-def ransac_labels(q: Features, d: Features, qi: np.ndarray, di: np.ndarray, cfg: TrainConfig) -> np.ndarray:
-    """(len(qi),) bool: the matches that are inliers of a USAC homography (none when fewer than min_matches)."""
-    if len(qi) < cfg.min_matches:
-        return np.zeros(len(qi), bool)
-    h, mask = cv2.findHomography(q.points[qi].reshape(-1, 1, 2), d.points[di].reshape(-1, 1, 2), cv2.USAC_DEFAULT,
-                                 cfg.ransac_threshold, maxIters=2000)
-    if h is None or mask is None:
-        return np.zeros(len(qi), bool)
-    return mask.ravel().astype(bool)
-
-
-def training_set(data: TrainData, cfg: LearnedMatchesConfig) -> dict[str, torch.Tensor]:
-    """Padded tensors of every training pair: x (P, M, 9), mask (P, M), match labels (P, M), pair labels (P,)."""
-    xs, masks, ys, sims = [], [], [], []
-    with single_threaded_kernels():
-        for q, cand in training_candidates(data, cfg.train):
-            qf = data.q_feats[q]
-            mt = match_features(qf, [data.db_feats[j] for j in cand], cfg.matching)
-            sim, _ = data.truth.lookup(np.array([q]), cand[None, :])
-            y = np.zeros(mt.mask.shape, np.float32)
-            for c, j in enumerate(cand):
-                valid = mt.mask[c]
-                if valid.any() and (sim[0, c] or cfg.train.labels == "ransac"):
-                    y[c, valid] = ransac_labels(qf, data.db_feats[j], mt.qi[c, valid], mt.di[c, valid], cfg.train)
-            xs.append(mt.x), masks.append(mt.mask), ys.append(y), sims.append(sim[0].astype(np.float32))
-    if not xs:
-        raise ConfigError("rerank=learned_matches: the training split has no query with a training pair to fit on")
-    return {"x": torch.from_numpy(np.concatenate(xs)), "mask": torch.from_numpy(np.concatenate(masks)),
-            "y": torch.from_numpy(np.concatenate(ys)), "sim": torch.from_numpy(np.concatenate(sims))}
-
-
-# ----------------------------------------------------------------------------------------- fitting and caching
-
-
-def _batches(counts: torch.Tensor, size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Index batches of `size` pairs: shuffled, then sorted by match count within windows of 8 batches (so
-    each batch pads to a similar width), the batches themselves in random order. Seeded by `gen`."""
-    perm = torch.randperm(len(counts), generator=gen)
-    window = size * 8
-    chunks = []
-    for start in range(0, len(perm), window):
-        part = perm[start : start + window]
-        part = part[torch.argsort(counts[part], stable=True)]
-        chunks.extend(part.split(size))
-    return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
-
-
-def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, pct_start: float = 0.1) -> Any:
-    """The one-cycle schedule (peak `lr`) over `steps` optimiser steps, defined for every step count.
-
-    torch's OneCycleLR ends its warm-up at step pct_start * steps - 1; where that is exactly step 0 (10 steps)
-    it divides 0 by 0 at the first step: the warm-up then ends half a step earlier, so the first step is in the
-    annealing phase, as for every shorter cycle. A single step gets the constant `lr` (a one-step cycle would
-    take it at the cycle's final lr, ~1e-6 of the peak)."""
-    if steps < 2:
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    if float(pct_start * steps) - 1 == 0:
-        pct_start = 0.5 / steps
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
-
-
-def fit(data: TrainData, cfg: LearnedMatchesConfig) -> tuple[MatchNet, dict[str, float]]:
-    """Train a MatchNet on the training pairs (deterministic given cfg.train.seed); returns it and a summary."""
-    started = time.perf_counter()
-    tc = cfg.train
-    t = training_set(data, cfg)
-    torch.manual_seed(tc.seed)
-    net = MatchNet(cfg.network)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    n = len(t["sim"])
-    sched = _one_cycle(opt, tc.lr, tc.epochs * math.ceil(n / tc.batch_pairs))
-    gen = torch.Generator().manual_seed(tc.seed)
-    counts = t["mask"].sum(dim=1)  # matches are packed at the front of each row
-    bce = nn.functional.binary_cross_entropy_with_logits
-    epochs_done, loss_sum = 0, 0.0
-    net.train()
-    for epoch in range(tc.epochs):
-        if time.perf_counter() - started > tc.max_seconds:
-            log.warning("learned verifier: stopped after %d of %d epochs (train.max_seconds=%g)", epoch, tc.epochs,
-                        tc.max_seconds)
-            break
-        loss_sum = 0.0
-        for idx in _batches(counts, tc.batch_pairs, gen):
-            width = max(1, int(counts[idx].max()))  # pairs of similar match counts batch together: little padding
-            x, mask, y, sim = t["x"][idx, :width], t["mask"][idx, :width], t["y"][idx, :width], t["sim"][idx]
-            logits, pair = net(x, mask)
-            m = mask.float()
-            loss = tc.match_loss * (bce(logits, y, reduction="none") * m).sum() / m.sum().clamp_min(1.0)
-            if cfg.network.pool == "learned":
-                loss = loss + tc.pair_loss * bce(pair, sim)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-        epochs_done = epoch + 1
-    net.eval()
-    summary = {"pairs": float(n), "relevant_pairs": float(t["sim"].sum()), "matches": float(t["mask"].sum()),
-               "inlier_labels": float(t["y"].sum()), "epochs": float(epochs_done), "final_loss": loss_sum / max(1, n),
-               "seconds": time.perf_counter() - started}
-    return net, summary
-
-
-def cache_path(data: TrainData, cfg: LearnedMatchesConfig, cache_dir: str | os.PathLike) -> Path:
-    """The weights file of this dataset's training split and this config (matching, network and training)."""
-    digest = stable_hash({**data.key, "train_q": stable_hash(np.asarray(data.train_q).tolist()),
-                          "train_db": stable_hash(np.asarray(data.train_db).tolist()),
-                          "features": asdict(cfg.features), "matching": asdict(cfg.matching),
-                          "network": asdict(cfg.network), "train": asdict(cfg.train), "version": CACHE_VERSION})
-    return Path(cache_dir) / f"learned_matches-{digest}.pt"
-
-
-def save_weights(net: MatchNet, path: Path) -> None:
-    """The state_dict's tensors only (no code, no pickled objects), written atomically."""
-    state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
-
-
-def load_weights(path: Path, cfg: NetworkConfig) -> MatchNet | None:
-    """A MatchNet built from `cfg` with the tensors of `path` (weights_only); None when they do not fit it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError("not a dict of tensors")
-        net = MatchNet(cfg)
-        net.load_state_dict(state, strict=True)
-    except Exception as exc:  # noqa: BLE001 - a cache is disposable: whatever is wrong with the file, refit
-        # (weights_only refuses to unpickle anything but tensors: a hostile file is an UnpicklingError here)
-        log.warning("learned verifier cache %s is unusable (%s); refitting", path,
-                    (str(exc).splitlines() or [type(exc).__name__])[0])
-        return None
-    net.eval()
-    return net
-
-
-def fit_or_load(data: TrainData, cfg: LearnedMatchesConfig, cache_dir: str | os.PathLike | None) -> MatchNet:
-    """The verifier of this training split and config: loaded from the cache, else fitted and cached."""
-    path = cache_path(data, cfg, cache_dir) if cache_dir is not None else None
-    if path is not None:
-        check_cache_entry(path, "learned verifier", "file", log)  # a planted symlink is removed, never read through
-    if path is not None and path.is_file():
-        net = load_weights(path, cfg.network)
-        if net is not None:
-            log.info("learned verifier cache hit: %s", path)
-            return net
-    log.info("fitting the learned match verifier on the training split (%d queries x %d database images)",
-             len(data.train_q), len(data.train_db))
-    net, summary = fit(data, cfg)
-    log.info("learned verifier fitted: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-    if path is not None:
-        save_weights(net, path)
-    return net
 
 
 # ----------------------------------------------------------------------------------------- verification

@@ -42,6 +42,7 @@ class RerankSource:
     orb: the `orb_ransac` node (ORB features and RANSAC) shared by the ORB re-rankers and baselines.
     splits: the dataset's place split (its train split fits learned re-rankers); None for split=all / retrieve.
     split: the name of the split being ranked (a warning when it is the training split).
+    log_dir: where a re-ranker fitted now logs its training (evaluate.py: the run dir); None: nowhere.
     """
 
     dataset: Any
@@ -51,6 +52,7 @@ class RerankSource:
     orb: Mapping[str, Any] = field(default_factory=dict)
     splits: Any = None
     split: str = "test"
+    log_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if (self.query_idx is None) == (self.query_files is None):
@@ -130,6 +132,7 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     """The model's top N re-ordered by a learned match verifier (retrieval/learned_matches.py), fitted on the
     dataset's TRAINING split at first use (a minute or two on CPU) and cached in the data cache."""
     from siamese_retrieval.retrieval import learned_matches as lm
+    from siamese_retrieval.retrieval import verifier_fit
 
     lm_cfg = lm.LearnedMatchesConfig.from_mapping(cfg)
     if source.splits is None:
@@ -144,9 +147,9 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     db_feats, q_feats = feats[: ds.n_db], feats[ds.n_db :]
     from siamese_retrieval.data.ground_truth import as_ground_truth
 
-    data = lm.TrainData(q_feats, db_feats, q_files, db_files, source.splits.train_q, source.splits.train_db,
-                        as_ground_truth(ds), key={"fingerprint": ds.fingerprint})
-    net = lm.fit_or_load(data, lm_cfg, source.cache_dir)
+    data = verifier_fit.TrainData(q_feats, db_feats, q_files, db_files, source.splits.train_q,
+                                  source.splits.train_db, as_ground_truth(ds), key={"fingerprint": ds.fingerprint})
+    net = verifier_fit.fit_or_load(data, lm_cfg, source.cache_dir, source.log_dir)
     verify = lm.LearnedVerifier(net, [q_feats[int(i)] for i in source.query_idx], db_feats, lm_cfg.matching)
     if lm_cfg.combine == "fused":  # soft inlier counts as evidence added to the model's order (rerank=fused's rule)
         return FusedReranker(lm_cfg.top_n, verify, min_inliers=lm_cfg.min_inliers, saturate=lm_cfg.saturate,

@@ -1,6 +1,6 @@
 """ORB keypoints per image (the study's features), with OpenCV, in parallel, cached on disk.
 
-The study ran scikit-image's `ORB(n_keypoints=10)`; OpenCV's ORB gives the same kind of
+Detected by the project's one ORB extractor (data/orb.py). The study ran scikit-image's `ORB(n_keypoints=10)`; OpenCV's ORB gives the same kind of
 32-byte binary descriptors roughly 70x faster. Per image we detect more candidates than needed
 and keep the `n_keypoints` strongest (by response, ties broken by position), so the order is
 deterministic. Images with fewer keypoints (blank, tiny) are zero-padded and masked.
@@ -27,7 +27,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import cv2
 import numpy as np
 
-from siamese_retrieval.data.images import read_image, to_gray
+from siamese_retrieval.data.images import read_image
+from siamese_retrieval.data.orb import Detected, create_orb, detect
 from siamese_retrieval.io_utils import cached_arrays, release_mapped_pages, stable_hash
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 from siamese_retrieval.progress import Advance, counted, progress
@@ -55,61 +56,21 @@ class OrbConfig:
             raise ValueError(f"max_side must be >= 8, got {self.max_side}")
 
     def create(self) -> cv2.ORB:
-        return _create_orb(self, max(4 * self.n_keypoints, 100))
-
-
-def _create_orb(cfg: "OrbConfig | KeypointSetConfig", n_features: int) -> cv2.ORB:
-    """OpenCV's ORB with the config's pyramid and detector knobs, Harris-scored, detecting `n_features`."""
-    return cv2.ORB_create(
-        nfeatures=int(n_features),
-        scaleFactor=float(cfg.scale_factor),
-        nlevels=int(cfg.n_levels),
-        edgeThreshold=int(cfg.edge_threshold),
-        firstLevel=0,
-        WTA_K=2,
-        scoreType=cv2.ORB_HARRIS_SCORE,
-        patchSize=int(cfg.patch_size),
-        fastThreshold=int(cfg.fast_threshold),
-    )
-
-
-@dataclass
-class _Detected:
-    """The strongest keypoints of one image: `order` indexes `kps` / `desc` / `pts` / `resp`, strongest first."""
-
-    kps: Sequence[cv2.KeyPoint]
-    desc: np.ndarray
-    pts: np.ndarray  # (n, 2) float64 px in the (resized) image of size w x h
-    resp: np.ndarray
-    order: np.ndarray
-    w: int
-    h: int
+        return create_orb(self, max(4 * self.n_keypoints, 100))
 
 
 def _detect_strongest(image: np.ndarray, cfg: "OrbConfig | KeypointSetConfig", orb: cv2.ORB | None,
-                      image_scale: float = 1.0) -> _Detected | None:
-    """ORB on one image resized by `image_scale` (and down to `cfg.max_side`), its `cfg.n_keypoints` strongest by
-    response, ties by (y, x) so the choice is deterministic; None when nothing can be detected (blank, tiny)."""
-    gray = to_gray(image)
-    h, w = gray.shape[:2]
-    if h == 0 or w == 0:
+                      image_scale: float = 1.0) -> tuple[Detected, np.ndarray, np.ndarray, np.ndarray] | None:
+    """ORB (data/orb.py) on one image resized by `image_scale` (and down to `cfg.max_side`): the detection, its
+    points, responses and the order of its `cfg.n_keypoints` strongest by response, ties by (y, x) so the
+    choice is deterministic; None when nothing is detected (blank, tiny)."""
+    det = detect(image, cfg, orb or cfg.create(), image_scale)
+    if det is None or not len(det.kps):
         return None
-    scale = float(image_scale)
-    if max(h, w) * scale > cfg.max_side:
-        scale = cfg.max_side / max(h, w)
-    if scale != 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        h, w = gray.shape
-    if min(h, w) <= 2 * max(cfg.edge_threshold, cfg.patch_size // 2 + 1):
-        return None  # nothing can be detected that far from every border
-    kps, d = (orb or cfg.create()).detectAndCompute(gray, None)
-    if d is None or not len(kps):
-        return None
-    resp = np.array([k.response for k in kps], np.float64)
-    pts = np.array([k.pt for k in kps], np.float64).reshape(-1, 2)
+    resp = np.array([k.response for k in det.kps], np.float64)
+    pts = det.points()
     order = np.lexsort((pts[:, 0], pts[:, 1], -resp))[: cfg.n_keypoints]  # strongest first, ties by (y, x)
-    return _Detected(kps, d, pts, resp, order, w, h)
+    return det, pts, resp, order
 
 
 def _empty(n: int, count: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,14 +85,15 @@ def empty_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.n
 def extract_orb(image: np.ndarray, cfg: OrbConfig = OrbConfig(), orb: cv2.ORB | None = None):
     """ORB on one image (grayscale, BGR or BGRA). Never raises for blank, tiny or odd-channel images."""
     desc, geom, mask = (a[0] for a in empty_features(cfg.n_keypoints))
-    det = _detect_strongest(image, cfg, orb)
-    if det is None:
+    found = _detect_strongest(image, cfg, orb)
+    if found is None:
         return desc, geom, mask
-    order, kps, h, w = det.order, det.kps, det.h, det.w
+    det, pts, _, order = found
+    kps, h, w = det.kps, det.h, det.w
     k = len(order)
     desc[:k] = det.desc[order]
-    geom[:k, 0] = det.pts[order, 0] / w
-    geom[:k, 1] = det.pts[order, 1] / h
+    geom[:k, 0] = pts[order, 0] / w
+    geom[:k, 1] = pts[order, 1] / h
     geom[:k, 2] = [kps[i].size / max(h, w) for i in order]
     geom[:k, 3] = [(kps[i].angle % 360.0) / 360.0 for i in order]
     np.clip(geom, 0.0, 1.0, out=geom)
@@ -193,7 +155,7 @@ class KeypointSetConfig:
             raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
 
     def create(self) -> cv2.ORB:
-        return _create_orb(self, self.n_features)
+        return create_orb(self, self.n_features)
 
 
 def empty_set_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -203,10 +165,11 @@ def empty_set_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, 
 def extract_orb_set(image: np.ndarray, cfg: KeypointSetConfig = KeypointSetConfig(), orb: cv2.ORB | None = None):
     """(desc, feat, mask) of one image (grayscale, BGR or BGRA). Never raises for blank, tiny or odd images."""
     desc, feat, mask = (a[0] for a in empty_set_features(cfg.n_keypoints))
-    det = _detect_strongest(image, cfg, orb, image_scale=cfg.image_scale)
-    if det is None:
+    found = _detect_strongest(image, cfg, orb, image_scale=cfg.image_scale)
+    if found is None:
         return desc, feat, mask
-    order, resp, pts, h, w = det.order, det.resp, det.pts, det.h, det.w
+    det, pts, resp, order = found
+    h, w = det.h, det.w
     k = len(order)
     sel = [det.kps[i] for i in order]
     angle = np.deg2rad(np.array([kp.angle % 360.0 for kp in sel], np.float64))

@@ -1,4 +1,4 @@
-"""The one ORB feature extractor of the verification wing.
+"""The verification wing's ORB features and their cache (detected by data/orb.py, the project's one extractor).
 
 ORB + RANSAC (the baseline and `rerank=orb_ransac|fused`), the ORB bag of words (`method=orb_bow`) and the
 learned match verifier (`rerank=learned_matches`) read the same features: OpenCV ORB on the grey image resized
@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
-from siamese_retrieval.data.images import read_image, to_gray
+from siamese_retrieval.data.images import read_image
+from siamese_retrieval.data.orb import create_orb, detect
 from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 from siamese_retrieval.progress import counted, progress
@@ -68,39 +69,20 @@ def feature_settings(cfg: Any) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in FEATURE_FIELDS}
 
 
-def resized_gray(image: np.ndarray, cfg: Any) -> np.ndarray:
-    """The grey image scaled to min_side <= shorter side, longer side <= max_side (cfg: any config with them)."""
-    gray = to_gray(image)
-    h, w = gray.shape[:2]
-    if h == 0 or w == 0:
-        return gray
-    scale = 1.0
-    if min(h, w) < cfg.min_side:
-        scale = cfg.min_side / min(h, w)
-    if max(h, w) * scale > cfg.max_side:
-        scale = cfg.max_side / max(h, w)
-    if scale != 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    return gray
-
-
 def _orb(cfg: Any) -> cv2.ORB:
-    return cv2.ORB_create(nfeatures=cfg.n_features, fastThreshold=cfg.fast_threshold)
+    return create_orb(cfg)
 
 
 def image_features(image: np.ndarray, cfg: Any = OrbFeatureConfig(), orb: cv2.ORB | None = None) -> Features:
     """ORB on one decoded image (gray, BGR or BGRA). Never raises for blank or tiny images."""
-    gray = resized_gray(image, cfg)
-    if gray.size == 0:
+    det = detect(image, cfg, orb)
+    if det is None:
         return empty()
-    wh = (float(gray.shape[1]), float(gray.shape[0]))
-    kps, desc = (orb or _orb(cfg)).detectAndCompute(gray, None)
-    if desc is None or not len(kps):  # cv2 returns None descriptors when nothing is detected
-        return empty(wh)
-    return Features(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8),
-                    np.array([k.angle for k in kps], np.float32), np.array([k.size for k in kps], np.float32),
-                    np.asarray(wh, np.float32))
+    if not len(det.kps):
+        return empty((float(det.w), float(det.h)))
+    kps = det.kps
+    return Features(det.points().astype(np.float32), det.desc, np.array([k.angle for k in kps], np.float32),
+                    np.array([k.size for k in kps], np.float32), np.asarray((float(det.w), float(det.h)), np.float32))
 
 
 def extract_features(paths: Sequence[str | os.PathLike], cfg: Any = OrbFeatureConfig(),

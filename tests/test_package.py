@@ -11,6 +11,7 @@ installed copy, not from src/.
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -174,3 +175,19 @@ def test_installed_console_script_trains_in_the_current_directory(installed: Pat
                           cwd=work, env=installed_env(installed), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "cmp" / "comparison.md").is_file()
+
+
+def test_metrics_json_records_versions_and_the_code_commit(tmp_path: Path) -> None:
+
+    import torch
+
+    from siamese_retrieval.run_outputs import write_metrics_json
+
+    write_metrics_json(tmp_path / "metrics.json", {"status": "ok", "metrics": {"test/recall@1": 0.5}})
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["metrics"] == {"test/recall@1": 0.5}
+    prov = written["provenance"]
+    assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["python"].count(".") == 2
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI clones one): the very commit, and whether files were changed
+        assert prov["git_commit"] == head.stdout.strip() and isinstance(prov["git_dirty"], bool)

@@ -166,8 +166,42 @@ def strict_json(value: Any) -> Any:
 
 
 def write_metrics_json(path: Path, result: dict[str, Any]) -> None:
-    atomic_write_json(path, strict_json(result))
+    """metrics.json, with what produced it (`provenance`: library versions and the code's git commit)."""
+    atomic_write_json(path, strict_json({**result, "provenance": result.get("provenance") or provenance()}))
     log.info("wrote %s", path)
+
+
+PROVENANCE_PACKAGES = ("siamese-retrieval", "torch", "pytorch-lightning", "torchmetrics", "numpy", "faiss-cpu",
+                       "opencv-python-headless", "opencv-python", "hydra-core", "omegaconf", "wandb")
+
+
+def provenance() -> dict[str, Any]:
+    """Python and library versions (those installed) and the git commit of the package's checkout (null when it
+    is not one: an installed wheel), with `git_dirty` when the checkout has uncommitted changes."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    commit, dirty = None, None
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / ".git").exists():
+        def git(*args: str) -> str | None:
+            try:
+                done = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.SubprocessError):
+                return None
+            return done.stdout.strip() if done.returncode == 0 else None
+
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+        dirty = bool(status) if status is not None else None
+    return {"versions": versions, "git_commit": commit, "git_dirty": dirty}
 
 
 def finish_loggers(loggers: list[Any]) -> None:

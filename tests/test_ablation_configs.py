@@ -26,6 +26,11 @@ CHANGES = {
     "whiten64": {"model.module.encoder.whiten_dim": 64},
     "images_192": {"model.inputs.height": 192, "model.inputs.width": 256},
     "pairs": {"model.name": "cnn_snn_pairs", "model.batches": "pairs", "model.module.loss.terms.ms": None},
+    "mixvpr": {"model.module.encoder.aggregation.name": "mixvpr", "model.module.encoder.aggregation.channels": 512,
+               "model.module.encoder.aggregation.pool": [4, 4]},
+    "boq": {"model.module.encoder.aggregation.name": "boq", "model.module.encoder.aggregation.channels": 512,
+            "model.module.encoder.aggregation.rows": 32},
+    "salad": {"model.module.encoder.aggregation.name": "salad", "model.module.encoder.aggregation.clusters": 64},
 }
 
 

@@ -95,12 +95,12 @@ def test_head_by_bare_name_and_bad_names() -> None:
     assert isinstance(PlainCNN(**SMALL, aggregation="netvlad").pool, NetVLAD)
     with pytest.raises(ValueError) as info:
         PlainCNN(**SMALL, aggregation={"name": "netvlda"})
-    assert str(info.value) == "aggregation.name='netvlda': must be one of netvlad, convap, gem (did you mean netvlad?)"
+    assert str(info.value) == "aggregation.name='netvlda': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you mean netvlad?)"
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['k'\]"):
         PlainCNN(**SMALL, aggregation={"name": "netvlad", "k": 3})
     with pytest.raises(ValueError, match=r"whiten_dim=32: must be in \[1, 16\]"):
         PlainCNN(**SMALL, whiten_dim=32)
-    assert set(AGGREGATIONS.names()) == {"gem", "netvlad", "convap"}  # registered where each head is defined
+    assert set(AGGREGATIONS.names()) == {"gem", "netvlad", "convap", "mixvpr", "boq", "salad"}  # registered where each head is defined
 
 
 # --------------------------------------------------------------------------- NetVLAD k-means init
@@ -205,9 +205,9 @@ def test_train_initialises_netvlad_and_fits_whitening(tmp_path: Path, caplog: py
     (["model.module.encoder.aggregation.name=convap", "model.module.encoder.whiten_dim=64"], None),
     (["model.module.encoder.aggregation=netvlad"], None),
     (["model.module.encoder.aggregation.name=vlad"],
-     "model.module.encoder.aggregation.name='vlad': must be one of netvlad, convap, gem (did you mean netvlad?)"),
+     "model.module.encoder.aggregation.name='vlad': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you mean netvlad?)"),
     (["model.module.encoder.aggregation=vlad"],
-     "model.module.encoder.aggregation='vlad': must be one of netvlad, convap, gem (did you mean netvlad?)"),
+     "model.module.encoder.aggregation='vlad': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you mean netvlad?)"),
     (["model.module.encoder.aggregation.clusters=0"],
      "model.module.encoder.aggregation.clusters=0: must be an integer >= 1"),
     (["model.module.encoder.aggregation.pool=[2]"],

@@ -171,8 +171,8 @@ _ALL: dict[str, Registry] = {}
 # The extension points. A new built-in component is one decorated class in one of these homes (+ one yaml).
 ENCODERS = Registry("encoder", ("siamese_retrieval.models",))
 # Chosen by name, never by a `_target_` (trusted=False): a file cannot make the trust check accept their builders.
-AGGREGATIONS = Registry("aggregation head", ("siamese_retrieval.models.cnn", "siamese_retrieval.models.aggregation"),
-                        trusted=False)
+AGGREGATIONS = Registry("aggregation head", ("siamese_retrieval.models.cnn", "siamese_retrieval.models.aggregation",
+                                             "siamese_retrieval.models.vpr_heads"), trusted=False)
 KEYPOINT_POOLINGS = Registry("keypoint pooling", ("siamese_retrieval.models.keypoint_set",), trusted=False)
 INPUTS = Registry("input builder", ("siamese_retrieval.data.inputs",))
 LOSSES = Registry("loss", ("siamese_retrieval.models",))  # losses and miners (a miner wraps a loss)

@@ -8,6 +8,7 @@ Chosen by `PlainCNN(aggregation={"name": ..., knobs})` (cnn.py; config: model.mo
              (models/aggregation_fitting.py does it once, at fit start).
   * convap   Conv-AP (Ali-bey et al., GSV-Cities 2022): 1x1 conv to `channels`, adaptive average pooling to
              `pool` = (s1, s2) cells, flatten, L2: channels*s1*s2 dims.
+  * mixvpr, boq, salad: MixVPR, BoQ and SALAD (models/vpr_heads.py).
 Each head's output is then (cnn.py) dropout -> linear projection to `embedding_dim` (`project: false`: no
 projection, the head's own size) -> L2, and optionally `PCAWhitening` to `whiten_dim` dims.
 
@@ -30,7 +31,9 @@ from siamese_retrieval.registry import AGGREGATIONS, unknown_choice
 # Every knob of every head, with its default; a head ignores the others' knobs (one config node holds all, so
 # `aggregation.name=netvlad` on the command line switches heads without adding keys).
 AGGREGATION_DEFAULTS: dict[str, Any] = {"name": "gem", "project": True, "clusters": 32, "channels": 64,
-                                        "pool": (2, 2)}
+                                        "pool": (2, 2), "rows": 4, "depth": 4, "mlp_ratio": 1.0, "queries": 64,
+                                        "layers": 2, "cluster_dim": 128, "token_dim": 256}
+POSITIVE_INT_KNOBS = ("clusters", "channels", "rows", "depth", "queries", "layers", "cluster_dim", "token_dim")
 
 
 def named_knobs(value: str | Mapping[str, Any] | None, defaults: Mapping[str, Any], names: Sequence[str],
@@ -59,9 +62,12 @@ def aggregation_config(aggregation: str | Mapping[str, Any] | None) -> dict[str,
     pool = tuple(cfg["pool"]) if isinstance(cfg["pool"], Sequence) else ()
     if len(pool) != 2 or not all(isinstance(s, int) and s >= 1 for s in pool):
         raise ValueError(f"aggregation.pool={cfg['pool']!r}: must be two integers >= 1 (s1, s2)")
-    for key in ("clusters", "channels"):
+    for key in POSITIVE_INT_KNOBS:
         if not is_positive_int(cfg[key]):
             raise ValueError(f"aggregation.{key}={cfg[key]!r}: must be an integer >= 1")
+    ratio = cfg["mlp_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+        raise ValueError(f"aggregation.mlp_ratio={ratio!r}: must be a number > 0")
     return {**cfg, "pool": pool, "project": bool(cfg["project"])}
 
 

@@ -238,6 +238,8 @@ RULES: tuple[Rule, ...] = (
     R("data.layout_options.max_heading_deg", FLOAT, ge=0, le=180, nullable=True, note="null: heading ignored"),
     R("data.layout_options.city", STR, nullable=True, note="msls_official: null = the only city"),
     R("data.layout_options.exclude_panos", BOOL),
+    R("data.layout_options.cities", STRS, nullable=True, note="gsv_cities: null = every Dataframes/<City>.csv"),
+    R("data.layout_options.min_images_per_place", INT, ge=2, note="gsv_cities: smaller places left out"),
     R("data.split.fractions", FLOATS, ge=0, length=3, note="train / val / test; they sum to 1 (CROSS_CHECKS)"),
     R("data.split.cell_size_m", FLOAT, gt=0),
     R("data.split.seed", INT, ge=0, le=2**32 - 1, nullable=True, note="null: the run's seed"),

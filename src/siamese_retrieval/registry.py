@@ -178,7 +178,8 @@ INPUTS = Registry("input builder", ("siamese_retrieval.data.inputs",))
 LOSSES = Registry("loss", ("siamese_retrieval.models",))  # losses and miners (a miner wraps a loss)
 MODULES = Registry("lightning module", ("siamese_retrieval.models.siamese",))
 CALLBACKS = Registry("callback", ("siamese_retrieval.models.aggregation_fitting",))
-LAYOUTS = Registry("dataset layout", ("siamese_retrieval.data.layouts",), trusted=False)
+LAYOUTS = Registry("dataset layout", ("siamese_retrieval.data.layouts", "siamese_retrieval.data.gsv_cities"),
+                   trusted=False)
 RERANKERS = Registry("re-ranker", ("siamese_retrieval.retrieval.rerankers",), trusted=False)
 # metric families: the ranking metrics, the pair scores' range accuracy, the loss (SiameseModule.compute_loss)
 METRICS = MetricRegistry("metric", ("siamese_retrieval.retrieval.metrics", "siamese_retrieval.models.pair_metrics",

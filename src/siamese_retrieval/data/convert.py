@@ -3,6 +3,9 @@
     python -m siamese_retrieval.data.convert --layout vpr_folder --root SRC --out DST [--split test] [--radius 25]
     python -m siamese_retrieval.data.convert --layout msls_official --root SRC --out DST [--city london] [--radius 25]
         [--max-heading DEG] [--include-panos] [--link] [--check decode|exists|none] [--overwrite]
+    python -m siamese_retrieval.data.convert --layout gsv_cities --root SRC --out DST [--cities London,Boston]
+    python -m siamese_retrieval.data.convert --layout contract --root CITY --out DST --to gsv_cities [--min-images 4]
+        (a dataset of the project's format, e.g. a synthetic city, written in the GSV-Cities layout)
 
 DST gets database/images/..., query/images/..., database/database.json, query/query.json and gt.h5, with
 image paths relative to DST. Images are copied by default; `--link` makes symbolic links to the source images
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import math
 import os
 import shutil
 import sys
@@ -176,10 +181,70 @@ def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = 
     return Path(out).expanduser()
 
 
+def gsv_places(dataset: RetrievalDataset, min_images: int = 4) -> list[tuple[int, list[int]]]:
+    """(query, its database images) per GSV-Cities place: each query with its positives not yet in an earlier
+    place (a database image belongs to one place), kept when the place has at least `min_images` images."""
+    from siamese_retrieval.data.ground_truth import as_ground_truth
+
+    truth, every = as_ground_truth(dataset), np.arange(dataset.n_db)[None, :]
+    taken = np.zeros(dataset.n_db, bool)
+    places = []
+    for q in range(dataset.n_query):
+        sim, _ = truth.lookup(np.array([q]), every)
+        db = [int(j) for j in np.flatnonzero(sim[0] & ~taken)]
+        if 1 + len(db) >= min_images:
+            taken[db] = True
+            places.append((q, db))
+    return places
+
+
+def write_gsv_cities(dataset: RetrievalDataset, out: str | Path, *, city: str = "Synth", min_images: int = 4,
+                     link: bool = False, overwrite: bool = False, lat0: float = 45.0) -> Path:
+    """`dataset` in the GSV-Cities layout (data/gsv_cities.py): one place per query (`gsv_places`), the query its
+    oldest image. East / north metres become lat / lon about (lat0, 0) (equirectangular, the reader's inverse),
+    headings northdeg; panoid and dates are made up (a place's images are its query, then one per month)."""
+    from siamese_retrieval.data.gsv_cities import COLUMNS, EARTH_RADIUS_M, image_name
+
+    places = gsv_places(dataset, min_images)
+    if not places:
+        raise DatasetError(f"{dataset.root}: no query with {min_images - 1} positives to make a GSV-Cities place of")
+    city_id = city.lower()
+    rows, sources = [], []
+    for place_id, (q, db) in enumerate(places):
+        members = [(dataset.query_file(q), dataset.q_loc[q])] + [(dataset.db_file(j), dataset.db_loc[j]) for j in db]
+        for k, (src, (east, north, heading)) in enumerate(members):
+            lat = lat0 + math.degrees(north / EARTH_RADIUS_M)
+            lon = math.degrees(east / (EARTH_RADIUS_M * math.cos(math.radians(lat0))))
+            rows.append({"place_id": str(place_id), "year": str(2000 + k // 12), "month": str(k % 12 + 1),
+                         "northdeg": str(int(heading) % 360), "city_id": city_id, "lat": f"{lat:.7f}",
+                         "lon": f"{lon:.7f}", "panoid": f"p{place_id:06d}x{k:03d}"})
+            sources.append(src)
+    names = [f"Images/{city}/{image_name(r)}" for r in rows]
+    check_output_names(names, sources)
+    with staged_output_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "Dataframes").mkdir()
+        with open(tmp / "Dataframes" / f"{city}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(_place, [(src, tmp / n, link) for src, n in zip(sources, names)]))
+        read_layout("gsv_cities", tmp, check="none", follow_symlinks_outside_root=link,
+                    min_images_per_place=min_images)  # readable, or nothing is renamed
+    return Path(out).expanduser()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m siamese_retrieval.data.convert",
                                      description="Convert a dataset layout into the project's format.")
-    parser.add_argument("--layout", required=True, choices=[n for n in LAYOUTS.names() if n != "contract"])
+    parser.add_argument("--layout", required=True, choices=LAYOUTS.names(),
+                        help="the source's layout (contract: the project's own format, e.g. a synthetic city)")
+    parser.add_argument("--to", default="contract", choices=("contract", "gsv_cities"),
+                        help="the layout to write (default: the project's format; gsv_cities: GSV-Cities' Dataframes/ + "
+                             "Images/, one place per query and its positives)")
+    parser.add_argument("--cities", default=None, help="gsv_cities source: comma-separated cities (default all)")
+    parser.add_argument("--min-images", type=int, default=4,
+                        help="gsv_cities: images a place needs (default 4, as GSV-Cities)")
     parser.add_argument("--root", required=True, help="the source dataset's root folder")
     parser.add_argument("--out", required=True, help="the folder to write (new or empty)")
     parser.add_argument("--split", default=None, help="vpr_folder: train | val | test (default test)")
@@ -213,12 +278,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.layout == "vpr_folder":
         options["split"] = args.split or "test"
-    else:
+    elif args.layout == "msls_official":
         options.update(city=args.city, exclude_panos=not args.include_panos)
+    elif args.layout == "gsv_cities":
+        options = {"cities": args.cities.split(",") if args.cities else None, "min_images_per_place": args.min_images,
+                   "check": args.check, "name": args.name}
+    else:  # a layout without radius options (contract, or one of your own)
+        options = {"check": args.check, **({"name": args.name} if args.name else {})}
+    if args.to == "gsv_cities" and args.layout == "gsv_cities":
+        print("error: --layout gsv_cities --to gsv_cities: the source is already in that layout", file=sys.stderr)
+        return 2
     try:
         check_output_place(args.root, args.out)
         check_output_folder(args.out, args.overwrite)
         dataset = read_layout(args.layout, args.root, **options)
+        if args.to == "gsv_cities":
+            out = write_gsv_cities(dataset, args.out, min_images=args.min_images, link=args.link,
+                                   overwrite=args.overwrite)
+            written = read_layout("gsv_cities", out, check="none", follow_symlinks_outside_root=args.link,
+                                  min_images_per_place=args.min_images)
+            print(f"wrote {written.root}: {written.n_query} places, {written.n_db + written.n_query} images")
+            print(f"read it with: data=gsv_cities data.root={written.root}")
+            return 0
         out = write_converted(dataset, args.out, link=args.link, overwrite=args.overwrite)
         written = read_dataset(out, check="none", follow_symlinks_outside_root=args.link)
     except UserError as exc:

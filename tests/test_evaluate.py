@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from siamese_retrieval.data.synth import SynthConfig, ensure_city
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import ConfigError, UserError
 from siamese_retrieval.evaluate import evaluate
 from siamese_retrieval.retrieve import retrieve
 from siamese_retrieval.train import train
@@ -262,3 +262,31 @@ def test_retrieve_reranks_in_the_same_order_as_evaluate(trained, tmp_path: Path,
         plain_order = sorted(item["results"], key=lambda r: -r["score"])
         changed += order[:8] != [r["path"] for r in plain_order[:8]]
     assert changed > 0  # verification did re-order some queries (else the check above proves nothing)
+
+
+def test_benchmarks_in_one_run_equal_each_benchmark_alone(tiny_checkpoint: Path, tmp_path: Path,
+                                                          cache_dir: Path) -> None:
+    """`benchmarks=[vpr_folder:A,msls_city:B]`: one model load, a row per benchmark in benchmarks.csv / .md whose
+    numbers are exactly those of `data=NAME data.root=ROOT split=all` evaluated alone."""
+
+    from siamese_retrieval.data.synth.export import export_vpr_folder
+
+    city = ensure_city(cache_dir, SynthConfig.from_preset("tiny"))
+    vpr = export_vpr_folder(city, tmp_path / "vpr")
+    both = evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "logger=none",
+                                            f"benchmarks=[vpr_folder:{vpr},msls_city:{city}]"], tmp_path / "b", cache_dir))
+    with open(tmp_path / "b" / "benchmarks.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["benchmark"] for r in rows] == ["vpr_folder", "msls_city"] and rows[0]["radius_m"] == "25.0" and rows[1]["radius_m"] == ""
+    assert (tmp_path / "b" / "benchmarks.md").read_text().count("\n") == 4  # header, rule, two rows
+    assert [r["benchmark"] for r in both["benchmarks"]] == ["vpr_folder", "msls_city"]
+    for i, (name, root) in enumerate((("vpr_folder", vpr), ("msls_city", city))):
+        alone = evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "logger=none", f"data={name}",
+                                                 f"data.root={root}", "split=all"], tmp_path / f"a{i}", cache_dir))
+        for k in ("recall@1", "recall@5", "recall@10", "mAP"):
+            assert float(rows[i][k]) == alone["metrics"][f"all/{k}"], (name, k)
+        assert int(rows[i]["queries"]) == alone["n_queries"] and int(rows[i]["database"]) == alone["n_database"]
+        assert (tmp_path / "b" / "benchmarks" / f"{i}_{name}" / "per_query.csv").is_file()
+    with pytest.raises(ConfigError, match="benchmarks: 'vpr_folder' must be NAME:ROOT"):
+        evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "logger=none", "benchmarks=[vpr_folder]"],
+                                tmp_path / "c", cache_dir))

@@ -58,18 +58,27 @@ CURVE_K = 25
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate; write metrics.json, per_query.csv, recall_at_k.png, retrieval_grid.png; return metrics.json."""
+    """Evaluate; write metrics.json, per_query.csv, recall_at_k.png, retrieval_grid.png; return metrics.json.
+    With `benchmarks=[...]`: every benchmark (benchmarks.csv / .md); with `fit_only`: fit the re-ranker only."""
     started = time.perf_counter()
     tune_malloc()  # malloc_tuning.py: freed activations reused, not faulted in again every step
     quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    method, split = str(cfg.method), str(cfg.split)  # values checked with the whole config (config_schema.py)
-    settings = RankingSettings.from_config(ranking_config(cfg), keep_top=CURVE_K)
     out_dir = run_dir(cfg)
     if cfg.get("fit_only"):
         return fit_reranker(cfg, out_dir)
+    ckpt = load_from_config(cfg) if str(cfg.method) == "model" else None
+    if cfg.get("benchmarks"):
+        return evaluate_benchmarks(cfg, ckpt, out_dir)
+    return evaluate_dataset(cfg, ckpt, out_dir, started)
 
-    ckpt = load_from_config(cfg) if method == "model" else None
+
+def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Path, started: float,
+                     log_run: bool = True) -> dict[str, Any]:
+    """One dataset (cfg.data, cfg.split) ranked by the loaded checkpoint (or the baseline `method`); writes the
+    run's files into `out_dir`; `log_run`: also log it to the configured loggers."""
+    method, split = str(cfg.method), str(cfg.split)  # values checked with the whole config (config_schema.py)
+    settings = RankingSettings.from_config(ranking_config(cfg), keep_top=CURVE_K)
     target = ckpt.training_data.get("pairs_target") if ckpt is not None else None
     dm = build_datamodule(evaluation_data_config(cfg.data, target), ckpt.build_inputs() if ckpt else NoInputs())
     query_idx = load_split(dm, split)
@@ -122,12 +131,119 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                       truth=dataset)
     save_png(out_dir / "retrieval_grid.png", ranking_grid(dataset, ranking, n_queries=int(cfg.grid.n_queries),
                                                           top_k=int(cfg.grid.top_k), seed=int(cfg.seed)))
+    if not log_run:  # one benchmark of several: the benchmarks table logs and shows it
+        return result
     # W&B (logger=none: nothing): job_type eval in the checkpoint's training group, or baseline
     log_evaluation(cfg, result, dataset, ranking, recall_curve(ranking), out_dir / "retrieval_grid.png", ckpt)
     print_results(result["metrics"], title=f"{result['method']} on {result['data']}", stages=(prefix,),
                   extra_rows=[("seconds/query", f"{result['seconds_per_query']:.4f}")],
                   caption=f"split {split}: {result['n_queries']} queries x {result['n_database']} database")
     return result
+
+
+# ----------------------------------------------------------------------------------------- many benchmarks
+
+BENCHMARK_COLUMNS = ("benchmark", "layout", "root", "queries", "database", "radius_m", "recall@1", "recall@5",
+                     "recall@10", "mAP", "seconds")
+
+
+def parse_benchmark(entry: Any) -> tuple[str, str]:
+    """`NAME:ROOT` (NAME a conf/data option: vpr_folder, msls_official, msls_city, gsv_cities, ...) -> (NAME, ROOT)."""
+    text = str(entry)
+    name, sep, root = text.partition(":")
+    if not sep or not name or not root:
+        raise ConfigError(f"benchmarks: {text!r} must be NAME:ROOT, a data config and its root "
+                          f"(e.g. vpr_folder:/data/pitts30k)")
+    return name.strip(), root.strip()
+
+
+def benchmark_data(name: str, root: str) -> DictConfig:
+    """The `data=NAME data.root=ROOT` node, composed as the command line would (the app's config path, so a
+    --config-dir's data configs work too)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = [f"data={name}", f"data.root={root}"]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the running app
+            return compose(config_name="eval", overrides=overrides).data
+        with initialize_config_module("siamese_retrieval.conf", version_base="1.3"):  # called as a library
+            return compose(config_name="eval", overrides=overrides).data
+    except HydraException as exc:
+        raise ConfigError(f"benchmarks: {name}:{root}: {str(exc).splitlines()[0]}") from None
+
+
+def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Path) -> dict[str, Any]:
+    """Every `benchmarks` entry with the one loaded model, each on all its queries (split=all: data the model
+    never saw), its run files in `<run>/benchmarks/<i>_<name>/`; one row each in benchmarks.csv / .md."""
+    entries = [parse_benchmark(e) for e in cfg.benchmarks]  # every entry checked before anything runs
+    rows, results = [], []
+    for i, (name, root) in enumerate(entries):
+        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        OmegaConf.set_struct(sub, False)
+        sub.data, sub.split, sub.benchmarks = benchmark_data(name, root), "all", []
+        sub_dir = out_dir / "benchmarks" / f"{i}_{name}"
+        sub_dir.mkdir(parents=True, exist_ok=True)
+        result = evaluate_dataset(sub, ckpt, sub_dir, time.perf_counter(), log_run=False)
+        m = result["metrics"]
+        options = OmegaConf.select(sub, "data.layout_options", default=None) or {}
+        rows.append({"benchmark": name, "layout": str(sub.data.get("layout", "contract")), "root": root,
+                     "queries": result["n_queries"], "database": result["n_database"],
+                     "radius_m": options.get("radius_m"), "recall@1": m.get("all/recall@1"),
+                     "recall@5": m.get("all/recall@5"), "recall@10": m.get("all/recall@10"),
+                     "mAP": m.get("all/mAP", m.get(f"all/mAP@{cfg.search_k}")), "seconds": result["elapsed_s"]})
+        results.append(result)
+    write_benchmark_tables(out_dir, rows)
+    summary = {"status": "ok", "benchmarks": rows, "model": results[0]["model"] if results else None,
+               "checkpoint": str(ckpt.path) if ckpt is not None else None}
+    write_metrics_json(out_dir / "metrics.json", summary)
+    log_benchmarks(cfg, rows, ckpt)
+    print_benchmarks(rows, title=f"{summary['model']} on {len(rows)} benchmark(s)")
+    return summary
+
+
+def write_benchmark_tables(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """benchmarks.csv (numbers as they are) and benchmarks.md (recalls and mAP to 4 places), written atomically."""
+    def shown(column: str, v: Any) -> str:
+        return f"{v:.4f}" if column in ("recall@1", "recall@5", "recall@10", "mAP") and isinstance(v, float) else \
+            f"{v:g}" if isinstance(v, float) else "" if v is None else str(v)
+
+    with atomic_path(out_dir / "benchmarks.csv", suffix=".csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(BENCHMARK_COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+    lines = ["| " + " | ".join(BENCHMARK_COLUMNS) + " |", "|" + "---|" * len(BENCHMARK_COLUMNS)]
+    lines += ["| " + " | ".join(shown(c, r[c]) for c in BENCHMARK_COLUMNS) + " |" for r in rows]
+    with atomic_path(out_dir / "benchmarks.md", suffix=".md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def print_benchmarks(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    shown = [c for c in BENCHMARK_COLUMNS if c != "root"]
+    for c in shown:
+        table.add_column(c, justify="left" if c in ("benchmark", "layout") else "right")
+    four = ("recall@1", "recall@5", "recall@10", "mAP")
+    for r in rows:
+        table.add_row(*(f"{r[c]:.4f}" if c in four and isinstance(r[c], float) else f"{r[c]:g}"
+                        if isinstance(r[c], float) else "" if r[c] is None else str(r[c]) for c in shown))
+    Console(width=max(100, 14 * len(shown))).print(table)
+
+
+def log_benchmarks(cfg: DictConfig, rows: list[dict[str, Any]], ckpt: LoadedCheckpoint | None) -> None:
+    """The benchmarks table in the configured loggers: W&B gets it as a table, every logger its numbers."""
+    result = {"method": str(cfg.method), "model": ckpt.model_name if ckpt is not None else str(cfg.method),
+              "data": "benchmarks", "split": "all",
+              "metrics": {f"{r['benchmark']}/{k}": float(r[k]) for r in rows for k in ("recall@1", "recall@5",
+                                                                                       "recall@10", "mAP")
+                          if isinstance(r[k], float)}}
+    log_evaluation(cfg, result, None, None, None, None, ckpt, table=("benchmarks", list(BENCHMARK_COLUMNS),
+                                                                     [[r[c] for c in BENCHMARK_COLUMNS] for r in rows]))
 
 
 def fit_reranker(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:

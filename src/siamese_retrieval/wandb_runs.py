@@ -358,9 +358,11 @@ def evaluation_identity(cfg: DictConfig, result: Mapping[str, Any], ckpt: Any | 
 
 
 def log_evaluation(cfg: DictConfig, result: Mapping[str, Any], dataset: Any, ranking: Any,
-                   curve: tuple[np.ndarray, np.ndarray], grid_path: Path, ckpt: Any | None = None) -> None:
+                   curve: tuple[np.ndarray, np.ndarray] | None, grid_path: Path | None, ckpt: Any | None = None,
+                   table: tuple[str, list[str], list[list[Any]]] | None = None) -> None:
     """evaluate.py's run in every configured logger (logger=none: nothing): the metrics (W&B: summary too),
-    and in W&B the recall@k curve (line plot + its table), the retrieval grid and the per-query table."""
+    and in W&B the recall@k curve (line plot + its table), the retrieval grid and the per-query table; or, with
+    `table` (name, columns, rows: the benchmarks of one evaluation), that table instead."""
     who = evaluation_identity(cfg, result, ckpt)
     settings = logger_settings(cfg, who["job_type"], who["name"], who["group"], who["tags"])
     if not settings:
@@ -376,7 +378,14 @@ def log_evaluation(cfg: DictConfig, result: Mapping[str, Any], dataset: Any, ran
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
         runs = wandb_runs(loggers)
-        if runs:
+        if runs and table is not None:
+            import wandb
+
+            name, columns, rows = table
+            for run in runs:
+                run.log({name: wandb.Table(columns=columns, data=rows)})
+                run.summary.update(metrics)
+        elif runs:
             import wandb
 
             prefix = "all" if result["split"] == "all" else str(result["split"])

@@ -4,6 +4,7 @@ places as query + database images relevant to each other only, and one line for 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import re
@@ -151,13 +152,20 @@ def test_the_synthetic_city_exported_and_read_back(cache_dir: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_train_one_epoch_on_the_gsv_cities_layout(cache_dir: Path, tmp_path: Path) -> None:
+def test_train_one_epoch_on_the_gsv_cities_layout_then_a_benchmark(cache_dir: Path, tmp_path: Path) -> None:
+    """Train on the GSV-Cities export, then (benchmarks=[...]) the best checkpoint on the city in the project's
+    format: benchmarks.csv in the run, its row in metrics.json beside the training's own metrics."""
     city = ensure_city(cache_dir, SynthConfig.from_preset("tiny"))
     out = tmp_path / "gsv"
     assert convert_main(["--layout", "contract", "--root", str(city), "--out", str(out), "--to", "gsv_cities"]) == 0
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=cnn_snn", "data=gsv_cities",
                            f"data.root={out}", "trainer.max_epochs=1", "logger=none", "model.inputs.height=64",
-                           "model.inputs.width=96", f"paths.output_dir={tmp_path / 'run'}",
-                           f"paths.cache_dir={cache_dir}"], capture_output=True, text=True, timeout=600)
+                           "model.inputs.width=96", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.cache_dir={cache_dir}", f"benchmarks=[msls_city:{city}]"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert result["data"] == "gsv_cities" and "test/recall@1" in result["metrics"]
+    (row,) = result["benchmarks"]
+    assert row["benchmark"] == "msls_city" and row["queries"] == 40 and 0 <= row["recall@1"] <= 1
+    assert (tmp_path / "run" / "benchmarks.csv").read_text().splitlines()[1].startswith("msls_city,contract,")

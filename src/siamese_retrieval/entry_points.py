@@ -73,6 +73,13 @@ def train_task(cfg: DictConfig) -> float:
     from siamese_retrieval.train import train  # imported here: a config typo fails before torch loads
 
     result = train(cfg)
+    if cfg.get("benchmarks") and result.get("checkpoint"):  # the best checkpoint on every benchmark, then
+        from siamese_retrieval.evaluate import benchmark_trained
+        from siamese_retrieval.run_outputs import run_dir, write_metrics_json
+
+        out_dir = run_dir(cfg)
+        result["benchmarks"] = benchmark_trained(cfg, result["checkpoint"], out_dir)
+        write_metrics_json(out_dir / "metrics.json", result)  # the training's metrics.json gains the rows
     return result["metrics"].get(cfg.optimized_metric, float("nan"))
 
 

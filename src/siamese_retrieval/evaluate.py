@@ -174,9 +174,11 @@ def benchmark_data(name: str, root: str) -> DictConfig:
         raise ConfigError(f"benchmarks: {name}:{root}: {str(exc).splitlines()[0]}") from None
 
 
-def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Path) -> dict[str, Any]:
+def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Path,
+                        write_summary: bool = True) -> dict[str, Any]:
     """Every `benchmarks` entry with the one loaded model, each on all its queries (split=all: data the model
-    never saw), its run files in `<run>/benchmarks/<i>_<name>/`; one row each in benchmarks.csv / .md."""
+    never saw), its run files in `<run>/benchmarks/<i>_<name>/`; one row each in benchmarks.csv / .md (and,
+    with `write_summary`, metrics.json holding the rows)."""
     entries = [parse_benchmark(e) for e in cfg.benchmarks]  # every entry checked before anything runs
     rows, results = [], []
     for i, (name, root) in enumerate(entries):
@@ -197,10 +199,30 @@ def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir:
     write_benchmark_tables(out_dir, rows)
     summary = {"status": "ok", "benchmarks": rows, "model": results[0]["model"] if results else None,
                "checkpoint": str(ckpt.path) if ckpt is not None else None}
-    write_metrics_json(out_dir / "metrics.json", summary)
+    if write_summary:
+        write_metrics_json(out_dir / "metrics.json", summary)
     log_benchmarks(cfg, rows, ckpt)
     print_benchmarks(rows, title=f"{summary['model']} on {len(rows)} benchmark(s)")
     return summary
+
+
+def benchmark_trained(train_cfg: DictConfig, checkpoint: str, out_dir: Path) -> list[dict[str, Any]]:
+    """`train.py benchmarks=[...]`: the best checkpoint on every benchmark after fitting, as `evaluate.py
+    ckpt_path=BEST benchmarks=[...]` would (eval.yaml's ranking settings, the run's seed, logger and trust),
+    written into the training run: benchmarks.csv / .md and benchmarks/<i>_<name>/. Returns the rows."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"ckpt_path={checkpoint}", f"seed={int(train_cfg.seed)}"]
+    if not GlobalHydra.instance().is_initialized():
+        raise ConfigError("benchmarks after training run from the train.py command (a Hydra app)")
+    cfg = compose(config_name="eval", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.benchmarks = list(train_cfg.benchmarks)
+    cfg.logger, cfg.trust, cfg.imports = train_cfg.get("logger"), train_cfg.get("trust"), train_cfg.get("imports")
+    cfg.paths = train_cfg.paths
+    ckpt = load_from_config(cfg)
+    return evaluate_benchmarks(cfg, ckpt, out_dir, write_summary=False)["benchmarks"]
 
 
 def write_benchmark_tables(out_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -283,3 +283,26 @@ def test_evaluate_py_reads_the_layouts_directly(layout: str, key: str, options: 
     assert result["n_queries"] == original.n_query and result["n_database"] == original.n_db
     has_positive = int(expected_sim(original, 25.0).any(axis=1).sum())
     assert result["metrics"]["all/n_queries_without_positive"] == original.n_query - has_positive
+
+
+def test_training_positives_use_the_training_radius(tmp_path: Path) -> None:
+    """Known answers at the boundaries: a database image 10.0 m from the query is a training positive (inclusive),
+    10.5 m an overlap (neither positive nor negative in training), 25.0 m an evaluation positive, 25.5 m nothing."""
+    folder = tmp_path / "vpr" / "images" / "test"
+    east0, north0 = 500000.0, 4000000.0
+
+    def name(e: float, n: float, i: int) -> str:
+        return "@" + "@".join([f"{e:.2f}", f"{n:.2f}", "33", "T", "", "", f"p{i}", "", "0", "", "", "", "", ""]) + "@.jpg"
+
+    for kind, offsets in (("queries", [0.0]), ("database", [10.0, 10.5, 25.0, 25.5])):
+        (folder / kind).mkdir(parents=True)
+        for i, d in enumerate(offsets):
+            (folder / kind / name(east0 + d, north0, i)).write_bytes(b"jpeg")
+    ds = read_vpr_folder(tmp_path / "vpr", "test", check="none")
+    order = np.argsort(ds.db_loc[:, 0])  # database images by distance
+    sim, _ = ds.relevance.lookup(np.array([0]), order[None, :])
+    np.testing.assert_array_equal(sim[0], [True, True, True, False])  # evaluation: 25 m
+    sim, fov = ds.train_relevance.lookup(np.array([0]), order[None, :])
+    np.testing.assert_array_equal(sim[0], [True, False, False, False])  # training: 10 m
+    np.testing.assert_array_equal(fov[0], [1.0, 0.5, 0.5, 0.0])  # 10-25 m: an overlap, never a negative
+    assert read_vpr_folder(tmp_path / "vpr", "test", check="none", train_radius_m=None).train_relevance is None

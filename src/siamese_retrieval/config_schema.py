@@ -235,6 +235,7 @@ RULES: tuple[Rule, ...] = (
     R("data.follow_symlinks_outside_root", BOOL),
     R("data.layout_options.split", CHOICE, choices=("train", "val", "test"), note="vpr_folder: images/<split>/"),
     R("data.layout_options.radius_m", FLOAT, gt=0, note="positives within this many metres"),
+    R("data.layout_options.train_radius_m", FLOAT, gt=0, nullable=True, note="training positives (null: radius_m)"),
     R("data.layout_options.max_heading_deg", FLOAT, ge=0, le=180, nullable=True, note="null: heading ignored"),
     R("data.layout_options.city", STR, nullable=True, note="msls_official: null = the only city"),
     R("data.layout_options.exclude_panos", BOOL),

@@ -88,6 +88,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "checkpoint": best,
             "elapsed_s": round(time.perf_counter() - started, 2),
             "splits": datamodule.splits.summary() if datamodule.splits is not None else {},
+            # layouts: the positives' radii (training 10 m, evaluation 25 m by default); other data: none
+            "positives": {k: v for k, v in (OmegaConf.select(cfg, "data.layout_options", default=None) or {}).items()
+                          if k in ("radius_m", "train_radius_m")},
             "metrics": {k: float(v) for k, v in sorted(metrics.items())},
         }
         # W&B summary: test/* and the run's facts; val/* keep their best + last (callbacks.BestValSummary)

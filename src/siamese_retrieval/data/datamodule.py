@@ -200,6 +200,9 @@ class RetrievalDataModule(pl.LightningDataModule):
                                      **split)
         self._build_inputs(dataset)
         truth, train_q, train_db = dataset, self.splits.train_q, self.splits.train_db
+        if dataset.train_relevance is not None:  # training positives of their own (layouts: 10 m, not 25 m)
+            truth = dataset.train_relevance
+            self.train_source = PairSource(truth, self.q_inputs, self.db_inputs)
         if self.train_views:
             joined = self._join_train_views(dataset)
             self.train_source = PairSource(joined.truth, joined.q_inputs, joined.db_inputs)

@@ -63,6 +63,9 @@ class RetrievalDataset:
     # whenever any of those change
     name: str = field(default="")
     relevance: GroundTruth = field(default=None, repr=False)  # type: ignore[assignment]  # from sim/fov if None
+    # the positives training draws from, where they differ from the evaluation's (layouts: a 10 m radius against
+    # the 25 m of evaluation); None: `relevance`
+    train_relevance: GroundTruth | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.relevance is None:

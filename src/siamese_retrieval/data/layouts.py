@@ -34,7 +34,7 @@ from siamese_retrieval.data.dataset import (
     images_stamp,
     read_utf8,
 )
-from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference  # noqa: F401 (re-exported)
+from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference, radius_pairs  # noqa: F401 (re-exported)
 from siamese_retrieval.errors import DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
 from siamese_retrieval.registry import LAYOUTS
@@ -60,6 +60,24 @@ TRAIN_RADIUS_M = 10.0
 
 
 # ----------------------------------------------------------------------------------------- shared checks
+
+
+def with_training_radius(dataset: RetrievalDataset, train_radius_m: float | None, radius_m: float,
+                         max_heading_deg: float | None) -> RetrievalDataset:
+    """The dataset with its training positives (`train_relevance`): the benchmarks' training convention, 10 m
+    against evaluation's 25 m. Pairs within `train_radius_m` are positives (sim, fov 1); those between it and
+    `radius_m` stay overlaps, not positives and never negatives (fov 0.5, as MSLS's negDistThr keeps them out of
+    the negatives). null, or >= radius_m: the evaluation's positives."""
+    if train_radius_m is None or train_radius_m >= radius_m:
+        return dataset
+    _check_radius(train_radius_m, max_heading_deg)
+    q, db = dataset.q_loc, dataset.db_loc
+    heading = {"q_heading": q[:, 2], "db_heading": db[:, 2], "max_heading_deg": max_heading_deg}
+    qi, di = radius_pairs(q[:, :2], db[:, :2], radius_m, **heading)
+    near = ((q[qi, :2] - db[di, :2]) ** 2).sum(axis=1) <= float(train_radius_m) ** 2
+    dataset.train_relevance = SparseRelevance.from_pairs(dataset.n_query, dataset.n_db, qi, di, sim=near,
+                                                         fov=np.where(near, 1.0, 0.5).astype(np.float32))
+    return dataset
 
 
 def _check_radius(radius_m: float, max_heading_deg: float | None) -> None:
@@ -192,6 +210,7 @@ def read_vpr_folder(
     split: str = "test",
     *,
     radius_m: float = DEFAULT_RADIUS_M,
+    train_radius_m: float | None = TRAIN_RADIUS_M,
     max_heading_deg: float | None = None,
     check: str = "decode",
     name: str = "",
@@ -238,9 +257,11 @@ def read_vpr_folder(
     q_paths, q_loc, q_folder = per_kind["queries"]
     relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
                                                  db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
-    return finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_folder, q_source=q_folder,
-                          meta_files=[], check=check, name=name or f"{root.name}-{split}",
-                          follow_symlinks_outside_root=follow_symlinks_outside_root)
+    dataset = finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_folder,
+                             q_source=q_folder,
+                             meta_files=[], check=check, name=name or f"{root.name}-{split}",
+                             follow_symlinks_outside_root=follow_symlinks_outside_root)
+    return with_training_radius(dataset, train_radius_m, radius_m, max_heading_deg)
 
 
 # ----------------------------------------------------------------------------------------- MSLS official layout
@@ -349,6 +370,7 @@ def read_msls_official(
     city: str | None = None,
     *,
     radius_m: float = DEFAULT_RADIUS_M,
+    train_radius_m: float | None = TRAIN_RADIUS_M,
     max_heading_deg: float | None = None,
     exclude_panos: bool = True,
     check: str = "decode",
@@ -401,9 +423,11 @@ def read_msls_official(
     q_paths, q_loc, q_meta = loaded["query"]
     relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
                                                  db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
-    return finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_meta[0], q_source=q_meta[0],
-                          meta_files=db_meta + q_meta, check=check, name=name or city,
-                          follow_symlinks_outside_root=follow_symlinks_outside_root)
+    dataset = finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_meta[0],
+                             q_source=q_meta[0],
+                             meta_files=db_meta + q_meta, check=check, name=name or city,
+                             follow_symlinks_outside_root=follow_symlinks_outside_root)
+    return with_training_radius(dataset, train_radius_m, radius_m, max_heading_deg)
 
 
 def read_layout(layout: str, root: str | Path, **options) -> RetrievalDataset:

@@ -152,7 +152,9 @@ def join_views(dataset: RetrievalDataset, q_inputs: Tensors, db_inputs: Tensors,
                train_db: np.ndarray, views: RetrievalDataset, views_q: Tensors, views_db: Tensors) -> JoinedViews:
     """One training source of both: block-diagonal relevance (no pair across the two cities overlaps), the
     input tensors concatenated, and the training indices of both (all of the training city's)."""
-    main, extra = as_ground_truth(dataset), as_ground_truth(views)
+    # the evaluation dataset's training positives where it has its own (layouts: 10 m), else its relevance
+    main = as_ground_truth(dataset.train_relevance if dataset.train_relevance is not None else dataset)
+    extra = as_ground_truth(views)
     mq, md = main.n_query, main.n_db
     a, b = main.overlaps(np.arange(mq)), extra.overlaps(np.arange(extra.n_query))
     truth = SparseRelevance.from_pairs(mq + extra.n_query, md + extra.n_db, np.concatenate([a[0], b[0] + mq]),

@@ -279,6 +279,7 @@ def test_benchmarks_in_one_run_equal_each_benchmark_alone(tiny_checkpoint: Path,
         rows = list(csv.DictReader(f))
     assert [r["benchmark"] for r in rows] == ["vpr_folder", "msls_city"] and rows[0]["radius_m"] == "25.0" and rows[1]["radius_m"] == ""
     assert (tmp_path / "b" / "benchmarks.md").read_text().count("\n") == 4  # header, rule, two rows
+    assert all("torch=" in r["versions"] and "numpy=" in r["versions"] for r in rows)  # what produced them
     assert [r["benchmark"] for r in both["benchmarks"]] == ["vpr_folder", "msls_city"]
     for i, (name, root) in enumerate((("vpr_folder", vpr), ("msls_city", city))):
         alone = evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "logger=none", f"data={name}",

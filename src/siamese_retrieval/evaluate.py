@@ -49,7 +49,13 @@ from siamese_retrieval.retrieval.ranking import (
 )
 from siamese_retrieval.retrieval.rerankers import RerankSource, build_reranker, dataset_orb_features, orb_config
 from siamese_retrieval.retrieval.visualize import save_png
-from siamese_retrieval.run_outputs import print_results, quiet_known_warnings, run_dir, write_metrics_json
+from siamese_retrieval.run_outputs import (
+    print_results,
+    provenance,
+    quiet_known_warnings,
+    run_dir,
+    write_metrics_json,
+)
 from siamese_retrieval.wandb_runs import log_evaluation
 
 log = logging.getLogger(__name__)
@@ -144,7 +150,7 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
 # ----------------------------------------------------------------------------------------- many benchmarks
 
 BENCHMARK_COLUMNS = ("benchmark", "layout", "root", "queries", "database", "radius_m", "recall@1", "recall@5",
-                     "recall@10", "mAP", "seconds")
+                     "recall@10", "mAP", "seconds", "git_commit", "versions")
 
 
 def parse_benchmark(entry: Any) -> tuple[str, str]:
@@ -196,6 +202,11 @@ def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir:
                      "recall@5": m.get("all/recall@5"), "recall@10": m.get("all/recall@10"),
                      "mAP": m.get("all/mAP", m.get(f"all/mAP@{cfg.search_k}")), "seconds": result["elapsed_s"]})
         results.append(result)
+    prov = provenance()  # what produced the numbers, on every row (a row may be copied out of its table)
+    versions = ";".join(f"{k}={v}" for k, v in prov["versions"].items())
+    commit = (prov["git_commit"] or "") + ("+dirty" if prov["git_dirty"] else "")
+    for r in rows:
+        r.update(git_commit=commit, versions=versions)
     write_benchmark_tables(out_dir, rows)
     summary = {"status": "ok", "benchmarks": rows, "model": results[0]["model"] if results else None,
                "checkpoint": str(ckpt.path) if ckpt is not None else None}
@@ -236,8 +247,9 @@ def write_benchmark_tables(out_dir: Path, rows: list[dict[str, Any]]) -> None:
             writer = csv.DictWriter(f, fieldnames=list(BENCHMARK_COLUMNS))
             writer.writeheader()
             writer.writerows(rows)
-    lines = ["| " + " | ".join(BENCHMARK_COLUMNS) + " |", "|" + "---|" * len(BENCHMARK_COLUMNS)]
-    lines += ["| " + " | ".join(shown(c, r[c]) for c in BENCHMARK_COLUMNS) + " |" for r in rows]
+    columns = BENCHMARK_COLUMNS[:-2]  # the provenance columns stay in the csv
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(shown(c, r[c]) for c in columns) + " |" for r in rows]
     with atomic_path(out_dir / "benchmarks.md", suffix=".md") as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -247,7 +259,7 @@ def print_benchmarks(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    shown = [c for c in BENCHMARK_COLUMNS if c != "root"]
+    shown = [c for c in BENCHMARK_COLUMNS[:-2] if c != "root"]
     for c in shown:
         table.add_column(c, justify="left" if c in ("benchmark", "layout") else "right")
     four = ("recall@1", "recall@5", "recall@10", "mAP")

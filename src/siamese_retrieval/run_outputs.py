@@ -172,7 +172,8 @@ def write_metrics_json(path: Path, result: dict[str, Any]) -> None:
 
 
 PROVENANCE_PACKAGES = ("siamese-retrieval", "torch", "pytorch-lightning", "torchmetrics", "numpy", "faiss-cpu",
-                       "opencv-python-headless", "opencv-python", "hydra-core", "omegaconf", "wandb")
+                       "opencv-python-headless", "opencv-python", "hydra-core", "omegaconf", "wandb", "timm",
+                       "torchvision")
 
 
 def provenance() -> dict[str, Any]:

@@ -208,8 +208,11 @@ def logger_settings(cfg: DictConfig, job_type: str, name: str, group: str, tags:
 
 def logged_config(cfg: DictConfig, settings: Mapping[str, dict], **extra: Any) -> dict[str, Any]:
     """The run's one resolved config, its `logger` holding what the loggers were given (+ `extra` keys)."""
+    from siamese_retrieval.run_outputs import provenance
+
     config = _resolved(cfg)
     config["logger"] = {k: dict(v) for k, v in settings.items()} or None
+    config["provenance"] = provenance()  # library versions and the code's git commit, as in metrics.json
     config.update(extra)
     return config
 

@@ -52,7 +52,7 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("eval", ["data=vpr_folder", "data.root=/x", "data.layout_options.radius_m=0"],
      "data.layout_options.radius_m=0: must be a number > 0"),
     ("eval", ["data=msls_official", "data.root=/x", "data.layout=tiles"],
-     "data.layout='tiles': must be one of contract, vpr_folder, msls_official"),
+     "data.layout='tiles': must be one of contract, vpr_folder, msls_official, gsv_cities"),
     ("eval", ["data=msls_city", "data.root=/x", "split=val"], None),
     ("retrieve", [], None),
     ("retrieve", ["ckpt_path=x.ckpt", "query=photo.jpg", "top_k=10", "output=json", "cache=false"], None),
@@ -250,9 +250,10 @@ def test_every_rule_matches_a_shipped_config(tmp_path: Path, cache_dir: Path) ->
 
     configs = {
         "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"], ["model=cnn_snn_pairs", "debug=fast"],
-                  ["model=keypoint_set", "debug=fast"]],
+                  ["model=keypoint_set", "debug=fast"], ["model=backbone_snn", "debug=fast"]],
         "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["rerank=fused"], ["rerank=learned_matches"],
-                 ["model=keypoint_snn"], ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"]],
+                 ["model=keypoint_snn"], ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"],
+                 ["data=gsv_cities", "data.root=/x"]],
         "retrieve": [["model=cnn_snn"]],
     }
     seen: dict[str, set[str]] = {task: set() for task in configs}
@@ -329,7 +330,7 @@ TYPO_CASES: list[tuple[str, list[str], str]] = [
      "error: Could not override 'model.inputs.heigth': key 'heigth' is not in struct "
      "(did you mean model.inputs.height?)"),
     ("train.py", ["model=cnn_sn"],
-     "error: In 'train': Could not find 'model/cnn_sn'; available options in 'model': cnn_snn, cnn_snn_pairs, "
+     "error: In 'train': Could not find 'model/cnn_sn'; available options in 'model': backbone_snn, cnn_snn, cnn_snn_pairs, "
      "keypoint_set, keypoint_snn (did you mean model=cnn_snn?)"),
     ("evaluate.py", ["top_k=3"],  # retrieve's key; eval has top_ks
      "error: Could not override 'top_k': key 'top_k' is not in struct (did you mean top_ks?)"),

@@ -134,6 +134,11 @@ RULES: tuple[Rule, ...] = (
     R("model.places.min_fov", FLOAT, gt=0, le=1, note="a database image is a view of the place at fov >= this"),
     R("model.places.lookalike", CHOICE, choices=("embedding",), nullable=True, note="null: random places"),
     *train_views_rules("model"),  # the model's training-only city; data.train_views defaults to it (data=synth)
+    R("model.backbone", CHOICE, choices=("resnet18", "resnet34", "resnet50", "resnet101"),
+      note="backbone_snn: models/backbone.py ARCHITECTURES"),
+    R("model.weights", PATH, nullable=True, note="backbone_snn: a local state dict; null: random init"),
+    R("model.stages", INT, ge=1, le=4, note="backbone_snn: residual stages kept"),
+    R("model.freeze_stages", INT, ge=0, le=5, note="backbone_snn: stem + N-1 stages frozen"),
     R("model.inputs.n_keypoints", INT, ge=1, note="keypoint_snn: ORB keypoints per image"),
     R("model.inputs.height", INT, ge=8, note="cnn_snn: image height (5 pooling stages)"),
     R("model.inputs.width", INT, ge=8, note="cnn_snn: image width"),

@@ -64,8 +64,58 @@ def gem_head(dim: int, knobs: Mapping[str, Any]) -> nn.Module:
     return GeM(knobs["gem_p"], learnable=knobs["gem_learnable"])
 
 
+class PooledEncoder(nn.Module):
+    """What every image encoder shares after its trunk: aggregation head -> dropout -> projection -> L2 norm
+    [-> PCA-whitening]. A subclass builds `self.features` (the trunk: image -> last feature map), then calls
+    `_init_head`, and defines `prepare` (uint8 images -> the trunk's input); the attribute names (pool, dropout,
+    proj, whiten) are the checkpoints' keys."""
+
+    memory_format = torch.contiguous_format
+
+    def _init_head(self, cin: int, aggregation: str | Mapping[str, Any] | None, embedding_dim: int, gem_p: float,
+                   gem_learnable: bool, dropout: float, normalize: bool, whiten_dim: int | None) -> None:
+        agg = aggregation_config(aggregation)
+        self.aggregation = str(agg["name"])
+        self.pool: nn.Module = AGGREGATIONS.get(self.aggregation)(cin, {**agg, "gem_p": gem_p,
+                                                                      "gem_learnable": gem_learnable})
+        head_dim = getattr(self.pool, "out_dim", cin)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(head_dim, embedding_dim) if agg["project"] else nn.Identity()
+        self.normalize = normalize
+        self.base_dim = int(embedding_dim) if agg["project"] else int(head_dim)  # before whitening
+        self.whiten = PCAWhitening(self.base_dim, int(whiten_dim), normalize) if whiten_dim else None
+
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def embedding_dim(self) -> int:
+        """The size of what forward() returns now: whiten_dim once the whitening is fitted."""
+        return self.whiten.out_dim if self.whiten is not None and self.whiten.is_fitted else self.base_dim
+
+    @property
+    def needs_cluster_init(self) -> bool:
+        """A NetVLAD head whose clusters k-means has not set yet (models/aggregation_fitting.py)."""
+        return isinstance(self.pool, NetVLAD) and not self.pool.is_initialised
+
+    def local_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last feature map (B, C, H', W'): what the aggregation head pools (NetVLAD's k-means input)."""
+        return self.features(self.prepare(batch["image"]).contiguous(memory_format=self.memory_format))
+
+    def embed_unwhitened(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The embedding before PCA-whitening (what the whitening is fitted on)."""
+        emb = self.proj(self.dropout(self.pool(self.local_features(batch))))
+        if self.normalize:
+            emb = F.normalize(emb.float(), dim=-1)
+        return emb
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        emb = self.embed_unwhitened(batch)
+        return emb if self.whiten is None else self.whiten(emb)
+
+
 @ENCODERS.register("plain_cnn")
-class PlainCNN(nn.Module):
+class PlainCNN(PooledEncoder):
     """Stages of `blocks_per_stage` x (conv3x3-BN-ReLU) + 2x2 max-pool, aggregation, dropout, linear, L2 norm
     [, PCA-whitening].
 
@@ -103,7 +153,6 @@ class PlainCNN(nn.Module):
             raise ValueError("PlainCNN needs at least one stage width")
         if blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}")
-        agg = aggregation_config(aggregation)
         layers: list[nn.Module] = []
         cin = in_channels
         for width in widths:
@@ -112,15 +161,7 @@ class PlainCNN(nn.Module):
                 cin = int(width)
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.aggregation = str(agg["name"])
-        self.pool: nn.Module = AGGREGATIONS.get(self.aggregation)(cin, {**agg, "gem_p": gem_p,
-                                                                      "gem_learnable": gem_learnable})
-        head_dim = getattr(self.pool, "out_dim", cin)
-        self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(head_dim, embedding_dim) if agg["project"] else nn.Identity()
-        self.normalize = normalize
-        self.base_dim = int(embedding_dim) if agg["project"] else int(head_dim)  # before whitening
-        self.whiten = PCAWhitening(self.base_dim, int(whiten_dim), normalize) if whiten_dim else None
+        self._init_head(cin, aggregation, embedding_dim, gem_p, gem_learnable, dropout, normalize, whiten_dim)
         self.in_channels = in_channels
         mean = torch.tensor(RGB_MEAN if in_channels == 3 else [0.5] * in_channels)
         std = torch.tensor(RGB_STD if in_channels == 3 else [0.25] * in_channels)
@@ -132,16 +173,6 @@ class PlainCNN(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)  # 4-d weights; .to(device) and load_state_dict keep it
-
-    @property
-    def embedding_dim(self) -> int:
-        """The size of what forward() returns now: whiten_dim once the whitening is fitted."""
-        return self.whiten.out_dim if self.whiten is not None and self.whiten.is_fitted else self.base_dim
-
-    @property
-    def needs_cluster_init(self) -> bool:
-        """A NetVLAD head whose clusters k-means has not set yet (models/aggregation_fitting.py)."""
-        return isinstance(self.pool, NetVLAD) and not self.pool.is_initialised
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] (or float on the same scale) -> float32 normalised: fixed ((x/255 - mean) / std)
@@ -155,18 +186,3 @@ class PlainCNN(nn.Module):
             return (x - mean) / std
         # One fused multiply-add; keeps the caller's memory format (channels_last stays channels_last).
         return torch.addcmul(self.shift, image.float(), self.scale)
-
-    def local_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The last feature map (B, C, H', W'): what the aggregation head pools (NetVLAD's k-means input)."""
-        return self.features(self.prepare(batch["image"]).contiguous(memory_format=self.memory_format))
-
-    def embed_unwhitened(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The embedding before PCA-whitening (what the whitening is fitted on)."""
-        emb = self.proj(self.dropout(self.pool(self.local_features(batch))))
-        if self.normalize:
-            emb = F.normalize(emb.float(), dim=-1)
-        return emb
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        emb = self.embed_unwhitened(batch)
-        return emb if self.whiten is None else self.whiten(emb)

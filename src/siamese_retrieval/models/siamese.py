@@ -178,6 +178,12 @@ class SiameseModule(pl.LightningModule):
                 "train_views": OmegaConf.to_container(OmegaConf.create(dict(dm.train_views))) if dm.train_views else None,
                 **checkpoint.get("training_data", {}),
             }
+        # a pretrained weights file (model=backbone_snn) is where the encoder started: the checkpoint's tensors
+        # are the trained weights, so loading it never needs that file (which may not exist where it is loaded)
+        encoder = checkpoint.get("hyper_parameters", {}).get("encoder")
+        if isinstance(encoder, Mapping) and encoder.get("weights"):
+            checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"],
+                                              "encoder": {**encoder, "weights": None}}
 
     def configure_optimizers(self) -> Any:
         # the config's optimizer / scheduler nodes (train.py builds this module from model.module): a keyword or

@@ -154,3 +154,64 @@ def test_train_one_epoch_from_a_weights_file_on_gsv_cities_then_evaluate_without
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt_path={ckpt}", "data=synth_tiny",
                            f"hydra.run.dir={tmp_path / 'e'}", *env_free], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+class _FakeTimm:
+    """timm's contract as the adapter uses it (timm itself cannot be installed beside this machine's torch):
+    create_model(name, pretrained, features_only, out_indices, pretrained_cfg_overlay) -> a features model with
+    feature_info.channels(); a file overlay is loaded by timm (here: torch.load), never a download. `calls`
+    records what the adapter asked for."""
+
+    calls: list[dict] = []
+
+    @classmethod
+    def create_model(cls, name: str, pretrained: bool = False, features_only: bool = False, out_indices=(0,),
+                     pretrained_cfg_overlay: dict | None = None):
+        cls.calls.append({"name": name, "pretrained": pretrained, "overlay": pretrained_cfg_overlay})
+        if name != "tiny":
+            raise RuntimeError(f"Unknown model ({name})")
+        torch.manual_seed(0)
+        widths = (8, 16, 32)
+
+        class Net(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.stages = torch.nn.ModuleList(torch.nn.Conv2d(3 if i == 0 else widths[i - 1], w, 3, 2, 1)
+                                                  for i, w in enumerate(widths))
+
+            def forward(self, x):
+                outs = []
+                for stage in self.stages:
+                    x = stage(x)
+                    outs.append(x)
+                return [outs[i] for i in out_indices]
+
+        net = Net()
+        net.feature_info = type("Info", (), {"channels": staticmethod(lambda: [widths[i] for i in out_indices])})()
+        if pretrained:
+            assert pretrained_cfg_overlay and "file" in pretrained_cfg_overlay, "a download was asked for"
+            net.load_state_dict(torch.load(pretrained_cfg_overlay["file"], weights_only=True))  # raises on misfit
+        return net
+
+
+def test_a_timm_backbone_through_its_adapter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "timm", _FakeTimm)
+    _FakeTimm.calls.clear()
+    enc = BackboneEncoder("timm:tiny", stages=2, embedding_dim=8).eval()
+    assert enc.features.out_channels == 16 and _FakeTimm.calls[-1] == {"name": "tiny", "pretrained": False,
+                                                                         "overlay": None}
+    with torch.no_grad():
+        assert enc({"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)}).shape == (2, 8)
+    state = {k: v + 1.0 for k, v in enc.features.model.state_dict().items()}
+    torch.save(state, tmp_path / "t.pth")
+    enc = BackboneEncoder("timm:tiny", weights=str(tmp_path / "t.pth"), stages=2)
+    assert _FakeTimm.calls[-1]["overlay"] == {"file": str(tmp_path / "t.pth")}  # timm's loader, the local file
+    torch.testing.assert_close(enc.features.model.stages[1].weight, state["stages.1.weight"], rtol=0, atol=0)
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match=r"model.backbone=timm:tiny model.weights=.*bad.pth: Error\(s\) in loading"):
+        BackboneEncoder("timm:tiny", weights=str(tmp_path / "bad.pth"), stages=2)
+    with pytest.raises(UserError, match=r"model.backbone=timm:nope: Unknown model \(nope\)"):
+        BackboneEncoder("timm:nope")
+    monkeypatch.setitem(sys.modules, "timm", None)  # not installed: one line saying how to get it
+    with pytest.raises(UserError, match=r"model.backbone=timm:tiny needs timm, an optional extra"):
+        BackboneEncoder("timm:tiny")

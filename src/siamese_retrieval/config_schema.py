@@ -134,8 +134,7 @@ RULES: tuple[Rule, ...] = (
     R("model.places.min_fov", FLOAT, gt=0, le=1, note="a database image is a view of the place at fov >= this"),
     R("model.places.lookalike", CHOICE, choices=("embedding",), nullable=True, note="null: random places"),
     *train_views_rules("model"),  # the model's training-only city; data.train_views defaults to it (data=synth)
-    R("model.backbone", CHOICE, choices=("resnet18", "resnet34", "resnet50", "resnet101"),
-      note="backbone_snn: models/backbone.py ARCHITECTURES"),
+    R("model.backbone", STR, note="backbone_snn: resnet18|34|50|101 (models/backbone.py) or timm:<name>"),
     R("model.weights", PATH, nullable=True, note="backbone_snn: a local state dict; null: random init"),
     R("model.stages", INT, ge=1, le=4, note="backbone_snn: residual stages kept"),
     R("model.freeze_stages", INT, ge=0, le=5, note="backbone_snn: stem + N-1 stages frozen"),

@@ -9,7 +9,8 @@ internet loads as it is, e.g.
     python -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights='DEFAULT').state_dict(), 'resnet50.pth')"
 
 (here the CPU build of torch cannot import torchvision, so the architectures live in this file; the test
-checks them against torchvision's published parameter counts). `weights` may be `.pth`, `.pt`, `.bin` (read
+checks them against torchvision's published parameter counts). `timm:<name>` (e.g. timm:convnext_tiny) takes
+a timm model's feature maps instead, where the optional timm extra is installed. `weights` may be `.pth`, `.pt`, `.bin` (read
 with torch.load(weights_only=True): tensors, never code) or `.safetensors`; nested (`state_dict`, `model`)
 or prefixed (`module.`, `backbone.`, ...) state dicts are unwrapped. A file that does not fit is one line
 naming the counts and the first missing and unexpected keys; the classifier (`fc.*`) is never used.
@@ -201,6 +202,45 @@ def load_backbone_weights(body: ResNet, name: str, path: str | os.PathLike) -> N
     body.load_state_dict({k: state[k] for k in keep if k in state}, strict=False)
 
 
+# ----------------------------------------------------------------------------------------- timm backbones
+
+
+class TimmTrunk(nn.Module):
+    """A timm model as a trunk (`model.backbone=timm:<name>`): its feature maps up to the `stages`-th (timm's
+    features_only), the last one returned. timm is an optional extra (`pip install -e ".[timm]"`). A weights
+    file goes through timm's own loader (`pretrained_cfg_overlay=dict(file=...)`: timm's key remapping for its
+    feature models), never a download: without a file the model is randomly initialised."""
+
+    def __init__(self, name: str, stages: int, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"model.backbone=timm:{name} needs timm, an optional extra: pip install -e \".[timm]\" "
+                            f"(timm needs a torchvision that imports beside your torch)") from None
+        kwargs: dict[str, Any] = {"features_only": True, "out_indices": (stages - 1,), "pretrained": False}
+        if weights:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise UserError(f"model.weights={path}: no such file")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        try:
+            self.model = timm.create_model(name, **kwargs)
+        except (RuntimeError, KeyError, ValueError) as exc:  # a file that does not fit, an unknown model
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"model.backbone=timm:{name}" + (f" model.weights={weights}" if weights else "")
+                            + f": {first[:300]}") from None
+        self.name = name
+        self.out_channels = int(self.model.feature_info.channels()[-1])
+
+    def parts(self) -> list[nn.Module]:
+        return list(self.model.children())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[-1] if isinstance(out, (list, tuple)) else out
+
+
 # ----------------------------------------------------------------------------------------- the encoder
 
 
@@ -225,15 +265,17 @@ class BackboneEncoder(PooledEncoder):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        if backbone not in ARCHITECTURES:
-            raise ValueError(f"backbone={backbone!r}: must be one of {', '.join(ARCHITECTURES)}")
+        timm_name = backbone[len("timm:"):] if backbone.startswith("timm:") else None
+        if timm_name is None and backbone not in ARCHITECTURES:
+            raise ValueError(f"backbone={backbone!r}: must be one of {', '.join(ARCHITECTURES)} or timm:<name>")
         if not isinstance(stages, int) or not 1 <= stages <= 4:
             raise ValueError(f"stages={stages!r}: must be 1, 2, 3 or 4 (the residual stages kept)")
         if not isinstance(freeze_stages, int) or not 0 <= freeze_stages <= stages + 1:
             raise ValueError(f"freeze_stages={freeze_stages!r}: must be in [0, {stages + 1}] (stem + {stages} stages)")
         self.backbone, self.freeze_stages = backbone, freeze_stages
-        self.features = ResNet(backbone, stages)
-        if weights:
+        self.features: ResNet | TimmTrunk = (TimmTrunk(timm_name, stages, weights) if timm_name
+                                             else ResNet(backbone, stages))
+        if weights and not timm_name:
             load_backbone_weights(self.features, backbone, weights)
         self._init_head(self.features.out_channels, aggregation, embedding_dim, gem_p, gem_learnable, dropout,
                         normalize, whiten_dim)

@@ -202,7 +202,9 @@ def test_bad_settings_are_one_line_config_errors(change: dict, message: str) -> 
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_evaluate_with_learned_matches_on_the_tiny_city(tiny_checkpoint: Path, tmp_path: Path, cache_dir: Path) -> None:
+def test_evaluate_with_learned_matches_on_the_tiny_city(tiny_checkpoint: Path, tmp_path: Path, cache_dir: Path,
+                                                        tiny_city, monkeypatch: pytest.MonkeyPatch) -> None:
+    from siamese_retrieval import evaluate as evaluate_module
     from siamese_retrieval.evaluate import evaluate
 
     # max_seconds: a cache key no other test of this session shares, so the explicit fit below really fits
@@ -227,8 +229,14 @@ def test_evaluate_with_learned_matches_on_the_tiny_city(tiny_checkpoint: Path, t
     again = evaluate(compose_config("eval", overrides, tmp_path / "b", cache_dir))  # from the cache: same numbers
     assert again["metrics"] == result["metrics"]
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["method"] == "model+rerank_learned_matches"
-    with pytest.raises(ConfigError, match="split=all"):
-        evaluate(compose_config("eval", overrides + ["split=all"], tmp_path / "c", cache_dir))
+    # split=all has no training split: the verifier of the reference training set (the synthetic city's; here the
+    # tiny city's, so that the test fits nothing new: its train split is the one fitted above, a cache hit)
+    dm = tiny_city[0]
+    monkeypatch.setattr(evaluate_module, "reference_training_set", lambda cache: (dm.dataset, dm.splits))
+    before = sorted(cache_dir.glob("learned_matches-*.pt"))
+    every = evaluate(compose_config("eval", overrides + ["split=all"], tmp_path / "c", cache_dir))["metrics"]
+    assert sorted(cache_dir.glob("learned_matches-*.pt")) == before and not (tmp_path / "c" / "verifier").exists()
+    assert every["all/precision@10"] == pytest.approx(every["all/before_rerank/precision@10"], abs=1e-6)
     # combine=fused reuses the fitted verifier (its cache key holds no combine knob); with a threshold no soft
     # inlier count reaches, nothing is verified and the ranking is exactly the model's
     fitted = sorted(cache_dir.glob("learned_matches-*.pt"))

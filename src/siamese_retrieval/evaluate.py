@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.checkpoints import LoadedCheckpoint, load_from_config
-from siamese_retrieval.data.datamodule import RetrievalDataModule, build_datamodule, evaluation_data_config
-from siamese_retrieval.data.ground_truth import as_ground_truth
+from siamese_retrieval.data.datamodule import (
+    RetrievalDataModule,
+    build_datamodule,
+    evaluation_data_config,
+)
 from siamese_retrieval.data.dataset import RetrievalDataset
+from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.data.inputs import NoInputs
+from siamese_retrieval.data.train_views import reference_training_set
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import atomic_path
 from siamese_retrieval.malloc_tuning import tune_malloc
@@ -47,7 +53,12 @@ from siamese_retrieval.retrieval.ranking import (
     ranking_config,
     ranking_grid,
 )
-from siamese_retrieval.retrieval.rerankers import RerankSource, build_reranker, dataset_orb_features, orb_config
+from siamese_retrieval.retrieval.rerankers import (
+    RerankSource,
+    build_reranker,
+    dataset_orb_features,
+    orb_config,
+)
 from siamese_retrieval.retrieval.visualize import save_png
 from siamese_retrieval.run_outputs import (
     print_results,
@@ -102,7 +113,8 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
         reranker = None
         if cfg.get("rerank"):
             source = RerankSource(dataset, query_idx=query_idx, cache_dir=dm.cache_dir, orb=plain(cfg.orb_ransac),
-                                  splits=dm.splits if split != "all" else None, split=split, log_dir=out_dir)
+                                  splits=dm.splits if split != "all" else None, split=split, log_dir=out_dir,
+                                  reference=partial(reference_training_set, dm.cache_dir))
             reranker = build_reranker(plain(cfg.rerank), source)
         ranking = rank_queries(ckpt.module, dm.db_inputs, dm.q_inputs, query_idx, dataset, settings, reranker)
         if ranking.before_rerank is not None:

@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from siamese_retrieval.checkpoints import load_from_config
 from siamese_retrieval.data.datamodule import build_datamodule, evaluation_data_config
 from siamese_retrieval.data.dataset import RetrievalDataset
+from siamese_retrieval.data.train_views import reference_training_set
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.embedding_cache import cached_database_index
@@ -135,7 +137,8 @@ def rerank_top(ids: np.ndarray, scores: np.ndarray, distance: np.ndarray, rerank
     if rerank is None:
         return order_ids, order_scores, distance if order_ids is ids else _follow(ids, distance, order_ids), None
     source = RerankSource(dataset, query_files=query_files, cache_dir=cache_dir,
-                          orb=OmegaConf.to_container(orb, resolve=True) if orb is not None else {}, split="all")
+                          orb=OmegaConf.to_container(orb, resolve=True) if orb is not None else {}, split="all",
+                          reference=partial(reference_training_set, cache_dir) if cache_dir is not None else None)
     new_ids, new_scores = build_reranker(rerank, source)(np.arange(len(ids)), order_ids, order_scores)
     return new_ids, _follow(ids, scores, new_ids), _follow(ids, distance, new_ids), new_scores
 

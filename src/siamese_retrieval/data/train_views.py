@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -168,3 +169,16 @@ def join_views(dataset: RetrievalDataset, q_inputs: Tensors, db_inputs: Tensors,
         np.concatenate([np.asarray(train_q, np.int64), mq + np.arange(extra.n_query)]),
         np.concatenate([np.asarray(train_db, np.int64), md + np.arange(extra.n_db)]),
     )
+
+
+def reference_training_set(cache_dir: str | Path) -> tuple[RetrievalDataset, Any]:
+    """The synthetic city's default preset and its place split (conf/data/synth.yaml: 60/20/20 by 1 km cells, split
+    seed 0): the training data of a model component that must be fitted where the evaluated dataset has no
+    training split of its own (rerank=learned_matches with split=all, retrieve.py). Rendered once into the cache."""
+    from siamese_retrieval.data.dataset import read_dataset
+    from siamese_retrieval.data.splits import split_by_place
+    from siamese_retrieval.data.synth import ensure_city
+
+    dataset = read_dataset(ensure_city(cache_dir, SynthConfig.from_preset("default")), check="exists",
+                           name="synth-reference")
+    return dataset, split_by_place(dataset, fractions=(0.6, 0.2, 0.2), cell_size_m=1000.0, seed=0)

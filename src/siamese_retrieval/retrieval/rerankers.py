@@ -22,7 +22,11 @@ import numpy as np
 
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.registry import RERANKERS
-from siamese_retrieval.retrieval.orb_features import Features, cached_features, extract_features
+from siamese_retrieval.retrieval.orb_features import (
+    Features,
+    cached_features,
+    extract_features,
+)
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, rerank_scores
 from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
 
@@ -43,6 +47,8 @@ class RerankSource:
     splits: the dataset's place split (its train split fits learned re-rankers); None for split=all / retrieve.
     split: the name of the split being ranked (a warning when it is the training split).
     log_dir: where a re-ranker fitted now logs its training (evaluate.py: the run dir); None: nowhere.
+    reference: () -> (dataset, splits): training data for a learned re-ranker where `splits` is None (the
+        pipelines pass the synthetic city: data.train_views.reference_training_set); None: none.
     """
 
     dataset: Any
@@ -53,6 +59,7 @@ class RerankSource:
     splits: Any = None
     split: str = "test"
     log_dir: Path | None = None
+    reference: Callable[[], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         if (self.query_idx is None) == (self.query_files is None):
@@ -130,28 +137,47 @@ def fused(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
 @RERANKERS.register("learned_matches")
 def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     """The model's top N re-ordered by a learned match verifier (retrieval/learned_matches.py), fitted on the
-    dataset's TRAINING split at first use (a minute or two on CPU) and cached in the data cache."""
+    dataset's TRAINING split at first use (a minute or two on CPU) and cached in the data cache. Where the dataset
+    has no training split (split=all, retrieve.py) the verifier of the reference training set (the synthetic
+    city's) is used: fitted once, then a cache hit for every dataset."""
+    from siamese_retrieval.data.ground_truth import as_ground_truth
     from siamese_retrieval.retrieval import learned_matches as lm
     from siamese_retrieval.retrieval import verifier_fit
 
     lm_cfg = lm.LearnedMatchesConfig.from_mapping(cfg)
-    if source.splits is None:
-        raise ConfigError("rerank=learned_matches is fitted on the dataset's train split; this dataset has none here "
-                          "(split=all, or retrieve.py): use split=test|val, or rerank=orb_ransac|fused")
     if source.split == "train":
         log.warning("rerank=learned_matches on split=train: the verifier was fitted on these very queries")
-    ds = source.dataset
-    db_files, q_files = [ds.db_file(j) for j in range(ds.n_db)], [ds.query_file(i) for i in range(ds.n_query)]
-    feats = cached_features(db_files + q_files, {"fingerprint": ds.fingerprint}, lm_cfg.features, source.cache_dir,
-                            lm_cfg.workers)  # the same extractor and cache as orb_ransac's, at its own n_features
-    db_feats, q_feats = feats[: ds.n_db], feats[ds.n_db :]
-    from siamese_retrieval.data.ground_truth import as_ground_truth
-
-    data = verifier_fit.TrainData(q_feats, db_feats, q_files, db_files, source.splits.train_q,
-                                  source.splits.train_db, as_ground_truth(ds), key={"fingerprint": ds.fingerprint})
+    train_ds, splits = source.dataset, source.splits
+    if splits is None:
+        if source.reference is None:
+            raise ConfigError("rerank=learned_matches is fitted on a training split; this dataset has none here and no "
+                              "reference training set was given: use split=test|val, or rerank=orb_ransac|fused")
+        train_ds, splits = source.reference()
+        log.info("rerank=learned_matches: no training split here; the verifier of %s's training split",
+                 train_ds.name or train_ds.root)
+    feats = dataset_features(train_ds, lm_cfg, source.cache_dir)
+    data = verifier_fit.TrainData(feats[train_ds.n_db :], feats[: train_ds.n_db],
+                                  [train_ds.query_file(i) for i in range(train_ds.n_query)],
+                                  [train_ds.db_file(j) for j in range(train_ds.n_db)], splits.train_q, splits.train_db,
+                                  as_ground_truth(train_ds), key={"fingerprint": train_ds.fingerprint})
     net = verifier_fit.fit_or_load(data, lm_cfg, source.cache_dir, source.log_dir)
-    verify = lm.LearnedVerifier(net, [q_feats[int(i)] for i in source.query_idx], db_feats, lm_cfg.matching)
+    ds = source.dataset
+    if ds is train_ds:
+        db_feats, q_feats = data.db_feats, [data.q_feats[int(i)] for i in source.query_idx]
+    else:
+        every = dataset_features(ds, lm_cfg, source.cache_dir)
+        db_feats = every[: ds.n_db]
+        q_feats = ([every[ds.n_db + int(i)] for i in source.query_idx] if source.query_idx is not None
+                   else extract_features(list(source.query_files), lm_cfg.features, lm_cfg.workers))
+    verify = lm.LearnedVerifier(net, q_feats, db_feats, lm_cfg.matching)
     if lm_cfg.combine == "fused":  # soft inlier counts as evidence added to the model's order (rerank=fused's rule)
         return FusedReranker(lm_cfg.top_n, verify, min_inliers=lm_cfg.min_inliers, saturate=lm_cfg.saturate,
                              outlier_z=lm_cfg.outlier_z)
     return lm.LearnedReranker(lm_cfg.top_n, verify, lm_cfg.model_weight)
+
+
+def dataset_features(ds: Any, lm_cfg: Any, cache_dir: Path | None) -> list[Features]:
+    """The verifier's ORB features of every database image then every query of `ds` (one cache entry)."""
+    files = [ds.db_file(j) for j in range(ds.n_db)] + [ds.query_file(i) for i in range(ds.n_query)]
+    # the same extractor and cache as orb_ransac's, at the verifier's own n_features
+    return cached_features(files, {"fingerprint": ds.fingerprint}, lm_cfg.features, cache_dir, lm_cfg.workers)

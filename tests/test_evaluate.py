@@ -291,3 +291,21 @@ def test_benchmarks_in_one_run_equal_each_benchmark_alone(tiny_checkpoint: Path,
     with pytest.raises(ConfigError, match="benchmarks: 'vpr_folder' must be NAME:ROOT"):
         evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "logger=none", "benchmarks=[vpr_folder]"],
                                 tmp_path / "c", cache_dir))
+
+
+def test_a_benchmark_monitors_training(tmp_path: Path, cache_dir: Path) -> None:
+    """benchmark_monitor=NAME: validation ranks that benchmark too, the checkpoint keeps the epoch with the best
+    val/NAME/recall@1, and the numbers logged for the best checkpoint are evaluate.py's on that benchmark alone."""
+    city = ensure_city(cache_dir, SynthConfig.from_preset("tiny"))
+    common = ["model=keypoint_snn", "data=synth_tiny", "trainer.max_epochs=2", "logger=none",
+              f"benchmarks=[msls_city:{city}]"]
+    cfg = compose_config("train", [*common, "benchmark_monitor=msls_city"], tmp_path / "t", cache_dir)
+    result = train(cfg)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/msls_city/recall@1"
+    alone = evaluate(compose_config("eval", [f"ckpt_path={result['checkpoint']}", "data=msls_city",
+                                             f"data.root={city}", "split=all", "logger=none"], tmp_path / "e",
+                                    cache_dir))["metrics"]
+    for k in ("recall@1", "recall@5", "recall@10", "mAP"):
+        assert result["metrics"][f"val/msls_city/{k}"] == alone[f"all/{k}"], k
+    with pytest.raises(ConfigError, match=r"benchmark_monitor=pitts: not one of benchmarks \(msls_city\)"):
+        train(compose_config("train", [*common, "benchmark_monitor=pitts"], tmp_path / "b", cache_dir))

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 
 from siamese_retrieval.data.inputs import take
@@ -77,6 +78,34 @@ class RetrievalMetrics(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._evaluate(trainer, pl_module, "test")
+
+
+class BenchmarkMetrics(pl.Callback):
+    """train.py `benchmark_monitor=LABEL`: every validation also ranks all queries of that benchmark (another
+    dataset, read once with the model's own input builder) and logs val/<LABEL>/<metric>, which the checkpoint
+    then monitors. The numbers are those evaluate.py gives the same checkpoint on that benchmark (split=all)."""
+
+    def __init__(self, label: str, data_cfg: Any, inputs: Any, settings: Any) -> None:
+        self.label, self.data_cfg, self.inputs = label, data_cfg, inputs
+        self.settings = RankingSettings.from_config(settings)
+        self.dm: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dm is None:
+            from siamese_retrieval.data.datamodule import build_datamodule, evaluation_data_config
+
+            self.dm = build_datamodule(evaluation_data_config(self.data_cfg), self.inputs)
+            self.dm.prepare_data()
+            self.dm.setup_unsplit()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.dm is None:
+            return
+        ds = self.dm.dataset
+        query_idx = np.arange(ds.n_query, dtype=np.int64)
+        values = rank_queries(pl_module, self.dm.db_inputs, self.dm.q_inputs, query_idx, ds, self.settings).metrics
+        for name, value in values.items():
+            pl_module.log(f"val/{self.label}/{name}", float(value), prog_bar=name == "recall@1")
 
 
 class RetrievalExamples(pl.Callback):

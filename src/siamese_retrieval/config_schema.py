@@ -314,6 +314,7 @@ RULES: tuple[Rule, ...] = (
     R("method", CHOICE, choices=("model", "orb_ransac", "orb_bow"), tasks=EVAL),
     R("fit_only", BOOL, tasks=EVAL, note="fit the rerank= re-ranker and stop"),
     R("benchmarks", STRS, tasks=frozenset({"train", "eval"}), note="NAME:ROOT entries, each evaluated with split=all"),
+    R("benchmark_monitor", STR, nullable=True, tasks=TRAIN, note="a benchmark validated on every epoch"),
     R("split", CHOICE, choices=("test", "val", "train", "all"), tasks=EVAL),
     R("device", CHOICE, choices=("auto", "cpu", "cuda"), tasks=EVAL_RETRIEVE),
     R("top_ks", INTS, ge=1, non_empty=True, tasks=EVAL, note="precision@k / recall@k"),

@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from siamese_retrieval.benchmarks import benchmark_data, benchmark_entries
 from siamese_retrieval.checkpoints import LoadedCheckpoint, load_from_config
 from siamese_retrieval.data.datamodule import (
     RetrievalDataModule,
@@ -165,41 +166,14 @@ BENCHMARK_COLUMNS = ("benchmark", "layout", "root", "queries", "database", "radi
                      "recall@10", "mAP", "seconds", "git_commit", "versions")
 
 
-def parse_benchmark(entry: Any) -> tuple[str, str]:
-    """`NAME:ROOT` (NAME a conf/data option: vpr_folder, msls_official, msls_city, gsv_cities, ...) -> (NAME, ROOT)."""
-    text = str(entry)
-    name, sep, root = text.partition(":")
-    if not sep or not name or not root:
-        raise ConfigError(f"benchmarks: {text!r} must be NAME:ROOT, a data config and its root "
-                          f"(e.g. vpr_folder:/data/pitts30k)")
-    return name.strip(), root.strip()
-
-
-def benchmark_data(name: str, root: str) -> DictConfig:
-    """The `data=NAME data.root=ROOT` node, composed as the command line would (the app's config path, so a
-    --config-dir's data configs work too)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
-    overrides = [f"data={name}", f"data.root={root}"]
-    try:
-        if GlobalHydra.instance().is_initialized():  # inside the running app
-            return compose(config_name="eval", overrides=overrides).data
-        with initialize_config_module("siamese_retrieval.conf", version_base="1.3"):  # called as a library
-            return compose(config_name="eval", overrides=overrides).data
-    except HydraException as exc:
-        raise ConfigError(f"benchmarks: {name}:{root}: {str(exc).splitlines()[0]}") from None
-
-
 def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Path,
                         write_summary: bool = True) -> dict[str, Any]:
     """Every `benchmarks` entry with the one loaded model, each on all its queries (split=all: data the model
     never saw), its run files in `<run>/benchmarks/<i>_<name>/`; one row each in benchmarks.csv / .md (and,
     with `write_summary`, metrics.json holding the rows)."""
-    entries = [parse_benchmark(e) for e in cfg.benchmarks]  # every entry checked before anything runs
+    entries = benchmark_entries(cfg.benchmarks)  # every entry checked before anything runs
     rows, results = [], []
-    for i, (name, root) in enumerate(entries):
+    for i, (label, name, root) in enumerate(entries):
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         OmegaConf.set_struct(sub, False)
         sub.data, sub.split, sub.benchmarks = benchmark_data(name, root), "all", []
@@ -208,7 +182,7 @@ def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir:
         result = evaluate_dataset(sub, ckpt, sub_dir, time.perf_counter(), log_run=False)
         m = result["metrics"]
         options = OmegaConf.select(sub, "data.layout_options", default=None) or {}
-        rows.append({"benchmark": name, "layout": str(sub.data.get("layout", "contract")), "root": root,
+        rows.append({"benchmark": label, "layout": str(sub.data.get("layout", "contract")), "root": root,
                      "queries": result["n_queries"], "database": result["n_database"],
                      "radius_m": options.get("radius_m"), "recall@1": m.get("all/recall@1"),
                      "recall@5": m.get("all/recall@5"), "recall@10": m.get("all/recall@10"),

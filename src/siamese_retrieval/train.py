@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 
+from siamese_retrieval.benchmarks import benchmark_data, benchmark_entries
+from siamese_retrieval.callbacks import BenchmarkMetrics
 from siamese_retrieval.checkpoints import check_resumable, read_checkpoint
 from siamese_retrieval.data.datamodule import build_datamodule
 from siamese_retrieval.errors import ConfigError, instantiate_config
@@ -62,8 +64,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate_config("model.module", cfg.model.module, _recursive_=False)
     if resume_raw is not None:
         check_resumable(resume_raw, resume_from, model, str(cfg.model.name))
+    monitor = benchmark_monitor(cfg, datamodule)  # before the callbacks: it sets what the checkpoint monitors
     callbacks = [instantiate_config(f"callbacks.{k}", c) for k, c in (cfg.get("callbacks") or {}).items()
-                 if c is not None]
+                 if c is not None] + ([monitor] if monitor is not None else [])
     loggers = build_loggers(cfg)  # the resolved config logged once, with the W&B run's actual name/group/tags
     if not loggers:  # logger=none: LearningRateMonitor refuses a trainer without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -103,6 +106,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_results(result["metrics"], title=f"{result['model']} on {result['data']} (seed {result['seed']})",
                       footer=f"best checkpoint: {best}" if best else None)
     return result
+
+
+def benchmark_monitor(cfg: DictConfig, datamodule: Any) -> BenchmarkMetrics | None:
+    """`benchmark_monitor=LABEL` (one of `benchmarks`): validate on that benchmark every epoch and keep the
+    checkpoint (and early stopping, if on) by its val/LABEL/recall@1."""
+    label = cfg.get("benchmark_monitor")
+    if not label:
+        return None
+    entries = {lb: (name, root) for lb, name, root in benchmark_entries(cfg.get("benchmarks"))}
+    if label not in entries:
+        raise ConfigError(f"benchmark_monitor={label}: not one of benchmarks "
+                          f"({', '.join(entries) or 'none given: add benchmarks=[NAME:ROOT]'})")
+    metric = f"val/{label}/recall@1"
+    with open_dict(cfg):
+        for key in ("model_checkpoint", "early_stopping"):
+            if OmegaConf.select(cfg, f"callbacks.{key}") is not None:
+                cfg.callbacks[key].monitor, cfg.callbacks[key].mode = metric, "max"
+    settings = OmegaConf.to_container(cfg.callbacks.retrieval_metrics, resolve=True) \
+        if OmegaConf.select(cfg, "callbacks.retrieval_metrics") is not None else {}
+    settings = {k: v for k, v in settings.items() if k != "_target_"}
+    log.info("validating on benchmark %s (%s) every epoch; the checkpoint monitors %s", label, entries[label][1],
+             metric)
+    return BenchmarkMetrics(label, benchmark_data(*entries[label]), datamodule.inputs, settings)
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:

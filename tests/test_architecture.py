@@ -93,7 +93,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data": ("data",),  # incl. data.synth, the synthetic city
     "models": ("models",),
     "retrieval": ("retrieval",),
-    "services": ("callbacks", "checkpoints", "wandb_runs", "run_outputs", "resume", "config_schema",
+    "services": ("callbacks", "checkpoints", "wandb_runs", "run_outputs", "resume", "config_schema", "benchmarks",
                  "sweeper_storage"),
     "pipelines": ("train", "evaluate", "retrieve", "compare", "entry_points", "cli"),
 }

@@ -44,9 +44,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = (),
+                    also: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The raw checkpoint dict, checked: a torch file, a SiameseModule checkpoint, only allowed targets
-    (`allow`: the user's trust.allow)."""
+    (`allow`: the user's trust.allow; `also`: what the caller trusts besides, e.g. a resumed run's own classes)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
@@ -57,7 +58,7 @@ def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = ()) -
     hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     if not isinstance(raw, dict) or "state_dict" not in raw or not isinstance(hparams, dict) or "encoder" not in hparams:
         raise UserError(f"checkpoint {path} is not a SiameseModule checkpoint (no hyper_parameters.encoder / state_dict)")
-    check_targets(hparams, f"checkpoint {path}", allow)  # the whole tree, before anything is built
+    check_targets(hparams, f"checkpoint {path}", allow, also)  # the whole tree, before anything is built
     return raw
 
 

@@ -113,6 +113,24 @@ def check_continuable(run_dir: Path, how: str) -> None:
     if problem is not None:
         raise UserError(f"{how}: cannot continue run {run_dir}: {problem} (the run would train and then fail to "
                         f"write its results there); move it away, or start a new run without ckpt_path")
+    problem = checkpoint_problem(run_dir / LAST_CKPT)  # before Hydra writes this run's config and log into it
+    if problem is not None:
+        raise UserError(f"{how}: cannot continue run {run_dir}: {problem}; start a new run without ckpt_path")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is no loadable checkpoint, judged from its bytes without torch (a torch checkpoint is a zip
+    archive whose every member's CRC holds), or None: checked before Hydra writes into the run being resumed."""
+    import zipfile
+
+    if not path.is_file():
+        return f"{path} is not a file"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"checkpoint {path} is not a loadable torch checkpoint ({type(exc).__name__}: {exc})"
+    return f"checkpoint {path} is damaged (member {bad} fails its CRC check)" if bad is not None else None
 
 
 def runs_root(pattern: str, resolved: str | Path, resolve_prefix=None) -> tuple[Path, int] | None:

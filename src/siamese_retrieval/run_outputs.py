@@ -114,8 +114,15 @@ def task_overrides() -> list[str]:
 
 
 def run_dir(cfg: DictConfig) -> Path:
+    """The run's directory, usable: writable, and its metrics.json (written at the end) a file if it exists, so
+    a run never works for an hour to fail at its last write."""
     path = Path(cfg.paths.output_dir)
     check_writable_dir(path)
+    metrics = path / "metrics.json"
+    if os.path.lexists(metrics) and (metrics.is_symlink() or not metrics.is_file()):
+        kind = "a symbolic link" if metrics.is_symlink() else "a directory" if metrics.is_dir() else "not a file"
+        raise UserError(f"{metrics}: is {kind}; this run writes its results there: move it away or choose another "
+                        f"run directory")
     return path
 
 

@@ -54,8 +54,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_from = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     # the same checks as evaluate.py, before any work: a bad file is one line
     # the file's targets: registered, trust.allow=[...], or what this run's own model config names (the user's)
-    trusted = [*allow_list(cfg), *(t for _, t in iter_targets(OmegaConf.to_container(cfg.model, resolve=True)))]
-    resume_raw = read_checkpoint(resume_from, trusted) if resume_from is not None else None
+    own = sorted({t for _, t in iter_targets(OmegaConf.to_container(cfg.model, resolve=True))})
+    resume_raw = read_checkpoint(resume_from, allow_list(cfg), also=own) if resume_from is not None else None
     # every node of the user's config is built by instantiate_config: one that cannot be built (a `_target_` that
     # does not import, a keyword its class does not take, a value it refuses) is one line naming the node
     datamodule = build_datamodule(cfg.data, instantiate_config("model.inputs", cfg.model.inputs))

@@ -90,12 +90,14 @@ def is_allowed(target: Any, allow: Iterable[str] = ()) -> bool:
     return target in set(allow) and user_class(target) is not None
 
 
-def check_targets(tree: Any, source: str, allow: Iterable[str] = ()) -> None:
+def check_targets(tree: Any, source: str, allow: Iterable[str] = (), also: Iterable[str] = ()) -> None:
     """Raise UntrustedTargetError (one line naming `source`, the target and the override that would accept it)
-    unless every `_target_` in `tree` is allowed; `allow` is the user's `trust.allow` list."""
+    unless every `_target_` in `tree` is allowed; `allow` is the user's `trust.allow` list (the hint extends it),
+    `also` what the caller trusts besides (a resumed run's own model classes: never shown in the hint)."""
     allow = list(allow)
+    trusted = [*allow, *also]
     for where, target in iter_targets(tree):
-        if is_allowed(target, allow):
+        if is_allowed(target, trusted):
             continue
         if _is_dotted(target) and not _never(target) and target not in allow:
             hint = f"if you trust that class, add trust.allow=[{','.join([*allow, target])}]"

@@ -137,7 +137,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.files = DatasetFiles(**dict(files or {}))
         self.image_check = image_check
         self.follow_symlinks_outside_root = bool(follow_symlinks_outside_root)
-        self.layout, self.layout_options = str(layout), dict(layout_options or {})
+        self.layout = str(layout)
+        if layout_options is not None and not isinstance(layout_options, Mapping):
+            raise ConfigError(f"data.layout_options={layout_options!r}: must be a mapping of the {layout} layout's "
+                              f"options")
+        self.layout_options = dict(layout_options or {})
         self.split_cfg = dict(split or {})
         self.pairs_cfg = dict(pairs or {})
         self.batch_size = batch_size
@@ -240,7 +244,9 @@ class RetrievalDataModule(pl.LightningDataModule):
     def read(self, check: str) -> RetrievalDataset:
         """The dataset at this config's root, validated to `check` (decode | exists | none)."""
         if self.layout != "contract":  # a folder layout of another benchmark (data/layouts.py)
-            from siamese_retrieval.data.layouts import read_layout
+            from siamese_retrieval.data.layouts import check_layout_options, read_layout
+
+            check_layout_options(self.layout, self.layout_options)
 
             return read_layout(self.layout, self.resolve_root(), check=check, name=self.name,
                                follow_symlinks_outside_root=self.follow_symlinks_outside_root, **self.layout_options)

@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from siamese_retrieval.data.dataset import (
     read_utf8,
 )
 from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference, radius_pairs  # noqa: F401 (re-exported)
-from siamese_retrieval.errors import DatasetError
+from siamese_retrieval.errors import ConfigError, DatasetError
 from siamese_retrieval.io_utils import file_fingerprint
 from siamese_retrieval.registry import LAYOUTS
 
@@ -433,3 +433,25 @@ def read_msls_official(
 def read_layout(layout: str, root: str | Path, **options) -> RetrievalDataset:
     """The registered layout reader `layout` (data.layout) applied to `root` with its options."""
     return LAYOUTS.get(layout, key="data.layout")(root, **options)
+
+
+COMMON_READER_OPTIONS = ("check", "name", "follow_symlinks_outside_root")  # passed by the datamodule itself
+
+
+def check_layout_options(layout: str, options: Any) -> None:
+    """data.layout_options: a mapping whose every key the layout's reader takes (one ConfigError line naming the
+    key, the reader's options and the nearest one)."""
+    import difflib
+    import inspect
+
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"data.layout_options={options!r}: must be a mapping of the {layout} layout's options")
+    params = inspect.signature(LAYOUTS.get(layout, key="data.layout")).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n in list(params)[1:] if n not in COMMON_READER_OPTIONS]
+    for key in options:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            raise ConfigError(f"data.layout_options.{key}: not an option of the {layout} layout (its options: "
+                              f"{', '.join(known) or 'none'})" + (f"; did you mean {near[0]}?" if near else ""))

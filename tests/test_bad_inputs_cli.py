@@ -34,7 +34,7 @@ CONFIG_CASES = [
     ("unknown_key", "train.py", ["foo=1"],
      "error: Could not override 'foo': key 'foo' is not in struct; to append to your config use +foo=1"),
     ("unknown_model", "train.py", ["model=nope"],
-     "error: In 'train': Could not find 'model/nope'; available options in 'model': cnn_snn, cnn_snn_pairs, "
+     "error: In 'train': Could not find 'model/nope'; available options in 'model': backbone_snn, cnn_snn, cnn_snn_pairs, "
      "keypoint_set, keypoint_snn"),
 ]
 

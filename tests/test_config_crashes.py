@@ -171,7 +171,7 @@ SLOW = [pytest.mark.slow]
 CASES = [
     # 1. the learned verifier's one-cycle schedule (10 steps divided by zero)
     Case("lm_epochs_1", "evaluate.py", [*EVALUATE, "rerank.train.epochs=1"], None, needs_checkpoint=True, marks=SLOW),
-    Case("lm_epochs_2", "evaluate.py", [*EVALUATE, "rerank.train.epochs=2"], None, needs_checkpoint=True),
+    Case("lm_epochs_2", "evaluate.py", [*EVALUATE, "rerank.train.epochs=2"], None, needs_checkpoint=True, marks=SLOW),
     Case("lm_one_step", "evaluate.py", [*EVALUATE, "rerank.train.epochs=1", "rerank.train.batch_pairs=100000"], None,
          needs_checkpoint=True, marks=SLOW),
     # 2. the training-only city's knobs

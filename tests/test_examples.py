@@ -65,6 +65,7 @@ def test_custom_encoder_trains_and_its_checkpoint_needs_trust(tmp_path: Path, ca
     assert '"model": "tiny_custom"' in metrics and '"test/recall@1"' in metrics
 
 
+@pytest.mark.slow  # ~55 s: its reader is tested in-process (tests/test_gsv_cities.py, test_layouts.py)
 def test_custom_layout_is_read_evaluated_and_trained_on(tmp_path: Path, cache_dir: Path) -> None:
     folder = tmp_path / "custom_layout"
     shutil.copytree(EXAMPLES / "custom_layout", folder)

@@ -261,7 +261,7 @@ def test_other_reader_errors(exported: dict[str, Path], tmp_path: Path) -> None:
         read_vpr_folder(tmp_path / "vpr", max_heading_deg=40.0, check="none")
 
 
-@pytest.mark.parametrize("layout,key,options", [("vpr_folder", "vpr", []),
+@pytest.mark.parametrize("layout,key,options", [pytest.param("vpr_folder", "vpr", [], marks=pytest.mark.slow),
                                                 pytest.param("msls_official", "msls", [f"data.layout_options.city={CITY}"],
                                                              marks=pytest.mark.slow)])  # the reader: in-process tests
 def test_evaluate_py_reads_the_layouts_directly(layout: str, key: str, options: list[str], exported: dict[str, Path],

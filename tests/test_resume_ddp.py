@@ -16,6 +16,7 @@ from tests.conftest import compose_config
 from tests.test_sweep import run_train
 
 
+@pytest.mark.slow  # ~40 s: two DDP processes; single-process resume stays in the default suite (test_resume.py)
 def test_resume_from_last_checkpoint_finishes_all_epochs(tmp_path: Path, cache_dir: Path) -> None:
     """An explicit run dir (hydra.run.dir=...): `ckpt_path=last` is that dir's last.ckpt (tests/test_resume.py:
     the default, timestamped run dirs)."""

@@ -120,9 +120,9 @@ def run_cli(script: str, args: list[str], cache_dir: Path, out: Path) -> subproc
                           capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.parametrize("script,args", [
-    ("evaluate.py", ["data=synth_tiny"]),
-    ("retrieve.py", ["data=synth_tiny", "query=QUERY"]),
+@pytest.mark.parametrize("script,args", [  # evaluate / retrieve: also in-process in tests/test_refusal_table.py
+    pytest.param("evaluate.py", ["data=synth_tiny"], marks=pytest.mark.slow),
+    pytest.param("retrieve.py", ["data=synth_tiny", "query=QUERY"], marks=pytest.mark.slow),
     ("train.py", ["data=synth_tiny", "logger=none", "trainer.max_epochs=1"]),
 ])
 def test_every_entry_point_refuses_a_poisoned_checkpoint(checkpoint: Path, tmp_path: Path, cache_dir: Path,

@@ -679,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         rc, out, secs = run_pytest(base, all_tests, args.timeout)
         if rc != 0:
             print(tail(out, 40))
-            sys.exit(f"mutation_audit: the baseline (no mutation) does not pass (exit {rc}); fix that first")
+            why = f"timed out after {args.timeout:.0f} s" if rc is None else f"exit {rc}"
+            sys.exit(f"mutation_audit: the baseline (no mutation) does not pass ({why}); fix that first")
         print(f"baseline passed in {secs:.0f} s", flush=True)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -304,6 +304,8 @@ def radius_pairs(
     origin = db_xy.mean(axis=0)
     index = faiss.IndexFlatL2(2)
     index.add(np.ascontiguousarray(db_xy - origin, dtype=np.float32))
+    # FAISS's range search is strict (distance < radius) and float32: the 1 m slack is what keeps a pair exactly on
+    # the radius; the float64 test below then makes the radius exact and inclusive (tests: radius boundary)
     lims, _, found = index.range_search(np.ascontiguousarray(q_xy - origin, dtype=np.float32), (radius_m + 1.0) ** 2)
     qi = np.repeat(np.arange(len(q_xy)), np.diff(lims).astype(np.int64))
     di = found.astype(np.int64)

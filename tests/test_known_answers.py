@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from siamese_retrieval.data.ground_truth import DenseRelevance, SparseRelevance, heading_difference, radius_pairs
-from siamese_retrieval.models.distance import Distance
 from siamese_retrieval.retrieval.index import IndexConfig
 from siamese_retrieval.retrieval.metrics import RetrievalScores, per_query_retrieval_scores
 from siamese_retrieval.retrieval.ranking import RankingSettings, rank_embeddings, rank_scores
+from tests.test_streaming import Identity  # embeddings = inputs, relevance = -distance
 
 
 def ranked_scores(orders: list[list[int]], n_db: int) -> np.ndarray:
@@ -425,17 +425,6 @@ def test_keypoint_set_padding_amount_does_not_change_the_embedding(pooling: str)
 # ----------------------------------------------------------------------------------------- compressed index
 
 
-class _Identity:
-    device = torch.device("cpu")
-    distance = Distance("euclidean")
-
-    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return inputs["x"].float()
-
-    def score_distances(self, distance: torch.Tensor) -> torch.Tensor:
-        return -distance
-
-
 @pytest.mark.parametrize("index", [
     IndexConfig(kind="ivf", nlist=8, nprobe=1),
     IndexConfig(kind="ivfpq", nlist=8, nprobe=1, pq_m=4, pq_bits=4),
@@ -450,7 +439,7 @@ def test_full_ranking_through_compressed_indexes_ranks_every_item(index: IndexCo
     sim = np.zeros((n_q, n_db), bool)
     sim[np.arange(n_q), np.arange(n_q) * 7] = True
     settings = RankingSettings(top_ks=(1,), ndcg_k=1, keep_top=n_db, index=index)
-    ranking = rank_embeddings(_Identity(), db, q, np.arange(n_q), DenseRelevance(sim, sim.astype(np.float32)), settings)
+    ranking = rank_embeddings(Identity(), db, q, np.arange(n_q), DenseRelevance(sim, sim.astype(np.float32)), settings)
     assert ranking.top_ids.shape == (n_q, n_db)
     for row in ranking.top_ids:
         assert sorted(row.tolist()) == list(range(n_db))

@@ -37,7 +37,6 @@ import struct
 import subprocess
 import sys
 import traceback
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +46,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.helpers import make_dataset, textured_image
+from tests.test_damaged_inputs import png_bomb
 
 ALL_SUBPROCESS = os.environ.get("SIAMESE_REFUSAL_SUBPROCESS") == "1"
 BIN = Path(sys.executable).parent  # the venv's bin/: python and the console scripts
@@ -236,19 +236,6 @@ def layouts(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     write_gt(sparse / "gt.h5", None, None, SparseRelevance.from_dense(ds.sim, ds.fov))
     return {"contract": pristine, "sparse": sparse, "vpr": export_vpr_folder(pristine, out / "vpr", split="test"),
             "msls": export_msls_official(pristine, out / "msls", city=CITY)}
-
-
-def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
-    """A valid 1-bit PNG of one colour: ~110 KB on disk, 2.7 GB once decoded to RGB (tests/test_damaged_inputs.py)."""
-    row = b"\x00" * (1 + (width + 7) // 8)
-    comp = zlib.compressobj(9)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")

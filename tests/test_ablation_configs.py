@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from siamese_retrieval.config_schema import check_config
+from siamese_retrieval.configs import check_config
 from tests.conftest import ROOT, compose_config
 
 ROWS = sorted(p.stem for p in (ROOT / "conf" / "ablation").glob("*.yaml"))

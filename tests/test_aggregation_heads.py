@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from siamese_retrieval.checkpoints import load_checkpoint
-from siamese_retrieval.config_schema import check_config
+from siamese_retrieval.configs import check_config
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.models.aggregation import NetVLAD, PCAWhitening
 from siamese_retrieval.registry import AGGREGATIONS

@@ -1,4 +1,4 @@
-"""Typed configs (siamese_retrieval.config_schema): one table of (task, overrides, expected error line).
+"""Typed configs (siamese_retrieval.configs): one table of (task, overrides, expected error line).
 
 Each case composes the task's config in-process, as the entry point would see it, and runs
 `check_config`: None expects no error and no warning, a string the exact one-line ConfigError message.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from siamese_retrieval.config_schema import RULES, SYNTH_PRESETS, check_config
+from siamese_retrieval.configs import SCHEMAS, check_config, task_rules
 from siamese_retrieval.errors import ConfigError
 from tests.conftest import ROOT, compose_config
 
@@ -228,12 +228,66 @@ def test_unknown_task() -> None:
 
 
 def test_rules_are_well_formed() -> None:
-    keys = [r.key for r in RULES]
-    assert len(keys) == len(set(keys)), "a key has two rules"
-    for r in RULES:
-        assert r.tasks and r.tasks <= {"train", "eval", "retrieve"}, r.key
-        assert not (r.ge is not None and r.gt is not None) and not (r.le is not None and r.lt is not None), r.key
-        assert (r.kind == "choice") == bool(r.choices), r.key
+    for task in SCHEMAS:
+        rules = task_rules(task)
+        keys = [r.key for r in rules]
+        assert len(keys) == len(set(keys)), "a key has two rules"
+        for r in rules:
+            spec = r.spec
+            assert not (spec.ge is not None and spec.gt is not None), r.key
+            assert not (spec.le is not None and spec.lt is not None), r.key
+            assert (r.kind == "choice") == bool(spec.choices or spec.choices_from), r.key
+
+
+def test_schemas_are_hydra_structured_configs() -> None:
+    """Every task root and group node is a valid structured config in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from siamese_retrieval.configs import register_schemas
+
+    register_schemas()
+    stored = ConfigStore.instance().repo["schema"]
+    assert {"train.yaml", "eval.yaml", "retrieve.yaml", "model.yaml", "data.yaml", "index.yaml"} <= set(stored)
+    train = OmegaConf.structured(SCHEMAS["train"])
+    assert train.model is None and OmegaConf.is_missing(train, "seed")  # a schema: the yaml gives the values
+    with pytest.raises(ValidationError, match="batch_size"):
+        OmegaConf.merge(stored["model.yaml"].node, {"batch_size": "abc"})  # typed at composition where extended
+
+
+# Every shipped config, composed: the typed schema must hold each of its keys, with a type OmegaConf accepts.
+SHIPPED: dict[str, list[list[str]]] = {
+    "train": [["model=keypoint_snn"], ["model=cnn_snn", "trainer=ddp"], ["model=cnn_snn_pairs"], ["model=keypoint_set"],
+              ["model=backbone_snn"], ["data=synth_views"], ["data=synth_large"], ["data=synth_tiny"], ["logger=many"],
+              ["logger=csv"], ["logger=tensorboard"], ["callbacks=with_early_stopping"], ["index=opq_ivfpq_refine"],
+              ["index=ivfpq"], ["trainer=gpu"], ["trainer=ddp_spawn"], ["trainer=cpu"],
+              ["experiment=beat_verification"], ["experiment=keypoint_count"], ["experiment=keypoint_representation"],
+              ["experiment=keypoint_vs_cnn"], ["experiment=large_city"], ["experiment=gpu_recipe"],
+              ["hparams_search=optuna"], ["hparams_search=optuna_cnn"],
+              *[["debug=" + d] for d in ("default", "fast", "fdr", "limit", "overfit", "profiler")],
+              *[["experiment=beat_verification", "+ablation=" + a] for a in
+                ("boq", "convap", "default", "dim512", "fixed_norm", "images_192", "mixvpr", "netvlad", "no_views",
+                 "pairs", "salad", "whiten64")]],
+    "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["rerank=fused"], ["rerank=learned_matches"], ["model=keypoint_snn"],
+             ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"],
+             ["data=gsv_cities", "data.root=/x"], ["data=msls_city", "data.root=/x"], ["logger=none"]],
+    "retrieve": [["model=cnn_snn"], ["rerank=fused"], ["model=keypoint_set"]],
+}
+
+
+@pytest.mark.parametrize("task", list(SHIPPED))
+def test_the_schema_types_every_shipped_key(task: str, tmp_path: Path, cache_dir: Path) -> None:
+    """A key added to conf/ without a typed field fails here: the dataclasses are the whole schema."""
+    from omegaconf import OmegaConf
+
+    for overrides in SHIPPED[task]:
+        cfg = _compose(task, overrides, tmp_path, cache_dir)
+        OmegaConf.set_struct(cfg, False)
+        try:
+            OmegaConf.merge(OmegaConf.structured(SCHEMAS[task]), cfg)
+        except Exception as exc:  # noqa: BLE001 - name the config that does not fit
+            raise AssertionError(f"{task} {overrides}: {exc}") from None
 
 
 # Rules for knobs the shipped configs leave out (set with +key=... or only in some configs).
@@ -248,41 +302,29 @@ def test_every_rule_matches_a_shipped_config(tmp_path: Path, cache_dir: Path) ->
     """A renamed config key must not leave a rule that silently never fires."""
     from omegaconf import OmegaConf
 
-    configs = {
-        "train": [["model=keypoint_snn", "debug=fast"], ["model=cnn_snn", "trainer=ddp"], ["model=cnn_snn_pairs", "debug=fast"],
-                  ["model=keypoint_set", "debug=fast"], ["model=backbone_snn", "debug=fast"]],
-        "eval": [["rerank=orb_ransac", "model=cnn_snn"], ["rerank=fused"], ["rerank=learned_matches"],
-                 ["model=keypoint_snn"], ["data=vpr_folder", "data.root=/x"], ["data=msls_official", "data.root=/x"],
-                 ["data=gsv_cities", "data.root=/x"]],
-        "retrieve": [["model=cnn_snn"]],
-    }
+    configs = SHIPPED
     seen: dict[str, set[str]] = {task: set() for task in configs}
     for task, variants in configs.items():
         for overrides in variants:
             cfg = _compose(task, overrides, tmp_path, cache_dir)
-            for r in RULES:
+            for r in task_rules(task):
                 if OmegaConf.select(cfg, r.key, default="<absent>", throw_on_resolution_failure=False) != "<absent>":
                     seen[task].add(r.key)
-    for r in RULES:
-        if r.key in OPTIONAL:
-            continue
-        assert any(r.key in seen[task] for task in r.tasks), f"rule {r.key} matches nothing in its tasks' configs"
+    everywhere = set().union(*seen.values())
+    for task in configs:
+        for r in task_rules(task):
+            if r.key not in OPTIONAL:
+                assert r.key in everywhere, f"{task}: rule {r.key} matches nothing in the shipped configs"
 
 
-def test_synth_presets_match_the_generator() -> None:
-    """The schema lists the presets by hand (the synth package imports numpy / cv2); the real ones are
-    the PRESETS of data/synth/config.py, loaded from its file (it needs only dataclasses)."""
-    import importlib.util
+def test_synth_presets_are_read_from_the_generator(tmp_path: Path, cache_dir: Path) -> None:
+    """No mirror list: the preset choices are data/synth/config.py's PRESETS, read after the cheap checks."""
+    from siamese_retrieval.data.synth.config import PRESETS
 
-    path = ROOT / "src" / "siamese_retrieval" / "data" / "synth" / "config.py"
-    spec = importlib.util.spec_from_file_location("_synth_config_for_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module of their class
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    assert sorted(SYNTH_PRESETS) == sorted(module.PRESETS)
+    cfg = _compose("train", ["data.synth.preset=x"], tmp_path, cache_dir)
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, "train")
+    assert str(info.value) == f"data.synth.preset='x': must be one of {', '.join(PRESETS)}"
 
 
 def test_schema_is_light(cache_dir: Path, tmp_path: Path) -> None:
@@ -290,11 +332,11 @@ def test_schema_is_light(cache_dir: Path, tmp_path: Path) -> None:
     code = f"""
 import sys, time
 t = time.perf_counter()
-import siamese_retrieval.config_schema
+import siamese_retrieval.configs
 assert not [m for m in {HEAVY!r} if m in sys.modules], sorted(m for m in {HEAVY!r} if m in sys.modules)
 sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import compose_config
-from siamese_retrieval.config_schema import check_config
+from siamese_retrieval.configs import check_config
 from siamese_retrieval.errors import ConfigError
 cfg = compose_config("train", ["model=cnn_snn", "model.batch_size=abc"], {str(tmp_path)!r}, {str(cache_dir)!r})
 try:
@@ -305,12 +347,12 @@ heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
 assert not heavy, heavy
 print(f"{{time.perf_counter() - t:.2f}} s")
 """
-    import siamese_retrieval.config_schema  # noqa: F401 - fail here first with a readable traceback
+    import siamese_retrieval.configs  # noqa: F401 - fail here first with a readable traceback
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "model.batch_size=abc: must be an integer >= 1"
-    bare = "import siamese_retrieval.config_schema, sys; assert 'torch' not in sys.modules"
+    bare = "import siamese_retrieval.configs, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", bare], check=True, cwd=ROOT, timeout=60)
 
 

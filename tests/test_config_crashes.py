@@ -6,7 +6,7 @@ the user's files it names are left untouched (byte-identical).
 
     learned verifier     rerank.train.epochs=1 / 2, one optimiser step: the one-cycle schedule is defined for
                          every step count (10 steps divided 0 by 0)                     retrieval/verifier_fit.py
-    data.train_views.*   checked like every knob (config_schema.py RULES), and again by data/train_views.py
+    data.train_views.*   checked like every knob (configs/: TrainViews), and again by data/train_views.py
     instantiation        a node the config cannot build (bad keyword, missing import, refused value) names the
                          node, its target and the reason (errors.instantiate_config); a bug keeps its traceback
     Optuna storage       a text / truncated sqlite file, a directory, links to them: refused before the sweep

@@ -714,7 +714,7 @@ def test_the_bomb_is_one_line_and_exit_2_on_the_command_line(entry: str, bomb_ro
 
 
 def test_the_config_carries_the_limit(tmp_path: Path, cache_dir: Path) -> None:
-    from siamese_retrieval.config_schema import check_config
+    from siamese_retrieval.configs import check_config
 
     cfg = compose_config("eval", ["data=vpr_folder", "data.root=/x"], tmp_path, cache_dir)
     assert cfg.data.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS  # inherited from conf/data/synth.yaml

@@ -244,7 +244,7 @@ def test_factory_index_inner_product_refines_exactly():
 
 
 def test_factory_config_round_trips(tmp_path, cache_dir):
-    from siamese_retrieval.config_schema import check_config
+    from siamese_retrieval.configs import check_config
     from siamese_retrieval.retrieval.ranking import RankingSettings, ranking_config
     from tests.conftest import compose_config
 

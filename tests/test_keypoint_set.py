@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from siamese_retrieval.config_schema import check_config
+from siamese_retrieval.configs import check_config
 from siamese_retrieval.data import keypoints as kp
 from siamese_retrieval.data.inputs import KeypointSetInputs
 from siamese_retrieval.data.keypoints import (

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from siamese_retrieval.config_schema import check_config
+from siamese_retrieval.configs import check_config
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.evaluate import evaluate
 from siamese_retrieval.retrieval import orb_bow

@@ -211,7 +211,7 @@ def test_module_hands_anchor_embeddings_to_the_datamodule(dm: RetrievalDataModul
     ("data.places.min_fov=0", "data.places.min_fov=0: must be a number in (0, 1]"),
 ])
 def test_bad_place_knobs_are_one_line(override: str, message: str, tmp_path: Path, cache_dir: Path) -> None:
-    from siamese_retrieval.config_schema import check_config
+    from siamese_retrieval.configs import check_config
 
     cfg = compose_config("train", ["model=cnn_snn", override], tmp_path, cache_dir)
     with pytest.raises(ConfigError) as err:

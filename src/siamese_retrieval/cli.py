@@ -29,7 +29,7 @@ _task_started = False
 def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Bad input ends in one clear line on stderr and exit code 2 (a sweep job is marked failed instead).
 
-    The composed config is checked against the schema (config_schema.py) first, before the task imports
+    The composed config is checked against the typed configs (configs/) first, before the task imports
     torch: a wrong type or range costs a second, not a city generation.
     """
 
@@ -39,7 +39,7 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
         _task_started = True
         _restore_full_error()  # the task's own crashes: Hydra reports them as before
         try:
-            from siamese_retrieval.config_schema import check_config
+            from siamese_retrieval.configs import check_config
             from siamese_retrieval.registry import import_user_modules
 
             import_user_modules(cfg.get("imports"))  # the user's own components register themselves first

@@ -52,7 +52,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     """Rank the database for each query image; print the results; write the grid. Returns what JSON prints."""
     started = time.perf_counter()
     quiet_known_warnings()
-    output, top_k = str(cfg.output), int(cfg.top_k)  # values checked with the whole config (config_schema.py)
+    output, top_k = str(cfg.output), int(cfg.top_k)  # values checked with the whole config (configs/)
     query_files = find_queries(cfg.get("query"))
     grid_dir = None if cfg.grid.get("dir") in (None, "") else Path(str(cfg.grid.dir))
     if grid_dir is not None:

@@ -295,6 +295,11 @@ OPTIONAL = {
     "trainer.min_epochs", "trainer.max_steps", "trainer.min_steps", "trainer.limit_val_batches",
     "trainer.limit_test_batches", "trainer.limit_predict_batches", "model.module.loss.margin",
     "model.module.loss.terms.embedding.margin", "model.train_views.seed", "data.train_views.seed",
+    # fields of the runtime dataclasses (IndexConfig, OrbRansacConfig, PlaceConfig, PairRecipe, OrbConfig...) that
+    # the shipped configs leave at their defaults: the schema checks them when a user sets them
+    "index.metric", "index.num_threads", "orb_ransac.ransac_max_iters", "orb_ransac.fast_threshold",
+    "model.places.scan", "data.places.scan", "model.inputs.edge_threshold", "model.inputs.patch_size",
+    "model.inputs.max_side", "data.pairs.soft_max_fov", "data.pairs.balance",
 }
 
 
@@ -313,7 +318,7 @@ def test_every_rule_matches_a_shipped_config(tmp_path: Path, cache_dir: Path) ->
     everywhere = set().union(*seen.values())
     for task in configs:
         for r in task_rules(task):
-            if r.key not in OPTIONAL:
+            if r.key.removeprefix("callbacks.retrieval_metrics.") not in OPTIONAL:  # its index node: index.*
                 assert r.key in everywhere, f"{task}: rule {r.key} matches nothing in the shipped configs"
 
 

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from siamese_retrieval.data.inputs import ImageInputs
+from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.models.cnn import GeM, PlainCNN
 from siamese_retrieval.models.mining import BatchHardContrastive
 from siamese_retrieval.models.siamese import SiameseModule
@@ -144,7 +145,7 @@ def test_augment_geometric_is_not_a_flip() -> None:
 def test_augment_config_is_validated() -> None:
     with pytest.raises(ValueError, match="hflip"):
         ImageInputs(augment={"hflip": 0.5})
-    with pytest.raises(ValueError, match="probability"):
+    with pytest.raises(ConfigError, match=r"^model.inputs.augment.noise_p=2.0: must be a number in \[0, 1\]$"):
         ImageInputs(augment={"noise_p": 2.0})
 
 

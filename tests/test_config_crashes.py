@@ -302,7 +302,7 @@ def test_train_views_py_refuses_what_slips_past_the_schema() -> None:
         ({"preset": "nope"}, "data.train_views.preset='nope': must be one of default, tiny, large"),
         ({"preset": "tiny", "n_streets": True}, "data.train_views.n_streets=true: must be an integer >= 1"),
         ({"preset": "tiny", "seed": -1}, "data.train_views.seed=-1: must be an integer in [0, 4294967295]"),
-        ("abc", "data.train_views=abc: must be a mapping"),
+        ("abc", "data.train_views='abc': must be a mapping"),
     ]:
         with pytest.raises(ConfigError) as info:
             views_config(views, None)

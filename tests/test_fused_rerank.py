@@ -143,11 +143,11 @@ def test_confident_queries_are_not_verified() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(top_n=0), "rerank.top_n must be >= 1, got 0"),
-    (dict(min_inliers=0), "rerank.min_inliers must be >= 1, got 0"),
-    (dict(min_inliers=12, saturate=5), "rerank.saturate must be >= rerank.min_inliers (12), got 5"),
-    (dict(outlier_z=-1), "rerank.outlier_z must be >= 0, got -1"),
-    (dict(skip_margin=-0.1), "rerank.skip_margin must be >= 0 or null, got -0.1"),
+    (dict(top_n=0), "rerank.top_n=0: must be an integer >= 1"),
+    (dict(min_inliers=0), "rerank.min_inliers=0: must be an integer >= 1"),
+    (dict(min_inliers=12, saturate=5), "rerank.saturate=5: must be >= rerank.min_inliers (12) or null"),
+    (dict(outlier_z=-1), "rerank.outlier_z=-1: must be a number >= 0"),
+    (dict(skip_margin=-0.1), "rerank.skip_margin=-0.1: must be a number >= 0 or null"),
 ])
 def test_bad_settings_name_the_value(kwargs: dict, message: str) -> None:
     args = dict(top_n=5, verify=lambda rows, cand: np.zeros(cand.shape)) | kwargs

@@ -256,9 +256,9 @@ def test_blank_or_tiny_image_is_all_padding(shape) -> None:
 
 
 def test_config_is_checked() -> None:
-    with pytest.raises(ValueError, match="n_features"):
+    with pytest.raises(ConfigError, match=r"^model.inputs.n_features=100: must be >= model.inputs.n_keypoints \(256\)"):
         KeypointSetConfig(n_keypoints=256, n_features=100)
-    with pytest.raises(ValueError, match="image_scale"):
+    with pytest.raises(ConfigError, match=r"^model.inputs.image_scale=0: must be a number > 0$"):
         KeypointSetConfig(image_scale=0)
 
 

@@ -180,7 +180,7 @@ def test_config_errors(overrides: list[str], expected: str | None, tmp_path: Pat
 
 def test_bad_values_fail_in_evaluate_too(tmp_path: Path, cache_dir: Path) -> None:
     """evaluate() called directly (no schema check first) still fails with one clear line, before any fit."""
-    with pytest.raises(ConfigError, match=r"^orb_bow.weighting must be one of tfidf, tf, got 'bm25'$"):
+    with pytest.raises(ConfigError, match=r"^orb_bow.weighting='bm25': must be one of tfidf, tf$"):
         _eval(["data=synth_tiny", "orb_bow.weighting=bm25"], tmp_path, cache_dir)
-    with pytest.raises(ConfigError, match=r"^orb_bow.kmeans_samples \(10\) must be >= orb_bow.vocabulary_size"):
+    with pytest.raises(ConfigError, match=r"^orb_bow.kmeans_samples=10: must be >= orb_bow.vocabulary_size \(4096\)$"):
         _eval(["data=synth_tiny", "orb_bow.kmeans_samples=10"], tmp_path, cache_dir)

@@ -70,8 +70,22 @@ class Pairs:
     preset: str = knob(choices=PAIR_PRESETS)
     target: str = knob(choices=("sim", "fov"))
     positives_per_query: int = knob("the preset's count overridden; -1: all", ge=-1)
-    soft_negatives_per_query: int = knob(ge=0)
-    hard_negatives_per_query: int = knob(ge=0)
+    soft_negatives_per_query: int = knob("overlapping views below soft_max_fov; -1: all", ge=-1)
+    hard_negatives_per_query: int = knob("look-alike views (fov 0); -1: all", ge=-1)
+    soft_max_fov: float = knob("a soft negative overlaps the query by less than this", gt=0, le=1)
+    balance: bool = knob("one random negative per positive (the study's recipe)")
+
+    @staticmethod
+    def check(get: Getter, at: str) -> None:
+        counts = [get(f"{kind}_per_query") for kind in ("positives", "soft_negatives", "hard_negatives")]
+        if ABSENT in counts or get("balance") is ABSENT:
+            return
+        positives, soft, hard = counts
+        if get("balance") and (soft or hard):
+            raise ConfigError(f"{at}balance=true: it draws its own negatives; set {at}soft_negatives_per_query and "
+                              f"{at}hard_negatives_per_query to 0")
+        if not (positives or soft or hard or get("balance")):
+            raise ConfigError(f"{at}positives_per_query=0: the recipe asks for no pairs at all")
 
 
 @dataclass

@@ -32,6 +32,7 @@ Standard library and omegaconf only: the check runs before torch is imported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import re
@@ -103,15 +104,22 @@ class Rule:
 # ---------------------------------------------------------------------------- the schema, flattened
 def leaves(schema: type, prefix: str = "") -> Iterator[Rule | tuple[str, type, Knob]]:
     """Every field of `schema` in declaration order: a Rule for a value, (key, dataclass, knob) for a node."""
+    for name, inner, spec, kind, nullable in _fields(schema):
+        key = f"{prefix}.{name}" if prefix else name
+        yield (key, inner, spec) if kind is None else Rule(key, kind, spec, nullable)
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(schema: type) -> tuple[tuple[str, Any, Knob, str | None, bool], ...]:
+    """(name, type, knob, kind or None for a node, nullable) per field; resolving the hints is the slow part."""
     hints = typing.get_type_hints(schema)
+    out = []
     for f in dataclasses.fields(schema):
-        key = f"{prefix}.{f.name}" if prefix else f.name
         spec = f.metadata.get("knob", Knob())
         inner, nullable = _unwrap_optional(hints[f.name])
-        if dataclasses.is_dataclass(inner):
-            yield key, inner, spec
-        else:
-            yield Rule(key, spec.kind or _kind_of(inner, spec), spec, nullable)
+        kind = None if dataclasses.is_dataclass(inner) else spec.kind or _kind_of(inner, spec)
+        out.append((f.name, inner, spec, kind, nullable))
+    return tuple(out)
 
 
 def rules(schema: type, prefix: str = "") -> Iterator[Rule]:
@@ -152,12 +160,14 @@ class Walk:
     """One check of a composed config: the values found bad are raised at once; lazy choices and cross-node
     checks are collected and run after every cheap value check passed (they may import heavy modules)."""
 
-    cfg: DictConfig
+    cfg: DictConfig | dict
     late: list[tuple[Rule, Any]] = dataclasses.field(default_factory=list)
     checks: list[tuple[type, str]] = dataclasses.field(default_factory=list)
 
     def get(self, key: str) -> Any:
         """The resolved value (plain python), or ABSENT when missing / unresolvable / under a null parent."""
+        if not isinstance(self.cfg, DictConfig):  # plain python (check_fields)
+            return self._raw(key)
         try:
             value = OmegaConf.select(self.cfg, key, default=ABSENT, throw_on_resolution_failure=False)
             if isinstance(value, (DictConfig, ListConfig)):
@@ -183,7 +193,7 @@ class Walk:
             raw = self._raw(key)
             if raw is ABSENT or raw is None:
                 continue
-            if not isinstance(raw, DictConfig):
+            if not isinstance(raw, (DictConfig, dict)):
                 if spec.registry:
                     continue  # a name in place of the node
                 value = self.get(key)
@@ -218,10 +228,39 @@ class Walk:
                     raise ConfigError(f"{rule.key}={show(value, rule.kind)}: {problem}")
 
     def _raw(self, key: str) -> Any:
+        if not isinstance(self.cfg, DictConfig):
+            value: Any = self.cfg
+            for part in key.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    return ABSENT
+                value = value[part]
+            return value
         try:
             return OmegaConf.select(self.cfg, key, default=ABSENT, throw_on_resolution_failure=False)
         except Exception:  # noqa: BLE001 - as in get()
             return ABSENT
+
+
+def check_fields(obj: Any, schema: type, prefix: str) -> None:
+    """The schema's check for a config object built in Python (a runtime dataclass such as IndexConfig): the same
+    one-line ConfigError as on the command line, so no component keeps a second copy of its ranges."""
+    tree: Any = _plain(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj))
+    for part in reversed(prefix.split(".")):
+        tree = {part: tree}
+    walk = Walk(tree)
+    walk.node(schema, prefix)
+    walk.finish()
+
+
+def _plain(value: Any) -> Any:
+    """Lists for tuples, python numbers for numpy scalars: the values a composed config would hold."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def registered_choice(rule: Rule, value: Any) -> None:

@@ -26,6 +26,7 @@ class PlaceBatches:
     K: int = knob("views per place, the anchor query included", ge=2)
     min_fov: float = knob("a database image is a view of the place at fov >= this", gt=0, le=1)
     lookalike: Optional[str] = knob("null: random places", choices=("embedding",))
+    scan: int = knob("how many places (x P) a batch looks at before it is closed as it is", ge=1)
 
 
 @dataclass
@@ -75,6 +76,9 @@ class Inputs(Built):
     scale_factor: float = knob("ORB pyramid scale between levels", gt=1)
     n_levels: int = knob("ORB pyramid levels", ge=1)
     fast_threshold: int = knob(ge=0)
+    edge_threshold: int = knob("ORB's border without features (px)", ge=0)
+    patch_size: int = knob("ORB's descriptor patch (px)", ge=2)
+    max_side: int = knob("larger images are downscaled to this side first", ge=8)
     keypoint_dropout: float = knob("train-time keypoint dropout", ge=0, lt=1)
     xy_jitter: float = knob(ge=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from siamese_retrieval.configs.fields import Getter, is_int, knob, node
+from siamese_retrieval.configs.fields import ABSENT, Getter, is_int, knob, node
 from siamese_retrieval.configs.model import SEED_RANGE
 from siamese_retrieval.errors import ConfigError
 
@@ -15,6 +15,8 @@ class Index:
     """The FAISS index (retrieval/index.py IndexConfig)."""
 
     kind: str = knob("factory: set by index.factory", choices=("flat", "ivf", "ivfpq", "factory"))
+    metric: str = knob("l2 | ip (inner product)", choices=("l2", "ip"))
+    num_threads: Optional[int] = knob("FAISS threads; null: torch's", ge=1)
     nlist: Optional[int] = knob("null: ~4 sqrt(n)", ge=1)
     nprobe: int = knob(ge=1)
     pq_m: int = knob(ge=1)
@@ -25,6 +27,14 @@ class Index:
     tune: bool = knob()
     target_recall: float = knob("recall@10 agreement with exact search that tune aims for", gt=0, le=1)
 
+    @staticmethod
+    def check(get: Getter, at: str) -> None:
+        factory, kind = get("factory"), get("kind")
+        if isinstance(factory, str) and not factory.strip():
+            raise ConfigError(f"{at}factory='': must be a faiss.index_factory string or null")
+        if kind == "factory" and factory is None:
+            raise ConfigError(f"{at}kind='factory': needs {at}factory (a faiss.index_factory string)")
+
 
 def _side_order(get: Getter, at: str, lo_name: str = "min_side", hi_name: str = "max_side") -> None:
     lo, hi = get(lo_name), get(hi_name)
@@ -33,15 +43,23 @@ def _side_order(get: Getter, at: str, lo_name: str = "min_side", hi_name: str = 
 
 
 @dataclass
-class VerifierFeatures:
-    n_features: int = knob(ge=2)
-    fast_threshold: int = knob(ge=1)
-    min_side: int = knob("<= max_side", ge=1)
-    max_side: int = knob(ge=1)
+class OrbFeatures:
+    """ORB features of an image (retrieval/orb_features.py OrbFeatureConfig)."""
+
+    n_features: int = knob("ORB features per image", ge=1)
+    fast_threshold: int = knob("ORB's FAST threshold", ge=0)
+    min_side: int = knob("smaller images are upscaled first; <= max_side", ge=1)
+    max_side: int = knob("larger images are downscaled first", ge=1)
 
     @staticmethod
     def check(get: Getter, at: str) -> None:
         _side_order(get, at)
+
+
+@dataclass
+class VerifierFeatures(OrbFeatures):
+    n_features: int = knob("a match needs two features at least", ge=2)
+    fast_threshold: int = knob(ge=1)
 
 
 @dataclass
@@ -95,6 +113,15 @@ class Rerank:
     network: Optional[VerifierNetwork] = node()
     train: Optional[VerifierTraining] = node()
 
+    @staticmethod
+    def check(get: Getter, at: str) -> None:
+        saturate, min_inliers = get("saturate"), get("min_inliers")
+        if is_int(saturate) and is_int(min_inliers) and saturate < min_inliers:
+            raise ConfigError(f"{at}saturate={saturate}: must be >= {at}min_inliers ({min_inliers}) or null")
+        if get("combine") == "fused" and get("network.pool") not in ("inliers", ABSENT):
+            raise ConfigError(f"{at}network.pool={get('network.pool')!r}: {at}combine='fused' needs "
+                              f"{at}network.pool='inliers' (soft inlier counts)")
+
 
 @dataclass
 class OrbRansac:
@@ -104,6 +131,8 @@ class OrbRansac:
     ratio: float = knob("Lowe's ratio test", gt=0, le=1)
     ransac_threshold: float = knob(gt=0)
     ransac_method: str = knob(choices=("usac", "ransac", "rho"))
+    ransac_max_iters: int = knob(ge=1)
+    fast_threshold: int = knob("ORB's FAST threshold", ge=0)
     min_matches: int = knob("a homography needs 4", ge=4)
     min_side: int = knob("<= max_side", ge=1)
     max_side: int = knob(ge=1)

@@ -13,6 +13,8 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Augment
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.images import load_images
 from siamese_retrieval.data.keypoints import (
@@ -157,15 +159,7 @@ class ImageAugment:
     geometric_p: float = 0.5
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"augment.{f.name} must be a number >= 0, got {value!r}")
-            if f.name.endswith("_p") and value > 1:
-                raise ValueError(f"augment.{f.name} is a probability, got {value!r}")
-        for name in ("brightness", "contrast", "saturation", "color_cast", "scale"):
-            if getattr(self, name) >= 1:
-                raise ValueError(f"augment.{name} must be < 1, got {getattr(self, name)!r}")
+        check_fields(self, Augment, "model.inputs.augment")
 
 
 _LUMA = (0.299, 0.587, 0.114)

@@ -27,6 +27,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import cv2
 import numpy as np
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Inputs
 from siamese_retrieval.data.images import read_image
 from siamese_retrieval.data.orb import Detected, create_orb, detect
 from siamese_retrieval.io_utils import cached_arrays, release_mapped_pages, stable_hash
@@ -50,10 +52,7 @@ class OrbConfig:
     max_side: int = 1024  # larger images are downscaled first (memory and time stay bounded)
 
     def __post_init__(self) -> None:
-        if self.n_keypoints < 1:
-            raise ValueError(f"n_keypoints must be >= 1, got {self.n_keypoints}")
-        if self.max_side < 8:
-            raise ValueError(f"max_side must be >= 8, got {self.max_side}")
+        check_fields(self, Inputs, "model.inputs")
 
     def create(self) -> cv2.ORB:
         return create_orb(self, max(4 * self.n_keypoints, 100))
@@ -143,16 +142,7 @@ class KeypointSetConfig:
     max_side: int = 1024  # larger images (after image_scale) are downscaled to this side first
 
     def __post_init__(self) -> None:
-        if self.n_keypoints < 1:
-            raise ValueError(f"n_keypoints must be >= 1, got {self.n_keypoints}")
-        if self.n_features < self.n_keypoints:
-            raise ValueError(f"n_features ({self.n_features}) must be >= n_keypoints ({self.n_keypoints})")
-        if not self.image_scale > 0:
-            raise ValueError(f"image_scale must be > 0, got {self.image_scale}")
-        if self.max_side < 8:
-            raise ValueError(f"max_side must be >= 8, got {self.max_side}")
-        if self.n_levels < 1:
-            raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
+        check_fields(self, Inputs, "model.inputs")
 
     def create(self) -> cv2.ORB:
         return create_orb(self, self.n_features)

@@ -23,10 +23,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from siamese_retrieval.configs.data import Pairs
+from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth, pair_relevance
 from siamese_retrieval.errors import ConfigError
 
-TARGETS = ("sim", "fov")
 
 
 @dataclass(frozen=True)
@@ -39,24 +40,7 @@ class PairRecipe:
     balance: bool = False  # add one random negative (sim = 0) per positive taken
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ConfigError(f"pair recipe: target must be one of {TARGETS}, got {self.target!r}")
-        counts = {
-            "positives_per_query": self.positives_per_query,
-            "soft_negatives_per_query": self.soft_negatives_per_query,
-            "hard_negatives_per_query": self.hard_negatives_per_query,
-        }
-        for name, value in counts.items():
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < -1:
-                raise ConfigError(f"pair recipe: {name} must be an integer >= 0 or -1 (all), got {value!r}")
-        if not 0 < self.soft_max_fov <= 1:
-            raise ConfigError(f"pair recipe: soft_max_fov must lie in (0, 1], got {self.soft_max_fov}")
-        if self.balance and (self.soft_negatives_per_query or self.hard_negatives_per_query):
-            raise ConfigError("pair recipe: balance=True draws its own negatives; set soft/hard_negatives_per_query to 0")
-        if not self.positives_per_query and not self.balance and not (
-            self.soft_negatives_per_query or self.hard_negatives_per_query
-        ):
-            raise ConfigError("impossible pair recipe: it asks for no pairs at all")
+        check_fields(self, Pairs, "data.pairs")
 
     @classmethod
     def study(cls, **overrides) -> "PairRecipe":

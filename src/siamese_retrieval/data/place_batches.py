@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import PlaceBatches as PlaceBatchesSchema
 from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.errors import ConfigError
@@ -57,7 +59,6 @@ from siamese_retrieval.io_utils import release_mapped_pages
 log = logging.getLogger(__name__)
 
 BATCH_KINDS = ("pairs", "places")
-LOOKALIKE = (None, "embedding")
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,7 @@ class PlaceConfig:
     scan: int = 16  # how many places (x P) a batch looks at before it is closed as it is
 
     def __post_init__(self) -> None:
-        def integer(name: str, low: int) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"data.places.{name}={value!r}: must be an integer >= {low}")
-
-        integer("P", 2)  # one place alone has no negative
-        integer("K", 2)  # the anchor and at least one view
-        integer("scan", 1)
-        if not isinstance(self.min_fov, (int, float)) or isinstance(self.min_fov, bool) or not 0 < self.min_fov <= 1:
-            raise ConfigError(f"data.places.min_fov={self.min_fov!r}: must be a number in (0, 1]")
-        if self.lookalike not in LOOKALIKE:
-            raise ConfigError(f"data.places.lookalike={self.lookalike!r}: must be one of null, embedding")
+        check_fields(self, PlaceBatchesSchema, "data.places")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "PlaceConfig":

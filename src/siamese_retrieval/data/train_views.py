@@ -24,22 +24,13 @@ import torch
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.ground_truth import GroundTruth, SparseRelevance, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors
-from siamese_retrieval.data.synth.config import PRESETS, SynthConfig
+from siamese_retrieval.configs.fields import FLOAT, STR, check_fields, show
+from siamese_retrieval.configs.model import TRAIN_VIEWS_NOTE, TrainViews
+from siamese_retrieval.data.synth.config import SynthConfig
 from siamese_retrieval.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {f.name: getattr(SynthConfig(), f.name) for f in fields(SynthConfig)}
 _UNKNOWN = object()
-
-
-# Ranges of the fields a training city is usually given (conf/data/synth_views.yaml); every other field only
-# has to be of its default's type. The same rules as config_schema.py's data.train_views.* (this catches what
-# reaches the datamodule without the schema: a config of another shape, a direct call).
-FIELD_RANGES: dict[str, tuple[int, int | None]] = {
-    "n_streets": (1, None),
-    "queries_per_street": (1, None),
-    "first_street": (0, None),
-    "seed": (0, 2**32 - 1),
-}
 
 
 def views_mapping(value: Any) -> dict[str, Any] | None:
@@ -52,8 +43,7 @@ def views_mapping(value: Any) -> dict[str, Any] | None:
 
 
 def _not_a_mapping(where: str, value: Any) -> None:
-    raise ConfigError(f"{where}={_shown(value)}: must be a mapping of the city's settings (preset, n_streets, "
-                      f"queries_per_street, first_street) or null")
+    raise ConfigError(f"{where}={show(value, STR)}: must be a mapping of {TRAIN_VIEWS_NOTE} or null")
 
 
 def synth_config(cfg: Mapping[str, Any], where: str = "data.train_views") -> SynthConfig:
@@ -63,12 +53,12 @@ def synth_config(cfg: Mapping[str, Any], where: str = "data.train_views") -> Syn
         _not_a_mapping(where, cfg)
     values = dict(cfg)
     preset = values.pop("preset", "default")
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ConfigError(f"{where}.preset={preset!r}: must be one of {', '.join(PRESETS)}")
+    typed = {f.name for f in fields(TrainViews)}  # the knobs the schema types and ranges
+    check_fields({"preset": preset, **{k: v for k, v in values.items() if k in typed}}, TrainViews, where)
     for name, value in values.items():
-        problem = _field_problem(str(name), value)
+        problem = None if name in typed else _field_problem(str(name), value)
         if problem is not None:
-            raise ConfigError(f"{where}.{name}={_shown(value)}: {problem}")
+            raise ConfigError(f"{where}.{name}={show(value, FLOAT)}: {problem}")
     try:
         return SynthConfig.from_preset(preset, **values)
     except (TypeError, ValueError) as exc:
@@ -83,29 +73,13 @@ def _field_problem(name: str, value: Any) -> str | None:
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"
     if isinstance(default, int):
-        low, high = FIELD_RANGES.get(name, (None, None))
-        ok = (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
-              and (high is None or value <= high))
-        bounds = (f" in [{low}, {high}]" if low is not None and high is not None
-                  else f" >= {low}" if low is not None else "")
-        return None if ok else f"must be an integer{bounds}"
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
     if isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return None if ok else "must be a number"
     if isinstance(default, tuple):
         return None if isinstance(value, (list, tuple)) else "must be a list"
     return None
-
-
-def _shown(value: Any) -> str:
-    """As config_schema shows a value: bare, strings quoted only when they would not read as one word."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value if value and value.isprintable() and " " not in value else repr(value)
-    return repr(value)
 
 
 def views_config(views: Mapping[str, Any], eval_city: SynthConfig | None) -> SynthConfig:

@@ -42,6 +42,8 @@ import faiss
 import numpy as np
 import torch
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.search import Index
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import atomic_path
 
@@ -112,26 +114,9 @@ class IndexConfig:
     target_recall: float = 0.95
 
     def __post_init__(self) -> None:
-        if self.factory is not None:
-            if not isinstance(self.factory, str) or not self.factory.strip():
-                raise ConfigError(f"index factory must be a non-empty faiss.index_factory string or null, "
-                                  f"got {self.factory!r}")
+        if isinstance(self.factory, str) and self.factory.strip():
             object.__setattr__(self, "kind", "factory")  # the factory string defines the index
-        if self.kind not in ("flat", "ivf", "ivfpq", "factory"):
-            raise ConfigError(f"index kind must be 'flat', 'ivf' or 'ivfpq' (or set index.factory), got {self.kind!r}")
-        if self.kind == "factory" and self.factory is None:
-            raise ConfigError("index kind 'factory' needs index.factory (a faiss.index_factory string)")
-        if self.metric not in ("l2", "ip"):
-            raise ConfigError(f"index metric must be 'l2' or 'ip', got {self.metric!r}")
-        for name in ("nprobe", "pq_m", "pq_bits", "k_factor"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"index {name} must be >= 1, got {getattr(self, name)}")
-        if self.nlist is not None and int(self.nlist) < 1:
-            raise ConfigError(f"index nlist must be >= 1 or None (auto), got {self.nlist}")
-        if not isinstance(self.tune, bool):
-            raise ConfigError(f"index tune must be true or false, got {self.tune!r}")
-        if isinstance(self.target_recall, bool) or not 0.0 < float(self.target_recall) <= 1.0:
-            raise ConfigError(f"index target_recall must be in (0, 1], got {self.target_recall!r}")
+        check_fields(self, Index, "index")
 
 
 def set_faiss_threads(num_threads: int | None = None) -> int:

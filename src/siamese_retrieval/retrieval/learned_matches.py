@@ -44,14 +44,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.search import Rerank
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig
 from siamese_retrieval.retrieval.orb_ransac import single_threaded_kernels
 
 N_INPUTS = 9  # per-match features (see match_features)
-POOLS = ("inliers", "learned")
-LABELS = ("ransac", "ransac_relevant")
-COMBINES = ("replace", "fused")
 _FAR = 1 << 20  # Hamming distance of a padded (absent) candidate feature
 
 
@@ -105,33 +104,7 @@ class LearnedMatchesConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.top_n >= 1, "top_n must be >= 1"),
-            (self.combine in COMBINES, f"combine must be one of {', '.join(COMBINES)}"),
-            (self.model_weight >= 0, "model_weight must be >= 0"),
-            (self.min_inliers >= 1 and self.outlier_z >= 0, "min_inliers must be >= 1 and outlier_z >= 0"),
-            (self.saturate is None or self.saturate >= self.min_inliers, "saturate must be null or >= min_inliers"),
-            (self.workers >= 1, "workers must be >= 1"),
-            (self.features.n_features >= 2, "features.n_features must be >= 2"),
-            (0 < self.matching.ratio <= 1, "matching.ratio must be in (0, 1]"),
-            (self.matching.max_matches >= 1, "matching.max_matches must be >= 1"),
-            (self.network.hidden >= 1, "network.hidden must be >= 1"),
-            (self.network.blocks >= 0, "network.blocks must be >= 0"),
-            (self.network.pool in POOLS, f"network.pool must be one of {', '.join(POOLS)}"),
-            (self.train.labels in LABELS, f"train.labels must be one of {', '.join(LABELS)}"),
-            (min(self.train.positives, self.train.partial, self.train.lookalikes) >= 0,
-             "train.positives, train.partial and train.lookalikes must be >= 0"),
-            (self.train.min_matches >= 4, "train.min_matches must be >= 4 (a homography needs 4)"),
-            (self.train.epochs >= 1 and self.train.batch_pairs >= 1, "train.epochs and train.batch_pairs must be >= 1"),
-            (self.train.lr > 0 and self.train.weight_decay >= 0, "train.lr must be > 0, train.weight_decay >= 0"),
-            (self.train.ransac_threshold > 0 and self.train.max_seconds > 0,
-             "train.ransac_threshold and train.max_seconds must be > 0"),
-            (self.combine != "fused" or self.network.pool == "inliers",
-             "combine=fused needs network.pool=inliers (soft inlier counts)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"rerank (learned_matches): {message}")
+        check_fields(self, Rerank, "rerank")
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "LearnedMatchesConfig":

@@ -43,6 +43,8 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.search import OrbBow
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.retrieval.index import build_index, search, set_faiss_threads
@@ -66,19 +68,7 @@ class BowConfig:
     seed: int = 0  # descriptor sample and k-means initialisation
 
     def __post_init__(self) -> None:
-        for name, low in (("vocabulary_size", 2), ("kmeans_samples", 1), ("kmeans_iters", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"orb_bow.{name} must be an integer >= {low}, got {value!r}")
-        if self.kmeans_samples < self.vocabulary_size:
-            raise ValueError(f"orb_bow.kmeans_samples ({self.kmeans_samples}) must be >= orb_bow.vocabulary_size "
-                             f"({self.vocabulary_size}): k-means needs a descriptor per word at least")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"orb_bow.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-        if isinstance(self.power, bool) or not 0 < float(self.power) <= 1:
-            raise ValueError(f"orb_bow.power must be a number in (0, 1], got {self.power!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**32 - 1:
-            raise ValueError(f"orb_bow.seed must be an integer in [0, 4294967295], got {self.seed!r}")
+        check_fields(self, OrbBow, "orb_bow")
 
 
 @dataclass

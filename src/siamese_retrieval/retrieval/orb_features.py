@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.search import OrbFeatures
 from siamese_retrieval.data.images import read_image
 from siamese_retrieval.data.orb import create_orb, detect
 from siamese_retrieval.io_utils import cached_npz, stable_hash
@@ -38,10 +40,7 @@ class OrbFeatureConfig:
     max_side: int = 640  # larger images are downscaled first
 
     def __post_init__(self) -> None:
-        if self.n_features < 1:
-            raise ValueError(f"n_features must be >= 1, got {self.n_features}")
-        if self.min_side < 1 or self.max_side < self.min_side:
-            raise ValueError(f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        check_fields(self, OrbFeatures, "features")
 
 
 @dataclass

@@ -27,6 +27,8 @@ import cv2
 import faiss
 import numpy as np
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.search import OrbRansac
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 from siamese_retrieval.progress import counted, progress
 from siamese_retrieval.retrieval.index import set_faiss_threads
@@ -52,16 +54,7 @@ class OrbRansacConfig:
     fast_threshold: int = 20
 
     def __post_init__(self) -> None:
-        if self.n_features < 1:
-            raise ValueError(f"orb_ransac.n_features must be >= 1, got {self.n_features}")
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"orb_ransac.ratio must be in (0, 1], got {self.ratio}")
-        if self.min_matches < 4:
-            raise ValueError(f"orb_ransac.min_matches must be >= 4 (a homography needs 4), got {self.min_matches}")
-        if self.ransac_method not in _METHODS:
-            raise ValueError(f"orb_ransac.ransac_method must be one of {sorted(_METHODS)}, got {self.ransac_method!r}")
-        if self.min_side < 1 or self.max_side < self.min_side:
-            raise ValueError(f"orb_ransac: need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        check_fields(self, OrbRansac, "orb_ransac")
 
 
 @contextmanager

@@ -32,6 +32,8 @@ import torch
 from siamese_retrieval.data.conditions import query_conditions
 from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors, take
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.search import Rerank
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
@@ -284,8 +286,7 @@ class InlierReranker:
     """
 
     def __init__(self, top_n: int, verify: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-        if int(top_n) < 1:
-            raise ConfigError(f"rerank.top_n must be >= 1, got {top_n}")
+        check_fields({"top_n": top_n}, Rerank, "rerank")
         self.top_n, self.verify = int(top_n), verify
 
     def __call__(self, rows: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,17 +323,9 @@ class FusedReranker:
 
     def __init__(self, top_n: int, verify: Callable[[np.ndarray, np.ndarray], np.ndarray], min_inliers: int = 12,
                  saturate: int | None = None, outlier_z: float = 5.0, skip_margin: float | None = None) -> None:
-        if int(top_n) < 1:
-            raise ConfigError(f"rerank.top_n must be >= 1, got {top_n}")
-        if int(min_inliers) < 1:
-            raise ConfigError(f"rerank.min_inliers must be >= 1, got {min_inliers}")
+        check_fields(dict(top_n=top_n, min_inliers=min_inliers, saturate=saturate, outlier_z=outlier_z,
+                          skip_margin=skip_margin), Rerank, "rerank")
         saturate = int(min_inliers) if saturate is None else int(saturate)
-        if saturate < int(min_inliers):
-            raise ConfigError(f"rerank.saturate must be >= rerank.min_inliers ({min_inliers}), got {saturate}")
-        if float(outlier_z) < 0:
-            raise ConfigError(f"rerank.outlier_z must be >= 0, got {outlier_z}")
-        if skip_margin is not None and float(skip_margin) < 0:
-            raise ConfigError(f"rerank.skip_margin must be >= 0 or null, got {skip_margin}")
         self.top_n, self.verify = int(top_n), verify
         self.min_inliers, self.saturate, self.outlier_z = int(min_inliers), saturate, float(outlier_z)
         self.skip_margin = None if skip_margin is None else float(skip_margin)

@@ -376,6 +376,9 @@ TYPO_CASES: list[tuple[str, list[str], str]] = [
     ("train.py", ["model=cnn_snn", "model.inputs.heigth=64"],
      "error: Could not override 'model.inputs.heigth': key 'heigth' is not in struct "
      "(did you mean model.inputs.height?)"),
+    ("evaluate.py", ["rerank=null"],  # Hydra's ValueError deep in its defaults list, one line here
+     "error: rerank=null: a config group takes an option name, not null; leave the override out for the default, "
+     "or remove the group with ~rerank"),
     ("train.py", ["model=cnn_sn"],
      "error: In 'train': Could not find 'model/cnn_sn'; available options in 'model': backbone_snn, cnn_snn, cnn_snn_pairs, "
      "keypoint_set, keypoint_snn (did you mean model=cnn_snn?)"),

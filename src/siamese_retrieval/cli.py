@@ -151,12 +151,29 @@ def run_entry_point(main: Callable[[], Any]) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         if not isinstance(exc, (HydraException, OmegaConfBaseException)):
-            traceback.print_exc()  # not a config error Hydra knows: as Hydra would print it, exit 2 as before
+            line = null_group_override(exc, sys.argv[1:])
+            if line is None:
+                traceback.print_exc()  # not a config error Hydra knows: as Hydra would print it, exit 2 as before
+                sys.exit(2)
+            print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     finally:
         _restore_full_error()
+
+
+def null_group_override(exc: BaseException, argv: list[str]) -> str | None:
+    """`rerank=null` (a config group set to null) is a ValueError deep in Hydra's defaults list: one line naming
+    the override and what to type instead; None for any other exception."""
+    if not (isinstance(exc, ValueError) and "Config group override must be a string or a list" in str(exc)):
+        return None
+    nulls = [a for a in argv if a.partition("=")[2].strip().lower() in ("null", "~")
+             and "." not in a.partition("=")[0] and not a.startswith(("+", "~", "hydra"))]
+    shown = ", ".join(nulls) or "a config group set to null"
+    groups = " or ".join(f"~{a.partition('=')[0]}" for a in nulls) or "~GROUP"
+    return (f"{shown}: a config group takes an option name, not null; leave the override out for the default, "
+            f"or remove the group with {groups}")
 
 
 def _restore_full_error() -> None:

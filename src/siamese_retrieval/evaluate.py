@@ -46,7 +46,6 @@ from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.retrieval import orb_bow
 from siamese_retrieval.retrieval.orb_ransac import score_matrix
 from siamese_retrieval.retrieval.ranking import (
-    FusedReranker,
     Ranking,
     RankingSettings,
     rank_queries,
@@ -106,12 +105,12 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
 
     ranking_started = time.perf_counter()
     extra: dict[str, float] = {}
+    reranker = None
     if method == "orb_bow":
         ranking = orb_bow_ranking(cfg, dm, query_idx, settings)
     elif ckpt is None:
         ranking = orb_ransac_ranking(cfg, dm, query_idx, settings)
     else:
-        reranker = None
         if cfg.get("rerank"):
             source = RerankSource(dataset, query_idx=query_idx, cache_dir=dm.cache_dir, orb=plain(cfg.orb_ransac),
                                   splits=dm.splits if split != "all" else None, split=split, log_dir=out_dir,
@@ -120,8 +119,11 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
         ranking = rank_queries(ckpt.module, dm.db_inputs, dm.q_inputs, query_idx, dataset, settings, reranker)
         if ranking.before_rerank is not None:
             extra = {f"before_rerank/{k}": v for k, v in ranking.before_rerank.items()}
-        if isinstance(reranker, FusedReranker):  # the share of queries verified (the rest: confident, skipped)
+        if hasattr(reranker, "verified_queries"):  # the share of queries verified (the rest: confident, skipped)
             extra["rerank/verified_fraction"] = reranker.verified_queries / max(1, len(query_idx))
+        decisions = getattr(reranker, "decisions", None)
+        if decisions is not None:  # rerank=fused: the share of queries it re-ranked (the rest abstained)
+            extra["rerank/reranked_fraction"] = sum(d[0] for d in decisions.values()) / max(1, len(query_idx))
     rank_s = time.perf_counter() - ranking_started  # database embedding / feature extraction included
     if ckpt is not None:
         extra.update(pair_metrics(ckpt.module, dm, query_idx))
@@ -145,7 +147,8 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
         "metrics": dict(sorted(metrics.items())),
     }
     write_metrics_json(out_dir / "metrics.json", result)
-    write_per_query_csv(out_dir / "per_query.csv", dataset, ranking)
+    write_per_query_csv(out_dir / "per_query.csv", dataset, ranking,
+                        decisions=getattr(reranker, "decisions", None))
     plot_recall_curve(out_dir / "recall_at_k.png", ranking, title=f"{result['model']} on {result['data']} ({split})",
                       truth=dataset)
     save_png(out_dir / "retrieval_grid.png", ranking_grid(dataset, ranking, n_queries=int(cfg.grid.n_queries),
@@ -372,19 +375,24 @@ def plain(node: Any) -> Any:
 # ----------------------------------------------------------------------------------------- outputs
 
 
-def write_per_query_csv(path: Path, dataset: RetrievalDataset, ranking: Ranking, k: int = 10) -> None:
-    """One row per query: query, first_positive_rank (0 = no positive in the database), precision@10, top_1..top_k."""
+def write_per_query_csv(path: Path, dataset: RetrievalDataset, ranking: Ranking, k: int = 10,
+                        decisions: dict[int, tuple[bool, str]] | None = None) -> None:
+    """One row per query: query, first_positive_rank (0 = no positive in the database), precision@10, top_1..top_k;
+    with a re-ranker's `decisions` (by row) also whether the query was re-ranked and why."""
     k = min(k, ranking.top_ids.shape[1])
     with atomic_path(path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["query", "first_positive_rank", "precision@10", *(f"top_{j + 1}" for j in range(k))])
+            writer.writerow(["query", "first_positive_rank", "precision@10", *(f"top_{j + 1}" for j in range(k)),
+                             *(["reranked", "why"] if decisions is not None else [])])
             relevant, _ = as_ground_truth(dataset).lookup(ranking.query_idx, ranking.top_ids[:, :10])  # one lookup
             for i, q in enumerate(ranking.query_idx):
                 top = ranking.top_ids[i, :k]
                 precision = float(relevant[i].sum()) / 10.0
+                decided = [] if decisions is None else [int(decisions.get(i, (False, ""))[0]),
+                                                        decisions.get(i, (False, "not verified"))[1]]
                 writer.writerow([dataset.q_paths[int(q)], int(ranking.first_positive_rank[i]), f"{precision:.4f}",
-                                 *(dataset.db_paths[int(j)] for j in top)])
+                                 *(dataset.db_paths[int(j)] for j in top), *decided])
 
 
 def recall_curve(ranking: Ranking, max_k: int = CURVE_K) -> tuple[np.ndarray, np.ndarray]:

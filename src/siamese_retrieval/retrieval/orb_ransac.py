@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import faiss
@@ -80,21 +80,65 @@ def hamming_knn2(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return faiss.knn_hamming(np.ascontiguousarray(a), np.ascontiguousarray(b), 2)
 
 
-def inlier_count(a: Features, b: Features, cfg: OrbRansacConfig = OrbRansacConfig()) -> int:
-    """RANSAC homography inliers among the ratio-test matches from `a` to `b` (0 if it cannot be fitted)."""
+def _ransac(a: Features, b: Features, cfg: OrbRansacConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any] | None:
+    """(ratio-test query rows, their database rows, RANSAC inlier mask, homography), or None when none fits."""
     if len(a) < 2 or len(b) < 2:
-        return 0
+        return None
     dist, idx = hamming_knn2(a.desc, b.desc)
     good = np.flatnonzero(dist[:, 0] < cfg.ratio * dist[:, 1])
     if len(good) < cfg.min_matches:
-        return 0
+        return None
     src = a.points[good].reshape(-1, 1, 2)
     dst = b.points[idx[good, 0]].reshape(-1, 1, 2)
     h, mask = cv2.findHomography(src, dst, _METHODS[cfg.ransac_method], cfg.ransac_threshold,
                                   maxIters=cfg.ransac_max_iters)
     if h is None or mask is None:
-        return 0
-    return int(mask.sum())
+        return None
+    return good, idx[good, 0], mask.ravel().astype(bool), h
+
+
+def inlier_count(a: Features, b: Features, cfg: OrbRansacConfig = OrbRansacConfig()) -> int:
+    """RANSAC homography inliers among the ratio-test matches from `a` to `b` (0 if it cannot be fitted)."""
+    fit = _ransac(a, b, cfg)
+    return 0 if fit is None else int(fit[2].sum())
+
+
+# What one verification knows beyond its inlier count: the evidence of a candidate (rerank=fused's trust rule,
+# retrieval/trust.py). Ratios and fractions, not counts: they mean the same at any image size.
+EVIDENCE = ("inliers", "inlier_ratio", "coverage", "one_to_one", "sane")
+COVERAGE_GRID = 4  # inliers' coverage: the fraction of a 4 x 4 grid over each image holding one, the smaller side
+
+
+def pair_evidence(a: Features, b: Features, cfg: OrbRansacConfig = OrbRansacConfig()) -> np.ndarray:
+    """The EVIDENCE of `b` as a match of `a` (float32, len(EVIDENCE)); all zeros when no homography fits.
+
+    inlier_ratio: inliers / ratio-test matches. coverage: how much of both images the inliers span (grid cells).
+    one_to_one: distinct database keypoints / inliers (a repeated pattern maps many query points onto a few).
+    sane: 1 when the homography keeps orientation and its local scale in [1/4, 4] with little shear
+    (singular values within 8x of each other); a degenerate fit on a periodic pattern often fails this."""
+    fit = _ransac(a, b, cfg)
+    if fit is None:
+        return np.zeros(len(EVIDENCE), np.float32)
+    rows, cols, mask, h = fit
+    n = int(mask.sum())
+    if n == 0:
+        return np.zeros(len(EVIDENCE), np.float32)
+    cover = min(_coverage(a.points[rows[mask]], a.wh), _coverage(b.points[cols[mask]], b.wh))
+    return np.array([n, n / len(rows), cover, len(np.unique(cols[mask])) / n, _sane(h)], np.float32)
+
+
+def _coverage(points: np.ndarray, wh: np.ndarray) -> float:
+    cells = np.clip((points / np.maximum(wh, 1.0) * COVERAGE_GRID).astype(int), 0, COVERAGE_GRID - 1)
+    return len(np.unique(cells[:, 1] * COVERAGE_GRID + cells[:, 0])) / COVERAGE_GRID**2
+
+
+def _sane(h: np.ndarray) -> float:
+    if abs(h[2, 2]) < 1e-12:
+        return 0.0
+    a = h[:2, :2] / h[2, 2]
+    sv = np.linalg.svd(a, compute_uv=False)
+    det = float(np.linalg.det(a))
+    return float(det > 0 and 1 / 16 <= det <= 16 and sv[1] > 0 and sv[0] / sv[1] <= 8)
 
 
 def _score_rows(rows: Sequence[tuple[Features, Sequence[int]]], db: Sequence[Features],
@@ -117,6 +161,20 @@ def score_matrix(queries: Sequence[Features], db: Sequence[Features], cfg: OrbRa
     rows = _parallel_rows([(q, everything) for q in queries], db, cfg, workers,
                           f"ORB+RANSAC: queries vs {len(db)} database images")
     return np.stack(rows) if rows else np.zeros((0, len(db)), np.float32)
+
+
+def rerank_evidence(candidates: np.ndarray, queries: Sequence[Features], db: Sequence[Features],
+                    cfg: OrbRansacConfig = OrbRansacConfig(), workers: int = 2) -> np.ndarray:
+    """The EVIDENCE (n_q, N, len(EVIDENCE)) of each query's N candidate database ids (-1: none, all zeros)."""
+    rows = [(q, [int(j) for j in cand if j >= 0]) for q, cand in zip(queries, candidates)]
+    with progress(f"ORB+RANSAC evidence: queries vs their top {candidates.shape[1]}", total=len(rows)) as advance:
+        parts = chunked_map(counted(lambda chunk: [np.array([pair_evidence(q, db[j], cfg) for j in cand], np.float32)
+                                                   .reshape(len(cand), len(EVIDENCE)) for q, cand in chunk], advance),
+                            rows, workers, max_chunk=1, pool_context=single_threaded_kernels)
+    out = np.zeros((*candidates.shape, len(EVIDENCE)), np.float32)
+    for i, (r, cand) in enumerate(zip((row for part in parts for row in part), candidates)):
+        out[i, np.flatnonzero(cand >= 0)] = r
+    return out
 
 
 def rerank_scores(candidates: np.ndarray, queries: Sequence[Features], db: Sequence[Features],

@@ -27,8 +27,16 @@ from siamese_retrieval.retrieval.orb_features import (
     cached_features,
     extract_features,
 )
-from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, rerank_scores
+from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, rerank_evidence, rerank_scores
 from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
+from siamese_retrieval.retrieval.trusted_rerank import (
+    TrustedReranker,
+    TrustRule,
+    fitted_rule,
+    load_rule,
+    rule_path,
+    save_rule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +125,56 @@ def orb_verifier(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.
     return verify
 
 
+def orb_evidence(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """evidence(rows, candidates) -> the ORB + RANSAC EVIDENCE (len(rows), N, F) of each candidate."""
+    cfg, workers = orb_config(source.orb)
+    db, queries = source_orb_features(source, cfg, workers)
+
+    def evidence(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        return rerank_evidence(candidates, [queries[int(r)] for r in rows], db, cfg, workers)
+
+    return evidence
+
+
+def trust_rule(source: RerankSource, width: int) -> TrustRule:
+    """rerank=fused's trust rule (retrieval/trusted_rerank.py), fitted on the dataset's training split, or on the
+    reference training set (the synthetic city's) where the dataset has none here; cached as JSON."""
+    from dataclasses import asdict
+
+    from siamese_retrieval.data.ground_truth import as_ground_truth
+    from siamese_retrieval.retrieval.learned_matches import TrainConfig
+    from siamese_retrieval.retrieval.verifier_fit import TrainData, training_candidates
+
+    cfg, workers = orb_config(source.orb)
+    train_ds, splits = source.dataset, source.splits
+    if splits is None:
+        if source.reference is None:
+            raise ConfigError("rerank=fused learns when to trust verification from a training split; this dataset "
+                              "has none here and no reference training set was given: use rerank=orb_ransac")
+        train_ds, splits = source.reference()
+    key = {"fingerprint": train_ds.fingerprint, "orb": asdict(cfg), "width": width,
+           "train_q": [int(q) for q in splits.train_q], "train_db_n": int(len(splits.train_db))}
+    path = rule_path(source.cache_dir, key) if source.cache_dir is not None else None
+    if path is not None and path.is_file():
+        rule = load_rule(path)
+        if rule is not None:
+            return rule
+    db, queries = dataset_orb_features(cfg, workers, train_ds, source.cache_dir)
+    truth = as_ground_truth(train_ds)
+    data = TrainData(queries, db, [train_ds.query_file(i) for i in range(train_ds.n_query)],
+                     [train_ds.db_file(j) for j in range(train_ds.n_db)], splits.train_q, splits.train_db, truth)
+    picked = training_candidates(data, TrainConfig(positives=2, partial=4, lookalikes=width - 6, seed=0))
+    name = train_ds.name or Path(train_ds.root).name
+    log.info("rerank=fused: fitting its trust rule on %s's training split (%d queries)", name, len(picked))
+    rule = fitted_rule(lambda rows, cand: rerank_evidence(cand, [queries[int(r)] for r in rows], db, cfg, workers),
+                       np.array([q for q, _ in picked]), [c for _, c in picked],
+                       lambda q, c: truth.lookup(np.array([q]), np.maximum(c, 0)[None])[0][0],
+                       source=f"{name} training split", width=width)
+    if path is not None:
+        save_rule(rule, path)
+    return rule
+
+
 # ----------------------------------------------------------------------------------------- the re-rankers
 
 
@@ -128,10 +186,11 @@ def orb_ransac(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
 
 @RERANKERS.register("fused")
 def fused(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
-    """The model's order, with the candidates whose inliers stand out moved ahead (ranking.FusedReranker)."""
-    return FusedReranker(int(cfg.get("top_n", 20)), orb_verifier(source), min_inliers=int(cfg.get("min_inliers", 12)),
-                         saturate=cfg.get("saturate"), outlier_z=float(cfg.get("outlier_z", 5.0)),
-                         skip_margin=cfg.get("skip_margin"))
+    """The model's order; per query, the best-verified candidate moves to rank 1 only where the learned trust rule
+    believes it (retrieval/trusted_rerank.py), else the query abstains and keeps the model's order."""
+    top_n = int(cfg.get("top_n", 20))
+    return TrustedReranker(top_n, orb_evidence(source), trust_rule(source, top_n),
+                           threshold=float(cfg.get("trust_threshold", 0.5)), skip_margin=cfg.get("skip_margin"))
 
 
 @RERANKERS.register("learned_matches")

@@ -454,3 +454,15 @@ def test_hydra_full_error_is_set_only_until_the_task_starts(monkeypatch: pytest.
     cli.run_entry_point(main)
     assert seen == {"composing": "1", "task": "0"}
     assert os.environ["HYDRA_FULL_ERROR"] == "0"
+
+
+def test_a_config_extending_a_registered_schema_is_typed_at_composition(tmp_path: Path) -> None:
+    """The dataclasses are in Hydra's ConfigStore (schema/<name>): a user's model config that extends one gets
+    Hydra's merge-time typing, reported in one line like every composition error."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "typed_cnn.yaml").write_text("defaults:\n  - /schema/model@_here_\n  - cnn_snn\n  - _self_\n")
+    done = subprocess.run([sys.executable, "train.py", "--config-dir", str(tmp_path), "model=typed_cnn",
+                           "model.batch_size=abc"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == ("error: Error merging override model.batch_size=abc: value 'abc' of type 'str' "
+                                   "could not be converted to Integer")

@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.cli import report_user_errors, run_entry_point
+from siamese_retrieval.configs import register_schemas
 from siamese_retrieval.sweeper_storage import check_sweeper_storage, sqlite_path
 
 CONF_PACKAGE = "siamese_retrieval.conf"
@@ -51,6 +52,7 @@ def config_path() -> str:
 
 
 CONFIG_PATH = config_path()
+register_schemas()  # schema/<name> in Hydra's ConfigStore: a user's config may extend one for merge-time typing
 
 
 def job_name(name: str) -> Any:

@@ -86,6 +86,17 @@ def test_trusted_reranker_promotes_only_what_it_trusts() -> None:
     assert decided[3][1] == "abstained: no homography among the top candidates"
 
 
+def test_a_challenger_far_down_the_models_list_abstains() -> None:
+    trust = rule((0.0, 10.0, 0.0, 0.0, 0.0, 0.0), -5.0)
+    evidence = lambda rows, cand: np.array([[ev(5)] * 11 + [ev(50, cover=0.9)]], np.float32)  # noqa: E731
+    ids, scores = np.arange(12)[None], np.linspace(1, 0.5, 12, dtype=np.float32)[None]
+    far = TrustedReranker(12, evidence, trust, max_rank=10)
+    assert far(np.array([0]), ids, scores)[0].tolist() == ids.tolist()
+    assert far.decisions[0][1].startswith("abstained: challenger at model rank 12 is below rank 10, p=0.98")
+    near = TrustedReranker(12, evidence, trust, max_rank=12)
+    assert near(np.array([0]), ids, scores)[0][0, 0] == 11
+
+
 def test_rule_file_round_trip_and_damage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     r = fit_rule(np.array([[0.9, 0.8, 1, 1, 0.9, 0], [0.1, 0.1, 0.5, 0, 0.1, 0.8]] * 20), np.array([1.0, 0.0] * 20),
                  "test")

@@ -105,6 +105,7 @@ class Rerank:
     outlier_z: float = knob("robust spreads above the query's median inliers", ge=0)
     skip_margin: Optional[float] = knob("null: verify every query", ge=0)
     trust_threshold: float = knob("fused: re-rank a query when P(challenger right) >= this", gt=0, lt=1)
+    max_challenger_rank: Optional[int] = knob("fused: a challenger the model ranked below this abstains", ge=2)
     combine: str = knob("replace: the verifier's order | fused: FusedReranker over soft inlier counts",
                         choices=("replace", "fused"))
     model_weight: float = knob("verifier score + this x the model's relevance", ge=0)

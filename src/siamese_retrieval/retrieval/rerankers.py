@@ -190,7 +190,8 @@ def fused(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     believes it (retrieval/trusted_rerank.py), else the query abstains and keeps the model's order."""
     top_n = int(cfg.get("top_n", 20))
     return TrustedReranker(top_n, orb_evidence(source), trust_rule(source, top_n),
-                           threshold=float(cfg.get("trust_threshold", 0.5)), skip_margin=cfg.get("skip_margin"))
+                           threshold=float(cfg.get("trust_threshold", 0.5)), skip_margin=cfg.get("skip_margin"),
+                           max_rank=cfg.get("max_challenger_rank"))
 
 
 @RERANKERS.register("learned_matches")

@@ -169,9 +169,10 @@ class TrustedReranker:
     order is the new one. `decisions` maps each ranked row to (re-ranked, why)."""
 
     def __init__(self, top_n: int, evidence: Callable[[np.ndarray, np.ndarray], np.ndarray], rule: TrustRule,
-                 threshold: float = 0.5, skip_margin: float | None = None) -> None:
+                 threshold: float = 0.5, skip_margin: float | None = None, max_rank: int | None = None) -> None:
         self.top_n, self.evidence, self.rule = int(top_n), evidence, rule
         self.threshold, self.skip_margin = float(threshold), skip_margin
+        self.max_rank = None if max_rank is None else int(max_rank)
         self.decisions: dict[int, tuple[bool, str]] = {}
         self.verified_queries = 0
 
@@ -195,11 +196,14 @@ class TrustedReranker:
         relevance = scores[todo, :n].astype(np.float64)
         for k, i in enumerate(todo):
             why = self.rule.explain(features[k])
-            promote = bool(verified[k] and best[k] > 0 and p[k] >= self.threshold)
+            too_far = self.max_rank is not None and best[k] + 1 > self.max_rank
+            promote = bool(verified[k] and best[k] > 0 and p[k] >= self.threshold and not too_far)
             if not verified[k]:
                 reason = "abstained: no homography among the top candidates"
             elif best[k] == 0:
                 reason = f"kept: the model's first is the best verified, {why}"
+            elif too_far:
+                reason = f"abstained: challenger at model rank {best[k] + 1} is below rank {self.max_rank}, {why}"
             elif promote:
                 reason = f"re-ranked: challenger at model rank {best[k] + 1} trusted, {why}"
             else:

@@ -210,3 +210,18 @@ def test_fused_on_a_stress_set_with_split_all_writes_each_decision(stress_sets: 
     assert len(fitted) <= 1 and set(cache_dir.glob("trust-rule-*.json")), "the fitted rule is cached"
     rule = load_rule(sorted(set(cache_dir.glob("trust-rule-*.json")))[0])
     assert rule is not None and rule.features == FEATURES
+
+
+def test_retrieve_with_fused_reports_each_querys_decision(stress_sets: dict[str, Path], tiny_checkpoint: Path,
+                                                          tiny_reference, tmp_path: Path, cache_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from siamese_retrieval import retrieve as retrieve_module
+
+    monkeypatch.setattr(retrieve_module, "reference_training_set", lambda cache: tiny_reference)
+    root = stress_sets["viewpoint"]
+    cfg = compose_config("retrieve", ["data=msls_city", f"data.root={root}", f"ckpt_path={tiny_checkpoint}",
+                                      f"query={root / 'q_0000.png'}", "rerank=fused", "top_k=3", "output=json",
+                                      "grid.dir=null", "cache=false"], tmp_path / "run", cache_dir)
+    query = retrieve_module.retrieve(cfg)["queries"][0]
+    assert isinstance(query["reranked"], bool) and len(query["results"]) == 3
+    assert query["why"].split(":")[0] in ("re-ranked", "abstained", "kept")

@@ -87,8 +87,8 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     rerank = OmegaConf.to_container(cfg.rerank, resolve=True) if cfg.get("rerank") else None
     k = min(max(top_k, int(rerank.get("top_n", top_k))), int(db.index.ntotal)) if rerank else top_k
     ids, distance, scores = search_relevance(module, db.index, q_emb, k=k)
-    ids, scores, distance, rerank_scores = rerank_top(ids, scores, distance, rerank, dataset, query_files, dm.cache_dir,
-                                                      cfg.get("orb_ransac"))
+    ids, scores, distance, rerank_scores, decisions = rerank_top(ids, scores, distance, rerank, dataset, query_files,
+                                                                 dm.cache_dir, cfg.get("orb_ransac"))
     ids, scores, distance = ids[:, :top_k], scores[:, :top_k], distance[:, :top_k]
     search_s = time.perf_counter() - search_started
 
@@ -101,6 +101,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
                  **({"rerank_score": float(rerank_scores[i, r])} if rerank_scores is not None else {})}
                 for r, j in enumerate(ids[i]) if j >= 0  # approximate indexes pad with -1
             ],
+            **({"reranked": decisions[i][0], "why": decisions[i][1]} if i in decisions else {}),
         }
         for i, qf in enumerate(query_files)
     ]
@@ -129,18 +130,21 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
 
 def rerank_top(ids: np.ndarray, scores: np.ndarray, distance: np.ndarray, rerank: dict[str, Any] | None,
                dataset: RetrievalDataset, query_files: list[Path], cache_dir: Any,
-               orb: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+               orb: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict[int, tuple[bool, str]]]:
     """The model's ranking in evaluate.py's canonical order (ties by database index), re-ranked by `rerank=`
     (retrieval/rerankers.py, the same builder as evaluate.py's). Returns ids, the model's relevance and distance
-    in the new order, and the re-ranker's scores (None without re-ranking)."""
+    in the new order, the re-ranker's scores (None without re-ranking), and its decision per query row where it
+    records them (rerank=fused: re-ranked or not, and why)."""
     order_ids, order_scores = canonical_order(ids, scores)  # the same arrays when no row needed reordering
     if rerank is None:
-        return order_ids, order_scores, distance if order_ids is ids else _follow(ids, distance, order_ids), None
+        return order_ids, order_scores, distance if order_ids is ids else _follow(ids, distance, order_ids), None, {}
     source = RerankSource(dataset, query_files=query_files, cache_dir=cache_dir,
                           orb=OmegaConf.to_container(orb, resolve=True) if orb is not None else {}, split="all",
                           reference=partial(reference_training_set, cache_dir) if cache_dir is not None else None)
-    new_ids, new_scores = build_reranker(rerank, source)(np.arange(len(ids)), order_ids, order_scores)
-    return new_ids, _follow(ids, scores, new_ids), _follow(ids, distance, new_ids), new_scores
+    reranker = build_reranker(rerank, source)
+    new_ids, new_scores = reranker(np.arange(len(ids)), order_ids, order_scores)
+    decisions = dict(getattr(reranker, "decisions", {}))
+    return new_ids, _follow(ids, scores, new_ids), _follow(ids, distance, new_ids), new_scores, decisions
 
 
 def _follow(ids: np.ndarray, values: np.ndarray, new_ids: np.ndarray) -> np.ndarray:

@@ -98,3 +98,21 @@ def test_debug_config(name: str, tmp_path: Path, cache_dir: Path) -> None:
     assert result["epochs"] == expected_epochs, result
     if name == "profiler":
         assert "FIT Profiler Report" in (run_dir / "fit-profile.txt").read_text()
+
+
+@pytest.mark.slow
+def test_backbone_weights_from_a_local_file_as_the_readme_types_it(tmp_path: Path, cache_dir: Path) -> None:
+    """Bring your own: the README's two commands (save a ResNet-18 state dict, train backbone_snn on it), run as
+    typed from a copy of the working directory (the weights file lands beside train.py there: tmp_path)."""
+    save = next(line for line in README.splitlines() if line.startswith('python -c "import torch; from siamese_retrieval'
+                                                                      '.models.backbone import ResNet'))
+    train = documented("python train.py model=backbone_snn model.weights=resnet18-random.pth data=synth_tiny "
+                       "trainer.max_epochs=1")
+    env = {**os.environ, "SIAMESE_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    subprocess.run(["bash", "-c", save], cwd=tmp_path, env=env, check=True, timeout=300)
+    assert (tmp_path / "resnet18-random.pth").stat().st_size > 40_000_000  # 11.7 M parameters in float32
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *train, f"paths.log_dir={tmp_path / 'logs'}",
+                           "logger=none"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, result = only_run(tmp_path / "logs" / "train")
+    assert result["model"] == "backbone_snn" and result["epochs"] == 1

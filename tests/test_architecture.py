@@ -95,7 +95,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "retrieval": ("retrieval",),
     "services": ("callbacks", "checkpoints", "wandb_runs", "run_outputs", "resume", "benchmarks",
                  "sweeper_storage"),
-    "pipelines": ("train", "evaluate", "retrieve", "compare", "entry_points", "cli"),
+    "pipelines": ("train", "evaluate", "retrieve", "compare", "entry_points", "cli", "help_text"),
 }
 # Rules within the layer order: the retrieval engine does not depend on the synthetic city's generator.
 EXTRA_RULES: dict[str, tuple[str, ...]] = {

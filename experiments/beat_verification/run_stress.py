@@ -2,6 +2,7 @@
 hurts", from the real commands.
 
     python experiments/beat_verification/run_stress.py --ckpt SEED0.ckpt --ckpt SEED1.ckpt --ckpt SEED2.ckpt
+    python experiments/beat_verification/run_stress.py --table results/stress.json   # the table of a stored run
 
 For every checkpoint (a seed of the default cnn_snn) and every set it runs `evaluate.py` with each re-ranker
 (`split=all` on the stress sets, the fixed test split on the city) and ORB + RANSAC alone once per set, reads
@@ -47,11 +48,17 @@ def evaluate(args: list[str], out: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", action="append", required=True, type=Path, help="a cnn_snn checkpoint (repeat)")
+    parser.add_argument("--ckpt", action="append", type=Path, help="a cnn_snn checkpoint (repeat)")
+    parser.add_argument("--table", type=Path, help="print the markdown table of a stored results file and stop")
     parser.add_argument("--sets", type=Path, default=None, help="where the stress sets are (made if missing)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "stress.json")
     parser.add_argument("--rerankers", nargs="+", default=list(RERANKERS))
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())["recall@1"]))
+        return 0
+    if not args.ckpt:
+        parser.error("give --ckpt (one per seed) or --table")
     sets_dir = args.sets or Path(tempfile.mkdtemp(prefix="stress-sets-"))
     data = {}
     for name, make in (("repetitive", stress_sets.repetitive_set), ("viewpoint", stress_sets.viewpoint_set)):

@@ -85,8 +85,19 @@ def train_task(cfg: DictConfig) -> float:
     return result["metrics"].get(cfg.optimized_metric, float("nan"))
 
 
+def short_help(config_name: str) -> None:
+    """`--help` / `-h`: the command's groups, common overrides and docs (help_text.py) instead of Hydra's page,
+    which prints the whole config. Hydra's own page stays at `--hydra-help`; the config at `--cfg job`."""
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        from siamese_retrieval.help_text import help_text
+
+        print(help_text(CONFIG_PATH, config_name))
+        sys.exit(0)
+
+
 def train_main() -> None:
     """`siamese-train [overrides]` = `python train.py [overrides]` (conf/train.yaml)."""
+    short_help("train")
     run_entry_point(train_task)
 
 
@@ -102,6 +113,7 @@ def evaluate_task(cfg: DictConfig) -> None:
 
 def evaluate_main() -> None:
     """`siamese-evaluate [overrides]` = `python evaluate.py [overrides]` (conf/eval.yaml)."""
+    short_help("eval")
     run_entry_point(evaluate_task)
 
 
@@ -117,6 +129,7 @@ def retrieve_task(cfg: DictConfig) -> None:
 
 def retrieve_main() -> None:
     """`siamese-retrieve [overrides]` = `python retrieve.py [overrides]` (conf/retrieve.yaml)."""
+    short_help("retrieve")
     run_entry_point(retrieve_task)
 
 

@@ -3,6 +3,7 @@ hurts", from the real commands.
 
     python experiments/beat_verification/run_stress.py --ckpt SEED0.ckpt --ckpt SEED1.ckpt --ckpt SEED2.ckpt
     python experiments/beat_verification/run_stress.py --table results/stress.json   # the table of a stored run
+    python experiments/beat_verification/run_stress.py --merge s0.json s1.json s2.json  # runs of one seed each
 
 For every checkpoint (a seed of the default cnn_snn) and every set it runs `evaluate.py` with each re-ranker
 (`split=all` on the stress sets, the fixed test split on the city) and ORB + RANSAC alone once per set, reads
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", action="append", type=Path, help="a cnn_snn checkpoint (repeat)")
     parser.add_argument("--table", type=Path, help="print the markdown table of a stored results file and stop")
+    parser.add_argument("--merge", type=Path, nargs="+", help="join results files (one per seed) into --out")
     parser.add_argument("--sets", type=Path, default=None, help="where the stress sets are (made if missing)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "stress.json")
     parser.add_argument("--rerankers", nargs="+", default=list(RERANKERS))
@@ -57,8 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.table is not None:
         print(table(json.loads(args.table.read_text())["recall@1"]))
         return 0
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        record = {**parts[0], "commands": [c for p in parts for c in p["commands"]],
+                  "checkpoints": [c for p in parts for c in p["checkpoints"]],
+                  "commit": sorted({p["commit"] for p in parts}), "date": sorted({p["date"] for p in parts}),
+                  "recall@1": {s: {rr: [v for p in parts for v in p["recall@1"][s].get(rr, [])]
+                                   for rr in parts[0]["recall@1"][s]} for s in parts[0]["recall@1"]}}
+        if "provenance" not in record:
+            from siamese_retrieval.run_outputs import provenance
+
+            record["provenance"] = provenance()
+        for s in record["recall@1"]:  # ORB + RANSAC alone has no checkpoint: the same number in every part
+            record["recall@1"][s]["orb_alone"] = parts[0]["recall@1"][s]["orb_alone"]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(table(record["recall@1"]))
+        return 0
     if not args.ckpt:
-        parser.error("give --ckpt (one per seed) or --table")
+        parser.error("give --ckpt (one per seed), --table or --merge")
     sets_dir = args.sets or Path(tempfile.mkdtemp(prefix="stress-sets-"))
     data = {}
     for name, make in (("repetitive", stress_sets.repetitive_set), ("viewpoint", stress_sets.viewpoint_set)):
@@ -83,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         results[s]["orb_alone"] = [evaluate(a, runs / f"{len(commands)}")["recall@1"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    from siamese_retrieval.run_outputs import provenance
+
     record = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
-              "commit": commit.strip(), "checkpoints": [str(c) for c in args.ckpt], "commands": commands,
-              "recall@1": results}
+              "commit": commit.strip(), "provenance": provenance(), "checkpoints": [str(c) for c in args.ckpt],
+              "commands": commands, "recall@1": results}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(results))
     return 0

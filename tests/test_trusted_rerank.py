@@ -97,6 +97,20 @@ def test_a_challenger_far_down_the_models_list_abstains() -> None:
     assert near(np.array([0]), ids, scores)[0][0, 0] == 11
 
 
+def test_too_little_to_learn_from_means_no_rule_and_never_trusts() -> None:
+    from siamese_retrieval.retrieval.trusted_rerank import NEVER, fitted_rule
+
+    evidence = lambda rows, cand: np.array([[ev(30, cover=0.8)] * cand.shape[1] for _ in rows], np.float32)  # noqa
+    few = fitted_rule(evidence, np.arange(5), [np.arange(4)] * 5, lambda q, c: c == 0, "five queries", width=4)
+    assert few is None  # 5 queries: under the 20 a rule is fitted from
+    one_label = fitted_rule(evidence, np.arange(30), [np.arange(4)] * 30, lambda q, c: c >= 0, "all right", width=4)
+    assert one_label is None
+    rerank = TrustedReranker(3, lambda rows, cand: np.array([[ev(5), ev(90, cover=1.0), ev(3)]], np.float32), NEVER)
+    ids = np.arange(5)[None]
+    assert rerank(np.array([0]), ids, np.linspace(1, 0.5, 5, dtype=np.float32)[None])[0].tolist() == ids.tolist()
+    assert rerank.decisions[0][1].startswith("abstained: challenger at model rank 2 not trusted, p=0.00")
+
+
 def test_rule_file_round_trip_and_damage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     r = fit_rule(np.array([[0.9, 0.8, 1, 1, 0.9, 0], [0.1, 0.1, 0.5, 0, 0.1, 0.8]] * 20), np.array([1.0, 0.0] * 20),
                  "test")

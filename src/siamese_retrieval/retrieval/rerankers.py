@@ -30,6 +30,7 @@ from siamese_retrieval.retrieval.orb_features import (
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, rerank_evidence, rerank_scores
 from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
 from siamese_retrieval.retrieval.trusted_rerank import (
+    NEVER,
     TrustedReranker,
     TrustRule,
     fitted_rule,
@@ -138,40 +139,60 @@ def orb_evidence(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.
 
 def trust_rule(source: RerankSource, width: int) -> TrustRule:
     """rerank=fused's trust rule (retrieval/trusted_rerank.py), fitted on the dataset's training split, or on the
-    reference training set (the synthetic city's) where the dataset has none here; cached as JSON."""
+    reference training set (the synthetic city's) where the dataset has none here or too little to learn from;
+    cached as JSON. With neither, every query abstains (a warning says so)."""
+    cfg, workers = orb_config(source.orb)
+    if source.splits is not None:
+        rule = _fitted_trust_rule(source.dataset, source.splits, cfg, workers, width, source.cache_dir)
+        if rule is not None:
+            return rule
+        log.warning("rerank=fused: too few training queries of this dataset verify to learn when to trust them; "
+                    "using the reference training set's rule")
+    if source.reference is None:
+        if source.splits is None:
+            raise ConfigError("rerank=fused learns when to trust verification from a training split; this dataset "
+                              "has none here and no reference training set was given: use rerank=orb_ransac")
+        log.warning("rerank=fused: no reference training set either: every query keeps the model's order")
+        return NEVER
+    reference, splits = source.reference()
+    rule = _fitted_trust_rule(reference, splits, cfg, workers, width, source.cache_dir)
+    if rule is None:
+        log.warning("rerank=fused: the reference training set gives nothing to learn from: every query keeps the "
+                    "model's order")
+        return NEVER
+    return rule
+
+
+def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers: int, width: int,
+                       cache_dir: Path | None) -> TrustRule | None:
+    """The rule of one dataset's training split: from the cache, or fitted (seconds) and cached; None when there
+    is too little to learn from (also cached, as that answer)."""
     from dataclasses import asdict
 
     from siamese_retrieval.data.ground_truth import as_ground_truth
     from siamese_retrieval.retrieval.learned_matches import TrainConfig
     from siamese_retrieval.retrieval.verifier_fit import TrainData, training_candidates
 
-    cfg, workers = orb_config(source.orb)
-    train_ds, splits = source.dataset, source.splits
-    if splits is None:
-        if source.reference is None:
-            raise ConfigError("rerank=fused learns when to trust verification from a training split; this dataset "
-                              "has none here and no reference training set was given: use rerank=orb_ransac")
-        train_ds, splits = source.reference()
     key = {"fingerprint": train_ds.fingerprint, "orb": asdict(cfg), "width": width,
            "train_q": [int(q) for q in splits.train_q], "train_db_n": int(len(splits.train_db))}
-    path = rule_path(source.cache_dir, key) if source.cache_dir is not None else None
+    path = rule_path(cache_dir, key) if cache_dir is not None else None
     if path is not None and path.is_file():
         rule = load_rule(path)
         if rule is not None:
-            return rule
-    db, queries = dataset_orb_features(cfg, workers, train_ds, source.cache_dir)
+            return None if rule == NEVER else rule
+    db, queries = dataset_orb_features(cfg, workers, train_ds, cache_dir)
     truth = as_ground_truth(train_ds)
     data = TrainData(queries, db, [train_ds.query_file(i) for i in range(train_ds.n_query)],
                      [train_ds.db_file(j) for j in range(train_ds.n_db)], splits.train_q, splits.train_db, truth)
-    picked = training_candidates(data, TrainConfig(positives=2, partial=4, lookalikes=width - 6, seed=0))
+    picked = training_candidates(data, TrainConfig(positives=2, partial=4, lookalikes=max(width - 6, 1), seed=0))
     name = train_ds.name or Path(train_ds.root).name
     log.info("rerank=fused: fitting its trust rule on %s's training split (%d queries)", name, len(picked))
     rule = fitted_rule(lambda rows, cand: rerank_evidence(cand, [queries[int(r)] for r in rows], db, cfg, workers),
-                       np.array([q for q, _ in picked]), [c for _, c in picked],
+                       np.array([q for q, _ in picked], np.int64), [c for _, c in picked],
                        lambda q, c: truth.lookup(np.array([q]), np.maximum(c, 0)[None])[0][0],
-                       source=f"{name} training split", width=width)
+                       source=f"{name} training split", width=width) if picked else None
     if path is not None:
-        save_rule(rule, path)
+        save_rule(rule or NEVER, path)
     return rule
 
 

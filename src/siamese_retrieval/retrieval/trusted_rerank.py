@@ -222,9 +222,10 @@ class TrustedReranker:
 
 def fitted_rule(evidence_of: Callable[[np.ndarray, np.ndarray], np.ndarray], train_q: np.ndarray,
                 candidates: Sequence[np.ndarray], relevant_of: Callable[[int, np.ndarray], np.ndarray],
-                source: str, width: int, seed: int = 0) -> TrustRule:
+                source: str, width: int, seed: int = 0) -> TrustRule | None:
     """Fit the rule on training queries: each query's candidates (shuffled: no order to lean on) verified,
-    labelled by whether the challenger is relevant."""
+    labelled by whether the challenger is relevant. None when they are too few (< 20 with a homography) or all
+    of one label: nothing to learn from."""
     rng = np.random.default_rng(seed)
     rows, cand = [], np.full((len(candidates), width), -1, np.int64)
     for k, c in enumerate(candidates):
@@ -236,8 +237,8 @@ def fitted_rule(evidence_of: Callable[[np.ndarray, np.ndarray], np.ndarray], tra
     relevant = np.stack([relevant_of(int(q), c) for q, c in zip(train_q, cand)])
     features, labels = training_examples(evidence, relevant & (cand >= 0))
     if len(labels) < 20 or labels.min() == labels.max():
-        log.warning("trust rule: %d usable training queries (%s); every challenger trusted at p=0.5", len(labels),
-                    "one class only" if len(labels) else "none")
-        return TrustRule(tuple(0.0 for _ in FEATURES), 0.0, source, int(len(labels)),
-                         float(labels.mean()) if len(labels) else 0.0, 0.0)
+        return None
     return fit_rule(features, labels, source)
+
+
+NEVER = TrustRule(tuple(0.0 for _ in FEATURES), -50.0, "nothing to learn from: every query abstains", 0, 0.0, 0.0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import faiss
@@ -141,16 +141,19 @@ def _sane(h: np.ndarray) -> float:
     return float(det > 0 and 1 / 16 <= det <= 16 and sv[1] > 0 and sv[0] / sv[1] <= 8)
 
 
-def _score_rows(rows: Sequence[tuple[Features, Sequence[int]]], db: Sequence[Features],
-                cfg: OrbRansacConfig) -> list[np.ndarray]:
-    return [np.array([inlier_count(q, db[j], cfg) for j in cand], np.float32) for q, cand in rows]
+PairMeasure = Callable[[Features, Features, OrbRansacConfig], Any]  # inlier_count or pair_evidence
+
+
+def _score_rows(rows: Sequence[tuple[Features, Sequence[int]]], db: Sequence[Features], cfg: OrbRansacConfig,
+                measure: PairMeasure) -> list[np.ndarray]:
+    return [np.array([measure(q, db[j], cfg) for j in cand], np.float32) for q, cand in rows]
 
 
 def _parallel_rows(rows: list[tuple[Features, Sequence[int]]], db: Sequence[Features], cfg: OrbRansacConfig,
-                   workers: int, description: str) -> list[np.ndarray]:
+                   workers: int, description: str, measure: PairMeasure = inlier_count) -> list[np.ndarray]:
     with progress(description, total=len(rows)) as advance:  # one tick per query
-        parts = chunked_map(counted(lambda chunk: _score_rows(chunk, db, cfg), advance), rows, workers, max_chunk=1,
-                            pool_context=single_threaded_kernels)
+        parts = chunked_map(counted(lambda chunk: _score_rows(chunk, db, cfg, measure), advance), rows, workers,
+                            max_chunk=1, pool_context=single_threaded_kernels)
     return [row for part in parts for row in part]
 
 
@@ -163,26 +166,29 @@ def score_matrix(queries: Sequence[Features], db: Sequence[Features], cfg: OrbRa
     return np.stack(rows) if rows else np.zeros((0, len(db)), np.float32)
 
 
+def _candidate_rows(candidates: np.ndarray, queries: Sequence[Features], db: Sequence[Features],
+                    cfg: OrbRansacConfig, workers: int, description: str, measure: PairMeasure = inlier_count,
+                    width: tuple[int, ...] = ()) -> np.ndarray:
+    """`measure` of each query against its candidate database ids, (n_q, N, *width); -1 candidates: zeros."""
+    rows = _parallel_rows([(q, [int(j) for j in cand if j >= 0]) for q, cand in zip(queries, candidates)],
+                          db, cfg, workers, description, measure)
+    out = np.zeros((*candidates.shape, *width), np.float32)
+    for i, (r, cand) in enumerate(zip(rows, candidates)):
+        kept = np.flatnonzero(cand >= 0)
+        out[i, kept] = r.reshape(len(kept), *width)
+    return out
+
+
 def rerank_evidence(candidates: np.ndarray, queries: Sequence[Features], db: Sequence[Features],
                     cfg: OrbRansacConfig = OrbRansacConfig(), workers: int = 2) -> np.ndarray:
     """The EVIDENCE (n_q, N, len(EVIDENCE)) of each query's N candidate database ids (-1: none, all zeros)."""
-    rows = [(q, [int(j) for j in cand if j >= 0]) for q, cand in zip(queries, candidates)]
-    with progress(f"ORB+RANSAC evidence: queries vs their top {candidates.shape[1]}", total=len(rows)) as advance:
-        parts = chunked_map(counted(lambda chunk: [np.array([pair_evidence(q, db[j], cfg) for j in cand], np.float32)
-                                                   .reshape(len(cand), len(EVIDENCE)) for q, cand in chunk], advance),
-                            rows, workers, max_chunk=1, pool_context=single_threaded_kernels)
-    out = np.zeros((*candidates.shape, len(EVIDENCE)), np.float32)
-    for i, (r, cand) in enumerate(zip((row for part in parts for row in part), candidates)):
-        out[i, np.flatnonzero(cand >= 0)] = r
-    return out
+    return _candidate_rows(candidates, queries, db, cfg, workers,
+                           f"ORB+RANSAC evidence: queries vs their top {candidates.shape[1]}", pair_evidence,
+                           (len(EVIDENCE),))
 
 
 def rerank_scores(candidates: np.ndarray, queries: Sequence[Features], db: Sequence[Features],
                   cfg: OrbRansacConfig = OrbRansacConfig(), workers: int = 2) -> np.ndarray:
     """Inlier counts (n_q, N) of each query against its N candidate database ids (a model's top-N)."""
-    rows = _parallel_rows([(q, [int(j) for j in cand if j >= 0]) for q, cand in zip(queries, candidates)],
-                          db, cfg, workers, f"ORB+RANSAC re-ranking: queries vs their top {candidates.shape[1]}")
-    out = np.zeros(candidates.shape, np.float32)
-    for i, (r, cand) in enumerate(zip(rows, candidates)):
-        out[i, np.flatnonzero(cand >= 0)] = r
-    return out
+    return _candidate_rows(candidates, queries, db, cfg, workers,
+                           f"ORB+RANSAC re-ranking: queries vs their top {candidates.shape[1]}")

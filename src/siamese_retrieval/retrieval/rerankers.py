@@ -115,26 +115,28 @@ def source_orb_features(source: RerankSource, cfg: OrbRansacConfig,
     return db, extract_features(list(source.query_files), cfg, workers)
 
 
+CandidateMeasure = Callable[..., np.ndarray]  # rerank_scores or rerank_evidence (retrieval/orb_ransac.py)
+
+
+def orb_rows(queries: Sequence[Features], db: Sequence[Features], cfg: OrbRansacConfig, workers: int,
+             measure: CandidateMeasure) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """(rows, candidates) -> `measure` of those query rows (their features: `queries[row]`) against their
+    candidates: the shape every ORB re-ranker and the trust rule's fitting call verification through."""
+    return lambda rows, candidates: measure(candidates, [queries[int(r)] for r in rows], db, cfg, workers)
+
+
 def orb_verifier(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """verify(rows, candidates) -> RANSAC homography inlier counts (len(rows), N)."""
     cfg, workers = orb_config(source.orb)
     db, queries = source_orb_features(source, cfg, workers)
-
-    def verify(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        return rerank_scores(candidates, [queries[int(r)] for r in rows], db, cfg, workers)
-
-    return verify
+    return orb_rows(queries, db, cfg, workers, rerank_scores)
 
 
 def orb_evidence(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """evidence(rows, candidates) -> the ORB + RANSAC EVIDENCE (len(rows), N, F) of each candidate."""
     cfg, workers = orb_config(source.orb)
     db, queries = source_orb_features(source, cfg, workers)
-
-    def evidence(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        return rerank_evidence(candidates, [queries[int(r)] for r in rows], db, cfg, workers)
-
-    return evidence
+    return orb_rows(queries, db, cfg, workers, rerank_evidence)
 
 
 def trust_rule(source: RerankSource, width: int) -> TrustRule:
@@ -187,7 +189,7 @@ def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers
     picked = training_candidates(data, TrainConfig(positives=2, partial=4, lookalikes=max(width - 6, 1), seed=0))
     name = train_ds.name or Path(train_ds.root).name
     log.info("rerank=fused: fitting its trust rule on %s's training split (%d queries)", name, len(picked))
-    rule = fitted_rule(lambda rows, cand: rerank_evidence(cand, [queries[int(r)] for r in rows], db, cfg, workers),
+    rule = fitted_rule(orb_rows(queries, db, cfg, workers, rerank_evidence),
                        np.array([q for q, _ in picked], np.int64), [c for _, c in picked],
                        lambda q, c: truth.lookup(np.array([q]), np.maximum(c, 0)[None])[0][0],
                        source=f"{name} training split", width=width) if picked else None

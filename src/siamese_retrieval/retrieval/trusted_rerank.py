@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -124,7 +124,7 @@ def fit_rule(features: np.ndarray, labels: np.ndarray, source: str) -> TrustRule
     weights, bias = fit_signed(features, labels)
     rule = TrustRule(tuple(float(v) for v in weights), bias, source, int(len(labels)), float(np.mean(labels)), 0.0)
     accuracy = float(((rule.probability(features) >= 0.5) == labels.astype(bool)).mean()) if len(labels) else 0.0
-    return TrustRule(rule.weights, rule.bias, source, rule.n_train, rule.positive_rate, accuracy)
+    return replace(rule, train_accuracy=accuracy)
 
 
 def training_examples(evidence: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -227,11 +227,10 @@ def fitted_rule(evidence_of: Callable[[np.ndarray, np.ndarray], np.ndarray], tra
     labelled by whether the challenger is relevant. None when they are too few (< 20 with a homography) or all
     of one label: nothing to learn from."""
     rng = np.random.default_rng(seed)
-    rows, cand = [], np.full((len(candidates), width), -1, np.int64)
+    cand = np.full((len(candidates), width), -1, np.int64)
     for k, c in enumerate(candidates):
         c = rng.permutation(np.asarray(c, np.int64))[:width]
         cand[k, : len(c)] = c
-        rows.append(k)
     evidence = evidence_of(np.asarray(train_q), cand)
     evidence[cand < 0] = 0.0
     relevant = np.stack([relevant_of(int(q), c) for q, c in zip(train_q, cand)])

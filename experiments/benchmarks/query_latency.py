@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any, Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,30 +93,28 @@ def main() -> None:
         scores = score_matrix([image_features(read_image(path), cfg)], db_feats, cfg, workers=2)[0]
         return np.argsort(-scores, kind="stable")[:10]
 
-    def fused_query(path: Path) -> np.ndarray:
+    def reranked_query(path: Path, reranker: Callable[[Callable], Any], measure: Callable) -> np.ndarray:
+        """The model's top 20 of one query image, re-ranked; the query's ORB features are extracted (and timed) only
+        when the re-ranker verifies it (a confident query is skipped)."""
         with torch.inference_mode():
             emb = embed_all(module, query_inputs(inputs, [path]))
             relevance, ids = module.cross_scores(emb, db_emb).topk(20, dim=1)
 
         def verify(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-            return rerank_scores(candidates, [image_features(read_image(path), cfg)], db_feats, cfg, workers=2)
+            return measure(candidates, [image_features(read_image(path), cfg)], db_feats, cfg, workers=2)
 
-        rerank = FusedReranker(20, verify, min_inliers=12, outlier_z=5.0, skip_margin=args.skip_margin)
-        return rerank(np.array([0]), ids.numpy(), relevance.numpy())[0][0, :10]
+        return reranker(verify)(np.array([0]), ids.numpy(), relevance.numpy())[0][0, :10]
+
+    def fused_query(path: Path) -> np.ndarray:  # the old rule: inliers standing out
+        return reranked_query(path, lambda verify: FusedReranker(20, verify, min_inliers=12, outlier_z=5.0,
+                                                                 skip_margin=args.skip_margin), rerank_scores)
 
     # rerank=fused today: the same top 20, ORB + RANSAC evidence per candidate, the trust rule decides per query
     rule = trust_rule(RerankSource(dataset, query_idx=test_q, cache_dir=Path(args.cache_dir), splits=splits), 20)
 
     def trusted_query(path: Path) -> np.ndarray:
-        with torch.inference_mode():
-            emb = embed_all(module, query_inputs(inputs, [path]))
-            relevance, ids = module.cross_scores(emb, db_emb).topk(20, dim=1)
-
-        def evidence(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-            return rerank_evidence(candidates, [image_features(read_image(path), cfg)], db_feats, cfg, workers=2)
-
-        rerank = TrustedReranker(20, evidence, rule, skip_margin=args.skip_margin)
-        return rerank(np.array([0]), ids.numpy(), relevance.numpy())[0][0, :10]
+        return reranked_query(path, lambda evidence: TrustedReranker(20, evidence, rule, skip_margin=args.skip_margin),
+                              rerank_evidence)
 
     model_query(files[0]), orb_query(files[0]), fused_query(files[0]), trusted_query(files[0])  # warm-up
     model_s = [best_of(lambda: model_query(f), args.repeats) for f in files]

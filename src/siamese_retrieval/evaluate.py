@@ -389,8 +389,8 @@ def write_per_query_csv(path: Path, dataset: RetrievalDataset, ranking: Ranking,
             for i, q in enumerate(ranking.query_idx):
                 top = ranking.top_ids[i, :k]
                 precision = float(relevant[i].sum()) / 10.0
-                decided = [] if decisions is None else [int(decisions.get(i, (False, ""))[0]),
-                                                        decisions.get(i, (False, "not verified"))[1]]
+                decision = None if decisions is None else decisions.get(i, (False, "not verified"))
+                decided = [] if decision is None else [int(decision[0]), decision[1]]
                 writer.writerow([dataset.q_paths[int(q)], int(ranking.first_positive_rank[i]), f"{precision:.4f}",
                                  *(dataset.db_paths[int(j)] for j in top), *decided])
 

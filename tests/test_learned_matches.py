@@ -7,6 +7,7 @@ evaluate.py re-ranks with it end to end on the tiny city.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def test_reranker_orders_by_score_then_the_models_order() -> None:
     ({"train": {"labels": "fov"}}, "rerank.train.labels='fov': must be one of ransac, ransac_relevant"),
     ({"matching": {"ratio": 1.5}}, "rerank.matching.ratio=1.5: must be a number in (0, 1]"),
     ({"network": {"widht": 3}}, "widht"),
-    ({"combine": "mean"}, "rerank.combine='mean': must be one of replace, fused"),
+    ({"combine": "mean"}, "rerank.combine='mean': must be one of trusted, replace, fused"),
     ({"saturate": 4}, "rerank.saturate=4: must be >= rerank.min_inliers (12) or null"),
 ])
 def test_bad_settings_are_one_line_config_errors(change: dict, message: str) -> None:
@@ -245,6 +246,20 @@ def test_evaluate_with_learned_matches_on_the_tiny_city(tiny_checkpoint: Path, t
     assert sorted(cache_dir.glob("learned_matches-*.pt")) == fitted
     for name in ("recall@1", "recall@5", "mAP", "ndcg@10"):
         assert never[f"test/{name}"] == pytest.approx(never[f"test/before_rerank/{name}"], abs=1e-6)
+    # combine=trusted (the default): the same verifier, split=all; the trust rule is fitted with the verifier's
+    # agreement as a 7th feature and cached apart from rerank=fused's; every query's decision is in per_query.csv
+    from siamese_retrieval.retrieval.trusted_rerank import SECOND_OPINION, load_rule
+
+    rules = set(cache_dir.glob("trust-rule-*.json"))
+    trusted = evaluate(compose_config("eval", [o for o in overrides if o != "rerank.combine=replace"] + ["split=all"],
+                                      tmp_path / "t", cache_dir))["metrics"]
+    assert sorted(cache_dir.glob("learned_matches-*.pt")) == fitted
+    new_rules = [load_rule(p) for p in set(cache_dir.glob("trust-rule-*.json")) - rules]
+    assert len(new_rules) == 1 and new_rules[0].features == SECOND_OPINION
+    rows = list(csv.DictReader(open(tmp_path / "t" / "per_query.csv")))
+    assert rows and all(r["why"].split(":")[0] in ("re-ranked", "abstained", "kept") for r in rows)
+    assert sum(r["reranked"] == "1" for r in rows) == round(trusted["all/rerank/reranked_fraction"] * len(rows))
+    assert trusted["all/recall@10"] == pytest.approx(trusted["all/before_rerank/recall@10"], abs=1e-6)
     with pytest.raises(ConfigError, match="rerank.combine='fused' needs rerank.network.pool='inliers'"):
         evaluate(compose_config("eval", overrides + ["rerank.combine=fused", "rerank.network.pool=learned"],
                                 tmp_path / "e", cache_dir))

@@ -15,6 +15,7 @@ import pytest
 from siamese_retrieval.retrieval.orb_ransac import EVIDENCE, OrbRansacConfig, pair_evidence
 from siamese_retrieval.retrieval.trusted_rerank import (
     FEATURES,
+    SECOND_OPINION,
     TrustedReranker,
     TrustRule,
     fit_logistic,
@@ -45,6 +46,24 @@ def test_query_features_known_answer() -> None:
     np.testing.assert_allclose(features[0], [0.8, 0.75, 0.5, 1.0, 0.25, 1 / 3], rtol=1e-6)
     assert not features[1].any()
     np.testing.assert_allclose(features[2, 4:], [0.0, 1 / 3], rtol=1e-6)
+
+
+def test_a_second_verifiers_agreement_is_one_more_feature() -> None:
+    """rerank=learned_matches: a 6th evidence column (the learned verifier's score) adds `agree`, its score of the
+    RANSAC challenger over its best score; the rule then needs it: a disagreeing verifier vetoes the promotion."""
+    def row(learned: list[float]) -> list[list[float]]:
+        return [ev(5) + [learned[0]], ev(50, cover=0.9) + [learned[1]], ev(3) + [learned[2]]]
+
+    evidence = np.array([row([2.0, 8.0, 1.0]), row([8.0, 2.0, 1.0]), row([0.0, 0.0, 0.0])], np.float32)
+    best, features, _ = query_features(evidence)
+    assert best.tolist() == [1, 1, 1] and features.shape == (3, len(SECOND_OPINION))
+    np.testing.assert_allclose(features[:, -1], [1.0, 0.25, 0.0], rtol=1e-6)
+    trust = TrustRule((0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 10.0), -9.0, "test", 100, 0.5, 0.9, SECOND_OPINION)
+    rerank = TrustedReranker(3, lambda rows, cand: evidence[rows], trust)
+    ids = np.tile(np.arange(10, 15), (3, 1))
+    new_ids, _ = rerank(np.arange(3), ids, np.tile(np.linspace(0.9, 0.5, 5, dtype=np.float32), (3, 1)))
+    assert new_ids[:, 0].tolist() == [11, 10, 10]
+    assert "agree 1.00" in rerank.decisions[0][1] and rerank.decisions[1][1].startswith("abstained: challenger")
 
 
 def test_logistic_fit_separates_and_keeps_the_signs() -> None:
@@ -117,6 +136,10 @@ def test_rule_file_round_trip_and_damage(tmp_path: Path, caplog: pytest.LogCaptu
     path = tmp_path / "trust-rule.json"
     save_rule(r, path)
     assert load_rule(path) == r and r.train_accuracy == 1.0
+    second = fit_rule(np.array([[0.9, 0.8, 1, 1, 0.9, 0, 1.0], [0.1, 0.1, 0.5, 0, 0.1, 0.8, 0.2]] * 20),
+                      np.array([1.0, 0.0] * 20), "test")
+    save_rule(second, tmp_path / "second.json")
+    assert second.features == SECOND_OPINION and load_rule(tmp_path / "second.json") == second
     for text in ("not json", json.dumps({**json.loads(path.read_text()), "weights": ["__import__('os')"] * 6}),
                  json.dumps({**json.loads(path.read_text()), "bias": float("nan")})):
         path.write_text(text)

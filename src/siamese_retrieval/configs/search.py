@@ -104,10 +104,10 @@ class Rerank:
     saturate: Optional[int] = knob("null: = min_inliers", ge=1)
     outlier_z: float = knob("robust spreads above the query's median inliers", ge=0)
     skip_margin: Optional[float] = knob("null: verify every query", ge=0)
-    trust_threshold: float = knob("fused: re-rank a query when P(challenger right) >= this", gt=0, lt=1)
-    max_challenger_rank: Optional[int] = knob("fused: a challenger the model ranked below this abstains", ge=2)
-    combine: str = knob("replace: the verifier's order | fused: FusedReranker over soft inlier counts",
-                        choices=("replace", "fused"))
+    trust_threshold: float = knob("re-rank a query when P(challenger right) >= this", gt=0, lt=1)
+    max_challenger_rank: Optional[int] = knob("a challenger the model ranked below this abstains", ge=2)
+    combine: str = knob("trusted: the abstaining trust rule + the verifier's agreement | replace: the verifier's "
+                        "order | fused: FusedReranker over soft inlier counts", choices=("trusted", "replace", "fused"))
     model_weight: float = knob("verifier score + this x the model's relevance", ge=0)
     workers: int = knob(ge=1)
     features: Optional[VerifierFeatures] = node()

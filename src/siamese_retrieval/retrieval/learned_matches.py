@@ -92,7 +92,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LearnedMatchesConfig:
     top_n: int = 20
-    combine: str = "fused"  # replace: order by the verifier (+ model_weight x relevance) | fused: FusedReranker
+    combine: str = "trusted"  # trusted: rerank=fused's abstaining rule + the verifier's agreement | replace: order
+    #   by the verifier (+ model_weight x relevance) | fused: FusedReranker on soft inlier counts
+    trust_threshold: float = 0.5  # combine=trusted: re-rank a query when P(challenger right) >= this
+    max_challenger_rank: int | None = 10  # combine=trusted: a challenger the model ranked below this abstains
     model_weight: float = 0.0  # combine=replace: verifier score + model_weight x the model's relevance
     min_inliers: int = 12  # combine=fused: soft inlier count for a candidate to count as verified ...
     outlier_z: float = 5.0  # ... and this many spreads above the median of the query's top N (FusedReranker)

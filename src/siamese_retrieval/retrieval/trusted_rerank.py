@@ -17,6 +17,8 @@ inliers between different places). So each query decides for itself:
 4. A query is re-ranked (the challenger moves to rank 1, everything else keeps the model's order) only when
    P >= `trust_threshold` and the challenger is not already the model's first; otherwise the model's order
    stands. evaluate.py writes each query's decision and its reason to per_query.csv.
+
+rerank=learned_matches uses the same rule with a 7th feature, the learned verifier's agreement (SECOND_OPINION).
 """
 
 from __future__ import annotations
@@ -35,20 +37,25 @@ from siamese_retrieval.io_utils import atomic_path, stable_hash
 log = logging.getLogger(__name__)
 
 FEATURES = ("inlier_ratio", "coverage", "one_to_one", "sane", "margin", "crowd")
+# rerank=learned_matches adds a second opinion: how far the learned verifier agrees that the challenger is the
+# best candidate (its score of the challenger / its best score among the N: 1 when it agrees).
+SECOND_OPINION = FEATURES + ("agree",)
 # The direction each feature may push the probability (more coverage never makes a match less believable; a
 # crowd of candidates verifying at once never makes it more): a weight fitted against it is dropped, so the
 # rule cannot learn a quirk of its training city that would reverse on real photographs.
-SIGNS = (1, 1, 1, 1, 1, -1)
+SIGN = {"inlier_ratio": 1, "coverage": 1, "one_to_one": 1, "sane": 1, "margin": 1, "crowd": -1, "agree": 1}
+SIGNS = tuple(SIGN[f] for f in FEATURES)
 RULE_VERSION = 2
 SHORT = {"inlier_ratio": "ratio", "coverage": "cover", "one_to_one": "1:1", "sane": "sane", "margin": "margin",
-         "crowd": "crowd"}
+         "crowd": "crowd", "agree": "agree"}
 
 
 def query_features(evidence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """evidence (n, N, len(EVIDENCE)) in the model's order -> (challenger (n,), features (n, 6), verified (n,)).
 
     The challenger is the candidate with the most inliers (the model's order breaks ties); `verified` is False
-    where no candidate has a homography (features all zero there)."""
+    where no candidate has a homography (features all zero there). Evidence with one more column (a second
+    verifier's score per candidate) adds the SECOND_OPINION feature `agree`."""
     inliers = evidence[..., 0].astype(np.float64)
     n, width = inliers.shape
     best = inliers.argmax(axis=1)
@@ -57,7 +64,11 @@ def query_features(evidence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     margin = (top - second) / np.maximum(top, 1.0)
     crowd = ((inliers >= 0.5 * top[:, None]).sum(axis=1) - 1) / max(width - 1, 1)
     chosen = evidence[np.arange(n), best].astype(np.float64)
-    features = np.column_stack([chosen[:, 1], chosen[:, 2], chosen[:, 3], chosen[:, 4], margin, crowd])
+    columns = [chosen[:, 1], chosen[:, 2], chosen[:, 3], chosen[:, 4], margin, crowd]
+    if evidence.shape[-1] > 5:
+        opinion = np.maximum(evidence[..., 5].astype(np.float64), 0.0)
+        columns.append(opinion[np.arange(n), best] / np.maximum(opinion.max(axis=1), 1e-9))
+    features = np.column_stack(columns)
     verified = top > 0
     features[~verified] = 0.0
     return best, features, verified
@@ -121,8 +132,10 @@ def fit_signed(x: np.ndarray, y: np.ndarray, signs: Sequence[int] = SIGNS) -> tu
 
 
 def fit_rule(features: np.ndarray, labels: np.ndarray, source: str) -> TrustRule:
-    weights, bias = fit_signed(features, labels)
-    rule = TrustRule(tuple(float(v) for v in weights), bias, source, int(len(labels)), float(np.mean(labels)), 0.0)
+    names = FEATURES if features.shape[1] == len(FEATURES) else SECOND_OPINION
+    weights, bias = fit_signed(features, labels, tuple(SIGN[f] for f in names))
+    rule = TrustRule(tuple(float(v) for v in weights), bias, source, int(len(labels)), float(np.mean(labels)), 0.0,
+                     names)
     accuracy = float(((rule.probability(features) >= 0.5) == labels.astype(bool)).mean()) if len(labels) else 0.0
     return replace(rule, train_accuracy=accuracy)
 
@@ -144,14 +157,14 @@ def load_rule(path: Path) -> TrustRule | None:
     """The cached rule (numbers only: data, not code); None, with a warning, for a file that is not one."""
     try:
         raw = json.loads(path.read_text())
-        weights = tuple(float(v) for v in raw["weights"])
-        if raw.get("version") != RULE_VERSION or tuple(raw["features"]) != FEATURES or len(weights) != len(FEATURES):
+        weights, names = tuple(float(v) for v in raw["weights"]), tuple(raw["features"])
+        if raw.get("version") != RULE_VERSION or names not in (FEATURES, SECOND_OPINION) or len(weights) != len(names):
             raise ValueError("another version or feature set")
         values = [float(raw["bias"]), *weights]
         if not all(math.isfinite(v) for v in values):
             raise ValueError("not finite")
         return TrustRule(weights, float(raw["bias"]), str(raw["source"]), int(raw["n_train"]),
-                         float(raw["positive_rate"]), float(raw["train_accuracy"]))
+                         float(raw["positive_rate"]), float(raw["train_accuracy"]), names)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("%s: not a usable trust rule (%s); fitting it again", path, exc)
         return None
@@ -240,4 +253,10 @@ def fitted_rule(evidence_of: Callable[[np.ndarray, np.ndarray], np.ndarray], tra
     return fit_rule(features, labels, source)
 
 
-NEVER = TrustRule(tuple(0.0 for _ in FEATURES), -50.0, "nothing to learn from: every query abstains", 0, 0.0, 0.0)
+def never(features: tuple[str, ...] = FEATURES) -> TrustRule:
+    """The rule with nothing to learn from: every query abstains."""
+    return TrustRule(tuple(0.0 for _ in features), -50.0, "nothing to learn from: every query abstains", 0, 0.0, 0.0,
+                     features)
+
+
+NEVER = never()

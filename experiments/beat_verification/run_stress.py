@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerankers", nargs="+", default=list(RERANKERS))
     args = parser.parse_args(argv)
     if args.table is not None:
-        print(table(json.loads(args.table.read_text())["recall@1"]))
+        record = json.loads(args.table.read_text())
+        print(table(record["recall@1"]) + "\n\n" + provenance_line(record))
         return 0
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                   "recall@1": {s: {rr: [v for p in parts for v in p["recall@1"][s].get(rr, [])]
                                    for rr in parts[0]["recall@1"][s]} for s in parts[0]["recall@1"]}}
         if "provenance" not in record:
-            from siamese_retrieval.run_outputs import provenance
+            from siamese_retrieval.run_outputs import machine_description, provenance
 
             record["provenance"] = provenance()
         for s in record["recall@1"]:  # ORB + RANSAC alone has no checkpoint: the same number in every part
@@ -102,14 +102,25 @@ def main(argv: list[str] | None = None) -> int:
         results[s]["orb_alone"] = [evaluate(a, runs / f"{len(commands)}")["recall@1"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    from siamese_retrieval.run_outputs import provenance
+    from siamese_retrieval.run_outputs import machine_description, provenance
 
-    record = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
+    record = {"date": datetime.date.today().isoformat(),
+              "machine": machine_description(),
               "commit": commit.strip(), "provenance": provenance(), "checkpoints": [str(c) for c in args.ckpt],
               "commands": commands, "recall@1": results}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(results))
     return 0
+
+
+def provenance_line(record: dict) -> str:
+    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
+    p = record["provenance"]
+    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
+    commits = record["commit"] if isinstance(record["commit"], list) else [record["commit"]]
+    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
+    return (f"Measured {', '.join(record['date']) if isinstance(record['date'], list) else record['date']} on "
+            f"{record['machine']}; {versions}; commit {', '.join(commits)}{dirty}.")
 
 
 def table(results: dict[str, dict[str, list[float]]]) -> str:

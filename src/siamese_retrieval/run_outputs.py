@@ -183,6 +183,26 @@ PROVENANCE_PACKAGES = ("siamese-retrieval", "torch", "pytorch-lightning", "torch
                        "torchvision")
 
 
+def machine_description() -> str:
+    """'2 CPU cores, x86_64, no GPU' / '16 CPU cores, x86_64, GPU: NVIDIA H100 80GB HBM3': where a result was measured
+    (nvidia-smi's answer, so that describing the machine never imports torch)."""
+    import os
+    import platform
+    import shutil
+    import subprocess
+
+    gpu = "no GPU"
+    if shutil.which("nvidia-smi"):
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=10).stdout.split("\n")
+            names = [n.strip() for n in names if n.strip()]
+            gpu = f"GPU: {len(names)} x {names[0]}" if len(names) > 1 else f"GPU: {names[0]}" if names else gpu
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"{os.cpu_count()} CPU cores, {platform.machine()}, {gpu}"
+
+
 def provenance() -> dict[str, Any]:
     """Python and library versions (those installed) and the git commit of the package's checkout (null when it
     is not one: an installed wheel), with `git_dirty` when the checkout has uncommitted changes."""

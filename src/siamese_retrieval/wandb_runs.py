@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from omegaconf import DictConfig, OmegaConf
 

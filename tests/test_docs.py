@@ -1,0 +1,101 @@
+"""The README and docs/ are for users: short, linked, free of the project's own bookkeeping, and every
+`python train.py ...` they show composes. (Tables of results: tests/test_results_tables.py; commands run as
+typed: tests/test_readme_commands.py and tests/test_examples.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, compose_config
+
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*/README.md"))
+EXAMPLES = sorted((ROOT / "examples").glob("*/README.md"))
+USER_PAGES = [README, *DOCS, *EXPERIMENTS, *EXAMPLES]
+# wording about how the work was organised, not about the software
+BOOKKEEPING = [r"\bissue \d+", r"\bissues? \d+(, \d+)*", r"\bworkspace\b", r"shared/", r"\bgoal\b", r"this environment",
+               r"\bsessions?\b", r"[Ww]hat ran here", r"[Nn]ot run here", r"DESIGN\.md", r"RECIPE\.md"]
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def test_readme_is_short_with_contents_and_links() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250, f"README.md has {len(text.splitlines())} lines (at most 250)"
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    contents = text[text.index("**Contents:**"):].split("\n\n")[0]
+    for heading in headings:
+        anchor = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        assert f"(#{anchor})" in contents, f"the contents line does not link to '## {heading}'"
+    external = set(re.findall(r"\]\((https?://[^)]+)\)", text))
+    assert len(external) >= 8, f"only {len(external)} links to the methods, datasets and tools used"
+
+
+@pytest.mark.parametrize("page", USER_PAGES, ids=rel)
+def test_no_bookkeeping_wording(page: Path) -> None:
+    text = page.read_text()
+    for pattern in BOOKKEEPING:
+        hit = re.search(pattern, text)
+        assert hit is None, f"{rel(page)}: '{hit.group(0)}' in: {text[max(0, hit.start() - 60): hit.end() + 60]!r}"
+
+
+@pytest.mark.parametrize("page", [README, *DOCS, *EXPERIMENTS], ids=rel)
+def test_relative_links_resolve(page: Path) -> None:
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        assert (page.parent / target).exists(), f"{rel(page)}: the link to {target} leads nowhere"
+
+
+def _train_commands(text: str) -> list[str]:
+    """`python train.py ...` in code blocks (to the end of the line or a comment, backslash continuations joined)
+    and in inline code spans (which may wrap)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    commands = re.findall(r"((?:PYTHONPATH=\S+ )?python train\.py[^\n#`]*)$", joined, flags=re.M)
+    commands += [" ".join(c.split()) for c in re.findall(r"`(python train\.py[^`]*)`", joined)]
+    return sorted({" ".join(c.split()) for c in commands if "--help" not in c})  # --help: tests/test_help.py
+
+
+COMMANDS = [(page, command) for page in [README, *DOCS] for command in _train_commands(page.read_text())]
+
+
+def _launcher_plugin() -> bool:
+    return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def test_the_pages_show_train_commands() -> None:
+    assert sum(page == README for page, _ in COMMANDS) >= 10 and len(COMMANDS) >= 20
+
+
+@pytest.mark.parametrize(("page", "command"), COMMANDS, ids=[f"{rel(p)}: {c.split('train.py ')[1][:60]}" for p, c in COMMANDS])
+def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, cache_dir: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `python train.py <overrides> --cfg job` would compose, and the typed checks every run makes first.
+    A sweep composes its first job (`-m`, `a,b` -> a); `<date>`-style placeholders stay text (no file is read).
+    The SLURM launcher's own keys need its plugin (the `launchers` extra); without it they are left out."""
+    from siamese_retrieval.configs import check_config
+    from siamese_retrieval.registry import import_user_modules
+
+    if command.startswith("PYTHONPATH="):  # a module of the user's, registering its components when imported
+        folder, command = command.split(" ", 1)
+        monkeypatch.syspath_prepend(str(ROOT / folder.split("=", 1)[1]))
+    overrides = []
+    for word in command.split()[2:]:
+        word = word.strip("'\"")
+        if word in ("-m", "--multirun") or (not _launcher_plugin() and word.startswith(("hydra/launcher=",
+                                                                                       "hydra.launcher."))):
+            continue
+        key, _, value = word.partition("=")
+        if "," in value and not value.startswith("["):
+            value = value.split(",")[0]
+        overrides.append(f"{key}={value}" if _ else word)
+    cfg = compose_config("train", overrides, tmp_path, cache_dir)
+    import_user_modules(cfg.get("imports"))
+    check_config(cfg, "train")

@@ -57,9 +57,11 @@ def test_relative_links_resolve(page: Path) -> None:
 def _train_commands(text: str) -> list[str]:
     """`python train.py ...` in code blocks (to the end of the line or a comment, backslash continuations joined)
     and in inline code spans (which may wrap)."""
-    joined = re.sub(r"\\\n\s*", " ", text)
-    commands = re.findall(r"((?:PYTHONPATH=\S+ )?python train\.py[^\n#`]*)$", joined, flags=re.M)
-    commands += [" ".join(c.split()) for c in re.findall(r"`(python train\.py[^`]*)`", joined)]
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S)
+    commands = [m for b in blocks for m in re.findall(r"((?:PYTHONPATH=\S+ )?python train\.py[^\n#]*)",
+                                                      re.sub(r"\\\n\s*", " ", b))]
+    prose = re.sub(r"^```[a-z]*\n.*?^```", "", text, flags=re.M | re.S)
+    commands += re.findall(r"`(python train\.py[^`]*)`", prose)
     return sorted({" ".join(c.split()) for c in commands if "--help" not in c})  # --help: tests/test_help.py
 
 
@@ -99,3 +101,18 @@ def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, 
     cfg = compose_config("train", overrides, tmp_path, cache_dir)
     import_user_modules(cfg.get("imports"))
     check_config(cfg, "train")
+
+
+def test_the_compose_check_can_fail(tmp_path: Path, cache_dir: Path) -> None:
+    """A mistyped command in a page is caught: the same steps refuse an unknown option and a bad value."""
+    from hydra.errors import MissingConfigException
+
+    from siamese_retrieval.configs import check_config
+    from siamese_retrieval.errors import ConfigError
+
+    assert _train_commands("run `python train.py model=nope`\n\n```bash\npython train.py model.batch_size=abc  # x\n```") \
+        == ["python train.py model.batch_size=abc", "python train.py model=nope"]
+    with pytest.raises(MissingConfigException):
+        compose_config("train", ["model=nope"], tmp_path, cache_dir)
+    with pytest.raises(ConfigError, match="model.batch_size=abc"):
+        check_config(compose_config("train", ["model.batch_size=abc"], tmp_path, cache_dir), "train")

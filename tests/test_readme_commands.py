@@ -88,6 +88,18 @@ def test_experiment_runs_its_sweep_without_m(tmp_path: Path, cache_dir: Path) ->
 
 
 @pytest.mark.slow
+def test_quick_start_as_typed(tmp_path: Path, cache_dir: Path) -> None:
+    """The quick start's training command with its defaults (the default city, 10 epochs, W&B offline): the table
+    the README tells a newcomer to expect, a study's model ranking at chance."""
+    proc = run(documented("python train.py model=keypoint_snn"), tmp_path, cache_dir, timeout=900)
+    run_dir, result = only_run(tmp_path / "train")
+    assert (result["model"], result["data"], result["epochs"]) == ("keypoint_snn", "synth", 10)
+    assert "recall@10" in proc.stdout and "best checkpoint" in proc.stdout
+    assert result["metrics"]["test/recall@10"] < 0.2 and result["metrics"]["test/recall@1"] < 0.05
+    assert list(run_dir.glob("wandb/offline-run-*")) and list(run_dir.glob("checkpoints/epoch*.ckpt"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["limit", "overfit", "profiler", "fdr"])
 def test_debug_config(name: str, tmp_path: Path, cache_dir: Path) -> None:
     assert f"| `debug={name}` |" in README, f"the README's debug table no longer lists debug={name}"

@@ -1,0 +1,87 @@
+"""Every results table in the README, docs/ and experiments/ is made from the results file its experiment stored.
+
+A document shows one between `<!-- results: <file> (...) -->` and `<!-- /results -->`. This script rewrites
+each such block from its file (the table, and under it in the experiment's own README where the block has one,
+the date, machine, versions and commit):
+
+    python experiments/tables.py            # rewrite the blocks
+    python experiments/tables.py --check    # exit 1 and name the stale ones (tests/test_results_tables.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- results: (\S+) \([^)]*\) -->\n)(.*?)(\n<!-- /results -->)", re.DOTALL)
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "experiments").glob("*/README.md"))]
+
+
+@functools.lru_cache(maxsize=None)
+def _script(path: str):
+    file = ROOT / path
+    sys.path.insert(0, str(file.parent))
+    spec = importlib.util.spec_from_file_location(f"tables_{file.parent.name}_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+STRESS, MAIN = "experiments/beat_verification/run_stress.py", "experiments/main_results/run.py"
+# each stored results file -> (its table, the line saying when/where/with what it was measured)
+MAKERS: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
+    "experiments/beat_verification/results/stress.json":
+        (lambda r: _script(STRESS).table(r["recall@1"]), lambda r: _script(STRESS).provenance_line(r)),
+    "experiments/main_results/results/main.json":
+        (lambda r: _script(MAIN).table(r), lambda r: _script(MAIN).provenance_line(r)),
+}
+
+
+def renderings(results: str) -> list[str]:
+    """What a block of `results` may hold: the table, or the table and its provenance line."""
+    record = json.loads((ROOT / results).read_text())
+    table, provenance = MAKERS[results]
+    return [table(record), table(record) + "\n\n" + provenance(record)]
+
+
+def blocks() -> list[tuple[Path, str, str]]:
+    """(document, results file, what the block holds now) for every block."""
+    return [(doc, m.group(2), m.group(3)) for doc in documents() for m in BLOCK.finditer(doc.read_text())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report stale tables (exit 1)")
+    args = parser.parse_args(argv)
+    stale = []
+    for doc in documents():
+        text = doc.read_text()
+
+        def fresh(m: re.Match) -> str:
+            made = renderings(m.group(2))
+            if m.group(3) in made:
+                return m.group(0)
+            stale.append(f"{doc.relative_to(ROOT)}: {m.group(2)}")
+            keep_provenance = "\nMeasured " in m.group(3)
+            return m.group(1) + made[1 if keep_provenance else 0] + m.group(4)
+
+        new = BLOCK.sub(fresh, text)
+        if new != text and not args.check:
+            doc.write_text(new)
+    for line in stale:
+        print(("stale: " if args.check else "rewrote: ") + line)
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.ckpt:
         parser.error("give --ckpt (one per seed), --table or --merge")
+    from siamese_retrieval.run_outputs import machine_description, provenance
+
+    at_start = provenance()  # the code that runs the evaluations (the tree may change while they run)
     sets_dir = args.sets or Path(tempfile.mkdtemp(prefix="stress-sets-"))
     data = {}
     for name, make in (("repetitive", stress_sets.repetitive_set), ("viewpoint", stress_sets.viewpoint_set)):
@@ -101,12 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         commands.append("python evaluate.py " + " ".join(a))
         results[s]["orb_alone"] = [evaluate(a, runs / f"{len(commands)}")["recall@1"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    from siamese_retrieval.run_outputs import machine_description, provenance
-
     record = {"date": datetime.date.today().isoformat(),
               "machine": machine_description(),
-              "commit": commit.strip(), "provenance": provenance(), "checkpoints": [str(c) for c in args.ckpt],
+              "commit": (at_start["git_commit"] or "")[:7], "provenance": at_start,
+              "checkpoints": [str(c) for c in args.ckpt],
               "commands": commands, "recall@1": results}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(results))
@@ -119,6 +120,8 @@ def provenance_line(record: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
     commits = record["commit"] if isinstance(record["commit"], list) else [record["commit"]]
     dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
+    if record.get("note"):
+        dirty += f"; {record['note']}"
     return (f"Measured {', '.join(record['date']) if isinstance(record['date'], list) else record['date']} on "
             f"{record['machine']}; {versions}; commit {', '.join(commits)}{dirty}.")
 

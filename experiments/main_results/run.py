@@ -103,6 +103,8 @@ def provenance_line(record: dict) -> str:
     p = record["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
     dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
+    if record.get("note"):
+        dirty += f"; {record['note']}"
     return (f"Measured {record['date']} on {record['machine']}; {versions}; commit {p['git_commit'][:7]}{dirty}.")
 
 
@@ -121,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if {"cnn_snn", "cnn_snn+fused"} & set(args.rows) and not args.cnn_ckpt:
         parser.error("the cnn_snn rows need --cnn-ckpt (one per seed)")
-    results, commands = measure(args.cnn_ckpt, args.rows)
     from siamese_retrieval.run_outputs import machine_description, provenance
 
+    at_start = provenance()  # the code that runs the measurements (the tree may change while they run)
+    results, commands = measure(args.cnn_ckpt, args.rows)
+
     record = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
-              "provenance": provenance(), "published": PUBLISHED, "checkpoints": [str(c) for c in args.cnn_ckpt],
+              "provenance": at_start, "published": PUBLISHED, "checkpoints": [str(c) for c in args.cnn_ckpt],
               "commands": commands, "results": results}
     if args.merge is not None:
         old = json.loads(args.merge.read_text())

@@ -38,12 +38,31 @@ def _script(path: str):
 
 
 STRESS, MAIN = "experiments/beat_verification/run_stress.py", "experiments/main_results/run.py"
+PAIRS = "experiments/study_pair_split/run.py"
+
+
+def _sweep_table(record: dict) -> str:
+    from siamese_retrieval.compare import table_from_results
+
+    return table_from_results(record)
+
+
+def _sweep_provenance(record: dict) -> str:
+    """A stored sweep (compare.py --save-results): when, where, with what code its jobs ran."""
+    p = record["provenance"]
+    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
+    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
+    return (f"Measured {record['date']} on {record['machine']}, tabled by `{record['command']}`; {versions}; "
+            f"commit {(p.get('git_commit') or 'unknown')[:7]}{dirty}.")
 # each stored results file -> (its table, the line saying when/where/with what it was measured)
 MAKERS: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
     "experiments/beat_verification/results/stress.json":
         (lambda r: _script(STRESS).table(r["recall@1"]), lambda r: _script(STRESS).provenance_line(r)),
     "experiments/main_results/results/main.json":
         (lambda r: _script(MAIN).table(r), lambda r: _script(MAIN).provenance_line(r)),
+    "experiments/study_pair_split/results/study_pairs.json":
+        (lambda r: _script(PAIRS).table(r), lambda r: _script(PAIRS).provenance_line(r)),
+    "experiments/keypoint_count/results/sweep.json": (_sweep_table, _sweep_provenance),
 }
 
 

@@ -97,3 +97,28 @@ def test_cli_only_failed_jobs_does_not_crash(tmp_path: Path) -> None:
     missing = subprocess.run([sys.executable, str(ROOT / "compare.py"), str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+
+
+def test_stored_results_make_the_same_table_without_the_sweep(sweep: Path, tmp_path: Path) -> None:
+    """--save-results stores every job (an experiment's results/*.json); --markdown makes the same table from that
+    file alone, and a changed number changes the table."""
+    from siamese_retrieval.entry_points import compare_main
+
+    stored = tmp_path / "results" / "sweep.json"
+    assert compare_main([str(sweep), "--out", str(tmp_path / "out"), "--save-results", str(stored)]) == 0
+    record = json.loads(stored.read_text())
+    assert record["command"].startswith("python compare.py ") and record["metrics"] == ["test/recall@1", "test/mAP"]
+    assert len(record["jobs"]) == 7 and {"versions", "git_commit"} <= set(record["provenance"])
+    table = compare([sweep], out_dir=tmp_path / "again")["table"]
+    shown = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--markdown", str(stored)], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.strip() == table
+    record["jobs"][0]["metrics"]["test/recall@1"] = 0.9
+    stored.write_text(json.dumps(record))
+    changed = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--markdown", str(stored)],
+                             capture_output=True, text=True, timeout=120).stdout.strip()
+    assert changed != table and "0.4667 ± 0.3786" in changed
+    stored.write_text("[]")
+    bad = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--markdown", str(stored)], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: {stored}: not a results file")

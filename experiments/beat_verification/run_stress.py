@@ -1,5 +1,5 @@
-"""Re-rankers on the stress sets and the synthetic city's test split: the table of issue "re-ranking that never
-hurts", from the real commands.
+"""Re-rankers on the stress sets and the synthetic city's test split: does re-ranking ever hurt? From the real
+commands.
 
     python experiments/beat_verification/run_stress.py --ckpt SEED0.ckpt --ckpt SEED1.ckpt --ckpt SEED2.ckpt
     python experiments/beat_verification/run_stress.py --table results/stress.json   # the table of a stored run

@@ -53,7 +53,7 @@ import torch
 from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[2]
-GOALS = {"cpu": 1.15, "cuda": 2.0}  # issue 13: compute-only / full images/s at most this
+GOALS = {"cpu": 1.15, "cuda": 2.0}  # the target: compute-only / full images/s at most this
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

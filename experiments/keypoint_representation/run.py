@@ -1,4 +1,4 @@
-"""Issue 14's table: five ways to retrieve places from ORB keypoints, mean +- std over seeds.
+"""Five ways to retrieve places from ORB keypoints, mean +- std over seeds.
 
     python train.py experiment=keypoint_representation          # the two learned encoders x 3 seeds
     python experiments/keypoint_representation/run.py --sweep outputs/train/multirun/<date>/<time>

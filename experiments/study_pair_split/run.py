@@ -6,12 +6,19 @@ This script trains the framework's faithful `keypoint_snn` that way on the defau
 prints range accuracy on the test pairs, next to the leak-free place split that train.py uses.
 
     python experiments/study_pair_split/run.py [--seeds 0 1 2] [--epochs 10] [--cache-dir data_cache]
+    python experiments/study_pair_split/run.py --table experiments/study_pair_split/results/study_pairs.json
+
+Every number goes to results/study_pairs.json with the command, date, machine, versions and commit; --table
+prints the table of a stored file.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def study_pairs(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All sim = 1 cells plus as many sim = 0 cells, the negatives taken in order (RECIPE.md)."""
+    """All sim = 1 cells plus as many sim = 0 cells, the negatives taken in order (the study's recipe)."""
     pos = np.argwhere(sim)
     neg = np.argwhere(~sim)[: len(pos)]
     pairs = np.concatenate([pos, neg])
@@ -57,12 +64,46 @@ class Batches(IterableDataset):
                    "target": torch.from_numpy(target[sel]), "fov": torch.from_numpy(fov[q[sel], d[sel]])}
 
 
+COLUMNS = ("test_pairs", "seen", "range_acc@0.01", "range_acc@0.0005", "mean_prediction", "std_prediction")
+
+
+def table(record: dict) -> str:
+    """Markdown: a row per seed, then the mean."""
+    lines = ["| seed | test pairs | their queries also in training | range_acc@0.01 | range_acc@0.0005 | "
+             "mean prediction (std) |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    runs = record["seeds"]
+    for r in runs:
+        lines.append(f"| {r['seed']} | {r['test_pairs']} | {r['seen']:.1%} | {r['range_acc@0.01']:.4f} | "
+                     f"{r['range_acc@0.0005']:.4f} | {r['mean_prediction']:.3f} ({r['std_prediction']:.4f}) |")
+    acc = [r["range_acc@0.01"] for r in runs]
+    std = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
+    lines.append(f"| mean | | | {np.mean(acc):.4f} ± {std:.4f} | | |")
+    return "\n".join(lines)
+
+
+def provenance_line(record: dict) -> str:
+    p = record["provenance"]
+    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
+    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
+    return (f"Measured {record['date']} on {record['machine']} with `{record['command']}`; {versions}; "
+            f"commit {(p['git_commit'] or 'unknown')[:7]}{dirty}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--cache-dir", default=str(ROOT / "data_cache"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "study_pairs.json")
+    parser.add_argument("--table", type=Path, help="print the table of a stored results file and stop")
     args = parser.parse_args()
+    if args.table is not None:
+        record = json.loads(args.table.read_text())
+        print(table(record) + "\n\n" + provenance_line(record))
+        return
+    from siamese_retrieval.run_outputs import machine_description, provenance
+
+    at_start = provenance()
     quiet_known_warnings()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -73,7 +114,7 @@ def main() -> None:
     db_inputs, q_inputs = instantiate(cfg.model.inputs).build(ds, Path(args.cache_dir))
     q, d, target = study_pairs(ds.sim)
     print(f"study pairs: {len(q)} ({int(target.sum())} positive), from {len(np.unique(q))} of {ds.n_query} queries")
-    results = []
+    results, runs = [], []
     for seed in args.seeds:
         pl.seed_everything(seed, verbose=False)
         perm = np.random.default_rng(seed).permutation(len(q))
@@ -94,12 +135,22 @@ def main() -> None:
         with torch.inference_mode():
             preds = torch.cat([model(b["q"], b["d"]) for b in loader("test", False)]).numpy()
         results.append(test["test/range_acc@0.01"])
+        runs.append({"seed": seed, "test_pairs": int(len(parts["test"])), "seen": float(seen),
+                     "range_acc@0.01": float(test["test/range_acc@0.01"]),
+                     "range_acc@0.0005": float((np.abs(preds - target[parts["test"]]) < 0.0005).mean()),
+                     "mean_prediction": float(preds.mean()), "std_prediction": float(preds.std())})
         print(f"seed {seed}: test pairs {len(parts['test'])}, {seen:.1%} of their queries also in training pairs; "
               f"range_acc@0.01 = {test['test/range_acc@0.01']:.4f}, range_acc@0.0005 = "
               f"{float((np.abs(preds - target[parts['test']]) < 0.0005).mean()):.4f}, "
               f"mean prediction {preds.mean():.3f} (std {preds.std():.4f})")
     print(f"study protocol range_acc@0.01: {np.mean(results):.4f} ± {np.std(results, ddof=1) if len(results) > 1 else 0:.4f}"
           f" over {len(results)} seed(s)")
+    record = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "provenance": at_start,
+              "command": " ".join(["python experiments/study_pair_split/run.py", *sys.argv[1:]]),
+              "study_pairs": int(len(q)), "seeds": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(table(record) + "\n\n" + provenance_line(record))
 
 
 if __name__ == "__main__":

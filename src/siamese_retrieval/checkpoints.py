@@ -3,7 +3,7 @@
 A checkpoint is self-contained: `hyper_parameters` hold the encoder, loss, optimizer and head configs
 and the input builder's config (`inputs`: keypoints or images, their count or size, ORB settings), and
 `training_data` records which data, seed and split it was trained on. So `evaluate.py` and `retrieve.py`
-need nothing but the file. Reading it is the trust boundary (DESIGN.md): it is loaded with
+need nothing but the file. Reading it is the trust boundary (docs/extending.md): it is loaded with
 `weights_only=True`, every `_target_` anywhere in it is checked (trust.py: registered components, or the
 classes the user names with `trust.allow=[...]`) before anything is built, and every fault is one `UserError`
 naming the file.

@@ -406,6 +406,37 @@ def write_plot(groups: Sequence[Group], metrics: Sequence[str], path: Path, titl
     return path
 
 
+RESULTS_VERSION = 1
+
+
+def results_record(jobs: Sequence[Job], metrics: Sequence[str], command: str) -> dict[str, Any]:
+    """What an experiment stores (experiments/<name>/results/*.json) so that its table can be made again without
+    the sweep: every job's overrides, seed, status and metrics, the command, and when, where and with what code
+    the jobs ran (the first job's recorded provenance: versions and commit)."""
+    import datetime
+
+    from siamese_retrieval.run_outputs import machine_description, provenance
+
+    recorded = []
+    for job in jobs:
+        try:
+            recorded.append(json.loads(_decode(job.path / "metrics.json")).get("provenance"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    ran = next((p for p in recorded if isinstance(p, dict)), None) or provenance()
+    return {"version": RESULTS_VERSION, "date": datetime.date.today().isoformat(), "machine": machine_description(),
+            "provenance": ran, "command": command, "metrics": list(metrics),
+            "jobs": [{"overrides": j.overrides, "seed": j.seed, "status": j.status, "error": j.error,
+                      "metrics": {m: j.metrics[m] for m in metrics if m in j.metrics}} for j in jobs]}
+
+
+def table_from_results(record: dict[str, Any]) -> str:
+    """The markdown table of a stored results record (results_record), as compare.py prints it for the sweep."""
+    jobs = [Job(Path(f"job{i}"), list(j["overrides"]), j["status"], dict(j["metrics"]), j["seed"], j.get("error", ""))
+            for i, j in enumerate(record["jobs"])]
+    return markdown_table(group_jobs(jobs), record["metrics"])
+
+
 def compare(sweep_dirs: Sequence[str | Path], metrics: Sequence[str] | None = None,
             out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write comparison.md and comparison.png (into out_dir, default the first sweep dir); return what was found."""

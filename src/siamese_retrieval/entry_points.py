@@ -140,19 +140,37 @@ dir), printing the table."""
 
 
 def compare_main(argv: list[str] | None = None) -> int:
-    """`siamese-compare SWEEP_DIR [MORE_DIRS] [--metrics ...] [--out DIR]` = `python compare.py ...`.
+    """`siamese-compare SWEEP_DIR [MORE_DIRS] [--metrics ...] [--out DIR] [--save-results FILE]` = `python compare.py
+    ...`; `siamese-compare --markdown FILE` prints the table of stored results.
 
     Exit code 0 with a table, 1 when no job had metrics, 2 on a user error (one `error:` line)."""
     parser = argparse.ArgumentParser(description=COMPARE_HELP)
-    parser.add_argument("sweep_dirs", nargs="+", help="Hydra sweep directories (or single run directories)")
+    parser.add_argument("sweep_dirs", nargs="*", help="Hydra sweep directories (or single run directories)")
     parser.add_argument("--metrics", nargs="+", default=None,
                         help="metric names as in metrics.json, e.g. test/recall@1 val/mAP (default: the test metrics)")
     parser.add_argument("--out", default=None, help="where comparison.md/.png go (default: the first sweep dir)")
+    parser.add_argument("--save-results", default=None, metavar="FILE",
+                        help="also store every job's metrics, the command and the provenance as JSON (an experiment's "
+                             "results/*.json), from which --markdown makes the table again")
+    parser.add_argument("--markdown", default=None, metavar="FILE",
+                        help="print the table of a results file written by --save-results, and stop")
     args = parser.parse_args(argv)
 
-    from siamese_retrieval.compare import compare
-    from siamese_retrieval.errors import UserError
+    import json
 
+    from siamese_retrieval.compare import compare, results_record, table_from_results
+    from siamese_retrieval.errors import UserError
+    from siamese_retrieval.io_utils import atomic_write_text
+
+    if args.markdown is not None:
+        try:
+            print(table_from_results(json.loads(Path(args.markdown).read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {args.markdown}: not a results file of compare.py --save-results ({exc})", file=sys.stderr)
+            return 2
+        return 0
+    if not args.sweep_dirs:
+        parser.error("give one or more sweep directories, or --markdown FILE")
     try:
         result = compare(args.sweep_dirs, args.metrics, args.out)
     except (FileNotFoundError, UserError) as exc:
@@ -160,6 +178,12 @@ def compare_main(argv: list[str] | None = None) -> int:
         return 2
     print(result["markdown"])
     print(f"wrote {result['md_path']} and {result['png_path']}")
+    if args.save_results is not None:
+        command = "python compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        record = results_record(result["jobs"], result["metrics"], command)
+        Path(args.save_results).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.save_results), json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.save_results}")
     return 0 if result["groups"] else 1
 
 

@@ -526,7 +526,7 @@ def check_image_files(paths: Sequence[Path], check: str, max_pixels: int | None 
         raise DatasetError(f"unknown image check {check!r} (use decode, exists or none)")
 
 
-@LAYOUTS.register("contract")  # the project's own format (DESIGN.md); data.files names its files
+@LAYOUTS.register("contract")  # the project's own format (docs/datasets.md); data.files names its files
 def read_dataset(
     root: str | Path,
     files: DatasetFiles | None = None,

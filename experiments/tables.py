@@ -39,6 +39,7 @@ def _script(path: str):
 
 STRESS, MAIN = "experiments/beat_verification/run_stress.py", "experiments/main_results/run.py"
 PAIRS = "experiments/study_pair_split/run.py"
+REPRESENTATION = "experiments/keypoint_representation/run.py"
 
 
 def _sweep_table(record: dict) -> str:
@@ -49,20 +50,24 @@ def _sweep_table(record: dict) -> str:
 
 def _sweep_provenance(record: dict) -> str:
     """A stored sweep (compare.py --save-results): when, where, with what code its jobs ran."""
-    p = record["provenance"]
-    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
-    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
-    return (f"Measured {record['date']} on {record['machine']}, tabled by `{record['command']}`; {versions}; "
-            f"commit {(p.get('git_commit') or 'unknown')[:7]}{dirty}.")
+    from siamese_retrieval.run_outputs import measured_line
+
+    return measured_line(record)
+
+
+def _made_by(script: str) -> tuple[Callable[[dict], str], Callable[[dict], str]]:
+    """An experiment script's (table, provenance_line) functions."""
+    return (lambda r: _script(script).table(r), lambda r: _script(script).provenance_line(r))
+
+
 # each stored results file -> (its table, the line saying when/where/with what it was measured)
 MAKERS: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
     "experiments/beat_verification/results/stress.json":
         (lambda r: _script(STRESS).table(r["recall@1"]), lambda r: _script(STRESS).provenance_line(r)),
-    "experiments/main_results/results/main.json":
-        (lambda r: _script(MAIN).table(r), lambda r: _script(MAIN).provenance_line(r)),
-    "experiments/study_pair_split/results/study_pairs.json":
-        (lambda r: _script(PAIRS).table(r), lambda r: _script(PAIRS).provenance_line(r)),
+    "experiments/main_results/results/main.json": _made_by(MAIN),
+    "experiments/study_pair_split/results/study_pairs.json": _made_by(PAIRS),
     "experiments/keypoint_count/results/sweep.json": (_sweep_table, _sweep_provenance),
+    "experiments/keypoint_representation/results/representation.json": _made_by(REPRESENTATION),
 }
 
 

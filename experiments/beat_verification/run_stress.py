@@ -116,14 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def provenance_line(record: dict) -> str:
     """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
-    p = record["provenance"]
-    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
-    commits = record["commit"] if isinstance(record["commit"], list) else [record["commit"]]
-    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
-    if record.get("note"):
-        dirty += f"; {record['note']}"
-    return (f"Measured {', '.join(record['date']) if isinstance(record['date'], list) else record['date']} on "
-            f"{record['machine']}; {versions}; commit {', '.join(commits)}{dirty}.")
+    from siamese_retrieval.run_outputs import measured_line
+
+    return measured_line(record)
 
 
 def table(results: dict[str, dict[str, list[float]]]) -> str:

@@ -15,12 +15,14 @@ Rows (test split of the default city; every number comes from a train.py or eval
 
 Each evaluation is the command above run as a subprocess with its run directory under
 <sweep>/keypoint_representation/<row>/seed<N>; a row whose metrics.json is already there is not run again.
-Writes <sweep>/keypoint_representation/table.md and prints it.
+Writes every number, with the date, machine, versions and commit, to results/representation.json and prints the
+table; `run.py --table results/representation.json` prints the table of the stored file.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import subprocess
@@ -62,11 +64,39 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def table(record: dict) -> str:
+    """Markdown: one row per method, mean ± std over its runs."""
+    lines = [f"| method | n | {' | '.join(f'test/{m}' for m in METRICS)} |",
+             "|---|---:|" + "---:|" * len(METRICS)]
+    for name, runs in record["rows"].items():
+        cells = [mean_std([r[f"test/{m}"] for r in runs if f"test/{m}" in r]) for m in METRICS]
+        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def provenance_line(record: dict) -> str:
+    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
+    from siamese_retrieval.run_outputs import measured_line
+
+    return measured_line(record)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", type=Path, required=True, help="the train.py experiment=keypoint_representation sweep")
+    ap.add_argument("--sweep", type=Path, help="the train.py experiment=keypoint_representation sweep")
     ap.add_argument("--top-n", type=int, default=20, help="candidates re-ranked per query")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "representation.json")
+    ap.add_argument("--table", type=Path, help="print the table of a stored results file and stop")
     args = ap.parse_args()
+    if args.table is not None:
+        record = json.loads(args.table.read_text())
+        print(table(record) + "\n\n" + provenance_line(record))
+        return
+    if args.sweep is None:
+        ap.error("give --sweep (or --table)")
+    from siamese_retrieval.run_outputs import machine_description, provenance
+
+    at_start = provenance()
     jobs = sweep_jobs(args.sweep)
     out = args.sweep.resolve() / "keypoint_representation"
     rows: dict[str, list[dict]] = {}
@@ -87,15 +117,13 @@ def main() -> None:
                               [f"ckpt_path={run['checkpoint']}", f"seed={seed}", *rerank, f"rerank.top_n={args.top_n}",
                                *extra])
             rows[name].append(record)
-
-    lines = [f"| method | n | {' | '.join(f'test/{m}' for m in METRICS)} |",
-             "|---|---:|" + "---:|" * len(METRICS)]
-    for name, runs in rows.items():
-        cells = [mean_std([r[f"test/{m}"] for r in runs if f"test/{m}" in r]) for m in METRICS]
-        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} |")
-    table = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(table)
-    print(f"\n{table}\nwritten to {out / 'table.md'}")
+    keep = [f"test/{m}" for m in METRICS]
+    record = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "provenance": at_start,
+              "command": f"python experiments/keypoint_representation/run.py --sweep {args.sweep}",
+              "rows": {name: [{k: float(r[k]) for k in keep if k in r} for r in runs] for name, runs in rows.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n{table(record)}\n\n{provenance_line(record)}\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -99,13 +99,10 @@ def table(record: dict) -> str:
 
 
 def provenance_line(record: dict) -> str:
-    """When, where and with what the numbers were measured (the experiment's README shows it under the table)."""
-    p = record["provenance"]
-    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
-    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
-    if record.get("note"):
-        dirty += f"; {record['note']}"
-    return (f"Measured {record['date']} on {record['machine']}; {versions}; commit {p['git_commit'][:7]}{dirty}.")
+    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
+    from siamese_retrieval.run_outputs import measured_line
+
+    return measured_line(record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,11 +82,10 @@ def table(record: dict) -> str:
 
 
 def provenance_line(record: dict) -> str:
-    p = record["provenance"]
-    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
-    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
-    return (f"Measured {record['date']} on {record['machine']} with `{record['command']}`; {versions}; "
-            f"commit {(p['git_commit'] or 'unknown')[:7]}{dirty}.")
+    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
+    from siamese_retrieval.run_outputs import measured_line
+
+    return measured_line(record)
 
 
 def main() -> None:

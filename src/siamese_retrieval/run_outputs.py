@@ -203,6 +203,20 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores, {platform.machine()}, {gpu}"
 
 
+def measured_line(record: dict[str, Any]) -> str:
+    """'Measured <date> on <machine>[ with `<command>`]; <versions>; commit <sha>[ (with uncommitted changes)][;
+    <note>].': the line an experiment's README shows under a results table, from the results file's own record
+    (`date`, `machine`, `provenance` as provenance() gives it, optional `command` and `note`)."""
+    p = record["provenance"]
+    versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
+    dates = record["date"] if isinstance(record["date"], list) else [record["date"]]
+    command = f" with `{record['command']}`" if record.get("command") else ""
+    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
+    note = f"; {record['note']}" if record.get("note") else ""
+    return (f"Measured {', '.join(dates)} on {record['machine']}{command}; {versions}; "
+            f"commit {(p.get('git_commit') or 'unknown')[:7]}{dirty}{note}.")
+
+
 def provenance() -> dict[str, Any]:
     """Python and library versions (those installed) and the git commit of the package's checkout (null when it
     is not one: an installed wheel), with `git_dirty` when the checkout has uncommitted changes."""

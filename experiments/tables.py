@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         text = doc.read_text()
 
         def fresh(m: re.Match) -> str:
+            if not (ROOT / m.group(2)).is_file():
+                stale.append(f"{doc.relative_to(ROOT)}: {m.group(2)} (no such results file)")
+                return m.group(0)
             made = renderings(m.group(2))
             if m.group(3) in made:
                 return m.group(0)

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # where the documents and results files are
+CODE = ROOT  # where the experiment scripts are
 BLOCK = re.compile(r"(<!-- results: (\S+) \([^)]*\) -->\n)(.*?)(\n<!-- /results -->)", re.DOTALL)
 
 
@@ -29,7 +30,7 @@ def documents() -> list[Path]:
 
 @functools.lru_cache(maxsize=None)
 def _script(path: str):
-    file = ROOT / path
+    file = CODE / path
     sys.path.insert(0, str(file.parent))
     spec = importlib.util.spec_from_file_location(f"tables_{file.parent.name}_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)

@@ -41,10 +41,14 @@ def test_table_from_the_sweep_and_existing_evaluations(tmp_path: Path, monkeypat
         (out / folder).mkdir(parents=True)
         (out / folder / "metrics.json").write_text(json.dumps(
             {"status": "ok", "seconds_per_query": 0.25, "metrics": _metrics(r1)}))
-    monkeypatch.setattr(sys, "argv", ["run.py", "--sweep", str(sweep)])
-    _load().main()  # every row's metrics.json exists: nothing is run
-    table = (out / "table.md").read_text()
+    stored = tmp_path / "results" / "representation.json"
+    monkeypatch.setattr(sys, "argv", ["run.py", "--sweep", str(sweep), "--out", str(stored)])
+    run = _load()
+    run.main()  # every row's metrics.json exists: nothing is run
+    record = json.loads(stored.read_text())
+    table = run.table(record)
     assert table in capsys.readouterr().out
+    assert {"versions", "git_commit"} <= set(record["provenance"]) and record["command"].endswith(str(sweep))
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines()[2:]}
     assert rows["keypoint_set"][1:3] == ["2", "0.650 ± 0.071"]
     assert rows["keypoint_snn"][2] == "0.010 ± 0.014"

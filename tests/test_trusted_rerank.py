@@ -245,8 +245,8 @@ def test_fused_on_a_stress_set_with_split_all_writes_each_decision(stress_sets: 
     assert all("p=" in r["why"] or r["why"].endswith("no homography among the top candidates") for r in rows)
     fitted = set(cache_dir.glob("trust-rule-*.json")) - rules_before
     assert len(fitted) <= 1 and set(cache_dir.glob("trust-rule-*.json")), "the fitted rule is cached"
-    rule = load_rule(sorted(set(cache_dir.glob("trust-rule-*.json")))[0])
-    assert rule is not None and rule.features == FEATURES
+    rules = [load_rule(p) for p in cache_dir.glob("trust-rule-*.json")]  # rerank=learned_matches' too: 7 features
+    assert any(r is not None and r.features == FEATURES for r in rules)
 
 
 def test_retrieve_with_fused_reports_each_querys_decision(stress_sets: dict[str, Path], tiny_checkpoint: Path,

@@ -34,7 +34,8 @@ from tests.conftest import ROOT
 TRAIN = ["data=synth_tiny", "logger=none", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
          "+trainer.limit_val_batches=2", "test=false"]
 EVALUATE = ["data=synth_tiny", "logger=none", "rerank=learned_matches", "rerank.network.hidden=8",
-            "rerank.network.blocks=1"]  # the default training pairs: 5 batches of 64 per epoch on the tiny city
+            "rerank.network.blocks=1",  # the default training pairs: 5 batches of 64 per epoch on the tiny city
+            "rerank.combine=fused"]  # the verifier's schedule is what is tested, not the trust rule
 SWEEP = ["hparams_search=optuna", "hydra.sweeper.n_trials=1", *TRAIN]
 
 

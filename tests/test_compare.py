@@ -118,7 +118,12 @@ def test_stored_results_make_the_same_table_without_the_sweep(sweep: Path, tmp_p
     changed = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--markdown", str(stored)],
                              capture_output=True, text=True, timeout=120).stdout.strip()
     assert changed != table and "0.4667 ± 0.3786" in changed
-    stored.write_text("[]")
-    bad = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--markdown", str(stored)], capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.startswith(f"error: {stored}: not a results file")
+    for text in ("[]", '{"jobs": [1], "metrics": []}', "not json"):
+        stored.write_text(text)
+        bad = subprocess.run([sys.executable, str(ROOT / "compare.py"), "--markdown", str(stored)],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {stored}: not a results file"), bad.stderr
+        assert "Traceback" not in bad.stderr
+    (tmp_path / "a_file").write_text("")
+    assert compare_main([str(sweep), "--out", str(tmp_path / "out"), "--save-results",
+                         str(tmp_path / "a_file" / "sweep.json")]) == 2

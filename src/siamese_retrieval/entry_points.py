@@ -165,7 +165,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     if args.markdown is not None:
         try:
             print(table_from_results(json.loads(Path(args.markdown).read_text())))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"error: {args.markdown}: not a results file of compare.py --save-results ({exc})", file=sys.stderr)
             return 2
         return 0
@@ -181,8 +181,12 @@ def compare_main(argv: list[str] | None = None) -> int:
     if args.save_results is not None:
         command = "python compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
         record = results_record(result["jobs"], result["metrics"], command)
-        Path(args.save_results).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.save_results), json.dumps(record, indent=1) + "\n")
+        try:
+            Path(args.save_results).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(args.save_results), json.dumps(record, indent=1) + "\n")
+        except OSError as exc:
+            print(f"error: --save-results {args.save_results}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"wrote {args.save_results}")
     return 0 if result["groups"] else 1
 

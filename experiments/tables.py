@@ -68,6 +68,7 @@ MAKERS: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
     "experiments/main_results/results/main.json": _made_by(MAIN),
     "experiments/study_pair_split/results/study_pairs.json": _made_by(PAIRS),
     "experiments/keypoint_count/results/sweep.json": (_sweep_table, _sweep_provenance),
+    "experiments/beat_verification/results/heads.json": (_sweep_table, _sweep_provenance),
     "experiments/keypoint_representation/results/representation.json": _made_by(REPRESENTATION),
 }
 

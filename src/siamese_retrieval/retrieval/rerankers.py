@@ -160,9 +160,9 @@ def trust_rule(source: RerankSource, width: int, name: str = "rerank=fused",
     JSON. With neither, every query abstains (a warning says so). `opinion_of(dataset)` -> a second verifier over
     that dataset's queries and database adds its agreement to the evidence (`opinion_key` names it in the cache)."""
     cfg, workers = orb_config(source.orb)
-    fit = dict(cfg=cfg, workers=workers, width=width, cache_dir=source.cache_dir, name=name, opinion_of=opinion_of,
-               opinion_key=opinion_key)
     abstain = never(FEATURES if opinion_of is None else SECOND_OPINION)
+    fit = dict(cfg=cfg, workers=workers, width=width, cache_dir=source.cache_dir, name=name, opinion_of=opinion_of,
+               opinion_key=opinion_key, abstain=abstain)
     if source.splits is not None:
         rule = _fitted_trust_rule(source.dataset, source.splits, **fit)
         if rule is not None:
@@ -186,9 +186,9 @@ def trust_rule(source: RerankSource, width: int, name: str = "rerank=fused",
 
 def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers: int, width: int,
                        cache_dir: Path | None, name: str, opinion_of: Callable[[Any], Verify] | None,
-                       opinion_key: Any) -> TrustRule | None:
+                       opinion_key: Any, abstain: TrustRule) -> TrustRule | None:
     """The rule of one dataset's training split: from the cache, or fitted (seconds) and cached; None when there
-    is too little to learn from (also cached, as that answer)."""
+    is too little to learn from (also cached, as `abstain`)."""
     from dataclasses import asdict
 
     from siamese_retrieval.data.ground_truth import as_ground_truth
@@ -218,7 +218,7 @@ def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers
                        lambda q, c: truth.lookup(np.array([q]), np.maximum(c, 0)[None])[0][0],
                        source=f"{ds_name} training split", width=width) if picked else None
     if path is not None:
-        save_rule(rule or never(FEATURES if opinion_of is None else SECOND_OPINION), path)
+        save_rule(rule or abstain, path)
     return rule
 
 
@@ -266,7 +266,14 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
         train_ds, splits = source.reference()
         log.info("rerank=learned_matches: no training split here; the verifier of %s's training split",
                  train_ds.name or train_ds.root)
-    feats = dataset_features(train_ds, lm_cfg, source.cache_dir)
+    loaded: dict[int, list[Features]] = {}
+
+    def features_of(ds: Any) -> list[Features]:  # each dataset's verifier features, read from the cache once
+        if id(ds) not in loaded:
+            loaded[id(ds)] = dataset_features(ds, lm_cfg, source.cache_dir)
+        return loaded[id(ds)]
+
+    feats = features_of(train_ds)
     data = verifier_fit.TrainData(feats[train_ds.n_db :], feats[: train_ds.n_db],
                                   [train_ds.query_file(i) for i in range(train_ds.n_query)],
                                   [train_ds.db_file(j) for j in range(train_ds.n_db)], splits.train_q, splits.train_db,
@@ -276,14 +283,14 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     if ds is train_ds:
         db_feats, q_feats = data.db_feats, [data.q_feats[int(i)] for i in source.query_idx]
     else:
-        every = dataset_features(ds, lm_cfg, source.cache_dir)
+        every = features_of(ds)
         db_feats = every[: ds.n_db]
         q_feats = ([every[ds.n_db + int(i)] for i in source.query_idx] if source.query_idx is not None
                    else extract_features(list(source.query_files), lm_cfg.features, lm_cfg.workers))
     verify = lm.LearnedVerifier(net, q_feats, db_feats, lm_cfg.matching)
     if lm_cfg.combine == "trusted":  # rerank=fused's per-query abstention, the verifier's agreement one more feature
         def opinion_of(ds: Any) -> Verify:  # rows are ds's query ids
-            every = dataset_features(ds, lm_cfg, source.cache_dir)
+            every = features_of(ds)
             return lm.LearnedVerifier(net, every[ds.n_db :], every[: ds.n_db], lm_cfg.matching)
 
         rule = trust_rule(source, lm_cfg.top_n, "rerank=learned_matches", opinion_of,

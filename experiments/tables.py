@@ -49,35 +49,24 @@ def _sweep_table(record: dict) -> str:
     return table_from_results(record)
 
 
-def _sweep_provenance(record: dict) -> str:
-    """A stored sweep (compare.py --save-results): when, where, with what code its jobs ran."""
-    from siamese_retrieval.run_outputs import measured_line
-
-    return measured_line(record)
-
-
-def _made_by(script: str) -> tuple[Callable[[dict], str], Callable[[dict], str]]:
-    """An experiment script's (table, provenance_line) functions."""
-    return (lambda r: _script(script).table(r), lambda r: _script(script).provenance_line(r))
-
-
-# each stored results file -> (its table, the line saying when/where/with what it was measured)
-MAKERS: dict[str, tuple[Callable[[dict], str], Callable[[dict], str]]] = {
-    "experiments/beat_verification/results/stress.json":
-        (lambda r: _script(STRESS).table(r["recall@1"]), lambda r: _script(STRESS).provenance_line(r)),
-    "experiments/main_results/results/main.json": _made_by(MAIN),
-    "experiments/study_pair_split/results/study_pairs.json": _made_by(PAIRS),
-    "experiments/keypoint_count/results/sweep.json": (_sweep_table, _sweep_provenance),
-    "experiments/beat_verification/results/heads.json": (_sweep_table, _sweep_provenance),
-    "experiments/keypoint_representation/results/representation.json": _made_by(REPRESENTATION),
+# each stored results file -> its table (under it, an experiment's README may show run_outputs.measured_line)
+MAKERS: dict[str, Callable[[dict], str]] = {
+    "experiments/beat_verification/results/stress.json": lambda r: _script(STRESS).table(r["recall@1"]),
+    "experiments/main_results/results/main.json": lambda r: _script(MAIN).table(r),
+    "experiments/study_pair_split/results/study_pairs.json": lambda r: _script(PAIRS).table(r),
+    "experiments/keypoint_count/results/sweep.json": _sweep_table,
+    "experiments/beat_verification/results/heads.json": _sweep_table,
+    "experiments/keypoint_representation/results/representation.json": lambda r: _script(REPRESENTATION).table(r),
 }
 
 
 def renderings(results: str) -> list[str]:
     """What a block of `results` may hold: the table, or the table and its provenance line."""
+    from siamese_retrieval.run_outputs import measured_line
+
     record = json.loads((ROOT / results).read_text())
-    table, provenance = MAKERS[results]
-    return [table(record), table(record) + "\n\n" + provenance(record)]
+    table = MAKERS[results](record)
+    return [table, table + "\n\n" + measured_line(record)]
 
 
 def blocks() -> list[tuple[Path, str, str]]:

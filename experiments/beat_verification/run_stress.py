@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from siamese_retrieval.run_outputs import measured_line
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.table is not None:
         record = json.loads(args.table.read_text())
-        print(table(record["recall@1"]) + "\n\n" + provenance_line(record))
+        print(table(record["recall@1"]) + "\n\n" + measured_line(record))
         return 0
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
@@ -112,13 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(results))
     return 0
-
-
-def provenance_line(record: dict) -> str:
-    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
-    from siamese_retrieval.run_outputs import measured_line
-
-    return measured_line(record)
 
 
 def table(results: dict[str, dict[str, list[float]]]) -> str:

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from siamese_retrieval.run_outputs import measured_line
+
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("recall@1", "recall@5", "recall@10", "mAP")  # re-ranking time: experiments/benchmarks/rerank_time.py
 
@@ -74,13 +76,6 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def provenance_line(record: dict) -> str:
-    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
-    from siamese_retrieval.run_outputs import measured_line
-
-    return measured_line(record)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", type=Path, help="the train.py experiment=keypoint_representation sweep")
@@ -90,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.table is not None:
         record = json.loads(args.table.read_text())
-        print(table(record) + "\n\n" + provenance_line(record))
+        print(table(record) + "\n\n" + measured_line(record))
         return
     if args.sweep is None:
         ap.error("give --sweep (or --table)")
@@ -123,7 +118,7 @@ def main() -> None:
               "rows": {name: [{k: float(r[k]) for k in keep if k in r} for r in runs] for name, runs in rows.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\n{table(record)}\n\n{provenance_line(record)}\nwritten to {args.out}")
+    print(f"\n{table(record)}\n\n{measured_line(record)}\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from siamese_retrieval.run_outputs import measured_line
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 METRICS = ("recall@1", "recall@5", "recall@10", "mAP")
@@ -98,13 +100,6 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def provenance_line(record: dict) -> str:
-    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
-    from siamese_retrieval.run_outputs import measured_line
-
-    return measured_line(record)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cnn-ckpt", action="append", type=Path, default=[],
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.table is not None:
         record = json.loads(args.table.read_text())
-        print(table(record) + "\n\n" + provenance_line(record))
+        print(table(record) + "\n\n" + measured_line(record))
         return 0
     if {"cnn_snn", "cnn_snn+fused"} & set(args.rows) and not args.cnn_ckpt:
         parser.error("the cnn_snn rows need --cnn-ckpt (one per seed)")
@@ -134,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         record["commands"] = [c for c in old["commands"] if not any(c.startswith(p) for p in commands)] + commands
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(table(record) + "\n\n" + provenance_line(record))
+    print(table(record) + "\n\n" + measured_line(record))
     return 0
 
 

@@ -22,6 +22,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from siamese_retrieval.run_outputs import measured_line
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -81,13 +83,6 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def provenance_line(record: dict) -> str:
-    """When, where and with what the numbers were measured (shown under the table in this folder's README)."""
-    from siamese_retrieval.run_outputs import measured_line
-
-    return measured_line(record)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -98,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table is not None:
         record = json.loads(args.table.read_text())
-        print(table(record) + "\n\n" + provenance_line(record))
+        print(table(record) + "\n\n" + measured_line(record))
         return
     from siamese_retrieval.run_outputs import machine_description, provenance
 
@@ -149,7 +144,7 @@ def main() -> None:
               "study_pairs": int(len(q)), "seeds": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(table(record) + "\n\n" + provenance_line(record))
+    print(table(record) + "\n\n" + measured_line(record))
 
 
 if __name__ == "__main__":

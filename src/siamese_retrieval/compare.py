@@ -51,6 +51,7 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     error: str = ""
+    provenance: dict[str, Any] | None = None  # metrics.json's record of versions and commit, where it has one
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -209,8 +210,9 @@ def read_job(job_dir: Path) -> Job:
     except MalformedJob as exc:
         return Job(job_dir, _overrides_or_none(job_dir), "failed", error=_one_line(exc))
     error = _one_line(data.get("error", "")) if status != "ok" else ""
+    recorded = data.get("provenance")
     return Job(job_dir, overrides, status if status in ("ok", "failed") else "failed", metrics,
-               seed_of(overrides, data), error)
+               seed_of(overrides, data), error, recorded if isinstance(recorded, dict) else None)
 
 
 def _overrides_or_none(job_dir: Path) -> list[str]:
@@ -417,13 +419,7 @@ def results_record(jobs: Sequence[Job], metrics: Sequence[str], command: str) ->
 
     from siamese_retrieval.run_outputs import machine_description, provenance
 
-    recorded = []
-    for job in jobs:
-        try:
-            recorded.append(json.loads(_decode(job.path / "metrics.json")).get("provenance"))
-        except (OSError, ValueError, AttributeError):
-            pass
-    ran = next((p for p in recorded if isinstance(p, dict)), None) or provenance()
+    ran = next((j.provenance for j in jobs if j.provenance is not None), None) or provenance()
     return {"version": RESULTS_VERSION, "date": datetime.date.today().isoformat(), "machine": machine_description(),
             "provenance": ran, "command": command, "metrics": list(metrics),
             "jobs": [{"overrides": j.overrides, "seed": j.seed, "status": j.status, "error": j.error,

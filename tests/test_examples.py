@@ -165,3 +165,28 @@ def test_custom_reranker_reorders_in_evaluate_and_retrieve(tmp_path: Path, cache
         model = [r["score"] for r in results]
         reordered += model != sorted(model, reverse=True)
     assert reordered > 0  # not the model's order everywhere
+
+
+@pytest.mark.slow  # ~40 s; the registry path of a head is tested in-process (tests/test_aggregation_heads.py)
+def test_custom_head_trains_and_its_checkpoint_needs_the_import(tmp_path: Path, cache_dir: Path) -> None:
+    folder = tmp_path / "custom_head"
+    shutil.copytree(EXAMPLES / "custom_head", folder)
+    train, without_import, evaluate = readme_commands(folder / "README.md")
+
+    proc = run_in(folder, train, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = folder / "outputs" / "mac" / "checkpoints" / "last.ckpt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["hyper_parameters"]["encoder"]["aggregation"]["name"] == "mac"
+    # MAC keeps the trunk's channels: the projection takes PlainCNN's last width
+    assert raw["state_dict"]["encoder.proj.weight"].shape[1] == raw["hyper_parameters"]["encoder"]["widths"][-1]
+
+    proc = run_in(folder, without_import, cache_dir)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "aggregation.name='mac': must be one of" in lines[0] and "imports=[your_module]" in lines[0], lines[0]
+
+    proc = run_in(folder, evaluate, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((folder / "outputs" / "mac_eval" / "metrics.json").read_text())
+    assert result["model"] == "cnn_snn" and 0 <= result["metrics"]["test/recall@1"] <= 1

@@ -9,13 +9,16 @@ second run continues the study); `experiment=keypoint_vs_cnn` running its sweep 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -113,19 +116,105 @@ def test_debug_config(name: str, tmp_path: Path, cache_dir: Path) -> None:
         assert "FIT Profiler Report" in (run_dir / "fit-profile.txt").read_text()
 
 
+def bring_your_own(prefix: str) -> list[str]:
+    """The README's "Bring your own" commands that start with `prefix`, each a whole line of a ```bash block."""
+    section = README[README.index("## Bring your own"):README.index("## Documentation")]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith(prefix)]
+    assert lines, f"the README's Bring your own shows no `{prefix}` command"
+    return lines
+
+
+def run_typed(command: str, folder: Path, cache_dir: Path, small: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A README command run by bash in `folder` (where its relative paths land), this interpreter for `python`
+    and the repository's train.py for `train.py`; `small`: the overrides that keep a training short."""
+    assert command.startswith("python "), command
+    line = f"{sys.executable} " + command.removeprefix("python ").replace("train.py ", f"{ROOT / 'train.py'} ", 1)
+    line = " ".join([line, *small, f"paths.log_dir={folder / 'logs'}" if "train.py" in command else ""])
+    full_env = {**os.environ, "SIAMESE_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                **(env or {})}
+    proc = subprocess.run(["bash", "-c", line], cwd=folder, env=full_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{command}\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+PROXIES = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+TORCHVISION_STAND_IN = '''"""torchvision's models.resnet18(weights=...) for a machine where torchvision cannot import beside the CPU
+build of torch: the package's ResNet carries torchvision's parameter names; weights='DEFAULT' reads the file
+torchvision would have downloaded into $TORCH_HOME/hub/checkpoints, and nothing else."""
+import os, torch
+from siamese_retrieval.models.backbone import ResNet
+
+def resnet18(weights=None):
+    model = ResNet("resnet18", classifier=True)
+    if weights is not None:
+        cached = os.path.join(os.environ["TORCH_HOME"], "hub", "checkpoints", "resnet18-f37072fd.pth")
+        model.load_state_dict(torch.load(cached, weights_only=True))
+    return model
+'''
+
+
 @pytest.mark.slow
-def test_backbone_weights_from_a_local_file_as_the_readme_types_it(tmp_path: Path, cache_dir: Path) -> None:
-    """Bring your own: the README's two commands (save a ResNet-18 state dict, train backbone_snn on it), run as
-    typed from a copy of the working directory (the weights file lands beside train.py there: tmp_path)."""
-    save = next(line for line in README.splitlines() if line.startswith('python -c "import torch; from siamese_retrieval'
-                                                                      '.models.backbone import ResNet'))
-    train = documented("python train.py model=backbone_snn model.weights=resnet18-random.pth data=synth_tiny "
-                       "trainer.max_epochs=1")
-    env = {**os.environ, "SIAMESE_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    subprocess.run(["bash", "-c", save], cwd=tmp_path, env=env, check=True, timeout=300)
+def test_pretrained_weights_saved_and_trained_on_as_the_readme_types_them(tmp_path: Path, cache_dir: Path) -> None:
+    """Weights: the one-line save of torchvision's ImageNet ResNet-18 and the training on that file. No network:
+    the file torchvision downloads is already in $TORCH_HOME (a random ResNet-18 in torchvision's format), and the
+    proxies point nowhere. Where torchvision does not import (here: the CPU build of torch), a stand-in with its
+    one call used here is put first on PYTHONPATH."""
+    from siamese_retrieval.models.backbone import ResNet
+
+    (save,) = bring_your_own("python -c \"import torch, torchvision")
+    (train,) = bring_your_own("python train.py model=backbone_snn model.weights=resnet18.pth")
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    imagenet = ResNet("resnet18", classifier=True).state_dict()
+    torch.save(imagenet, hub / "resnet18-f37072fd.pth")
+    offline = {"TORCH_HOME": str(tmp_path / "torch_home"), **{k: "http://127.0.0.1:9" for k in PROXIES}}
+    save_env = dict(offline)
+    if importlib.util.find_spec("torchvision") is None or not torchvision_imports():
+        (tmp_path / "stand_in" / "torchvision").mkdir(parents=True)
+        (tmp_path / "stand_in" / "torchvision" / "__init__.py").write_text("from . import models\n")
+        (tmp_path / "stand_in" / "torchvision" / "models.py").write_text(TORCHVISION_STAND_IN)
+        save_env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "stand_in"), os.environ.get("PYTHONPATH", "")])
+    run_typed(save, tmp_path, cache_dir, env=save_env)
+    saved = torch.load(tmp_path / "resnet18.pth", weights_only=True)
+    assert saved.keys() == imagenet.keys() and all(torch.equal(saved[k], imagenet[k]) for k in imagenet)
+
+    run_typed(train, tmp_path, cache_dir, SMALL, env=offline)  # the stand-in only for the save
+    _, result = only_run(tmp_path / "logs" / "train")
+    assert (result["model"], result["data"], result["epochs"]) == ("backbone_snn", "synth_tiny", 1)
+
+
+def torchvision_imports() -> bool:
+    proc = subprocess.run([sys.executable, "-c", "import torchvision.models"], capture_output=True, timeout=120)
+    return proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_random_weights_saved_and_trained_on_as_the_readme_types_them(tmp_path: Path, cache_dir: Path) -> None:
+    """Weights without internet: a random ResNet-18 in torchvision's format, saved and trained on as typed."""
+    (save,) = bring_your_own('python -c "import torch; from siamese_retrieval.models.backbone import ResNet')
+    (train,) = bring_your_own("python train.py model=backbone_snn model.weights=resnet18-random.pth")
+    run_typed(save, tmp_path, cache_dir)
     assert (tmp_path / "resnet18-random.pth").stat().st_size > 40_000_000  # 11.7 M parameters in float32
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *train, f"paths.log_dir={tmp_path / 'logs'}",
-                           "logger=none"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_typed(train, tmp_path, cache_dir, ("logger=none",))
     _, result = only_run(tmp_path / "logs" / "train")
     assert result["model"] == "backbone_snn" and result["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_gsv_cities_and_a_benchmark_as_the_readme_types_them(tmp_path: Path, cache_dir: Path) -> None:
+    """Datasets and benchmarks: the synthetic city written out, converted to GSV-Cities' layout, trained on with
+    the city as the benchmark that picks the checkpoint; benchmarks.csv has the city's row."""
+    make, convert = bring_your_own("python -m siamese_retrieval.data.")
+    (train,) = bring_your_own("python train.py model=cnn_snn data=gsv_cities")
+    run_typed(make, tmp_path, cache_dir)
+    run_typed(convert, tmp_path, cache_dir)
+    assert sorted(p.name for p in (tmp_path / "gsv-cities").iterdir()) == ["Dataframes", "Images"]
+    run_typed(train, tmp_path, cache_dir, ("trainer.max_epochs=1", "logger=none"))
+    run_dir, result = only_run(tmp_path / "logs" / "train")
+    assert result["data"] == "gsv_cities"
+    (row,) = result["benchmarks"]
+    assert (row["benchmark"], row["queries"], row["database"]) == ("msls_city", 40, 120)
+    assert (run_dir / "benchmarks.csv").read_text().splitlines()[1].startswith("msls_city,contract,city,40,120,")

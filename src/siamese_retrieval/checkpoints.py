@@ -44,6 +44,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's first line: Hydra wraps a builder's error in `Error in call to target ...:`, whose
+    own first line says nothing. A registry name this process does not know (a head or layout from the user's
+    own module) gets the one override that loads it."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = _first_line(exc)
+    if "must be one of" in text:
+        text += "; a component registered by your own module loads with imports=[your_module]"
+    return text
+
+
 def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = (),
                     also: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The raw checkpoint dict, checked: a torch file, a SiameseModule checkpoint, only allowed targets
@@ -99,7 +111,7 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None,
     except UserError as exc:
         raise UserError(f"checkpoint {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - state_dict / hparams that no longer fit this code
-        raise UserError(f"checkpoint {path} (model_name={found!r}) does not fit this code: {_first_line(exc)}") from None
+        raise UserError(f"checkpoint {path} (model_name={found!r}) does not fit this code: {_root_cause(exc)}") from None
     training = raw.get("training_data")
     return LoadedCheckpoint(path, module.eval(), inputs_cfg, training if isinstance(training, dict) else {}, allow)
 

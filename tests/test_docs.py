@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, 
     A sweep composes its first job (`-m`, `a,b` -> a); `<date>`-style placeholders stay text (no file is read).
     The SLURM launcher's own keys need its plugin (the `launchers` extra); without it they are left out."""
     from siamese_retrieval.configs import check_config
-    from siamese_retrieval.registry import import_user_modules
+    from siamese_retrieval.registry import _ALL, import_user_modules
 
     if command.startswith("PYTHONPATH="):  # a module of the user's, registering its components when imported
         folder, command = command.split(" ", 1)
@@ -99,8 +100,15 @@ def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, 
             value = value.split(",")[0]
         overrides.append(f"{key}={value}" if _ else word)
     cfg = compose_config("train", overrides, tmp_path, cache_dir)
-    import_user_modules(cfg.get("imports"))
-    check_config(cfg, "train")
+    registered = {registry: dict(registry.load()._entries) for registry in _ALL.values()}
+    try:
+        import_user_modules(cfg.get("imports"))
+        check_config(cfg, "train")
+    finally:  # the user's components leave with the test: later tests on this worker see the package's own
+        for registry, entries in registered.items():
+            registry._entries = entries
+        for name in cfg.get("imports") or []:  # so that importing it again registers its components again
+            sys.modules.pop(str(name), None)
 
 
 def test_the_compose_check_can_fail(tmp_path: Path, cache_dir: Path) -> None:

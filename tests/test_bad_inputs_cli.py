@@ -64,7 +64,8 @@ def test_bad_override_is_one_line_before_torch(case, script, args, expected, tmp
     elapsed = time.perf_counter() - started
     assert_one_line(proc, expected)
     assert elapsed < 10, f"{case} took {elapsed:.1f} s"  # measured ~0.5 s; generous for a loaded machine
-    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("metrics.json"))
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert not any("/runs/" in p for p in left), f"a refused run left its directory: {left}"
 
 
 @pytest.fixture
@@ -150,3 +151,32 @@ def test_two_runs_started_in_the_same_second_keep_both(tmp_path: Path, cache_dir
         overrides = (tmp_path / "runs" / d / ".hydra" / "overrides.yaml").read_text()
         seed = json.loads((tmp_path / "runs" / d / "metrics.json").read_text())["seed"]
         assert f"seed={seed}" in overrides
+
+
+def test_only_the_claimed_run_directory_of_a_refused_run_is_removed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Hydra wrote before a refusal goes with it; a directory holding anything else, or one this process
+    did not claim (hydra.run.dir=, a resumed run), stays as it is."""
+    from siamese_retrieval import cli
+
+    def made(name: str, *files: str) -> Path:
+        run_dir = tmp_path / "runs" / "2026-12-07" / name
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        for file in ("train.log", *files):
+            (run_dir / file).write_text("x")
+        return run_dir
+
+    refused, named = made("10-00-00"), made("named")
+    monkeypatch.setattr(cli, "_claimed_run_dir", str(refused))
+    cli.remove_unused_run_dir(str(named))  # not the claimed one
+    cli.remove_unused_run_dir(str(refused))
+    assert not refused.exists() and named.exists()
+
+    used = made("10-00-01", "metrics.json")
+    monkeypatch.setattr(cli, "_claimed_run_dir", str(used))
+    cli.remove_unused_run_dir(str(used))
+    assert (used / "metrics.json").is_file()
+    monkeypatch.setattr(cli, "_claimed_run_dir", None)  # resumed: nothing was claimed
+    cli.remove_unused_run_dir(str(named))
+    assert named.exists()

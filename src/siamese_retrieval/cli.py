@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import stat
 import sys
 import traceback
@@ -51,6 +52,7 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
             if hydra_mode() == "MULTIRUN":
                 return sweeper_value(mark_job_failed(cfg, str(exc)))
             print(f"error: {exc}", file=sys.stderr)
+            remove_unused_run_dir(output_dir(cfg))
             sys.exit(2)
         except Exception as exc:  # noqa: BLE001 - a multirun job's crash must not stop the sweep's other jobs
             message = storage_error(exc, output_dir(cfg))  # full disk / unwritable place: one line too
@@ -369,8 +371,10 @@ class OutputDirCheck(_HydraCallback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         path = str(config.hydra.run.dir)
         if _timestamped(config.hydra.run, "dir"):
+            global _claimed_run_dir
             resumed = _resumed_run_dir(config)
             path = str(resumed) if resumed is not None else _claim(path, unique=True)
+            _claimed_run_dir = None if resumed is not None else path
             with read_write(config.hydra.run):
                 config.hydra.run.dir = path
         self._check(path)
@@ -431,6 +435,25 @@ def _continuable(run_dir: Path, how: str) -> None:
         check_continuable(run_dir, how)
     except UserError as exc:
         _fail(str(exc))
+
+
+_claimed_run_dir: str | None = None  # the timestamped run directory this process created (OutputDirCheck)
+
+
+def remove_unused_run_dir(path: str | None) -> None:
+    """A refused run leaves no directory behind: the one this process claimed is removed while it holds only
+    what Hydra wrote before the refusal (.hydra/ and the log), with its date folder when that is left empty.
+    A named (`hydra.run.dir=`) or resumed directory is never touched."""
+    if path is None or _claimed_run_dir is None or Path(path).resolve() != Path(_claimed_run_dir).resolve():
+        return
+    run_dir = Path(path)
+    if not run_dir.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def _fail(message: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -11,6 +14,39 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Nothing a test runs may download (weights, datasets, hub models). Subprocesses inherit these: an HTTP(S)
+# client that honours the standard variables (urllib, torch.hub, requests) reaches a closed local port.
+DEAD_PROXY = "http://127.0.0.1:9"
+for _name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+    os.environ[_name] = DEAD_PROXY
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "localhost,127.0.0.1,::1"
+
+
+class NetworkDisabled(OSError):
+    """A test tried to reach another machine."""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network() -> Iterator[None]:
+    """In the test processes themselves, a connection to anything but this machine is refused (W&B's
+    offline service and DDP's rendezvous talk over loopback and stay allowed)."""
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address: Any) -> Any:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address[0]):
+            raise NetworkDisabled(f"network disabled in tests: connect to {address!r}")
+        return real_connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", connect)
+        yield
+
+
+def _is_local(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @pytest.fixture(scope="session")

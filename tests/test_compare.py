@@ -127,3 +127,16 @@ def test_stored_results_make_the_same_table_without_the_sweep(sweep: Path, tmp_p
     (tmp_path / "a_file").write_text("")
     assert compare_main([str(sweep), "--out", str(tmp_path / "out"), "--save-results",
                          str(tmp_path / "a_file" / "sweep.json")]) == 2
+
+
+def test_run_minutes_are_a_column_where_less_is_best(tmp_path: Path) -> None:
+    """`--metrics ... minutes`: each job's elapsed_s / 60, averaged like a metric, the fastest group in bold."""
+    s = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    for i, (model, seed, elapsed) in enumerate([("fast", 0, 600.0), ("fast", 1, 720.0), ("slow", 0, 1800.0)]):
+        job = write_job(s, i, [f"model={model}", f"seed={seed}"], {"test/recall@1": 0.5 + i / 10})
+        body = json.loads((job / "metrics.json").read_text())
+        (job / "metrics.json").write_text(json.dumps({**body, "elapsed_s": elapsed}))
+    result = compare([s], metrics=["test/recall@1", "minutes"], out_dir=tmp_path / "out")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in result["markdown"].splitlines()[2:]}
+    assert rows["model=fast"].endswith("| **11.0 ± 1.4** |"), rows
+    assert rows["model=slow"].endswith("| 30.0 ± 0.0 |") and "**0.7000 ± 0.0000**" in rows["model=slow"], rows

@@ -28,7 +28,8 @@ DEFAULT_METRICS = (
 SEED_KEYS = ("seed", "+seed", "++seed")
 # overrides that never define a group: where outputs go, how the job was launched, logging
 IGNORED_PREFIXES = ("hydra.", "hydra/", "paths.", "logger", "ckpt_path", "+ckpt_path")
-LOWER_IS_BETTER = ("loss",)
+LOWER_IS_BETTER = ("loss", "minutes")
+RUN_MINUTES = "minutes"  # a job's wall time (metrics.json's elapsed_s / 60): `--metrics ... minutes` tables the cost
 
 
 class CompareError(UserError):
@@ -207,6 +208,9 @@ def read_job(job_dir: Path) -> Job:
         overrides = read_overrides(job_dir, data)
         status = str(data.get("status", "ok"))
         metrics = _read_metrics(data) if status == "ok" else {}
+        elapsed = data.get("elapsed_s")
+        if metrics and isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and elapsed >= 0:
+            metrics[RUN_MINUTES] = float(elapsed) / 60
     except MalformedJob as exc:
         return Job(job_dir, _overrides_or_none(job_dir), "failed", error=_one_line(exc))
     error = _one_line(data.get("error", "")) if status != "ok" else ""
@@ -285,8 +289,8 @@ def best_groups(groups: Sequence[Group], metric: str) -> set[int]:
     return set() if len(winners) == len(means) else winners
 
 
-def fmt(mean: float, std: float, n: int) -> str:
-    return "-" if n == 0 else f"{mean:.4f} ± {std:.4f}"
+def fmt(mean: float, std: float, n: int, digits: int = 4) -> str:
+    return "-" if n == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(groups: Sequence[Group], metrics: Sequence[str]) -> str:
@@ -297,7 +301,7 @@ def markdown_table(groups: Sequence[Group], metrics: Sequence[str]) -> str:
     for i, (g, label) in enumerate(zip(groups, labels)):
         cells = [label, str(len(g.jobs))]
         for m in metrics:
-            cell = fmt(*g.mean_std(m))
+            cell = fmt(*g.mean_std(m), digits=1 if m == RUN_MINUTES else 4)
             cells.append(f"**{cell}**" if i in best[m] else cell)
         rows.append(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]

@@ -147,7 +147,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=COMPARE_HELP)
     parser.add_argument("sweep_dirs", nargs="*", help="Hydra sweep directories (or single run directories)")
     parser.add_argument("--metrics", nargs="+", default=None,
-                        help="metric names as in metrics.json, e.g. test/recall@1 val/mAP (default: the test metrics)")
+                        help="metric names as in metrics.json, e.g. test/recall@1 val/mAP, and minutes (each run's wall "
+                             "time) (default: the test metrics)")
     parser.add_argument("--out", default=None, help="where comparison.md/.png go (default: the first sweep dir)")
     parser.add_argument("--save-results", default=None, metavar="FILE",
                         help="also store every job's metrics, the command and the provenance as JSON (an experiment's "

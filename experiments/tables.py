@@ -21,7 +21,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]  # where the documents and results files are
 CODE = ROOT  # where the experiment scripts are
-BLOCK = re.compile(r"(<!-- results: (\S+) \([^)]*\) -->\n)(.*?)(\n<!-- /results -->)", re.DOTALL)
+BLOCK = re.compile(r"(<!-- results: (\S+) \([^)]*\) -->\n)(.*?)(\n?<!-- /results -->)", re.DOTALL)
 
 
 def documents() -> list[Path]:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 return m.group(0)
             stale.append(f"{doc.relative_to(ROOT)}: {m.group(2)}")
             keep_provenance = "\nMeasured " in m.group(3)
-            return m.group(1) + made[1 if keep_provenance else 0] + m.group(4)
+            return m.group(1) + made[1 if keep_provenance else 0] + "\n" + m.group(4).lstrip("\n")  # an empty block too
 
         new = BLOCK.sub(fresh, text)
         if new != text and not args.check:

@@ -67,3 +67,18 @@ def test_a_changed_result_fails_the_check(results: str, tmp_path: Path, monkeypa
     stale = [(d, r, b) for d, r, b in tables.blocks() if b not in tables.renderings(r)]
     assert {r for _, r, _ in stale} == {results}
     assert tables.main(["--check"]) == 1
+
+
+def test_an_empty_block_is_stale_and_filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block written without its table (a new place to show a result) fails the check until tables.py fills it."""
+    results = "experiments/beat_verification/results/heads.json"
+    (tmp_path / results).parent.mkdir(parents=True)
+    (tmp_path / results).write_text((ROOT / results).read_text())
+    doc = tmp_path / "page.md"
+    doc.write_text(f"before\n\n<!-- results: {results} (python compare.py --markdown ...) -->\n<!-- /results -->\n")
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    monkeypatch.setattr(tables, "documents", lambda: [doc])
+    assert tables.main(["--check"]) == 1
+    assert tables.main([]) == 0 and tables.main(["--check"]) == 0
+    (_, shown, block), = tables.blocks()
+    assert shown == results and block == tables.renderings(results)[0]

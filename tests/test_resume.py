@@ -215,3 +215,21 @@ def wait_for_last_ckpt(log_dir: Path, proc: subprocess.Popen, stderr_file: Path,
 def wandb_ids(run: Path) -> list[str]:
     """The run ids in the names of the offline W&B files: wandb/offline-run-<time>-<id>/run-<id>.wandb."""
     return sorted(f.name.removeprefix("run-").removesuffix(".wandb") for f in run.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_the_best_is_older(tmp_path: Path, cache_dir: Path) -> None:
+    """ckpt_path=last resumes from last.ckpt, so it must hold the newest epoch. With lr=0 every epoch validates
+    the same, so the best checkpoint stays epoch 0; last.ckpt must still be epoch 2 (Lightning's own save_last
+    copy is written only when a best checkpoint is)."""
+    from siamese_retrieval.train import train
+    from tests.conftest import compose_config
+
+    out = tmp_path / "run"
+    cfg = compose_config("train", ["data=synth_tiny", "trainer.max_epochs=3", "+trainer.limit_train_batches=2",
+                                   "logger=none", "model.module.optimizer.lr=0"], out, cache_dir)
+    result = train(cfg)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["epoch00.ckpt", "last.ckpt"], ckpts
+    assert Path(result["checkpoint"]).name == "epoch00.ckpt"
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 6, (last["epoch"], last["global_step"])

@@ -81,12 +81,24 @@ class ModelCheckpoint(Built):
 
 
 @dataclass
+class LastCheckpoint(Built):
+    """checkpoints/last.ckpt after every epoch (Lightning's ModelCheckpoint without a monitor)."""
+
+    dirpath: str = knob(kind="path")
+    filename: str = knob()
+    monitor: Optional[str] = knob("null: no metric, the newest epoch replaces the one before")
+    save_top_k: int = knob(ge=1)
+    enable_version_counter: bool = knob("false: a resumed run overwrites last.ckpt")
+
+
+@dataclass
 class Callbacks:
     """conf/callbacks: Lightning callbacks by name (null: off). The package's own are typed; Lightning's are its."""
 
     retrieval_metrics: Optional[RetrievalMetrics] = node()
     retrieval_examples: Optional[RetrievalExamples] = node()
-    model_checkpoint: Optional[ModelCheckpoint] = node()
+    model_checkpoint: Optional[ModelCheckpoint] = node("the best epoch")
+    last_checkpoint: Optional[LastCheckpoint] = node("last.ckpt, every epoch (resume)")
     early_stopping: Optional[Dict[str, Any]] = knob("Lightning's EarlyStopping")
     lr_monitor: Optional[Dict[str, Any]] = knob("Lightning's LearningRateMonitor")
     model_summary: Optional[Dict[str, Any]] = knob()

@@ -40,24 +40,28 @@ def run_in(folder: Path, command: str, cache_dir: Path) -> subprocess.CompletedP
     return subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
 
+def trained_checkpoint(folder: Path, command: str, run_dir: str, cache_dir: Path) -> dict:
+    """Run an example's training command in its folder; its last checkpoint, loaded as data."""
+    proc = run_in(folder, command, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(folder / "outputs" / run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
 def test_custom_encoder_trains_and_its_checkpoint_needs_trust(tmp_path: Path, cache_dir: Path) -> None:
     folder = tmp_path / "custom_encoder"
     shutil.copytree(EXAMPLES / "custom_encoder", folder)
     train, refused, allowed = readme_commands(folder / "README.md")
 
-    proc = run_in(folder, train, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = folder / "outputs" / "tiny_custom" / "checkpoints" / "last.ckpt"
-    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    raw = trained_checkpoint(folder, train, "tiny_custom", cache_dir)
     assert raw["hyper_parameters"]["encoder"]["_target_"] == "tiny_encoder.TinyEncoder"
     assert any(k.startswith("encoder.net.") for k in raw["state_dict"])  # the user's module was trained
 
     proc = run_in(folder, refused, cache_dir)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert lines == [f"error: checkpoint outputs/tiny_custom/checkpoints/last.ckpt: refusing to instantiate "
-                     f"encoder._target_='tiny_encoder.TinyEncoder': it is not a registered component of this "
-                     f"package; if you trust that class, add trust.allow=[tiny_encoder.TinyEncoder]"]
+    assert lines == ["error: checkpoint outputs/tiny_custom/checkpoints/last.ckpt: refusing to instantiate "
+                     "encoder._target_='tiny_encoder.TinyEncoder': it is not a registered component of this "
+                     "package; if you trust that class, add trust.allow=[tiny_encoder.TinyEncoder]"]
 
     proc = run_in(folder, allowed, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,10 +177,7 @@ def test_custom_head_trains_and_its_checkpoint_needs_the_import(tmp_path: Path, 
     shutil.copytree(EXAMPLES / "custom_head", folder)
     train, without_import, evaluate = readme_commands(folder / "README.md")
 
-    proc = run_in(folder, train, cache_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = folder / "outputs" / "mac" / "checkpoints" / "last.ckpt"
-    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    raw = trained_checkpoint(folder, train, "mac", cache_dir)
     assert raw["hyper_parameters"]["encoder"]["aggregation"]["name"] == "mac"
     # MAC keeps the trunk's channels: the projection takes PlainCNN's last width
     assert raw["state_dict"]["encoder.proj.weight"].shape[1] == raw["hyper_parameters"]["encoder"]["widths"][-1]

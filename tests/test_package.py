@@ -187,6 +187,9 @@ def test_metrics_json_records_versions_and_the_code_commit(tmp_path: Path) -> No
     assert written["metrics"] == {"test/recall@1": 0.5}
     prov = written["provenance"]
     assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["python"].count(".") == 2
+    # the processor and torch's kernels: runs repeat bit for bit only on the same ones
+    assert prov["cpu"].endswith(f", torch kernels {torch.backends.cpu.get_cpu_capability()}"), prov["cpu"]
+    assert len(prov["cpu"]) > len(", torch kernels ") + len(torch.backends.cpu.get_cpu_capability())
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a checkout (CI clones one): the very commit, and whether files were changed
         assert prov["git_commit"] == head.stdout.strip() and isinstance(prov["git_dirty"], bool)

@@ -82,3 +82,16 @@ def test_an_empty_block_is_stale_and_filled(tmp_path: Path, monkeypatch: pytest.
     assert tables.main([]) == 0 and tables.main(["--check"]) == 0
     (_, shown, block), = tables.blocks()
     assert shown == results and block == tables.renderings(results)[0]
+
+
+def test_the_provenance_line_names_the_processor_when_the_results_file_recorded_it() -> None:
+    from siamese_retrieval.run_outputs import measured_line
+
+    record = {"date": "2026-12-07", "machine": "2 CPU cores, x86_64, no GPU",
+              "provenance": {"versions": {"python": "3.11.7", "torch": "2.13.0+cpu"}, "git_commit": "3415a36ffb01",
+                             "git_dirty": False}}
+    assert measured_line(record) == ("Measured 2026-12-07 on 2 CPU cores, x86_64, no GPU; python 3.11.7, torch "
+                                     "2.13.0+cpu; commit 3415a36.")
+    record["provenance"]["cpu"] = "AMD EPYC, torch kernels AVX2"
+    assert measured_line(record).startswith("Measured 2026-12-07 on 2 CPU cores, x86_64, no GPU (AMD EPYC, torch "
+                                            "kernels AVX2); python 3.11.7")

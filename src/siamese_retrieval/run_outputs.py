@@ -213,13 +213,33 @@ def measured_line(record: dict[str, Any]) -> str:
     command = f" with `{record['command']}`" if record.get("command") else ""
     dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
     note = f"; {record['note']}" if record.get("note") else ""
-    return (f"Measured {', '.join(dates)} on {record['machine']}{command}; {versions}; "
+    machine = f"{record['machine']} ({p['cpu']})" if p.get("cpu") else record["machine"]
+    return (f"Measured {', '.join(dates)} on {machine}{command}; {versions}; "
             f"commit {(p.get('git_commit') or 'unknown')[:7]}{dirty}{note}.")
 
 
+def cpu_line() -> str:
+    """'AMD EPYC, torch kernels AVX2': the processor and the vector kernels torch picked. Two machines of one kind
+    can differ here, and other kernels round differently: a training run repeats bit for bit on the same
+    processor and libraries, not necessarily on another."""
+    import platform
+    import sys
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    torch = sys.modules.get("torch")  # not imported for this: a cheap call must stay cheap
+    capability = getattr(getattr(getattr(torch, "backends", None), "cpu", None), "get_cpu_capability", None)
+    return f"{model}, torch kernels {capability()}" if capability else model
+
+
 def provenance() -> dict[str, Any]:
-    """Python and library versions (those installed) and the git commit of the package's checkout (null when it
-    is not one: an installed wheel), with `git_dirty` when the checkout has uncommitted changes."""
+    """Python and library versions (those installed), the CPU (cpu_line) and the git commit of the package's
+    checkout (null when it is not one: an installed wheel), with `git_dirty` when it has uncommitted changes."""
     import platform
     import subprocess
     from importlib import metadata
@@ -243,7 +263,7 @@ def provenance() -> dict[str, Any]:
         commit = git("rev-parse", "HEAD")
         status = git("status", "--porcelain", "--untracked-files=no") if commit else None
         dirty = bool(status) if status is not None else None
-    return {"versions": versions, "git_commit": commit, "git_dirty": dirty}
+    return {"versions": versions, "cpu": cpu_line(), "git_commit": commit, "git_dirty": dirty}
 
 
 def finish_loggers(loggers: list[Any]) -> None:

@@ -308,16 +308,6 @@ def _specs(n_db: int, n_q: int, n: int, kind: _Kind) -> dict[str, tuple[tuple[in
     return specs
 
 
-def feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shape and dtype of every `KeypointFeatures` array."""
-    return _specs(n_db, n_q, n, _KINDS[OrbConfig])
-
-
-def set_feature_specs(n_db: int, n_q: int, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Shape and dtype of every `KeypointSetFeatures` array."""
-    return _specs(n_db, n_q, n, _KINDS[KeypointSetConfig])
-
-
 def _dataset_arrays(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.PathLike | None,
                     workers: int) -> dict[str, np.ndarray]:
     kind = _KINDS[type(cfg)]

@@ -192,7 +192,8 @@ CASES = [
     Case("views_other_field_by_train_views_py", "train.py",
          [*TRAIN, "data.train_views={preset:tiny,n_streets:1,street_length_m:abc}"],
          "error: data.train_views.street_length_m=abc: must be a number"),
-    Case("views_valid", "train.py", [*TRAIN, VIEWS.format(preset="tiny", n=1, q=2, first="null")], None),
+    Case("views_valid", "train.py", [*TRAIN, VIEWS.format(preset="tiny", n=1, q=2, first="null")], None,
+         marks=SLOW),  # test_train_views.py trains with a training-only city in the default suite
     # 3. a node the config cannot build
     Case("trainer_unknown_keyword", "train.py", [*TRAIN, "+trainer.no_such_arg=1"],
          "error: trainer: cannot build pytorch_lightning.Trainer: Trainer.__init__() got an unexpected keyword "

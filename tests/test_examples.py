@@ -47,6 +47,7 @@ def trained_checkpoint(folder: Path, command: str, run_dir: str, cache_dir: Path
     return torch.load(folder / "outputs" / run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow  # like the other examples: a training run and three evaluations as subprocesses (25 s)
 def test_custom_encoder_trains_and_its_checkpoint_needs_trust(tmp_path: Path, cache_dir: Path) -> None:
     folder = tmp_path / "custom_encoder"
     shutil.copytree(EXAMPLES / "custom_encoder", folder)

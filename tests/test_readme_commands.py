@@ -63,7 +63,8 @@ def test_optuna_search_on_a_fresh_log_dir_and_continued(tmp_path: Path, cache_di
     optuna = pytest.importorskip("optuna")
     args = documented("python train.py hparams_search=optuna hydra.sweeper.n_trials=20")
     # trials return val/recall@1: the test split is not needed
-    args = [a for a in args if not a.startswith("hydra.sweeper.n_trials=")] + ["hydra.sweeper.n_trials=2", *SMALL,
+    args = [a for a in args if not a.startswith("hydra.sweeper.n_trials=")] + ["hydra.sweeper.n_trials=1", *SMALL,
+                                                                              "+trainer.limit_train_batches=2",
                                                                               "test=false"]
     db = tmp_path / "optuna" / "keypoint_snn-synth_tiny.db"  # the default storage: <log_dir>/optuna/<model>-<data>.db
     assert not db.parent.exists()
@@ -72,11 +73,11 @@ def test_optuna_search_on_a_fresh_log_dir_and_continued(tmp_path: Path, cache_di
     run(args, tmp_path, cache_dir)  # the same command again continues the study
 
     study = optuna.load_study(study_name="keypoint_snn-synth_tiny", storage=f"sqlite:///{db}")
-    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert [t.number for t in study.trials] == [0, 1]
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     sweeps = sorted((tmp_path / "train" / "multirun").glob("*/*"))  # no -m typed: hydra.mode is MULTIRUN
     assert len(sweeps) == 2, sweeps
-    assert all(sorted(p.parent.name for p in s.glob("*/metrics.json")) == ["0", "1"] for s in sweeps)
+    assert all(sorted(p.parent.name for p in s.glob("*/metrics.json")) == ["0"] for s in sweeps)
 
 
 def test_experiment_runs_its_sweep_without_m(tmp_path: Path, cache_dir: Path) -> None:

@@ -233,8 +233,7 @@ def cpu_line() -> str:
         pass
     model = model or platform.processor() or platform.machine()
     torch = sys.modules.get("torch")  # not imported for this: a cheap call must stay cheap
-    capability = getattr(getattr(getattr(torch, "backends", None), "cpu", None), "get_cpu_capability", None)
-    return f"{model}, torch kernels {capability()}" if capability else model
+    return f"{model}, torch kernels {torch.backends.cpu.get_cpu_capability()}" if torch is not None else model
 
 
 def provenance() -> dict[str, Any]:

@@ -93,10 +93,10 @@ def test_gem_default_keeps_todays_checkpoint_keys() -> None:
 
 def test_head_by_bare_name_and_bad_names() -> None:
     assert isinstance(PlainCNN(**SMALL, aggregation="netvlad").pool, NetVLAD)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         PlainCNN(**SMALL, aggregation={"name": "netvlda"})
     assert str(info.value) == "aggregation.name='netvlda': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you mean netvlad?)"
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['k'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['k'\]"):
         PlainCNN(**SMALL, aggregation={"name": "netvlad", "k": 3})
     with pytest.raises(ValueError, match=r"whiten_dim=32: must be in \[1, 16\]"):
         PlainCNN(**SMALL, whiten_dim=32)

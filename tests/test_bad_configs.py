@@ -107,6 +107,8 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("train", ["model=cnn_snn", "model.module.scheduler.T_max=0"],
      "model.module.scheduler.T_max=0: must be an integer >= 1 or null"),
     ("train", ["model.module.encoder.dropout=1"], "model.module.encoder.dropout=1: must be a number in [0, 1)"),
+    ("train", ["model=backbone_snn", "model.stages=2", "model.freeze_stages=4"],
+     "model.module.encoder.freeze_stages=4: must be <= 3 (the stem + model.module.encoder.stages=2)"),
     # ------------------------------------------------------------ train: data
     ("train", ["data.pairs.preset=x"], "data.pairs.preset='x': must be one of study, default, light"),
     ("train", ["data.pairs.target=rank"], "data.pairs.target='rank': must be one of sim, fov"),

@@ -118,11 +118,11 @@ def test_encoder_options_and_errors() -> None:
     assert raw.shape == (3, 16) and not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-3)
     with pytest.raises(ValueError, match="expects 48 keypoints"):
         KeypointSetEncoder(**SMALL)(random_batch(n=20, valid=(20, 20, 20)))
-    with pytest.raises(ValueError, match="pooling.name"):
+    with pytest.raises(ConfigError, match="pooling.name"):
         KeypointSetEncoder(**SMALL, pooling="max")
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown key"):
         KeypointSetEncoder(**SMALL, pooling={"name": "gem", "p": 3})
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ConfigError, match=r"encoder.n_heads=5: must divide encoder.d_model \(32\)"):
         KeypointSetEncoder(**{**SMALL, "n_heads": 5})
 
 
@@ -150,7 +150,7 @@ def test_inference_chunks_only_without_autograd(monkeypatch) -> None:
     with torch.no_grad():
         enc(batch)
     assert sizes == [5, 2, 2, 1]
-    with pytest.raises(ValueError, match="inference_chunk must be >= 1 or null, got 0"):
+    with pytest.raises(ConfigError, match="encoder.inference_chunk=0: must be an integer >= 1 or null"):
         KeypointSetEncoder(**SMALL, inference_chunk=0)
 
 
@@ -186,7 +186,7 @@ def test_gem_pooling_width() -> None:
     enc = KeypointSetEncoder(**SMALL, n_layers=0, pooling={"name": "gem", "dim": 100})
     assert enc.pool.out_dim == 100 and enc.proj.in_features == 100
     assert enc(random_batch()).shape == (3, 16)
-    with pytest.raises(ValueError, match="pooling.dim"):
+    with pytest.raises(ConfigError, match="pooling.dim=0: must be an integer >= 1 or null"):
         KeypointSetEncoder(**SMALL, pooling={"name": "gem", "dim": 0})
 
 

@@ -254,6 +254,8 @@ def check_fields(obj: Any, schema: type, prefix: str) -> None:
 
 def _plain(value: Any) -> Any:
     """Lists for tuples, python numbers for numpy scalars: the values a composed config would hold."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

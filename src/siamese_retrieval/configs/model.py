@@ -139,7 +139,7 @@ class Encoder(Built):
     gem_p: float = knob(gt=0)
     gem_learnable: bool = knob()
     normalize: bool = knob()
-    input_norm: str = knob("models/cnn.py INPUT_NORMS", choices=("fixed", "per_image"))
+    input_norm: str = knob("models/cnn.py: ImageNet constants or per-image statistics", choices=("fixed", "per_image"))
     channels_last: bool = knob("NHWC convolutions: a speed choice, same numbers")
     backbone: str = knob("backbone_snn: the model's backbone")
     weights: Optional[str] = knob("backbone_snn: a local state dict; null: random init", kind="path")
@@ -162,6 +162,9 @@ class Encoder(Built):
         projected = not (isinstance(agg, dict) and agg.get("project") is False)
         if projected and is_int(whiten) and is_int(dim) and whiten > dim:
             raise ConfigError(f"{at}whiten_dim={whiten}: must be <= {at}embedding_dim ({dim}), the size it whitens")
+        stages, frozen = get("stages"), get("freeze_stages")
+        if is_int(stages) and is_int(frozen) and frozen > stages + 1:
+            raise ConfigError(f"{at}freeze_stages={frozen}: must be <= {stages + 1} (the stem + {at}stages={stages})")
         d_model, heads = get("d_model"), get("n_heads")
         if is_int(d_model) and is_int(heads) and heads >= 1 and d_model % heads:
             raise ConfigError(f"{at}n_heads={heads}: must divide {at}d_model ({d_model})")

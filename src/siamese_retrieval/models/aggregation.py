@@ -26,6 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Aggregation
+from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.registry import AGGREGATIONS, unknown_choice
 
 # Every knob of every head, with its default; a head ignores the others' knobs (one config node holds all, so
@@ -33,42 +36,29 @@ from siamese_retrieval.registry import AGGREGATIONS, unknown_choice
 AGGREGATION_DEFAULTS: dict[str, Any] = {"name": "gem", "project": True, "clusters": 32, "channels": 64,
                                         "pool": (2, 2), "rows": 4, "depth": 4, "mlp_ratio": 1.0, "queries": 64,
                                         "layers": 2, "cluster_dim": 128, "token_dim": 256}
-POSITIVE_INT_KNOBS = ("clusters", "channels", "rows", "depth", "queries", "layers", "cluster_dim", "token_dim")
 
 
 def named_knobs(value: str | Mapping[str, Any] | None, defaults: Mapping[str, Any], names: Sequence[str],
                 what: str) -> dict[str, Any]:
     """A name or a {name, knobs} node -> `defaults` updated by it. Unknown keys and an unknown name are a
-    ValueError naming `what` (the config node: aggregation, pooling). Shared by the CNN's heads and keypoint_set's
+    ConfigError naming `what` (the config node: aggregation, pooling). Shared by the CNN's heads and keypoint_set's
     poolings, whose config nodes work the same way."""
     given = {"name": value} if isinstance(value, str) else dict(value or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"{what}: unknown key(s) {unknown}; known: {sorted(defaults)}")
+        raise ConfigError(f"{what}: unknown key(s) {unknown}; known: {sorted(defaults)}")
     cfg = {**defaults, **given}
     if cfg["name"] not in names:
-        raise ValueError(unknown_choice(f"{what}.name", cfg["name"], tuple(names)))
+        raise ConfigError(unknown_choice(f"{what}.name", cfg["name"], tuple(names)))
     return cfg
 
 
-def is_positive_int(value: Any) -> bool:
-    """An int >= 1 (a bool is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def aggregation_config(aggregation: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """A head name or {name, knobs} -> the full, checked knob dict (ValueError names a bad value)."""
+    """A head name or {name, knobs} -> the full knob dict, checked against the config schema (the same one-line
+    ConfigError as on the command line)."""
     cfg = named_knobs(aggregation, AGGREGATION_DEFAULTS, AGGREGATIONS.names(), "aggregation")
-    pool = tuple(cfg["pool"]) if isinstance(cfg["pool"], Sequence) else ()
-    if len(pool) != 2 or not all(isinstance(s, int) and s >= 1 for s in pool):
-        raise ValueError(f"aggregation.pool={cfg['pool']!r}: must be two integers >= 1 (s1, s2)")
-    for key in POSITIVE_INT_KNOBS:
-        if not is_positive_int(cfg[key]):
-            raise ValueError(f"aggregation.{key}={cfg[key]!r}: must be an integer >= 1")
-    ratio = cfg["mlp_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
-        raise ValueError(f"aggregation.mlp_ratio={ratio!r}: must be a number > 0")
-    return {**cfg, "pool": pool, "project": bool(cfg["project"])}
+    check_fields(cfg, Aggregation, "aggregation")
+    return {**cfg, "pool": tuple(cfg["pool"]), "project": bool(cfg["project"])}
 
 
 class NetVLAD(nn.Module):

@@ -30,6 +30,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Encoder
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.models.cnn import RGB_MEAN, RGB_STD, PooledEncoder
 from siamese_retrieval.registry import ENCODERS
@@ -268,10 +270,7 @@ class BackboneEncoder(PooledEncoder):
         timm_name = backbone[len("timm:"):] if backbone.startswith("timm:") else None
         if timm_name is None and backbone not in ARCHITECTURES:
             raise ValueError(f"backbone={backbone!r}: must be one of {', '.join(ARCHITECTURES)} or timm:<name>")
-        if not isinstance(stages, int) or not 1 <= stages <= 4:
-            raise ValueError(f"stages={stages!r}: must be 1, 2, 3 or 4 (the residual stages kept)")
-        if not isinstance(freeze_stages, int) or not 0 <= freeze_stages <= stages + 1:
-            raise ValueError(f"freeze_stages={freeze_stages!r}: must be in [0, {stages + 1}] (stem + {stages} stages)")
+        check_fields(dict(stages=stages, freeze_stages=freeze_stages), Encoder, "encoder")
         self.backbone, self.freeze_stages = backbone, freeze_stages
         self.features: ResNet | TimmTrunk = (TimmTrunk(timm_name, stages, weights) if timm_name
                                              else ResNet(backbone, stages))

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Encoder
 from siamese_retrieval.models.aggregation import NetVLAD, PCAWhitening, aggregation_config
 from siamese_retrieval.registry import AGGREGATIONS, ENCODERS
 
@@ -25,8 +27,7 @@ RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 # fixed: (x/255 - mean) / std with the constants above. per_image: each image's channels standardised by
 # their own mean and std, so a global exposure or colour-cast change (night, dusk, another camera's white
-# balance) is removed before the first convolution (gray-world colour constancy).
-INPUT_NORMS = ("fixed", "per_image")
+# balance) is removed before the first convolution (gray-world colour constancy). The choices: configs/model.py.
 
 
 class GeM(nn.Module):
@@ -146,13 +147,9 @@ class PlainCNN(PooledEncoder):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
+        check_fields(dict(in_channels=in_channels, widths=list(widths), blocks_per_stage=blocks_per_stage,
+                          input_norm=input_norm), Encoder, "encoder")
         self.input_norm = input_norm
-        if not widths:
-            raise ValueError("PlainCNN needs at least one stage width")
-        if blocks_per_stage < 1:
-            raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}")
         layers: list[nn.Module] = []
         cin = in_channels
         for width in widths:

@@ -11,15 +11,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Encoder
 from siamese_retrieval.registry import ENCODERS
 
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
 def activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; available: {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    return _ACTIVATIONS[name]()  # the names: configs/model.py ACTIVATIONS (checked there)
 
 
 @ENCODERS.register("keypoint_mlp")
@@ -44,8 +44,9 @@ class KeypointMLP(nn.Module):
         use_geometry: bool = False,
     ) -> None:
         super().__init__()
-        if descriptor_encoding not in ("bytes", "bits"):
-            raise ValueError(f"descriptor_encoding must be 'bytes' or 'bits', got {descriptor_encoding!r}")
+        check_fields(dict(n_keypoints=n_keypoints, hidden=list(hidden), activation_name=activation_name,
+                          final_activation=final_activation, descriptor_encoding=descriptor_encoding),
+                     Encoder, "encoder")
         self.n_keypoints = n_keypoints
         self.descriptor_encoding = descriptor_encoding
         self.use_geometry = use_geometry

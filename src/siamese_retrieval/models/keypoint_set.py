@@ -26,7 +26,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from siamese_retrieval.data.keypoints import DESC_BYTES, N_SET_FEATURES
-from siamese_retrieval.models.aggregation import is_positive_int, named_knobs
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Encoder, KeypointPooling
+from siamese_retrieval.models.aggregation import named_knobs
 from siamese_retrieval.registry import ENCODERS, KEYPOINT_POOLINGS
 
 # Every knob of every pooling, with its default; a pooling ignores the others' knobs (one config node holds all,
@@ -37,15 +39,9 @@ _BITS = DESC_BYTES * 8
 
 
 def pooling_config(pooling: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """A pooling name or {name, knobs} -> the full, checked knob dict (ValueError names a bad value)."""
+    """A pooling name or {name, knobs} -> the full knob dict, checked against the config schema."""
     cfg = named_knobs(pooling, POOLING_DEFAULTS, KEYPOINT_POOLINGS.names(), "pooling")
-    for key in ("queries", "clusters"):
-        if not is_positive_int(cfg[key]):
-            raise ValueError(f"pooling.{key}={cfg[key]!r}: must be an integer >= 1")
-    if cfg["dim"] is not None and not is_positive_int(cfg["dim"]):
-        raise ValueError(f"pooling.dim={cfg['dim']!r}: must be an integer >= 1 or null")
-    if not float(cfg["gem_p"]) > 0:
-        raise ValueError(f"pooling.gem_p={cfg['gem_p']!r}: must be > 0")
+    check_fields(cfg, KeypointPooling, "pooling")
     return cfg
 
 
@@ -312,13 +308,10 @@ class KeypointSetEncoder(nn.Module):
         inference_chunk: int | None = 128,
     ) -> None:
         super().__init__()
-        if inference_chunk is not None and int(inference_chunk) < 1:
-            raise ValueError(f"inference_chunk must be >= 1 or null, got {inference_chunk}")
+        check_fields(dict(n_keypoints=n_keypoints, d_model=d_model, token_hidden=token_hidden, n_heads=n_heads,
+                          pos_frequencies=pos_frequencies, n_layers=n_layers, ff_mult=ff_mult,
+                          inference_chunk=inference_chunk), Encoder, "encoder")
         self.inference_chunk = None if inference_chunk is None else int(inference_chunk)
-        if not 0 <= int(n_layers) <= 8:
-            raise ValueError(f"n_layers must be in [0, 8], got {n_layers}")
-        if int(pos_frequencies) < 0:
-            raise ValueError(f"pos_frequencies must be >= 0, got {pos_frequencies}")
         self.n_keypoints, self.d_model = int(n_keypoints), int(d_model)
         self.pos_frequencies, self.use_geometry = int(pos_frequencies), bool(use_geometry)
         self.normalize, self.embedding_dim = bool(normalize), int(embedding_dim)

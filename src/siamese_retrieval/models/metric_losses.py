@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import MultiSimilarityTerm
 from siamese_retrieval.models.losses import PairOutput
 from siamese_retrieval.registry import LOSSES
 
@@ -49,11 +51,8 @@ class MultiSimilarity(nn.Module):
         super().__init__()
         from pytorch_metric_learning import losses, miners
 
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not value > 0:
-                raise ValueError(f"MultiSimilarity: {name} must be > 0, got {value}")
-        if miner_epsilon is not None and miner_epsilon < 0:
-            raise ValueError(f"MultiSimilarity: miner_epsilon must be >= 0 or null, got {miner_epsilon}")
+        check_fields(dict(alpha=alpha, beta=beta, base=base, miner_epsilon=miner_epsilon), MultiSimilarityTerm,
+                     "loss.terms.ms")
         self.alpha, self.beta, self.base, self.pos_fov = float(alpha), float(beta), float(base), float(pos_fov)
         self.loss = losses.MultiSimilarityLoss(alpha=self.alpha, beta=self.beta, base=self.base)
         self.miner = miners.MultiSimilarityMiner(epsilon=float(miner_epsilon)) if miner_epsilon is not None else None

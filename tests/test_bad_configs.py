@@ -128,6 +128,12 @@ CASES: list[tuple[str, list[str], str | None]] = [
      "callbacks.model_checkpoint.monitor='val/mAP': with callbacks.retrieval_metrics.search_k=50 the metric is "
      "val/mAP@50; set callbacks.model_checkpoint.monitor=val/mAP@50 (or val/recall@1)"),
     ("train", ["callbacks.retrieval_metrics.search_k=50", "callbacks.model_checkpoint.monitor=val/mAP@50"], None),
+    ("train", ["callbacks.retrieval_metrics.search_k=2", "callbacks.model_checkpoint.monitor=val/recall@1"],
+     "callbacks.retrieval_metrics.search_k=2: must be >= 10, the largest of its top_ks and ndcg_k (streaming metrics "
+     "are read from each query's top search_k)"),
+    ("eval", ["ckpt_path=x.ckpt", "search_k=5", "top_ks=[1,20]"],
+     "search_k=5: must be >= 20, the largest of its top_ks and ndcg_k (streaming metrics are read from each "
+     "query's top search_k)"),
     ("train", ["index.kind=hnsw"], "index.kind='hnsw': must be one of flat, ivf, ivfpq, factory"),
     ("train", ["index=ivf", "index.nlist=0"], "index.nlist=0: must be an integer >= 1 or null"),
     ("train", ["index=ivfpq", "index.pq_bits=0"], "index.pq_bits=0: must be an integer >= 1"),

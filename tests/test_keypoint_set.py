@@ -309,7 +309,7 @@ def test_inputs_build_and_augment(tmp_path: Path) -> None:
     assert plain.augment(db) is db
     with pytest.raises(ValueError, match="unknown keypoint set parameter"):
         KeypointSetInputs(n_keypoint=64)
-    with pytest.raises(ValueError, match="keypoint_dropout"):
+    with pytest.raises(ConfigError, match=r"^model.inputs.keypoint_dropout=1.0: must be a number in \[0, 1\)$"):
         KeypointSetInputs(keypoint_dropout=1.0)
 
 

@@ -157,9 +157,9 @@ def test_distance_round_trips_through_faiss_metrics() -> None:
 def test_settings_reject_bad_values() -> None:
     from siamese_retrieval.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"top_ks must be integers >= 1, got \[0\]"):
+    with pytest.raises(ConfigError, match=r"^top_ks=\[0\]: every entry must be an integer >= 1$"):
         RankingSettings(top_ks=(0,))
-    with pytest.raises(ConfigError, match="query_chunk must be >= 1"):
+    with pytest.raises(ConfigError, match="^query_chunk=0: must be an integer >= 1$"):
         RankingSettings.from_config({"query_chunk": 0})
     s = RankingSettings.from_config({"top_ks": [1, 5], "index": {"kind": "ivf"}, "unrelated": 3})
     assert s.top_ks == (1, 5) and s.index.kind == "ivf"

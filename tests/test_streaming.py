@@ -174,9 +174,9 @@ def test_streaming_never_builds_a_query_by_database_block() -> None:
 
 
 def test_search_k_must_cover_the_cut_offs() -> None:
-    with pytest.raises(ConfigError, match=r"search_k=5 must be >= the largest top_ks / ndcg_k \(10\)"):
+    with pytest.raises(ConfigError, match=r"^search_k=5: must be >= 10, the largest of its top_ks and ndcg_k"):
         RankingSettings(search_k=5)
-    with pytest.raises(ConfigError, match="search_k must be null or an integer >= 1"):
+    with pytest.raises(ConfigError, match="search_k=0: must be an integer >= 1 or null"):
         RankingSettings.from_config({"search_k": 0})
     assert RankingSettings.from_config({"search_k": None}).search_k is None
     assert RankingSettings.from_config({"search_k": 100}).search_k == 100

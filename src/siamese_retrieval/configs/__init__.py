@@ -30,7 +30,7 @@ from siamese_retrieval.configs.data import Data
 from siamese_retrieval.configs.fields import ABSENT, Getter, Rule, Walk, knob, node, rules
 from siamese_retrieval.configs.model import SEED_RANGE, Model
 from siamese_retrieval.configs.search import Index, OrbBow, OrbRansac, Rerank
-from siamese_retrieval.configs.training import Callbacks, Logger, Trainer
+from siamese_retrieval.configs.training import Callbacks, Logger, Trainer, check_search_k
 
 __all__ = ["SCHEMAS", "TASKS", "check_config", "knob", "node", "register_schemas", "task_rules", "TrainConfig",
            "EvalConfig", "RetrieveConfig"]
@@ -111,6 +111,10 @@ class EvalConfig(Common):
     orb_bow: Optional[OrbBow] = node()
     grid: Optional[EvalGrid] = node()
     logger: Optional[Logger] = node()
+
+    @staticmethod
+    def check(get: Getter, at: str) -> None:
+        check_search_k(get, at)
 
 
 @dataclass

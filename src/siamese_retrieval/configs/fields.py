@@ -245,7 +245,7 @@ def check_fields(obj: Any, schema: type, prefix: str) -> None:
     """The schema's check for a config object built in Python (a runtime dataclass such as IndexConfig): the same
     one-line ConfigError as on the command line, so no component keeps a second copy of its ranges."""
     tree: Any = _plain(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj))
-    for part in reversed(prefix.split(".")):
+    for part in reversed(prefix.split(".") if prefix else []):
         tree = {part: tree}
     walk = Walk(tree)
     walk.node(schema, prefix)

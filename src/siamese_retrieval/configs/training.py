@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from siamese_retrieval.configs.fields import ABSENT, Built, Getter, knob, node
+from siamese_retrieval.configs.fields import ABSENT, Built, Getter, is_int, knob, node
 from siamese_retrieval.configs.model import SEED_RANGE
 from siamese_retrieval.configs.search import Index
 from siamese_retrieval.errors import ConfigError
@@ -58,6 +58,19 @@ class RetrievalMetrics(Built):
     search_k: Optional[int] = knob("null: full ranking", ge=1)
     embed_batch: int = knob(ge=1)
     index: Optional[Index] = node("the index of the metrics (conf/index)")
+
+    @staticmethod
+    def check(get: Getter, at: str) -> None:
+        check_search_k(get, at)
+
+
+def check_search_k(get: Getter, at: str) -> None:
+    """Streaming metrics are read from each query's top search_k: it must reach every k they report."""
+    search_k, top_ks, ndcg_k = get("search_k"), get("top_ks"), get("ndcg_k")
+    ks = [k for k in (top_ks if isinstance(top_ks, list) else []) + [ndcg_k] if is_int(k)]
+    if is_int(search_k) and ks and search_k < max(ks):
+        raise ConfigError(f"{at}search_k={search_k}: must be >= {max(ks)}, the largest of its top_ks and ndcg_k "
+                          f"(streaming metrics are read from each query's top search_k)")
 
 
 @dataclass

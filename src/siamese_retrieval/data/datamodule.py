@@ -18,12 +18,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from siamese_retrieval.configs.data import Data
+from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.data.dataset import DatasetFiles, RetrievalDataset, read_dataset
 from siamese_retrieval.data.ground_truth import GroundTruth
 from siamese_retrieval.data.inputs import InputBuilder, Tensors, take
 from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
 from siamese_retrieval.data.place_batches import (
-    BATCH_KINDS,
     PlaceBatches,
     PlaceConfig,
     PlaceSampler,
@@ -137,10 +138,10 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.files = DatasetFiles(**dict(files or {}))
         self.image_check = image_check
         self.follow_symlinks_outside_root = bool(follow_symlinks_outside_root)
+        from siamese_retrieval.data.layouts import check_layout_options
+
         self.layout = str(layout)
-        if layout_options is not None and not isinstance(layout_options, Mapping):
-            raise ConfigError(f"data.layout_options={layout_options!r}: must be a mapping of the {layout} layout's "
-                              f"options")
+        check_layout_options(self.layout, {} if layout_options is None else layout_options)
         self.layout_options = dict(layout_options or {})
         self.split_cfg = dict(split or {})
         self.pairs_cfg = dict(pairs or {})
@@ -152,8 +153,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         from siamese_retrieval.data.train_views import views_mapping
 
         self.train_views = views_mapping(train_views)  # a training-only city (data/train_views.py); null: none
-        if batches not in BATCH_KINDS:
-            raise ConfigError(f"data.batches={batches!r}: must be one of {', '.join(BATCH_KINDS)}")
+        check_fields({"batches": batches}, Data, "data")
         self.batches = str(batches)  # pairs | places: what training batches are (validation/test: always pairs)
         self.places_cfg = PlaceConfig.from_config(places) if batches == "places" else None
         self.place_sampler: PlaceSampler | None = None
@@ -244,9 +244,7 @@ class RetrievalDataModule(pl.LightningDataModule):
     def read(self, check: str) -> RetrievalDataset:
         """The dataset at this config's root, validated to `check` (decode | exists | none)."""
         if self.layout != "contract":  # a folder layout of another benchmark (data/layouts.py)
-            from siamese_retrieval.data.layouts import check_layout_options, read_layout
-
-            check_layout_options(self.layout, self.layout_options)
+            from siamese_retrieval.data.layouts import read_layout
 
             return read_layout(self.layout, self.resolve_root(), check=check, name=self.name,
                                follow_symlinks_outside_root=self.follow_symlinks_outside_root, **self.layout_options)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from siamese_retrieval.configs.fields import check_fields
-from siamese_retrieval.configs.model import Augment
+from siamese_retrieval.configs.model import Augment, Inputs
 from siamese_retrieval.data.dataset import RetrievalDataset
 from siamese_retrieval.data.images import load_images
 from siamese_retrieval.data.keypoints import (
@@ -87,10 +87,7 @@ class KeypointSetInputs:
             raise ValueError(f"unknown keypoint set parameter(s) {sorted(unknown)}; available: "
                              f"{sorted(known | {'workers', 'keypoint_dropout', 'xy_jitter'})}")
         self.cfg = KeypointSetConfig(**orb)  # type: ignore[arg-type]
-        if not 0.0 <= float(keypoint_dropout) < 1.0:
-            raise ValueError(f"keypoint_dropout must be in [0, 1), got {keypoint_dropout!r}")
-        if not float(xy_jitter) >= 0.0:
-            raise ValueError(f"xy_jitter must be >= 0, got {xy_jitter!r}")
+        check_fields(dict(keypoint_dropout=keypoint_dropout, xy_jitter=xy_jitter), Inputs, "model.inputs")
         self.workers = int(workers)
         self.keypoint_dropout, self.xy_jitter = float(keypoint_dropout), float(xy_jitter)
 
@@ -184,8 +181,7 @@ class ImageInputs:
         workers: int = 2,
         augment: Mapping[str, object] | None = None,
     ) -> None:
-        if int(height) < 1 or int(width) < 1:
-            raise ValueError(f"image size must be positive, got {height}x{width}")
+        check_fields(dict(height=height, width=width, workers=workers), Inputs, "model.inputs")
         self.height, self.width, self.workers = int(height), int(width), int(workers)
         aug = dict(augment) if augment is not None else {"enabled": False}
         self.enabled = bool(aug.pop("enabled", True))

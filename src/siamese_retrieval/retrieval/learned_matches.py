@@ -303,8 +303,7 @@ class LearnedReranker:
 
     def __init__(self, top_n: int, verify: Callable[[np.ndarray, np.ndarray], np.ndarray],
                  model_weight: float = 0.0) -> None:
-        if int(top_n) < 1:
-            raise ConfigError(f"rerank.top_n must be >= 1, got {top_n}")
+        check_fields({"top_n": top_n}, Rerank, "rerank")
         self.top_n, self.verify, self.model_weight = int(top_n), verify, float(model_weight)
 
     def __call__(self, rows: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.search import Rerank
+from siamese_retrieval.configs.training import RetrievalMetrics
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.retrieval.index import IndexConfig, build_index, search
@@ -51,6 +52,9 @@ class Relevance(Protocol):
     fov: np.ndarray
 
 
+RANKING_KNOBS = ("top_ks", "ndcg_k", "keep_top", "query_chunk", "embed_batch", "search_k")  # checked by the schema
+
+
 @dataclass(frozen=True)
 class RankingSettings:
     """How rankings are made and scored; one object instead of a parameter list in every function."""
@@ -66,20 +70,9 @@ class RankingSettings:
     search_k: int | None = None
 
     def __post_init__(self) -> None:
+        check_fields({name: getattr(self, name) for name in RANKING_KNOBS}, RetrievalMetrics, "")  # as typed
         object.__setattr__(self, "top_ks", tuple(int(k) for k in self.top_ks))
-        if not self.top_ks or min(self.top_ks) < 1:
-            raise ConfigError(f"top_ks must be integers >= 1, got {list(self.top_ks)}")
-        for name in ("ndcg_k", "keep_top", "query_chunk", "embed_batch"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.search_k is not None:
-            if isinstance(self.search_k, bool) or int(self.search_k) < 1:
-                raise ConfigError(f"search_k must be null or an integer >= 1, got {self.search_k}")
-            object.__setattr__(self, "search_k", int(self.search_k))
-            need = max(*self.top_ks, int(self.ndcg_k))
-            if self.search_k < need:
-                raise ConfigError(f"search_k={self.search_k} must be >= the largest top_ks / ndcg_k ({need}): "
-                                  "the metrics are read from the top search_k")
+        object.__setattr__(self, "search_k", None if self.search_k is None else int(self.search_k))
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> "RankingSettings":

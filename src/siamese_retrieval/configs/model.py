@@ -13,7 +13,7 @@ SEED_RANGE = dict(ge=0, le=2**32 - 1)  # numpy's and Lightning's seed range
 SYNTH_PRESETS = "siamese_retrieval.data.synth.config:PRESETS"  # read there, after the cheap checks
 PAIR_PRESETS = ("study", "default", "light")
 BATCHES = ("pairs", "places")
-ACTIVATIONS = ("sigmoid", "relu", "tanh", "gelu")
+ACTIVATIONS = "siamese_retrieval.models.keypoint_mlp:ACTIVATIONS"  # read there, after the cheap checks
 AUG_STRENGTH = dict(ge=0, lt=1)  # a jitter of +- this fraction
 PROB = dict(ge=0, le=1)
 
@@ -127,8 +127,8 @@ class Encoder(Built):
     n_keypoints: int = knob(ge=1)
     hidden: List[int] = knob("keypoint MLP layer widths", ge=1)
     embedding_dim: int = knob(ge=1)
-    activation_name: str = knob(choices=ACTIVATIONS)
-    final_activation: Optional[str] = knob(choices=ACTIVATIONS)
+    activation_name: str = knob(choices_from=ACTIVATIONS)
+    final_activation: Optional[str] = knob(choices_from=ACTIVATIONS)
     dropout: float = knob(ge=0, lt=1)
     l2: float = knob(ge=0)
     descriptor_encoding: str = knob(choices=("bytes", "bits"))

@@ -66,11 +66,9 @@ class PairRecipe:
         from the rest of it. ConfigError for an unknown preset or field."""
         cfg = dict(cfg)
         preset = cfg.pop("preset", "default")
-        presets = {"study": cls.study, "default": cls.default, "light": cls.light}
-        if preset not in presets:
-            raise ConfigError(f"data.pairs.preset={preset!r} is unknown; available: {', '.join(presets)}")
+        check_fields({"preset": preset}, Pairs, "data.pairs")  # the presets are the schema's PAIR_PRESETS
         try:
-            return presets[preset](**cfg)
+            return getattr(cls, preset)(**cfg)
         except TypeError as exc:
             raise ConfigError(f"data.pairs: {exc}") from None
 

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from siamese_retrieval.configs.fields import check_fields
+from siamese_retrieval.configs.model import Module
+
 DistanceKind = Literal["euclidean", "cosine"]
-KINDS: tuple[str, ...] = ("euclidean", "cosine")
 
 
 class Distance:
     """A distance between embeddings and its FAISS counterpart (see the module docstring)."""
 
     def __init__(self, kind: str = "euclidean", eps: float = 1e-7) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown distance {kind!r}; use {' or '.join(KINDS)}")
+        check_fields({"distance": kind}, Module, "model.module")
         self.kind, self.eps = kind, float(eps)
 
     def __repr__(self) -> str:

@@ -15,11 +15,11 @@ from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.model import Encoder
 from siamese_retrieval.registry import ENCODERS
 
-_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}  # the config's choices
 
 
 def activation(name: str) -> nn.Module:
-    return _ACTIVATIONS[name]()  # the names: configs/model.py ACTIVATIONS (checked there)
+    return ACTIVATIONS[name]()
 
 
 @ENCODERS.register("keypoint_mlp")

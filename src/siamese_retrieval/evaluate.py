@@ -225,12 +225,14 @@ def benchmark_trained(train_cfg: DictConfig, checkpoint: str, out_dir: Path) -> 
     return evaluate_benchmarks(cfg, ckpt, out_dir, write_summary=False)["benchmarks"]
 
 
-def write_benchmark_tables(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """benchmarks.csv (numbers as they are) and benchmarks.md (recalls and mAP to 4 places), written atomically."""
-    def shown(column: str, v: Any) -> str:
-        return f"{v:.4f}" if column in ("recall@1", "recall@5", "recall@10", "mAP") and isinstance(v, float) else \
-            f"{v:g}" if isinstance(v, float) else "" if v is None else str(v)
+def benchmark_cell(column: str, v: Any) -> str:
+    """Recalls and mAP to 4 places, other numbers as short as they go, None as nothing."""
+    return f"{v:.4f}" if column in ("recall@1", "recall@5", "recall@10", "mAP") and isinstance(v, float) else \
+        f"{v:g}" if isinstance(v, float) else "" if v is None else str(v)
 
+
+def write_benchmark_tables(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """benchmarks.csv (numbers as they are) and benchmarks.md (benchmark_cell), written atomically."""
     with atomic_path(out_dir / "benchmarks.csv", suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(BENCHMARK_COLUMNS))
@@ -238,7 +240,7 @@ def write_benchmark_tables(out_dir: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerows(rows)
     columns = BENCHMARK_COLUMNS[:-2]  # the provenance columns stay in the csv
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(shown(c, r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(benchmark_cell(c, r[c]) for c in columns) + " |" for r in rows]
     with atomic_path(out_dir / "benchmarks.md", suffix=".md") as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -251,10 +253,8 @@ def print_benchmarks(rows: list[dict[str, Any]], title: str) -> None:
     shown = [c for c in BENCHMARK_COLUMNS[:-2] if c != "root"]
     for c in shown:
         table.add_column(c, justify="left" if c in ("benchmark", "layout") else "right")
-    four = ("recall@1", "recall@5", "recall@10", "mAP")
     for r in rows:
-        table.add_row(*(f"{r[c]:.4f}" if c in four and isinstance(r[c], float) else f"{r[c]:g}"
-                        if isinstance(r[c], float) else "" if r[c] is None else str(r[c]) for c in shown))
+        table.add_row(*(benchmark_cell(c, r[c]) for c in shown))
     Console(width=max(100, 14 * len(shown))).print(table)
 
 
@@ -330,10 +330,8 @@ def orb_bow_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndar
     split=all: the database), tf-idf histograms searched by cosine over the full database."""
     try:
         bow_cfg = orb_bow.BowConfig(**OmegaConf.to_container(cfg.orb_bow, resolve=True))
-    except TypeError as exc:  # an unknown or missing key
+    except TypeError as exc:  # an unknown or missing key (a bad value: the schema's ConfigError)
         raise ConfigError(f"orb_bow: {exc}") from None
-    except ValueError as exc:  # "orb_bow.<knob> must be ..."
-        raise ConfigError(str(exc)) from None
     orb_cfg, workers = orb_config(plain(cfg.orb_ransac))
     db_feats, q_feats = dataset_orb_features(orb_cfg, workers, dm.dataset, dm.cache_dir)
     dataset = dm.dataset

@@ -152,7 +152,7 @@ class OrbBow:
     vocabulary_size: int = knob("K visual words", ge=2)
     kmeans_samples: int = knob(">= vocabulary_size", ge=1)
     kmeans_iters: int = knob(ge=1)
-    weighting: str = knob("retrieval/orb_bow.py WEIGHTINGS", choices=("tfidf", "tf"))
+    weighting: str = knob("tf: no idf weights (retrieval/orb_bow.py)", choices=("tfidf", "tf"))
     power: float = knob("tf ** power; 1: plain tf", gt=0, le=1)
     seed: int = knob(**SEED_RANGE)
 

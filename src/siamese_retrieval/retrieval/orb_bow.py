@@ -54,7 +54,6 @@ from siamese_retrieval.retrieval.ranking import Ranking, RankingBuilder, Ranking
 log = logging.getLogger(__name__)
 
 ORB_BOW_CACHE_VERSION = 1
-WEIGHTINGS = ("tfidf", "tf")
 DESC_BITS = 256  # ORB: 32 bytes
 
 

@@ -122,7 +122,7 @@ def test_default_run_shows_each_step_and_an_unwrapped_table(default_run: tuple[s
 
 
 def test_chance_line_is_the_expected_recall_of_a_random_ranking(tmp_path: Path) -> None:
-    from siamese_retrieval.evaluate import CURVE_K, plot_recall_curve
+    from siamese_retrieval.retrieval.visualize import CURVE_K, plot_recall_curve
     from siamese_retrieval.retrieval.ranking import Ranking
 
     def curves(sim: np.ndarray) -> dict[str, np.ndarray]:

@@ -59,7 +59,7 @@ from siamese_retrieval.retrieval.rerankers import (
     dataset_orb_features,
     orb_config,
 )
-from siamese_retrieval.retrieval.visualize import save_png
+from siamese_retrieval.retrieval.visualize import CURVE_K, plot_recall_curve, recall_curve, save_png
 from siamese_retrieval.run_outputs import (
     print_results,
     provenance,
@@ -70,8 +70,6 @@ from siamese_retrieval.run_outputs import (
 from siamese_retrieval.wandb_runs import log_evaluation
 
 log = logging.getLogger(__name__)
-
-CURVE_K = 25
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -391,59 +389,3 @@ def write_per_query_csv(path: Path, dataset: RetrievalDataset, ranking: Ranking,
                 decided = [] if decision is None else [int(decision[0]), decision[1]]
                 writer.writerow([dataset.q_paths[int(q)], int(ranking.first_positive_rank[i]), f"{precision:.4f}",
                                  *(dataset.db_paths[int(j)] for j in top), *decided])
-
-
-def recall_curve(ranking: Ranking, max_k: int = CURVE_K) -> tuple[np.ndarray, np.ndarray]:
-    """(k = 1..max_k, recall@k) over the queries that have a positive."""
-    ks = np.arange(1, max_k + 1)
-    ranks = ranking.first_positive_rank[ranking.first_positive_rank > 0]
-    if not len(ranks):
-        return ks, np.full(len(ks), np.nan)
-    return ks, (ranks[None, :] <= ks[:, None]).mean(axis=1)
-
-
-def plot_recall_curve(path: Path, ranking: Ranking, title: str = "", truth: Any = None) -> dict[str, np.ndarray]:
-    """recall@k for k = 1..CURVE_K, and with `truth` (the dataset, or any ground truth) the chance line:
-    the expected recall@k of a random ranking, 1 - C(n - p, k) / C(n, k) for a query with p of n database
-    images relevant, averaged over the queries with a positive (as recall@k is). Returns what is plotted:
-    {"k", "recall", "chance" (absent without truth)}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks, recall = recall_curve(ranking)
-    curves = {"k": ks, "recall": recall}
-    if truth is not None:
-        relevance = as_ground_truth(truth)
-        n, p = relevance.n_db, relevance.n_positives(np.asarray(ranking.query_idx)).astype(np.float64)
-        p = p[p > 0]
-        if len(p):
-            # C(n - p, k) / C(n, k) = prod_{i < k} (n - p - i) / (n - i): no relevant image among k random ones
-            i = np.arange(len(ks), dtype=np.float64)[:, None]
-            ratio = np.clip((n - p[None, :] - i) / np.maximum(n - i, 1.0), 0.0, 1.0)
-            curves["chance"] = (1.0 - np.cumprod(ratio, axis=0)).mean(axis=1)
-
-    def at(values: np.ndarray) -> str:  # "R@1 0.83, R@5 0.96, R@10 0.96"
-        return ", ".join(f"R@{k} {values[k - 1]:.{2 if values[k - 1] >= 0.1 else 3}f}" for k in (1, 5, 10)
-                         if k <= len(values) and np.isfinite(values[k - 1]))
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ax.plot(ks, recall, marker="o", markersize=3, color="tab:blue", label=f"this ranking ({at(recall)})")
-    if "chance" in curves:
-        ax.plot(ks, curves["chance"], linestyle="--", color="grey", label=f"random ranking ({at(curves['chance'])})")
-    ax.set_xlabel("k (the top k database images)")
-    ax.set_ylabel("recall@k")
-    ax.set_ylim(0, 1.05)
-    ax.set_xlim(1, ks[-1])
-    ax.set_xticks([1, *range(5, int(ks[-1]) + 1, 5)])
-    ax.grid(alpha=0.3)
-    n_q = int((ranking.first_positive_rank > 0).sum())
-    ax.set_title(f"{title}\nrecall@k over {n_q} queries with a positive" if title else
-                 f"recall@k over {n_q} queries with a positive", fontsize=9)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return curves

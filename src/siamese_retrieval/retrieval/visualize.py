@@ -1,11 +1,12 @@
-"""Retrieval example grids: a query, its top-k bordered green (relevant) or red, and its best positive.
+"""Retrieval pictures: example grids (a query, its top-k bordered green (relevant) or red, and its best positive)
+and the recall@k curve with its chance line. `ranking` is a retrieval.ranking.Ranking (not imported: it draws).
 
 The image tiles come from drawing.py, shared with every other picture the package draws."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -16,6 +17,7 @@ from siamese_retrieval.io_utils import atomic_path
 GREEN, RED, GREY = (40, 180, 60), (210, 40, 40), (90, 90, 90)  # RGB
 BLUE = (40, 110, 230)  # the best ground-truth positive
 LIGHT, DARK, PAPER = (235, 235, 235), (25, 25, 25), (255, 255, 255)
+CURVE_K = 25  # recall@k is drawn for k = 1..CURVE_K
 
 # grid layout (px): tile frame, the two text lines under each tile, column titles, gaps, legend
 BORDER, LINE_H, HEADER_H, GAP, SPACE, LEGEND_H = 5, 17, 26, 12, 3, 30  # SPACE: between tiles
@@ -153,3 +155,61 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {path}")
     return path
+
+
+def recall_curve(ranking: Any, max_k: int = CURVE_K) -> tuple[np.ndarray, np.ndarray]:
+    """(k = 1..max_k, recall@k) over the queries that have a positive."""
+    ks = np.arange(1, max_k + 1)
+    ranks = ranking.first_positive_rank[ranking.first_positive_rank > 0]
+    if not len(ranks):
+        return ks, np.full(len(ks), np.nan)
+    return ks, (ranks[None, :] <= ks[:, None]).mean(axis=1)
+
+
+def plot_recall_curve(path: Path, ranking: Any, title: str = "", truth: Any = None) -> dict[str, np.ndarray]:
+    """recall@k for k = 1..CURVE_K, and with `truth` (the dataset, or any ground truth) the chance line:
+    the expected recall@k of a random ranking, 1 - C(n - p, k) / C(n, k) for a query with p of n database
+    images relevant, averaged over the queries with a positive (as recall@k is). Returns what is plotted:
+    {"k", "recall", "chance" (absent without truth)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks, recall = recall_curve(ranking)
+    curves = {"k": ks, "recall": recall}
+    if truth is not None:
+        from siamese_retrieval.data.ground_truth import as_ground_truth
+
+        relevance = as_ground_truth(truth)
+        n, p = relevance.n_db, relevance.n_positives(np.asarray(ranking.query_idx)).astype(np.float64)
+        p = p[p > 0]
+        if len(p):
+            # C(n - p, k) / C(n, k) = prod_{i < k} (n - p - i) / (n - i): no relevant image among k random ones
+            i = np.arange(len(ks), dtype=np.float64)[:, None]
+            ratio = np.clip((n - p[None, :] - i) / np.maximum(n - i, 1.0), 0.0, 1.0)
+            curves["chance"] = (1.0 - np.cumprod(ratio, axis=0)).mean(axis=1)
+
+    def at(values: np.ndarray) -> str:  # "R@1 0.83, R@5 0.96, R@10 0.96"
+        return ", ".join(f"R@{k} {values[k - 1]:.{2 if values[k - 1] >= 0.1 else 3}f}" for k in (1, 5, 10)
+                         if k <= len(values) and np.isfinite(values[k - 1]))
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ax.plot(ks, recall, marker="o", markersize=3, color="tab:blue", label=f"this ranking ({at(recall)})")
+    if "chance" in curves:
+        ax.plot(ks, curves["chance"], linestyle="--", color="grey", label=f"random ranking ({at(curves['chance'])})")
+    ax.set_xlabel("k (the top k database images)")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(1, ks[-1])
+    ax.set_xticks([1, *range(5, int(ks[-1]) + 1, 5)])
+    ax.grid(alpha=0.3)
+    n_q = int((ranking.first_positive_rank > 0).sum())
+    ax.set_title(f"{title}\nrecall@k over {n_q} queries with a positive" if title else
+                 f"recall@k over {n_q} queries with a positive", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return curves

@@ -95,3 +95,29 @@ def test_the_provenance_line_names_the_processor_when_the_results_file_recorded_
     record["provenance"]["cpu"] = "AMD EPYC, torch kernels AVX2"
     assert measured_line(record).startswith("Measured 2026-12-07 on 2 CPU cores, x86_64, no GPU (AMD EPYC, torch "
                                             "kernels AVX2); python 3.11.7")
+
+
+def test_the_provenance_line_names_every_commit_the_jobs_ran_on(tmp_path: Path) -> None:
+    """Sweeps merged into one table may come from different commits: the line names each, with its job count."""
+    import json
+
+    from siamese_retrieval.compare import compare, results_record
+    from siamese_retrieval.run_outputs import measured_line
+
+    for i, (commit, dirty) in enumerate([("aaaaaaa111", False), ("bbbbbbb222", True), ("aaaaaaa111", False)]):
+        job = tmp_path / "sweep" / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={i}\n")
+        (job / "metrics.json").write_text(json.dumps({
+            "status": "ok", "metrics": {"test/recall@1": 0.5 + i / 10},
+            "provenance": {"versions": {"python": "3.11.7"}, "git_commit": commit, "git_dirty": dirty}}))
+    result = compare([tmp_path / "sweep"], metrics=["test/recall@1"], out_dir=tmp_path / "out")
+    record = json.loads(json.dumps(results_record(result["jobs"], result["metrics"], "python compare.py ...")))
+    assert [j["commit"] for j in record["jobs"]] == ["aaaaaaa", "bbbbbbb (with uncommitted changes)", "aaaaaaa"]
+    assert measured_line(record).endswith(
+        "; python 3.11.7; commits aaaaaaa (2 jobs), bbbbbbb (with uncommitted changes) (1 job).")
+    del record["jobs"][1]["commit"]  # a job that ran before jobs recorded their commit
+    assert measured_line(record).endswith("; commits aaaaaaa (2 jobs), not recorded (1 job).")
+    for job in record["jobs"]:
+        job["commit"] = "aaaaaaa"
+    assert measured_line(record).endswith("; python 3.11.7; commit aaaaaaa.")

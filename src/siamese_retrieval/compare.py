@@ -418,16 +418,18 @@ RESULTS_VERSION = 1
 def results_record(jobs: Sequence[Job], metrics: Sequence[str], command: str) -> dict[str, Any]:
     """What an experiment stores (experiments/<name>/results/*.json) so that its table can be made again without
     the sweep: every job's overrides, seed, status and metrics, the command, and when, where and with what code
-    the jobs ran (the first job's recorded provenance: versions and commit)."""
+    the jobs ran (the first job's recorded provenance: versions and commit; each job's own commit beside it, as
+    sweeps merged into one table may have run on different commits)."""
     import datetime
 
-    from siamese_retrieval.run_outputs import machine_description, provenance
+    from siamese_retrieval.run_outputs import commit_label, machine_description, provenance
 
     ran = next((j.provenance for j in jobs if j.provenance is not None), None) or provenance()
     return {"version": RESULTS_VERSION, "date": datetime.date.today().isoformat(), "machine": machine_description(),
             "provenance": ran, "command": command, "metrics": list(metrics),
             "jobs": [{"overrides": j.overrides, "seed": j.seed, "status": j.status, "error": j.error,
-                      "metrics": {m: j.metrics[m] for m in metrics if m in j.metrics}} for j in jobs]}
+                      "metrics": {m: j.metrics[m] for m in metrics if m in j.metrics},
+                      **({"commit": commit_label(j.provenance)} if j.provenance else {})} for j in jobs]}
 
 
 def table_from_results(record: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -206,16 +207,30 @@ def machine_description() -> str:
 def measured_line(record: dict[str, Any]) -> str:
     """'Measured <date> on <machine>[ with `<command>`]; <versions>; commit <sha>[ (with uncommitted changes)][;
     <note>].': the line an experiment's README shows under a results table, from the results file's own record
-    (`date`, `machine`, `provenance` as provenance() gives it, optional `command` and `note`)."""
+    (`date`, `machine`, `provenance` as provenance() gives it, optional `command` and `note`). Jobs that ran on
+    different commits (compare.py's record keeps each job's) are all named: 'commits a1b2c3d (4 jobs), ...'."""
     p = record["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if k != "siamese-retrieval")
     dates = record["date"] if isinstance(record["date"], list) else [record["date"]]
     command = f" with `{record['command']}`" if record.get("command") else ""
-    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
     note = f"; {record['note']}" if record.get("note") else ""
     machine = f"{record['machine']} ({p['cpu']})" if p.get("cpu") else record["machine"]
-    return (f"Measured {', '.join(dates)} on {machine}{command}; {versions}; "
-            f"commit {(p.get('git_commit') or 'unknown')[:7]}{dirty}{note}.")
+    jobs = [j for j in record.get("jobs", []) if isinstance(j, dict)]
+    per_job = Counter(j["commit"] for j in jobs if j.get("commit"))
+    unrecorded = len(jobs) - sum(per_job.values())  # jobs older than the per-job record
+    if len(per_job) > 1 or (per_job and unrecorded):
+        shown = [f"{c} ({n} job{'s' if n > 1 else ''})" for c, n in per_job.items()]
+        commits = "commits " + ", ".join(shown + ([f"not recorded ({unrecorded} job{'s' if unrecorded > 1 else ''})"]
+                                                  if unrecorded else []))
+    else:
+        commits = f"commit {commit_label(p)}"
+    return f"Measured {', '.join(dates)} on {machine}{command}; {versions}; {commits}{note}."
+
+
+def commit_label(p: dict[str, Any]) -> str:
+    """'a1b2c3d', or 'a1b2c3d (with uncommitted changes)': the short commit of a provenance record."""
+    dirty = " (with uncommitted changes)" if p.get("git_dirty") else ""
+    return f"{(p.get('git_commit') or 'unknown')[:7]}{dirty}"
 
 
 def cpu_line() -> str:

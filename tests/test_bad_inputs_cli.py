@@ -182,3 +182,30 @@ def test_only_the_claimed_run_directory_of_a_refused_run_is_removed(tmp_path: Pa
     monkeypatch.setattr(cli, "_claimed_run_dir", None)  # resumed: nothing was claimed
     cli.remove_unused_run_dir(str(named))
     assert named.exists()
+
+
+def test_only_a_name_no_registry_holds_gets_the_imports_hint(checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint naming a head this process never imported is told `imports=[...]`; a value that is simply out of
+    its choices (no module could add it) is not."""
+    from siamese_retrieval.checkpoints import load_checkpoint
+    from siamese_retrieval.errors import UnknownComponent, UserError
+    from siamese_retrieval.models.cnn import PlainCNN
+
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    raw["hyper_parameters"]["encoder"]["activation_name"] = "bogus"
+    torch.save(raw, bad := tmp_path / "bad.ckpt")
+    with pytest.raises(UserError) as info:
+        load_checkpoint(bad)
+    assert str(info.value) == (f"checkpoint {bad} (model_name='keypoint_snn') does not fit this code: "
+                               "encoder.activation_name='bogus': must be one of sigmoid, relu, tanh, gelu")
+
+    with pytest.raises(UnknownComponent) as unknown:  # what a cnn_snn checkpoint with a user's head raises inside
+        PlainCNN(widths=(8,), aggregation="mac")
+    try:
+        raise RuntimeError("Error in call to target 'siamese_retrieval.models.cnn.PlainCNN':") from unknown.value
+    except RuntimeError as wrapped:
+        from siamese_retrieval.checkpoints import _root_cause
+
+        assert _root_cause(wrapped) == ("aggregation.name='mac': must be one of netvlad, convap, gem, mixvpr, boq, "
+                                        "salad; a component registered by your own module loads with "
+                                        "imports=[your_module]")

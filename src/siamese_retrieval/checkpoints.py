@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import UnknownComponent, UserError
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.trust import allow_list, check_targets, checked_instantiate
 
@@ -51,7 +51,7 @@ def _root_cause(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     text = _first_line(exc)
-    if "must be one of" in text:
+    if isinstance(exc, UnknownComponent):
         text += "; a component registered by your own module loads with imports=[your_module]"
     return text
 

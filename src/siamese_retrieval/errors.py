@@ -18,6 +18,11 @@ class ConfigError(UserError):
     """A configuration value that cannot work (empty split, impossible pair recipe, ...)."""
 
 
+class UnknownComponent(ConfigError):
+    """A name that no registry of this process holds: a typo, or a component of the user's module that was not
+    imported (a checkpoint's error then says `imports=[...]`)."""
+
+
 # A TypeError raised while binding a constructor's arguments (a keyword it does not take, a missing one): the
 # config's fault, not the constructor's. Python's own wording (3.8 - 3.13).
 _BINDING_ERROR = re.compile(

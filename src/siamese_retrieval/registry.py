@@ -24,7 +24,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
-from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.errors import ConfigError, UnknownComponent
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ class Registry:
         self.load()
         found = self._entries.get(str(name)) if isinstance(name, str) else None
         if found is None:
-            raise ConfigError(unknown_choice(key or self.kind, name, self.names()))
+            raise UnknownComponent(unknown_choice(key or self.kind, name, self.names()))
         return found
 
     def get(self, name: str, key: str | None = None) -> Any:

@@ -52,7 +52,8 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("eval", ["data=vpr_folder", "data.root=/x", "data.layout_options.radius_m=0"],
      "data.layout_options.radius_m=0: must be a number > 0"),
     ("eval", ["data=msls_official", "data.root=/x", "data.layout=tiles"],
-     "data.layout='tiles': must be one of contract, vpr_folder, msls_official, gsv_cities"),
+     "data.layout='tiles': must be one of contract, vpr_folder, msls_official, gsv_cities; a component registered "
+     "by your own module loads with imports=[your_module]"),
     ("eval", ["data=msls_city", "data.root=/x", "split=val"], None),
     ("retrieve", [], None),
     ("retrieve", ["ckpt_path=x.ckpt", "query=photo.jpg", "top_k=10", "output=json", "cache=false"], None),

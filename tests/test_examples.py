@@ -126,6 +126,7 @@ def test_custom_layout_is_read_evaluated_and_trained_on(tmp_path: Path, cache_di
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: data.layout='csv_places': must be one of contract, ")
+    assert lines[0].endswith("; a component registered by your own module loads with imports=[your_module]")
 
 
 def _hue_saturation(path: Path) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from siamese_retrieval.errors import UnknownComponent, UserError
+from siamese_retrieval.errors import UserError
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.trust import allow_list, check_targets, checked_instantiate
 
@@ -46,14 +46,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _root_cause(exc: BaseException) -> str:
     """The innermost cause's first line: Hydra wraps a builder's error in `Error in call to target ...:`, whose
-    own first line says nothing. A registry name this process does not know (a head or layout from the user's
-    own module) gets the one override that loads it."""
+    own first line says nothing (a registry name this process does not know says `imports=[...]` itself)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    text = _first_line(exc)
-    if isinstance(exc, UnknownComponent):
-        text += "; a component registered by your own module loads with imports=[your_module]"
-    return text
+    return _first_line(exc)
 
 
 def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = (),

@@ -94,7 +94,7 @@ class Registry:
         self.load()
         found = self._entries.get(str(name)) if isinstance(name, str) else None
         if found is None:
-            raise UnknownComponent(unknown_choice(key or self.kind, name, self.names()))
+            raise unknown_component(key or self.kind, name, self.names())
         return found
 
     def get(self, name: str, key: str | None = None) -> Any:
@@ -147,6 +147,15 @@ def unknown_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -
     text = f"{key}={value!r}: must be one of {', '.join(choices)}"
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
     return text + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def unknown_component(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> UnknownComponent:
+    """A name no registry holds: a typo gets the nearest name, anything else the one override that loads a
+    component of the user's own module (it registers itself when imported)."""
+    text = unknown_choice(key, value, choices)
+    if "(did you mean" not in text:
+        text += "; a component registered by your own module loads with imports=[your_module]"
+    return UnknownComponent(text)
 
 
 def import_user_modules(names: Any) -> None:

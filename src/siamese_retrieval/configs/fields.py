@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from siamese_retrieval.errors import ConfigError, UnknownComponent
+from siamese_retrieval.errors import ConfigError
 
 ABSENT: Any = object()  # what `Getter` returns for a key that is missing, unresolvable or under a null node
 Getter = Callable[[str], Any]  # a node's resolved value by its dotted path relative to the node
@@ -275,7 +275,7 @@ def registered_choice(rule: Rule, value: Any) -> None:
     names = getattr(registry, rule.spec.registry).names()
     if name not in names:
         shown = f"{rule.key}.name" if isinstance(value, dict) else rule.key
-        raise UnknownComponent(registry.unknown_choice(shown, name, names))
+        raise registry.unknown_component(shown, name, names)
 
 
 def loaded_choices(where: str) -> tuple[Any, ...]:

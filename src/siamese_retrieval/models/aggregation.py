@@ -28,8 +28,8 @@ from torch.nn import functional as F
 
 from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.model import Aggregation
-from siamese_retrieval.errors import ConfigError, UnknownComponent
-from siamese_retrieval.registry import AGGREGATIONS, unknown_choice
+from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.registry import AGGREGATIONS, unknown_component
 
 # Every knob of every head, with its default; a head ignores the others' knobs (one config node holds all, so
 # `aggregation.name=netvlad` on the command line switches heads without adding keys).
@@ -49,7 +49,7 @@ def named_knobs(value: str | Mapping[str, Any] | None, defaults: Mapping[str, An
         raise ConfigError(f"{what}: unknown key(s) {unknown}; known: {sorted(defaults)}")
     cfg = {**defaults, **given}
     if cfg["name"] not in names:
-        raise UnknownComponent(unknown_choice(f"{what}.name", cfg["name"], tuple(names)))
+        raise unknown_component(f"{what}.name", cfg["name"], tuple(names))
     return cfg
 
 

@@ -95,7 +95,9 @@ def test_head_by_bare_name_and_bad_names() -> None:
     assert isinstance(PlainCNN(**SMALL, aggregation="netvlad").pool, NetVLAD)
     with pytest.raises(ConfigError) as info:
         PlainCNN(**SMALL, aggregation={"name": "netvlda"})
-    assert str(info.value) == "aggregation.name='netvlda': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you mean netvlad?)"
+    assert str(info.value) == ("aggregation.name='netvlda': must be one of netvlad, convap, gem, mixvpr, boq, salad "
+                               "(did you mean netvlad?); a component registered by your own module loads with "
+                               "imports=[your_module]")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['k'\]"):
         PlainCNN(**SMALL, aggregation={"name": "netvlad", "k": 3})
     with pytest.raises(ValueError, match=r"whiten_dim=32: must be in \[1, 16\]"):
@@ -205,9 +207,11 @@ def test_train_initialises_netvlad_and_fits_whitening(tmp_path: Path, caplog: py
     (["model.module.encoder.aggregation.name=convap", "model.module.encoder.whiten_dim=64"], None),
     (["model.module.encoder.aggregation=netvlad"], None),
     (["model.module.encoder.aggregation.name=vlad"],
-     "model.module.encoder.aggregation.name='vlad': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you mean netvlad?)"),
+     "model.module.encoder.aggregation.name='vlad': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you "
+     "mean netvlad?); a component registered by your own module loads with imports=[your_module]"),
     (["model.module.encoder.aggregation=vlad"],
-     "model.module.encoder.aggregation='vlad': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you mean netvlad?)"),
+     "model.module.encoder.aggregation='vlad': must be one of netvlad, convap, gem, mixvpr, boq, salad (did you "
+     "mean netvlad?); a component registered by your own module loads with imports=[your_module]"),
     (["model.module.encoder.aggregation.clusters=0"],
      "model.module.encoder.aggregation.clusters=0: must be an integer >= 1"),
     (["model.module.encoder.aggregation.pool=[2]"],

@@ -328,7 +328,9 @@ E2E = {
 }
 
 
-@pytest.mark.parametrize("case", list(E2E))
+# symlink_file_outside: -m slow; the command line's one line is png_cut_in_half's, the refusal is tested above
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c == "symlink_file_outside" else [])
+                                  for c in E2E])
 def test_bad_dataset_through_evaluate_py(case: str, pristine: Path, tmp_path: Path) -> None:
     """The real command line: exit code 2, stderr exactly one non-empty `error:` line, no traceback."""
     root, outside = tmp_path / "city", tmp_path / "outside"

@@ -197,7 +197,7 @@ CASES = [
     # 3. a node the config cannot build
     Case("trainer_unknown_keyword", "train.py", [*TRAIN, "+trainer.no_such_arg=1"],
          "error: trainer: cannot build pytorch_lightning.Trainer: Trainer.__init__() got an unexpected keyword "
-         "argument 'no_such_arg'"),
+         "argument 'no_such_arg'", marks=SLOW),  # encoder_unknown_keyword: the same refusal, one node deeper
     Case("trainer_refuses_precision", "train.py", [*TRAIN, "trainer.precision=transformer-engine"],  # the schema's
          re.compile(r"error: trainer: cannot build pytorch_lightning\.Trainer: Requirement 'transformer_engine.+"),
          marks=[*SLOW, pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,

@@ -20,7 +20,7 @@ class ConfigError(UserError):
 
 class UnknownComponent(ConfigError):
     """A name that no registry of this process holds: a typo, or a component of the user's module that was not
-    imported (a checkpoint's error then says `imports=[...]`)."""
+    imported; its message (registry.unknown_component) says `imports=[...]` wherever it is raised."""
 
 
 # A TypeError raised while binding a constructor's arguments (a keyword it does not take, a missing one): the

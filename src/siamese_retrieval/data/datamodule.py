@@ -23,6 +23,7 @@ from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.data.dataset import DatasetFiles, RetrievalDataset, read_dataset
 from siamese_retrieval.data.ground_truth import GroundTruth
 from siamese_retrieval.data.inputs import InputBuilder, Tensors, take
+from siamese_retrieval.data.layouts import check_layout_options, read_layout
 from siamese_retrieval.data.pairs import PairRecipe, PairSampler, eval_pairs
 from siamese_retrieval.data.place_batches import (
     PlaceBatches,
@@ -138,8 +139,6 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.files = DatasetFiles(**dict(files or {}))
         self.image_check = image_check
         self.follow_symlinks_outside_root = bool(follow_symlinks_outside_root)
-        from siamese_retrieval.data.layouts import check_layout_options
-
         self.layout = str(layout)
         check_layout_options(self.layout, {} if layout_options is None else layout_options)
         self.layout_options = dict(layout_options or {})
@@ -244,8 +243,6 @@ class RetrievalDataModule(pl.LightningDataModule):
     def read(self, check: str) -> RetrievalDataset:
         """The dataset at this config's root, validated to `check` (decode | exists | none)."""
         if self.layout != "contract":  # a folder layout of another benchmark (data/layouts.py)
-            from siamese_retrieval.data.layouts import read_layout
-
             return read_layout(self.layout, self.resolve_root(), check=check, name=self.name,
                                follow_symlinks_outside_root=self.follow_symlinks_outside_root, **self.layout_options)
         return read_dataset(self.resolve_root(), self.files, check=check, name=self.name,

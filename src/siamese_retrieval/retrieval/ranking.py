@@ -52,9 +52,6 @@ class Relevance(Protocol):
     fov: np.ndarray
 
 
-RANKING_KNOBS = ("top_ks", "ndcg_k", "keep_top", "query_chunk", "embed_batch", "search_k")  # checked by the schema
-
-
 @dataclass(frozen=True)
 class RankingSettings:
     """How rankings are made and scored; one object instead of a parameter list in every function."""
@@ -70,7 +67,8 @@ class RankingSettings:
     search_k: int | None = None
 
     def __post_init__(self) -> None:
-        check_fields({name: getattr(self, name) for name in RANKING_KNOBS}, RetrievalMetrics, "")  # as typed
+        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "index"}  # as typed
+        check_fields(knobs, RetrievalMetrics, "")  # the index checks itself (IndexConfig)
         object.__setattr__(self, "top_ks", tuple(int(k) for k in self.top_ks))
         object.__setattr__(self, "search_k", None if self.search_k is None else int(self.search_k))
 

@@ -219,9 +219,8 @@ def measured_line(record: dict[str, Any]) -> str:
     per_job = Counter(j["commit"] for j in jobs if j.get("commit"))
     unrecorded = len(jobs) - sum(per_job.values())  # jobs older than the per-job record
     if len(per_job) > 1 or (per_job and unrecorded):
-        shown = [f"{c} ({n} job{'s' if n > 1 else ''})" for c, n in per_job.items()]
-        commits = "commits " + ", ".join(shown + ([f"not recorded ({unrecorded} job{'s' if unrecorded > 1 else ''})"]
-                                                  if unrecorded else []))
+        counted = {**per_job, **({"not recorded": unrecorded} if unrecorded else {})}
+        commits = "commits " + ", ".join(f"{c} ({n} job{'s' if n > 1 else ''})" for c, n in counted.items())
     else:
         commits = f"commit {commit_label(p)}"
     return f"Measured {', '.join(dates)} on {machine}{command}; {versions}; {commits}{note}."

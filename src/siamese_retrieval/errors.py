@@ -77,8 +77,8 @@ def instantiation_error(key: str, exc: BaseException, node: Any = None) -> UserE
     cause = exc.__cause__
     if isinstance(cause, InstantiationException):  # e.g. SiameseModule building its encoder from model.module.encoder
         inner = _quoted_target(str(cause).splitlines()[0] if str(cause) else "")
-        where = _path_of_target(node, inner)
-        return instantiation_error(f"{key}.{where}" if where else key, cause, _at(node, where) if where else None)
+        where, inner_node = _find_target(node, inner) or (None, None)
+        return instantiation_error(f"{key}.{where}" if where else key, cause, inner_node)
     if isinstance(cause, UserError):
         return cause
     message = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("full_key:")]
@@ -136,23 +136,17 @@ def _written_target(node: Any) -> str | None:
     return target if isinstance(target, str) else None
 
 
-def _path_of_target(node: Any, target: str) -> str | None:
-    """The dotted path below `node` of the one mapping whose `_target_` is `target`; None when not exactly one."""
-    found: list[str] = []
+def _find_target(node: Any, target: str) -> tuple[str, Any] | None:
+    """The dotted path below `node`, and the mapping itself (plain Python), of the one mapping whose `_target_`
+    is `target`; None when not exactly one."""
+    found: list[tuple[str, Any]] = []
 
     def walk(value: Any, path: str) -> None:
         if isinstance(value, dict):
             if path and value.get("_target_") == target:
-                found.append(path)
+                found.append((path, value))
             for k, v in value.items():
                 walk(v, f"{path}.{k}" if path else str(k))
 
     walk(_plain(node), "")
     return found[0] if len(found) == 1 else None
-
-
-def _at(node: Any, path: str) -> Any:
-    value = _plain(node)
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value

@@ -73,11 +73,14 @@ class Registry:
         return add
 
     def load(self) -> "Registry":
-        """Import the built-in components' modules (once)."""
+        """Import the built-in components' modules (once): each home is a module, or a package and every module
+        below it."""
         if not self._loaded:
             self._loaded = True
             for home in self.homes:
-                _import_tree(home)
+                module = importlib.import_module(home)
+                for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=f"{home}."):
+                    importlib.import_module(info.name)
         return self
 
     def names(self) -> tuple[str, ...]:
@@ -142,17 +145,13 @@ class MetricRegistry(Registry):
         self._entries.pop(name, None)
 
 
-def unknown_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
-    """`key='x': must be one of a, b, c (did you mean b?)`: the one line of a bad registry choice."""
+def unknown_component(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> UnknownComponent:
+    """A name no registry holds, in one line: `key='x': must be one of a, b, c (did you mean b?)` (the nearest
+    name), then the one override that loads a component of the user's own module (it registers itself when
+    imported; `csv_places` is near `gsv_cities` but is the user's)."""
     text = f"{key}={value!r}: must be one of {', '.join(choices)}"
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
-    return text + (f" (did you mean {close[0]}?)" if close else "")
-
-
-def unknown_component(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> UnknownComponent:
-    """A name no registry holds: the nearest name, and the one override that loads a component of the user's
-    own module (it registers itself when imported; `csv_places` is near `gsv_cities` but is the user's)."""
-    return UnknownComponent(unknown_choice(key, value, choices)
+    return UnknownComponent(text + (f" (did you mean {close[0]}?)" if close else "")
                             + "; a component registered by your own module loads with imports=[your_module]")
 
 
@@ -164,13 +163,6 @@ def import_user_modules(names: Any) -> None:
             importlib.import_module(str(name))
         except Exception as exc:  # noqa: BLE001 - any failure of the user's module is reported the same way
             raise ConfigError(f"imports: cannot import {str(name)!r}: {type(exc).__name__}: {exc}") from None
-
-
-def _import_tree(name: str) -> None:
-    """Import a module, or a package and every module below it."""
-    module = importlib.import_module(name)
-    for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=f"{name}."):
-        importlib.import_module(info.name)
 
 
 _ALL: dict[str, Registry] = {}
@@ -193,10 +185,6 @@ METRICS = MetricRegistry("metric", ("siamese_retrieval.retrieval.metrics", "siam
                                     "siamese_retrieval.models.siamese"), trusted=False)
 
 
-def registries() -> tuple[Registry, ...]:
-    return tuple(_ALL.values())
-
-
 def registered_target(target: str) -> Entry | None:
     """The entry a `_target_` path names, in any registry; None when it is not registered.
 
@@ -209,10 +197,5 @@ def registered_target(target: str) -> Entry | None:
             importlib.import_module(module)
         except ImportError:
             pass
-    for registry in registries():
-        if not registry.trusted:
-            continue
-        for entry in registry._entries.values():
-            if entry.target == target:
-                return entry
-    return None
+    trusted = (entry for registry in _ALL.values() if registry.trusted for entry in registry._entries.values())
+    return next((entry for entry in trusted if entry.target == target), None)

@@ -112,9 +112,7 @@ class EvalConfig(Common):
     grid: Optional[EvalGrid] = node()
     logger: Optional[Logger] = node()
 
-    @staticmethod
-    def check(get: Getter, at: str) -> None:
-        check_search_k(get, at)
+    check = staticmethod(check_search_k)  # search_k >= every k of top_ks and ndcg_k
 
 
 @dataclass

@@ -166,14 +166,12 @@ class Walk:
 
     def get(self, key: str) -> Any:
         """The resolved value (plain python), or ABSENT when missing / unresolvable / under a null parent."""
-        if not isinstance(self.cfg, DictConfig):  # plain python (check_fields)
-            return self._raw(key)
-        try:
-            value = OmegaConf.select(self.cfg, key, default=ABSENT, throw_on_resolution_failure=False)
-            if isinstance(value, (DictConfig, ListConfig)):
+        value = self._raw(key)
+        if isinstance(value, (DictConfig, ListConfig)):
+            try:
                 value = OmegaConf.to_container(value, resolve=True)
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation (bad env var, missing node): not ours
-            return ABSENT
+            except Exception:  # noqa: BLE001 - an unresolvable interpolation (bad env var, missing node): not ours
+                return ABSENT
         return value
 
     def getter(self, prefix: str) -> Getter:
@@ -223,12 +221,14 @@ class Walk:
             if rule.kind == REGISTERED:
                 registered_choice(rule, value)
             else:
-                problem = problem_of(rule, value, choices=loaded_choices(rule.spec.choices_from))
+                module, _, name = rule.spec.choices_from.partition(":")
+                choices = tuple(getattr(importlib.import_module(module), name))
+                problem = problem_of(rule, value, choices=choices)
                 if problem is not None:
                     raise ConfigError(f"{rule.key}={show(value, rule.kind)}: {problem}")
 
     def _raw(self, key: str) -> Any:
-        if not isinstance(self.cfg, DictConfig):
+        if not isinstance(self.cfg, DictConfig):  # plain python (check_fields)
             value: Any = self.cfg
             for part in key.split("."):
                 if not isinstance(value, dict) or part not in value:
@@ -276,11 +276,6 @@ def registered_choice(rule: Rule, value: Any) -> None:
     if name not in names:
         shown = f"{rule.key}.name" if isinstance(value, dict) else rule.key
         raise registry.unknown_component(shown, name, names)
-
-
-def loaded_choices(where: str) -> tuple[Any, ...]:
-    module, _, name = where.partition(":")
-    return tuple(getattr(importlib.import_module(module), name))
 
 
 # ---------------------------------------------------------------------------- one value

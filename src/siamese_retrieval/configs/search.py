@@ -36,10 +36,10 @@ class Index:
             raise ConfigError(f"{at}kind='factory': needs {at}factory (a faiss.index_factory string)")
 
 
-def _side_order(get: Getter, at: str, lo_name: str = "min_side", hi_name: str = "max_side") -> None:
-    lo, hi = get(lo_name), get(hi_name)
+def _side_order(get: Getter, at: str) -> None:
+    lo, hi = get("min_side"), get("max_side")
     if is_int(lo) and is_int(hi) and lo > hi:
-        raise ConfigError(f"{at}{lo_name}={lo}: must be <= {at}{hi_name} ({hi})")
+        raise ConfigError(f"{at}min_side={lo}: must be <= {at}max_side ({hi})")
 
 
 @dataclass
@@ -51,9 +51,7 @@ class OrbFeatures:
     min_side: int = knob("smaller images are upscaled first; <= max_side", ge=1)
     max_side: int = knob("larger images are downscaled first", ge=1)
 
-    @staticmethod
-    def check(get: Getter, at: str) -> None:
-        _side_order(get, at)
+    check = staticmethod(_side_order)  # min_side <= max_side
 
 
 @dataclass
@@ -140,9 +138,7 @@ class OrbRansac:
     max_side: int = knob(ge=1)
     workers: int = knob(ge=1)
 
-    @staticmethod
-    def check(get: Getter, at: str) -> None:
-        _side_order(get, at)
+    check = staticmethod(_side_order)  # min_side <= max_side
 
 
 @dataclass

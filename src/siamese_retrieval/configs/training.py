@@ -47,6 +47,15 @@ class Trainer(Built):
     profiler: Any = knob("debug=profiler: a Lightning profiler (name or node)")
 
 
+def check_search_k(get: Getter, at: str) -> None:
+    """Streaming metrics are read from each query's top search_k: it must reach every k they report."""
+    search_k, top_ks, ndcg_k = get("search_k"), get("top_ks"), get("ndcg_k")
+    ks = [k for k in (top_ks if isinstance(top_ks, list) else []) + [ndcg_k] if is_int(k)]
+    if is_int(search_k) and ks and search_k < max(ks):
+        raise ConfigError(f"{at}search_k={search_k}: must be >= {max(ks)}, the largest of its top_ks and ndcg_k "
+                          f"(streaming metrics are read from each query's top search_k)")
+
+
 @dataclass
 class RetrievalMetrics(Built):
     """callbacks.RetrievalMetrics: the val/test retrieval metrics."""
@@ -59,18 +68,7 @@ class RetrievalMetrics(Built):
     embed_batch: int = knob(ge=1)
     index: Optional[Index] = node("the index of the metrics (conf/index)")
 
-    @staticmethod
-    def check(get: Getter, at: str) -> None:
-        check_search_k(get, at)
-
-
-def check_search_k(get: Getter, at: str) -> None:
-    """Streaming metrics are read from each query's top search_k: it must reach every k they report."""
-    search_k, top_ks, ndcg_k = get("search_k"), get("top_ks"), get("ndcg_k")
-    ks = [k for k in (top_ks if isinstance(top_ks, list) else []) + [ndcg_k] if is_int(k)]
-    if is_int(search_k) and ks and search_k < max(ks):
-        raise ConfigError(f"{at}search_k={search_k}: must be >= {max(ks)}, the largest of its top_ks and ndcg_k "
-                          f"(streaming metrics are read from each query's top search_k)")
+    check = staticmethod(check_search_k)  # search_k >= every k of top_ks and ndcg_k
 
 
 @dataclass

@@ -163,8 +163,9 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
 
 # ----------------------------------------------------------------------------------------- many benchmarks
 
-BENCHMARK_COLUMNS = ("benchmark", "layout", "root", "queries", "database", "radius_m", "recall@1", "recall@5",
-                     "recall@10", "mAP", "seconds", "git_commit", "versions")
+BENCHMARK_SCORES = ("recall@1", "recall@5", "recall@10", "mAP")  # shown to 4 places, logged as numbers
+BENCHMARK_COLUMNS = ("benchmark", "layout", "root", "queries", "database", "radius_m", *BENCHMARK_SCORES, "seconds",
+                     "git_commit", "versions")
 
 
 def evaluate_benchmarks(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Path,
@@ -225,7 +226,7 @@ def benchmark_trained(train_cfg: DictConfig, checkpoint: str, out_dir: Path) -> 
 
 def benchmark_cell(column: str, v: Any) -> str:
     """Recalls and mAP to 4 places, other numbers as short as they go, None as nothing."""
-    return f"{v:.4f}" if column in ("recall@1", "recall@5", "recall@10", "mAP") and isinstance(v, float) else \
+    return f"{v:.4f}" if column in BENCHMARK_SCORES and isinstance(v, float) else \
         f"{v:g}" if isinstance(v, float) else "" if v is None else str(v)
 
 
@@ -260,8 +261,7 @@ def log_benchmarks(cfg: DictConfig, rows: list[dict[str, Any]], ckpt: LoadedChec
     """The benchmarks table in the configured loggers: W&B gets it as a table, every logger its numbers."""
     result = {"method": str(cfg.method), "model": ckpt.model_name if ckpt is not None else str(cfg.method),
               "data": "benchmarks", "split": "all",
-              "metrics": {f"{r['benchmark']}/{k}": float(r[k]) for r in rows for k in ("recall@1", "recall@5",
-                                                                                       "recall@10", "mAP")
+              "metrics": {f"{r['benchmark']}/{k}": float(r[k]) for r in rows for k in BENCHMARK_SCORES
                           if isinstance(r[k], float)}}
     log_evaluation(cfg, result, None, None, None, None, ckpt, table=("benchmarks", list(BENCHMARK_COLUMNS),
                                                                      [[r[c] for c in BENCHMARK_COLUMNS] for r in rows]))
@@ -342,8 +342,6 @@ def orb_bow_ranking(cfg: DictConfig, dm: RetrievalDataModule, query_idx: np.ndar
              vocab.n_images, len(train_db), len(train_q))
     return orb_bow.rank_bow(vocab.encode(db_feats), vocab.encode([q_feats[i] for i in query_idx]), query_idx,
                             dataset, settings)
-
-
 
 
 @torch.inference_mode()

@@ -64,7 +64,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(evaluation_data_config(cfg.data), ckpt.build_inputs())
     dm.prepare_data()
     dataset = dm.read(check="none")  # the cache key; validated on a miss
-    index_cfg = index_config(module, settings, full_ranking=False)
+    index_cfg = index_config(module.distance.faiss_metric, settings, full_ranking=False)
 
     def embed_database() -> np.ndarray:
         db_inputs, _ = dm.inputs.build(dm.read(check=dm.image_check), dm.cache_dir)

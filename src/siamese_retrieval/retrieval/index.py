@@ -154,6 +154,14 @@ def _gpu_available() -> bool:
 _GPU_RESOURCES = None
 
 
+def _with_base(index: faiss.IndexRefine, base: faiss.Index) -> faiss.IndexRefine:
+    """The Refine index `index` over another `base` (its base index moved to or from the GPU)."""
+    out = faiss.IndexRefine(base, index.refine_index)
+    out.k_factor = index.k_factor
+    out.referenced_objects = [base, index]  # `index` owns the refine index's vectors
+    return out
+
+
 def _to_gpu(index: faiss.Index) -> faiss.Index:
     global _GPU_RESOURCES
     if _GPU_RESOURCES is None:
@@ -161,21 +169,13 @@ def _to_gpu(index: faiss.Index) -> faiss.Index:
     if isinstance(index, faiss.IndexRefine):
         # the base index (OPQ + IVF-PQ) searches on the GPU; the exact re-ranking of its shortlist reads
         # the stored vectors through a CPU distance computer, which GPU indexes do not provide
-        base = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index.base_index)
-        out = faiss.IndexRefine(base, index.refine_index)
-        out.k_factor = index.k_factor
-        out.referenced_objects = [base, index]  # `index` owns the refine index's vectors
-        return out
+        return _with_base(index, faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index.base_index))
     return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
 
 
 def _to_cpu(index: faiss.Index) -> faiss.Index:
     if isinstance(index, faiss.IndexRefine) and type(faiss.downcast_index(index.base_index)).__name__.startswith("Gpu"):
-        base = faiss.index_gpu_to_cpu(index.base_index)
-        out = faiss.IndexRefine(base, index.refine_index)
-        out.k_factor = index.k_factor
-        out.referenced_objects = [base, index]
-        return out
+        return _with_base(index, faiss.index_gpu_to_cpu(index.base_index))
     if hasattr(faiss, "index_gpu_to_cpu") and type(index).__name__.startswith("Gpu"):
         return faiss.index_gpu_to_cpu(index)
     return index
@@ -472,11 +472,8 @@ def _drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
 
 
 def _powers_of_two(top: int) -> list[int]:
-    out, v = [], 1
-    while v < top:
-        out.append(v)
-        v *= 2
-    return out + [int(top)]
+    """1, 2, 4, ... below `top` (a Python int >= 1), then `top` itself."""
+    return [1 << i for i in range((top - 1).bit_length())] + [int(top)]
 
 
 def tune_search_params(
@@ -657,10 +654,7 @@ def search(
     ids = np.empty((m, k), dtype=np.int64)
     for start in range(0, m, max(1, int(batch_size))):
         stop = min(m, start + max(1, int(batch_size)))
-        if params is None:
-            distances[start:stop], ids[start:stop] = index.search(q[start:stop], k)
-        else:
-            distances[start:stop], ids[start:stop] = index.search(q[start:stop], k, params=params)
+        distances[start:stop], ids[start:stop] = index.search(q[start:stop], k, params=params)
     return distances, ids
 
 

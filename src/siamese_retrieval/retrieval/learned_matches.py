@@ -161,9 +161,14 @@ def match_features(q: Features, cands: Sequence[Features | None], cfg: MatchingC
     if nq < 1 or f < 2:
         return out
     desc = np.zeros((n, f, 32), np.uint8)
+    pts_d = np.zeros((n, f, 2), np.float32)
+    ang_d = np.zeros((n, f), np.float32)
+    size_d = np.ones((n, f), np.float32)
+    wh_d = np.ones((n, 2), np.float32)
     for c, k in enumerate(cands):
         if k is not None and len(k):
             desc[c, : len(k)] = k.desc
+            pts_d[c, : len(k)], ang_d[c, : len(k)], size_d[c, : len(k)], wh_d[c] = k.points, k.angle, k.size, k.wh
     dist = hamming_matrix(q.desc, desc.reshape(n * f, 32)).reshape(nq, n, f)
     dist[:, np.arange(f)[None, :] >= counts[:, None]] = _FAR  # padded candidate features are never near
     flat = dist.reshape(nq * n, f)
@@ -192,13 +197,6 @@ def match_features(q: Features, cands: Sequence[Features | None], cfg: MatchingC
     qi, ci, r, slot = qi[keep], ci[keep], r[keep], slot[keep]
     dj = j1[qi, ci]
     out.qi[ci, slot], out.di[ci, slot], out.mask[ci, slot] = qi, dj, True
-    pts_d = np.zeros((n, f, 2), np.float32)
-    ang_d = np.zeros((n, f), np.float32)
-    size_d = np.ones((n, f), np.float32)
-    wh_d = np.ones((n, 2), np.float32)
-    for c, k in enumerate(cands):
-        if k is not None and len(k):
-            pts_d[c, : len(k)], ang_d[c, : len(k)], size_d[c, : len(k)], wh_d[c] = k.points, k.angle, k.size, k.wh
     dtheta = np.deg2rad(ang_d[ci, dj] - q.angle[qi])
     out.x[ci, slot] = np.stack([
         q.points[qi, 0] / q.wh[0], q.points[qi, 1] / q.wh[1],

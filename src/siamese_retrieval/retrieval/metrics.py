@@ -40,19 +40,24 @@ __all__ = [
 ]
 
 
+def _check_shape(name: str, x: Tensor, sim: Tensor, fov: Tensor | None) -> None:
+    """`x` (scores or order), sim and fov (when given) are one 2-D (n_queries, n_database) shape, n_database > 0."""
+    if x.ndim != 2 or sim.shape != x.shape or (fov is not None and fov.shape != x.shape):
+        raise ValueError(
+            f"{name} {tuple(x.shape)}, sim {tuple(sim.shape)} and fov "
+            f"{None if fov is None else tuple(fov.shape)} must have the same (n_queries, n_database) shape"
+        )
+    if x.shape[1] == 0:
+        raise ValueError("cannot rank an empty database (n_database == 0)")
+
+
 def _check_inputs(scores: Tensor, sim: Tensor, fov: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     if scores.ndim == 1:
         scores, sim = scores[None], sim[None]
         fov = fov[None] if fov is not None else None
     if scores.ndim != 2:
         raise ValueError(f"scores must be (n_queries, n_database), got shape {tuple(scores.shape)}")
-    if sim.shape != scores.shape or (fov is not None and fov.shape != scores.shape):
-        raise ValueError(
-            f"scores {tuple(scores.shape)}, sim {tuple(sim.shape)} and fov "
-            f"{None if fov is None else tuple(fov.shape)} must have the same (n_queries, n_database) shape"
-        )
-    if scores.shape[1] == 0:
-        raise ValueError("cannot rank an empty database (n_database == 0)")
+    _check_shape("scores", scores, sim, fov)
     if not torch.is_floating_point(scores):
         scores = scores.float()
     if torch.isnan(scores).any():
@@ -61,13 +66,7 @@ def _check_inputs(scores: Tensor, sim: Tensor, fov: Tensor | None) -> tuple[Tens
 
 
 def _check_order(order: Tensor, sim: Tensor, fov: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    if order.ndim != 2 or sim.shape != order.shape or (fov is not None and fov.shape != order.shape):
-        raise ValueError(
-            f"order {tuple(order.shape)}, sim {tuple(sim.shape)} and fov "
-            f"{None if fov is None else tuple(fov.shape)} must have the same (n_queries, n_database) shape"
-        )
-    if order.shape[1] == 0:
-        raise ValueError("cannot rank an empty database (n_database == 0)")
+    _check_shape("order", order, sim, fov)
     return order.long(), sim.bool(), (fov.float() if fov is not None else None)
 
 

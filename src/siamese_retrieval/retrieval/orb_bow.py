@@ -49,7 +49,7 @@ from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import cached_npz, stable_hash
 from siamese_retrieval.retrieval.index import build_index, search, set_faiss_threads
 from siamese_retrieval.retrieval.orb_features import Features
-from siamese_retrieval.retrieval.ranking import Ranking, RankingBuilder, RankingSettings, canonical_order
+from siamese_retrieval.retrieval.ranking import Ranking, RankingBuilder, RankingSettings, canonical_order, index_config
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +248,7 @@ def rank_bow(db_vecs: np.ndarray, q_vecs: np.ndarray, query_idx: np.ndarray, tru
              settings: RankingSettings) -> Ranking:
     """Rank the whole database (or its top search_k) by cosine of the histograms; the engine's metrics."""
     full = settings.search_k is None
-    index_cfg = dataclasses.replace(settings.index, metric="ip")
-    if full and index_cfg.kind != "flat":
-        index_cfg = dataclasses.replace(index_cfg, nprobe=1 << 30)  # a full ranking probes every list
-    index = build_index(db_vecs, index_cfg)
+    index = build_index(db_vecs, index_config("ip", settings, full_ranking=full))
     k = len(db_vecs) if full else min(settings.search_k, len(db_vecs))
     builder = RankingBuilder(query_idx, truth, settings)
     for start in range(0, len(q_vecs), settings.query_chunk):

@@ -63,15 +63,6 @@ def empty(wh: tuple[float, float] = (1.0, 1.0)) -> Features:
                     np.ones(0, np.float32), np.asarray(wh, np.float32))
 
 
-def feature_settings(cfg: Any) -> dict[str, Any]:
-    """The feature knobs of any config that has them (OrbFeatureConfig, OrbRansacConfig): the cache key."""
-    return {name: getattr(cfg, name) for name in FEATURE_FIELDS}
-
-
-def _orb(cfg: Any) -> cv2.ORB:
-    return create_orb(cfg)
-
-
 def image_features(image: np.ndarray, cfg: Any = OrbFeatureConfig(), orb: cv2.ORB | None = None) -> Features:
     """ORB on one decoded image (gray, BGR or BGRA). Never raises for blank or tiny images."""
     det = detect(image, cfg, orb)
@@ -89,7 +80,7 @@ def extract_features(paths: Sequence[str | os.PathLike], cfg: Any = OrbFeatureCo
     """ORB features of every file, on a thread pool (DatasetError names the first undecodable file)."""
 
     def chunk(ps: Sequence[Path]) -> list[Features]:
-        orb = _orb(cfg)
+        orb = create_orb(cfg)
         return [image_features(read_image(p), cfg, orb) for p in ps]
 
     paths = [Path(p) for p in paths]
@@ -98,24 +89,25 @@ def extract_features(paths: Sequence[str | os.PathLike], cfg: Any = OrbFeatureCo
     return [f for part in parts for f in part]
 
 
-ARRAYS = ("offsets", "points", "desc", "angle", "size", "wh")
+# The per-feature arrays of a cache, in Features' order: (name, shape of one feature, dtype). The cache holds them
+# concatenated over the files, the offsets of each file's first feature and one (width, height) per file.
+PER_FEATURE = (("points", (2,), np.float32), ("desc", (32,), np.uint8), ("angle", (), np.float32),
+               ("size", (), np.float32))
+ARRAYS = ("offsets", *(name for name, _, _ in PER_FEATURE), "wh")
 
 
 def _pack(feats: Sequence[Features]) -> dict[str, np.ndarray]:
     counts = np.array([len(f) for f in feats], np.int64)
-
-    def cat(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        return np.concatenate([getattr(f, name) for f in feats]) if feats else np.zeros(shape, dtype)
-
-    return {"offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            "points": cat("points", (0, 2), np.float32), "desc": cat("desc", (0, 32), np.uint8),
-            "angle": cat("angle", (0,), np.float32), "size": cat("size", (0,), np.float32),
-            "wh": np.stack([f.wh for f in feats]) if feats else np.zeros((0, 2), np.float32)}
+    packed = {"offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
+    for name, shape, dtype in PER_FEATURE:
+        packed[name] = np.concatenate([getattr(f, name) for f in feats]) if feats else np.zeros((0, *shape), dtype)
+    packed["wh"] = np.stack([f.wh for f in feats]) if feats else np.zeros((0, 2), np.float32)
+    return packed
 
 
 def _unpack(z: Mapping[str, np.ndarray]) -> list[Features]:
     off = z["offsets"]
-    return [Features(*(z[k][off[i] : off[i + 1]] for k in ("points", "desc", "angle", "size")), z["wh"][i])
+    return [Features(*(z[k][off[i] : off[i + 1]] for k, _, _ in PER_FEATURE), z["wh"][i])
             for i in range(len(off) - 1)]
 
 
@@ -129,9 +121,8 @@ def features_problem(z: Mapping[str, np.ndarray], n_files: int) -> str | None:
     if off[0] != 0 or np.any(np.diff(off) < 0):
         return "has offsets that do not start at 0 and increase"
     n = int(off[-1])
-    for name, shape, dtype in (("points", (n, 2), np.float32), ("desc", (n, 32), np.uint8),
-                               ("angle", (n,), np.float32), ("size", (n,), np.float32),
-                               ("wh", (n_files, 2), np.float32)):
+    expected = [(name, (n, *shape), dtype) for name, shape, dtype in PER_FEATURE] + [("wh", (n_files, 2), np.float32)]
+    for name, shape, dtype in expected:
         arr = z[name]
         if arr.dtype != dtype or arr.shape != shape:
             return f"has {name} of dtype {arr.dtype} and shape {arr.shape}, expected {np.dtype(dtype)} {shape}"
@@ -146,8 +137,10 @@ def cached_features(files: Sequence[Path], key: Mapping[str, Any], cfg: Any, cac
     file list and the feature settings; written atomically. No cache when `cache_dir` is None."""
     if cache_dir is None:
         return extract_features(files, cfg, workers)
-    digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": feature_settings(cfg),
-                          "version": ORB_CACHE_VERSION, "cv2": cv2.__version__.split(".")[0]})
+    # the feature knobs of any config that has them (OrbFeatureConfig, OrbRansacConfig): the cache key
+    settings = {name: getattr(cfg, name) for name in FEATURE_FIELDS}
+    digest = stable_hash({**key, "files": [str(f) for f in files], "cfg": settings, "version": ORB_CACHE_VERSION,
+                          "cv2": cv2.__version__.split(".")[0]})
     arrays = cached_npz(Path(cache_dir) / f"orb-{digest}.npz", ARRAYS, "ORB feature",
                         lambda: _pack(extract_features(files, cfg, workers)),
                         logger=log, problem=lambda a: features_problem(a, len(files)))

@@ -144,16 +144,13 @@ def _sane(h: np.ndarray) -> float:
 PairMeasure = Callable[[Features, Features, OrbRansacConfig], Any]  # inlier_count or pair_evidence
 
 
-def _score_rows(rows: Sequence[tuple[Features, Sequence[int]]], db: Sequence[Features], cfg: OrbRansacConfig,
-                measure: PairMeasure) -> list[np.ndarray]:
-    return [np.array([measure(q, db[j], cfg) for j in cand], np.float32) for q, cand in rows]
-
-
 def _parallel_rows(rows: list[tuple[Features, Sequence[int]]], db: Sequence[Features], cfg: OrbRansacConfig,
                    workers: int, description: str, measure: PairMeasure = inlier_count) -> list[np.ndarray]:
+    def score(chunk: Sequence[tuple[Features, Sequence[int]]]) -> list[np.ndarray]:
+        return [np.array([measure(q, db[j], cfg) for j in cand], np.float32) for q, cand in chunk]
+
     with progress(description, total=len(rows)) as advance:  # one tick per query
-        parts = chunked_map(counted(lambda chunk: _score_rows(chunk, db, cfg, measure), advance), rows, workers,
-                            max_chunk=1, pool_context=single_threaded_kernels)
+        parts = chunked_map(counted(score, advance), rows, workers, max_chunk=1, pool_context=single_threaded_kernels)
     return [row for part in parts for row in part]
 
 

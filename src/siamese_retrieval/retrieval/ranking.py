@@ -150,15 +150,6 @@ class RankingBuilder:
         first = np.where(has, sim.argmax(axis=1) + 1, np.where(n_pos > 0, k + 1, 0))
         self.first_pos.append(first.astype(np.int64))
 
-    def add_scores(self, qi: np.ndarray, scores: np.ndarray) -> None:
-        """Dense scores (len(qi), n_db), higher = more relevant: sorted here (stable: ties to the lower index);
-        streaming keeps the top search_k."""
-        scores = np.ascontiguousarray(scores, dtype=np.float32)
-        ids = np.argsort(-scores, axis=1, kind="stable")
-        if self.search_k is not None:
-            ids = ids[:, : self.search_k]
-        self.add_ranked(qi, ids, np.take_along_axis(scores, ids, axis=1))
-
     def result(self) -> Ranking:
         values = {k: float(v) for k, v in self.metric.compute().items()}
         return Ranking(self.query_idx, np.concatenate(self.tops), np.concatenate(self.top_scores),
@@ -196,9 +187,10 @@ class Embedder(Protocol):
 # ----------------------------------------------------------------------------------------- rankings
 
 
-def index_config(module: Embedder, settings: RankingSettings, full_ranking: bool = True) -> IndexConfig:
-    """The settings' index with the model's metric; a full ranking probes every inverted list."""
-    cfg = dataclasses.replace(settings.index, metric=module.distance.faiss_metric)
+def index_config(metric: str, settings: RankingSettings, full_ranking: bool = True) -> IndexConfig:
+    """The settings' index with `metric` (a model's: its distance's faiss_metric); a full ranking probes every
+    inverted list."""
+    cfg = dataclasses.replace(settings.index, metric=metric)
     if full_ranking and cfg.kind != "flat":
         cfg = dataclasses.replace(cfg, nprobe=1 << 30)  # mAP and recall@k rank the whole database
     return cfg
@@ -221,7 +213,8 @@ def ranked_chunks(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor,
     """(rows of q_emb, ids best first, relevance scores) per chunk of queries: the whole database per query,
     or its top `settings.search_k` (streaming: (chunk, k) arrays only)."""
     full = settings.search_k is None
-    index = build_index(module.distance.for_index(db_emb).numpy(), index_config(module, settings, full_ranking=full))
+    index = build_index(module.distance.for_index(db_emb).numpy(),
+                        index_config(module.distance.faiss_metric, settings, full_ranking=full))
     k = db_emb.shape[0] if full else min(settings.search_k, db_emb.shape[0])
     for start in range(0, len(q_emb), settings.query_chunk):
         rows = slice(start, start + settings.query_chunk)
@@ -260,11 +253,14 @@ def rank_queries(module: Embedder, db_inputs: Tensors, q_inputs: Tensors, query_
 
 
 def rank_scores(scores: np.ndarray, query_idx: np.ndarray, truth: Relevance | GroundTruth, settings: RankingSettings) -> Ranking:
-    """A `Ranking` from a dense (m, n_db) score matrix (higher = more relevant), e.g. a baseline's."""
+    """A `Ranking` from a dense (m, n_db) score matrix (higher = more relevant), e.g. a baseline's: sorted here
+    (stable: ties to the lower index); streaming keeps the top search_k."""
     builder = RankingBuilder(query_idx, truth, settings)
     for start in range(0, len(query_idx), settings.query_chunk):
         rows = slice(start, start + settings.query_chunk)
-        builder.add_scores(query_idx[rows], scores[rows])
+        chunk = np.ascontiguousarray(scores[rows], dtype=np.float32)
+        ids = np.argsort(-chunk, axis=1, kind="stable")[:, : settings.search_k]  # search_k None: every id
+        builder.add_ranked(query_idx[rows], ids, np.take_along_axis(chunk, ids, axis=1))
     return builder.result()
 
 

@@ -24,11 +24,12 @@ from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.registry import RERANKERS
 from siamese_retrieval.retrieval.orb_features import (
     Features,
+    OrbFeatureConfig,
     cached_features,
     extract_features,
 )
 from siamese_retrieval.retrieval.orb_ransac import OrbRansacConfig, rerank_evidence, rerank_scores
-from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker
+from siamese_retrieval.retrieval.ranking import FusedReranker, InlierReranker, Reranker
 from siamese_retrieval.retrieval.trusted_rerank import (
     FEATURES,
     SECOND_OPINION,
@@ -42,8 +43,6 @@ from siamese_retrieval.retrieval.trusted_rerank import (
 )
 
 log = logging.getLogger(__name__)
-
-Reranker = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -96,7 +95,7 @@ def orb_config(node: Mapping[str, Any]) -> tuple[OrbRansacConfig, int]:
         raise ConfigError(f"orb_ransac: {exc}") from None
 
 
-def dataset_orb_features(cfg: OrbRansacConfig, workers: int, dataset: Any,
+def dataset_orb_features(cfg: OrbRansacConfig | OrbFeatureConfig, workers: int, dataset: Any,
                          cache_dir: Path | None) -> tuple[list[Features], list[Features]]:
     """(database, query) ORB features of every image of the dataset, cached together under its fingerprint."""
     files = [dataset.root / p for p in dataset.db_paths + dataset.q_paths]
@@ -104,44 +103,30 @@ def dataset_orb_features(cfg: OrbRansacConfig, workers: int, dataset: Any,
     return feats[: dataset.n_db], feats[dataset.n_db :]
 
 
-def source_orb_features(source: RerankSource, cfg: OrbRansacConfig,
-                        workers: int) -> tuple[list[Features], list[Features]]:
-    """(database, ranked queries in row order) ORB features: the dataset's cache, plus outside queries
-    extracted now (they have no fingerprint to cache them under)."""
-    if source.query_idx is not None:
-        db, queries = dataset_orb_features(cfg, workers, source.dataset, source.cache_dir)
-        return db, [queries[int(i)] for i in source.query_idx]
-    ds = source.dataset
-    db = cached_features([ds.root / p for p in ds.db_paths], {"fingerprint": ds.fingerprint}, cfg, source.cache_dir,
-                         workers)
-    return db, extract_features(list(source.query_files), cfg, workers)
-
-
 CandidateMeasure = Callable[..., np.ndarray]  # rerank_scores or rerank_evidence (retrieval/orb_ransac.py)
+Verify = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows, candidates) -> per-candidate scores or evidence
 
 
 def orb_rows(queries: Sequence[Features], db: Sequence[Features], cfg: OrbRansacConfig, workers: int,
-             measure: CandidateMeasure) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+             measure: CandidateMeasure) -> Verify:
     """(rows, candidates) -> `measure` of those query rows (their features: `queries[row]`) against their
     candidates: the shape every ORB re-ranker and the trust rule's fitting call verification through."""
     return lambda rows, candidates: measure(candidates, [queries[int(r)] for r in rows], db, cfg, workers)
 
 
-def orb_verifier(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """verify(rows, candidates) -> RANSAC homography inlier counts (len(rows), N)."""
+def orb_measure(source: RerankSource, measure: CandidateMeasure) -> Verify:
+    """(rows, candidates) -> `measure` of the ranked query rows against their candidates: `rerank_scores`, the
+    RANSAC homography inlier counts (len(rows), N), or `rerank_evidence`, the ORB + RANSAC EVIDENCE
+    (len(rows), N, F) of each candidate. The features: the dataset's cache, plus outside queries extracted now
+    (they have no fingerprint to cache them under)."""
     cfg, workers = orb_config(source.orb)
-    db, queries = source_orb_features(source, cfg, workers)
-    return orb_rows(queries, db, cfg, workers, rerank_scores)
-
-
-def orb_evidence(source: RerankSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """evidence(rows, candidates) -> the ORB + RANSAC EVIDENCE (len(rows), N, F) of each candidate."""
-    cfg, workers = orb_config(source.orb)
-    db, queries = source_orb_features(source, cfg, workers)
-    return orb_rows(queries, db, cfg, workers, rerank_evidence)
-
-
-Verify = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (rows, candidates) -> per-candidate scores or evidence
+    if source.query_idx is not None:
+        db, queries = dataset_orb_features(cfg, workers, source.dataset, source.cache_dir)
+        return orb_rows([queries[int(i)] for i in source.query_idx], db, cfg, workers, measure)
+    ds = source.dataset
+    db = cached_features([ds.root / p for p in ds.db_paths], {"fingerprint": ds.fingerprint}, cfg, source.cache_dir,
+                         workers)
+    return orb_rows(extract_features(list(source.query_files), cfg, workers), db, cfg, workers, measure)
 
 
 def with_opinion(evidence: Verify, opinion: Verify) -> Verify:
@@ -228,7 +213,7 @@ def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers
 @RERANKERS.register("orb_ransac")
 def orb_ransac(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     """The model's top N re-ordered by ORB + RANSAC inliers alone (ties: the model's order)."""
-    return InlierReranker(int(cfg.get("top_n", 20)), orb_verifier(source))
+    return InlierReranker(int(cfg.get("top_n", 20)), orb_measure(source, rerank_scores))
 
 
 @RERANKERS.register("fused")
@@ -236,7 +221,7 @@ def fused(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     """The model's order; per query, the best-verified candidate moves to rank 1 only where the learned trust rule
     believes it (retrieval/trusted_rerank.py), else the query abstains and keeps the model's order."""
     top_n = int(cfg.get("top_n", 20))
-    return TrustedReranker(top_n, orb_evidence(source), trust_rule(source, top_n),
+    return TrustedReranker(top_n, orb_measure(source, rerank_evidence), trust_rule(source, top_n),
                            threshold=float(cfg.get("trust_threshold", 0.5)), skip_margin=cfg.get("skip_margin"),
                            max_rank=cfg.get("max_challenger_rank"))
 
@@ -266,45 +251,36 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
         train_ds, splits = source.reference()
         log.info("rerank=learned_matches: no training split here; the verifier of %s's training split",
                  train_ds.name or train_ds.root)
-    loaded: dict[int, list[Features]] = {}
+    loaded: dict[int, tuple[list[Features], list[Features]]] = {}
 
-    def features_of(ds: Any) -> list[Features]:  # each dataset's verifier features, read from the cache once
+    def features_of(ds: Any) -> tuple[list[Features], list[Features]]:
+        """Each dataset's verifier (database, query) features, read from the cache once: the same extractor and
+        cache as orb_ransac's, at the verifier's own n_features."""
         if id(ds) not in loaded:
-            loaded[id(ds)] = dataset_features(ds, lm_cfg, source.cache_dir)
+            loaded[id(ds)] = dataset_orb_features(lm_cfg.features, lm_cfg.workers, ds, source.cache_dir)
         return loaded[id(ds)]
 
-    feats = features_of(train_ds)
-    data = verifier_fit.TrainData(feats[train_ds.n_db :], feats[: train_ds.n_db],
+    train_db_feats, train_q_feats = features_of(train_ds)
+    data = verifier_fit.TrainData(train_q_feats, train_db_feats,
                                   [train_ds.query_file(i) for i in range(train_ds.n_query)],
                                   [train_ds.db_file(j) for j in range(train_ds.n_db)], splits.train_q, splits.train_db,
                                   as_ground_truth(train_ds), key={"fingerprint": train_ds.fingerprint})
     net = verifier_fit.fit_or_load(data, lm_cfg, source.cache_dir, source.log_dir)
-    ds = source.dataset
-    if ds is train_ds:
-        db_feats, q_feats = data.db_feats, [data.q_feats[int(i)] for i in source.query_idx]
-    else:
-        every = features_of(ds)
-        db_feats = every[: ds.n_db]
-        q_feats = ([every[ds.n_db + int(i)] for i in source.query_idx] if source.query_idx is not None
-                   else extract_features(list(source.query_files), lm_cfg.features, lm_cfg.workers))
+    db_feats, queries = features_of(source.dataset)
+    q_feats = ([queries[int(i)] for i in source.query_idx] if source.query_idx is not None
+               else extract_features(list(source.query_files), lm_cfg.features, lm_cfg.workers))
     verify = lm.LearnedVerifier(net, q_feats, db_feats, lm_cfg.matching)
     if lm_cfg.combine == "trusted":  # rerank=fused's per-query abstention, the verifier's agreement one more feature
         def opinion_of(ds: Any) -> Verify:  # rows are ds's query ids
-            every = features_of(ds)
-            return lm.LearnedVerifier(net, every[ds.n_db :], every[: ds.n_db], lm_cfg.matching)
+            db, queries = features_of(ds)
+            return lm.LearnedVerifier(net, queries, db, lm_cfg.matching)
 
         rule = trust_rule(source, lm_cfg.top_n, "rerank=learned_matches", opinion_of,
                           verifier_fit.cache_path(data, lm_cfg, ".").name)
-        return TrustedReranker(lm_cfg.top_n, with_opinion(orb_evidence(source), verify), rule,
+        return TrustedReranker(lm_cfg.top_n, with_opinion(orb_measure(source, rerank_evidence), verify), rule,
                                threshold=lm_cfg.trust_threshold, max_rank=lm_cfg.max_challenger_rank)
     if lm_cfg.combine == "fused":  # soft inlier counts as evidence added to the model's order (rerank=fused's rule)
         return FusedReranker(lm_cfg.top_n, verify, min_inliers=lm_cfg.min_inliers, saturate=lm_cfg.saturate,
                              outlier_z=lm_cfg.outlier_z)
     return lm.LearnedReranker(lm_cfg.top_n, verify, lm_cfg.model_weight)
 
-
-def dataset_features(ds: Any, lm_cfg: Any, cache_dir: Path | None) -> list[Features]:
-    """The verifier's ORB features of every database image then every query of `ds` (one cache entry)."""
-    files = [ds.db_file(j) for j in range(ds.n_db)] + [ds.query_file(i) for i in range(ds.n_query)]
-    # the same extractor and cache as orb_ransac's, at the verifier's own n_features
-    return cached_features(files, {"fingerprint": ds.fingerprint}, lm_cfg.features, cache_dir, lm_cfg.workers)

@@ -140,13 +140,6 @@ def fit_rule(features: np.ndarray, labels: np.ndarray, source: str) -> TrustRule
     return replace(rule, train_accuracy=accuracy)
 
 
-def training_examples(evidence: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of the queries with a homography: label = the challenger is relevant."""
-    best, features, verified = query_features(evidence)
-    labels = relevant[np.arange(len(best)), best]
-    return features[verified], labels[verified].astype(np.float64)
-
-
 def save_rule(rule: TrustRule, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".json") as tmp:
@@ -223,10 +216,9 @@ class TrustedReranker:
                 reason = f"abstained: challenger at model rank {best[k] + 1} not trusted, {why}"
             self.decisions[int(rows[i])] = (promote, reason)
             order = np.arange(n)
-            if promote:
-                order = np.concatenate([[best[k]], np.delete(order, best[k])])
             new_scores = 1.0 + relevance[k] / 2.0
             if promote:
+                order = np.concatenate([[best[k]], np.delete(order, best[k])])
                 new_scores[best[k]] += 1.0
             ids[i, :n] = candidates[k, order]
             scores[i, :n] = new_scores[order].astype(np.float32)
@@ -246,8 +238,10 @@ def fitted_rule(evidence_of: Callable[[np.ndarray, np.ndarray], np.ndarray], tra
         cand[k, : len(c)] = c
     evidence = evidence_of(np.asarray(train_q), cand)
     evidence[cand < 0] = 0.0
-    relevant = np.stack([relevant_of(int(q), c) for q, c in zip(train_q, cand)])
-    features, labels = training_examples(evidence, relevant & (cand >= 0))
+    relevant = np.stack([relevant_of(int(q), c) for q, c in zip(train_q, cand)]) & (cand >= 0)
+    # (features, labels) of the queries with a homography: label = the challenger is relevant
+    best, features, verified = query_features(evidence)
+    features, labels = features[verified], relevant[np.arange(len(best)), best][verified].astype(np.float64)
     if len(labels) < 20 or labels.min() == labels.max():
         return None
     return fit_rule(features, labels, source)

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from hydra.experimental.callback import Callback as _HydraCallback
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from siamese_retrieval.errors import UserError
@@ -225,8 +226,6 @@ def nearest_key(error: Exception, wanted: str | None = None) -> str | None:
     closest (`devices` -> `trainer.devices`, `lr` -> `model.module.optimizer.lr`); None when nothing is close.
     `wanted` is the override's whole key, when the refused key is only its first unknown part.
     """
-    from omegaconf import DictConfig, OmegaConf
-
     parent, key = getattr(error, "parent_node", None), getattr(error, "key", None)
     if not isinstance(parent, DictConfig) or key is None:
         return None
@@ -344,12 +343,6 @@ def mark_job_failed(cfg: DictConfig, error: str) -> float:
         if wandb.run is not None:
             wandb.finish(exit_code=1)
     return float("nan")
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra is a dependency; keeps this module importable without it
-    _HydraCallback = object
 
 
 class OutputDirCheck(_HydraCallback):

@@ -53,6 +53,7 @@ class Job:
     seed: int | None = None
     error: str = ""
     provenance: dict[str, Any] | None = None  # metrics.json's record of versions and commit, where it has one
+    fields: dict[str, Any] = field(default_factory=dict)  # metrics.json as read: the chart names things by it
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -216,7 +217,7 @@ def read_job(job_dir: Path) -> Job:
     error = _one_line(data.get("error", "")) if status != "ok" else ""
     recorded = data.get("provenance")
     return Job(job_dir, overrides, status if status in ("ok", "failed") else "failed", metrics,
-               seed_of(overrides, data), error, recorded if isinstance(recorded, dict) else None)
+               seed_of(overrides, data), error, recorded if isinstance(recorded, dict) else None, data)
 
 
 def _overrides_or_none(job_dir: Path) -> list[str]:
@@ -309,7 +310,7 @@ def markdown_table(groups: Sequence[Group], metrics: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def failed_section(jobs: Sequence[Job], root: Path | None = None) -> str:
+def failed_section(jobs: Sequence[Job]) -> str:
     bad = [j for j in jobs if j.status != "ok"]
     if not bad:
         return ""
@@ -324,23 +325,14 @@ BASELINE_METHODS = ("orb_ransac", "thumbnail")  # metrics.json "method" of the b
 BOUNDED_METRICS = ("precision@", "recall@", "mAP", "ndcg@", "range_acc@")  # values in [0, 1]
 
 
-def _job_fields(job: Job) -> dict[str, Any]:
-    """The job's metrics.json fields the chart names things by (method, model, data); {} if unreadable."""
-    try:
-        data = json.loads((job.path / "metrics.json").read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _baseline_method(group: Group) -> str | None:
     """The baseline method shared by all the group's jobs (orb_ransac, thumbnail), else None (a learned model)."""
-    methods = {str(_job_fields(j).get("method", "")) for j in group.jobs}
+    methods = {str(j.fields.get("method", "")) for j in group.jobs}
     return methods.pop() if len(methods) == 1 and methods <= set(BASELINE_METHODS) else None
 
 
 def _chart_title(groups: Sequence[Group], metrics: Sequence[str]) -> str:
-    fields = [_job_fields(j) for g in groups for j in g.jobs]
+    fields = [j.fields for g in groups for j in g.jobs]
     data = sorted({str(f["data"]) for f in fields if f.get("data")})
     splits = sorted({m.split("/", 1)[0] for m in metrics if "/" in m})
     where = f" on {', '.join(data)}" if data else ""
@@ -348,7 +340,7 @@ def _chart_title(groups: Sequence[Group], metrics: Sequence[str]) -> str:
     return f"Retrieval{where}{split}: mean ± std over seeds"
 
 
-def write_plot(groups: Sequence[Group], metrics: Sequence[str], path: Path, title: str | None = None) -> Path:
+def write_plot(groups: Sequence[Group], metrics: Sequence[str], path: Path) -> Path:
     """Bars (mean, with std error bars clipped to the metric's range) per configuration and metric; the
     baselines (jobs whose metrics.json method is orb_ransac or thumbnail) as dashed reference lines."""
     import matplotlib
@@ -402,7 +394,7 @@ def write_plot(groups: Sequence[Group], metrics: Sequence[str], path: Path, titl
     if all(any(b in m for b in BOUNDED_METRICS) for m in metrics):
         ax.set_ylim(0, min(1.08, top * 1.12 + 0.02) if top > 0 else 1.0)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(title or _chart_title(groups, metrics), fontsize=10)
+    ax.set_title(_chart_title(groups, metrics), fontsize=10)
     if groups:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()

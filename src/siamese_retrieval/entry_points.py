@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback as _HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.cli import report_user_errors, run_entry_point
@@ -193,11 +194,6 @@ def compare_main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra is a dependency
-    _HydraCallback = object
-
 
 class SweeperStorageDir(_HydraCallback):
     """Hydra callback (conf/hparams_search/optuna.yaml): creates the directory of the sweeper's sqlite

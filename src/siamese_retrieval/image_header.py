@@ -107,10 +107,8 @@ _PILLOW_LOCK = threading.Lock()
 
 
 def _pillow_size(data: bytes) -> tuple[int, int] | None:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow comes with matplotlib
-        return None
+    from PIL import Image
+
     # catch_warnings changes the process's warning filters: one thread at a time (the dataset check runs a pool), so
     # that no thread restores another's "ignore" for good
     with _PILLOW_LOCK, warnings.catch_warnings():

@@ -97,9 +97,7 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     try:
         st = os.lstat(folder)
-    except FileNotFoundError:
-        st = None
-    except OSError:  # e.g. a parent that is not a folder: mkdir below says so
+    except OSError:  # missing, or e.g. a parent that is not a folder: mkdir below says so
         st = None
     if st is not None and stat.S_ISLNK(st.st_mode) and not _link_is_trusted(folder, st):
         raise UserError(f"{folder} is a symbolic link made by another user (uid {st.st_uid}, to "
@@ -287,16 +285,15 @@ def cached_npz(
     keys: Sequence[str],
     what: str,
     compute: Callable[[], Mapping[str, Any]],
-    validate: Callable[[dict[str, Any]], bool] | None = None,
     logger: logging.Logger = log,
     problem: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> dict[str, Any]:
-    """The arrays `keys` of the .npz cache at `path` when it is readable and `validate(arrays)` holds;
+    """The arrays `keys` of the .npz cache at `path` when it is readable and `problem(arrays)` finds no fault;
     otherwise `compute()`'s arrays, written to `path` atomically. A bad cache is deleted with a warning,
     and so is a symbolic link (or folder) under `path`: never followed, rebuilt (`check_cache_entry`).
-    `problem(arrays)`, when given, is the finer check: why the arrays cannot be used (None: they can), said in
-    the one warning. What a cache holds is data: check every array the caller uses (dtype, shape, values), not
-    only one of them. No cache when `path` is None. `what` names the cache in the messages ("image" -> "image
+    `problem(arrays)`, when given, says why the arrays cannot be used (None: they can), in the one warning.
+    What a cache holds is data: check every array the caller uses (dtype, shape, values), not only one of
+    them. No cache when `path` is None. `what` names the cache in the messages ("image" -> "image
     cache hit"), which go to `logger` (the caller's)."""
     if path is not None:
         path = Path(path)
@@ -304,9 +301,7 @@ def cached_npz(
         if path.is_file():
             arrays = load_npz_cache(path, keys, what, logger)
             why = None
-            if arrays is not None and validate is not None and not validate(arrays):
-                why = "has unexpected shapes"
-            if arrays is not None and why is None and problem is not None:
+            if arrays is not None and problem is not None:
                 why = problem(arrays)
             if why is not None:
                 logger.warning("%s cache %s %s; rebuilding it", what, path, why)
@@ -456,12 +451,10 @@ def _pid_alive(pid: int) -> bool:
         return True  # another thread of this process may be writing
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
-    except OverflowError:
-        return False
     return True
 
 

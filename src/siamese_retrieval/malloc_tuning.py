@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -31,15 +32,10 @@ TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap at the top instead of
 TOP_PAD = 64 * 1024 * 1024  # grow the heap in 64 MiB steps
 MMAP_MAX = 0  # no mmap-served blocks: the heap serves (and reuses) large ones too
 
-_applied: bool | None = None
 
-
+@functools.cache
 def tune_malloc() -> bool:
     """Apply the settings once per process; True when they are in effect."""
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
     if os.environ.get("SIAMESE_RETRIEVAL_MALLOC", "").lower() == "default" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -51,5 +47,4 @@ def tune_malloc() -> bool:
         return False
     if not ok:
         log.debug("glibc mallopt refused a setting; keeping its defaults where it did")
-    _applied = ok
     return ok

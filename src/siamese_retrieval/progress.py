@@ -66,13 +66,12 @@ def progress_enabled() -> bool:
 
 
 @contextmanager
-def progress(description: str, total: int, *, console: Any = None, enabled: bool | None = None,
-             transient: bool | None = None) -> Iterator[Advance]:
+def progress(description: str, total: int, *, console: Any = None, enabled: bool | None = None) -> Iterator[Advance]:
     """A bar for one step of `total` items; yields `advance(n=1)`.
 
     `enabled` None: `progress_enabled()`. `console`: a rich Console to draw on (default: a stderr console,
-    or rich's shared one while it shows a live display). `transient` None: a bar that joins another live
-    display disappears when done, a bar of its own stays as one finished line.
+    or rich's shared one while it shows a live display). A bar that joins another live display disappears
+    when done, a bar of its own stays as one finished line.
     """
     total = int(total)
     if total <= 0 or not (progress_enabled() if enabled is None else enabled):
@@ -91,8 +90,6 @@ def progress(description: str, total: int, *, console: Any = None, enabled: bool
         # a terminal: its width (a narrow one shortens the description, then the bar); a pipe or a log file:
         # wide enough for one whole line per step
         console = shared if nested else Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-    if transient is None:
-        transient = nested and _forced() is not True
     fixed = {"no_wrap": True}
     bar = Progress(
         TextColumn("{task.description}", table_column=Column(min_width=12)),  # wraps in a narrow terminal
@@ -101,7 +98,7 @@ def progress(description: str, total: int, *, console: Any = None, enabled: bool
         TimeElapsedColumn(table_column=Column(**fixed)),  # then the time left
         TimeRemainingColumn(table_column=Column(**fixed)),
         console=console,
-        transient=transient,
+        transient=nested and _forced() is not True,
         refresh_per_second=4,
     )
     task = bar.add_task(description, total=total)

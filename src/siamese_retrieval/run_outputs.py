@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -187,11 +191,6 @@ PROVENANCE_PACKAGES = ("siamese-retrieval", "torch", "pytorch-lightning", "torch
 def machine_description() -> str:
     """'2 CPU cores, x86_64, no GPU' / '16 CPU cores, x86_64, GPU: NVIDIA H100 80GB HBM3': where a result was measured
     (nvidia-smi's answer, so that describing the machine never imports torch)."""
-    import os
-    import platform
-    import shutil
-    import subprocess
-
     gpu = "no GPU"
     if shutil.which("nvidia-smi"):
         try:
@@ -236,9 +235,6 @@ def cpu_line() -> str:
     """'AMD EPYC, torch kernels AVX2': the processor and the vector kernels torch picked. Two machines of one kind
     can differ here, and other kernels round differently: a training run repeats bit for bit on the same
     processor and libraries, not necessarily on another."""
-    import platform
-    import sys
-
     model = ""
     try:
         with open("/proc/cpuinfo") as info:
@@ -253,8 +249,6 @@ def cpu_line() -> str:
 def provenance() -> dict[str, Any]:
     """Python and library versions (those installed), the CPU (cpu_line) and the git commit of the package's
     checkout (null when it is not one: an installed wheel), with `git_dirty` when it has uncommitted changes."""
-    import platform
-    import subprocess
     from importlib import metadata
 
     versions = {"python": platform.python_version()}

@@ -173,10 +173,9 @@ def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = 
         jobs = [(src, tmp / n, link) for src, n in zip(sources, db_names + q_names)]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(_place, jobs))
-        if dataset.is_sparse:  # too large for the dense arrays: the sparse gt.h5 layout (data/dataset.py)
-            write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, None, None, sparse=dataset.relevance)
-        else:
-            write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, dataset.sim, dataset.fov)
+        # a sparse dataset (no sim/fov: too large for the dense arrays) keeps the sparse gt.h5 layout (data/dataset.py)
+        write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, dataset.sim, dataset.fov,
+                      sparse=dataset.relevance if dataset.is_sparse else None)
         read_dataset(tmp, check="none", follow_symlinks_outside_root=link)  # readable, or nothing is renamed
     return Path(out).expanduser()
 

@@ -66,12 +66,9 @@ class PairBatches(IterableDataset):
         self.shard = shard  # under DDP, rank r takes batches r, r + world, ... (equal counts on every rank)
         self._n_pairs = len(pairs_fn(0)[0])
 
-    def _rank_world(self) -> tuple[int, int]:
-        return rank_world(self.dm, self.shard)
-
     def __len__(self) -> int:
         n_batches = -(-self._n_pairs // self.batch_size)
-        _, world = self._rank_world()
+        _, world = rank_world(self.dm, self.shard)
         return n_batches if world == 1 else max(1, n_batches // world)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -82,7 +79,7 @@ class PairBatches(IterableDataset):
             order = np.random.default_rng([self.seed, epoch, 7]).permutation(len(q))
         source = self.source or PairSource(self.dm.dataset.relevance, self.dm.q_inputs, self.dm.db_inputs)
         truth = source.truth
-        rank, world = self._rank_world()
+        rank, world = rank_world(self.dm, self.shard)
         starts = range(0, len(order), self.batch_size)
         if world > 1:
             starts = list(starts)[rank::world][: len(self)]
@@ -303,11 +300,10 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.training and isinstance(batch, dict) and "q" in batch:
-            batch["q"] = self.inputs.augment(batch["q"])
-            batch["d"] = self.inputs.augment(batch["d"])
-        if trainer is not None and trainer.training and isinstance(batch, dict) and "images" in batch:
-            batch["images"] = self.inputs.augment(batch["images"])
+        if trainer is not None and trainer.training and isinstance(batch, dict):
+            for key in ("q", "d", "images"):  # pair batches hold q and d, place batches images
+                if key in batch:
+                    batch[key] = self.inputs.augment(batch[key])
         return batch
 
 

@@ -487,16 +487,6 @@ def check_image(path: Path, max_pixels: int | None = None) -> str | None:
     return None
 
 
-def check_images(paths: Sequence[Path], workers: int = 4, max_pixels: int | None = None) -> None:
-    """Raise one DatasetError listing the first bad images (missing, empty, corrupt, too large by their header)."""
-    with _quiet_opencv(), ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = [(p, why) for p, why in zip(paths, pool.map(lambda p: check_image(p, max_pixels), paths)) if why]
-    if problems:
-        shown = "; ".join(f"{p}: {why}" for p, why in problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DatasetError(f"{len(problems)} unusable image(s): {shown}{more}")
-
-
 def images_stamp(paths: Sequence[Path]) -> str:
     """Hash of (path, size, mtime) of every image: changes when an image is replaced, added or removed.
 
@@ -515,9 +505,15 @@ def images_stamp(paths: Sequence[Path]) -> str:
 
 def check_image_files(paths: Sequence[Path], check: str, max_pixels: int | None = None) -> None:
     """`check` the images: decode (every file decodes, none above `max_pixels` by its header; None:
-    data.max_image_pixels), exists (every file is there) or none."""
+    data.max_image_pixels), exists (every file is there) or none. One DatasetError lists the first bad images
+    (decode: missing, empty, corrupt, too large by their header)."""
     if check == "decode":
-        check_images(paths, max_pixels=max_pixels)
+        with _quiet_opencv(), ThreadPoolExecutor(max_workers=4) as pool:
+            problems = [(p, why) for p, why in zip(paths, pool.map(lambda p: check_image(p, max_pixels), paths)) if why]
+        if problems:
+            shown = "; ".join(f"{p}: {why}" for p, why in problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise DatasetError(f"{len(problems)} unusable image(s): {shown}{more}")
     elif check == "exists":
         missing = [p for p in paths if not p.is_file()]
         if missing:
@@ -578,10 +574,10 @@ def fits_dense(n_query: int, n_db: int) -> bool:
 def dataset_with_relevance(root: Path, db_paths: list[str], db_loc: np.ndarray, q_paths: list[str], q_loc: np.ndarray,
                            relevance: SparseRelevance, fingerprint: str, name: str) -> RetrievalDataset:
     """A dataset around `relevance`: with dense sim/fov when they fit (`fits_dense`), sparse only otherwise."""
-    if fits_dense(relevance.n_query, relevance.n_db):
-        sim, fov = relevance.to_dense()
-        return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, fingerprint, name)
-    return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, None, None, fingerprint, name, relevance=relevance)
+    dense = fits_dense(relevance.n_query, relevance.n_db)
+    sim, fov = relevance.to_dense() if dense else (None, None)
+    return RetrievalDataset(root, db_paths, db_loc, q_paths, q_loc, sim, fov, fingerprint, name,
+                            relevance=None if dense else relevance)
 
 
 def write_split_json(path: Path, im_paths: Sequence[str], loc: np.ndarray) -> None:

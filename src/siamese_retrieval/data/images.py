@@ -47,11 +47,12 @@ def _read_checked(path: Path, max_pixels: int | None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """Decode `path` as stored (grayscale, BGR or BGRA; any bit depth); DatasetError if impossible, or when its
-    header says it has more than `max_pixels` pixels (None: data.max_image_pixels), which is never decoded."""
+def read_image(path: str | os.PathLike, max_pixels: int | None = None, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode `path` as stored (grayscale, BGR or BGRA; any bit depth), or as cv2.imdecode's `flags` say (e.g.
+    cv2.IMREAD_GRAYSCALE); DatasetError if impossible, or when its header says it has more than `max_pixels` pixels
+    (None: data.max_image_pixels), which is never decoded."""
     path = Path(path)
-    img = cv2.imdecode(_read_checked(path, max_pixels), cv2.IMREAD_UNCHANGED)
+    img = cv2.imdecode(_read_checked(path, max_pixels), flags)
     if img is None or img.size == 0:
         raise DatasetError(f"{path}: not a decodable image")
     return img
@@ -99,9 +100,7 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:
     """Standardised grayscale thumbnail (flattened float32): the cheap look-alike measure (the contact sheet's
     hard negatives, learned_matches' look-alike pairs, the thumbnail baseline of retrieval/thumbnail.py)."""
-    img = cv2.imdecode(_read_checked(Path(path), None), cv2.IMREAD_GRAYSCALE)  # as cv2.imread, size checked first
-    if img is None or img.size == 0:
-        raise DatasetError(f"{path}: not a decodable image")
+    img = read_image(path, flags=cv2.IMREAD_GRAYSCALE)  # as cv2.imread, size checked first
     t = cv2.resize(img, size, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
     return (t - t.mean()) / (t.std() + 1e-6)
 

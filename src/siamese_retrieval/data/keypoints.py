@@ -72,13 +72,10 @@ def _detect_strongest(image: np.ndarray, cfg: "OrbConfig | KeypointSetConfig", o
     return det, pts, resp, order
 
 
-def _empty(n: int, count: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(desc, geometry, mask) of `count` images with `n` keypoints each, all zero (= no keypoint)."""
+def empty_features(n: int, count: int = 1, width: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(desc, geometry, mask) of `count` images with `n` keypoints each, all zero (= no keypoint); the geometry
+    is `width` wide (4: geom; N_SET_FEATURES: a keypoint set's feat)."""
     return np.zeros((count, n, DESC_BYTES), np.uint8), np.zeros((count, n, width), np.float32), np.zeros((count, n), bool)
-
-
-def empty_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return _empty(n, count, 4)
 
 
 def extract_orb(image: np.ndarray, cfg: OrbConfig = OrbConfig(), orb: cv2.ORB | None = None):
@@ -148,13 +145,9 @@ class KeypointSetConfig:
         return create_orb(self, self.n_features)
 
 
-def empty_set_features(n: int, count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return _empty(n, count, N_SET_FEATURES)
-
-
 def extract_orb_set(image: np.ndarray, cfg: KeypointSetConfig = KeypointSetConfig(), orb: cv2.ORB | None = None):
     """(desc, feat, mask) of one image (grayscale, BGR or BGRA). Never raises for blank, tiny or odd images."""
-    desc, feat, mask = (a[0] for a in empty_set_features(cfg.n_keypoints))
+    desc, feat, mask = (a[0] for a in empty_features(cfg.n_keypoints, width=N_SET_FEATURES))
     found = _detect_strongest(image, cfg, orb, image_scale=cfg.image_scale)
     if found is None:
         return desc, feat, mask
@@ -243,7 +236,7 @@ def _extract_chunk(paths: Sequence[str], cfg: OrbConfig | KeypointSetConfig) -> 
     """Worker: one ORB object per chunk (cv2 objects are not shared between threads)."""
     kind = _KINDS[type(cfg)]
     orb = cfg.create()
-    desc, geom, mask = _empty(cfg.n_keypoints, len(paths), kind.width)
+    desc, geom, mask = empty_features(cfg.n_keypoints, len(paths), kind.width)
     for i, p in enumerate(paths):
         desc[i], geom[i], mask[i] = kind.extract(read_image(p), cfg, orb)
     return desc, geom, mask
@@ -274,14 +267,16 @@ def extract_paths(
     images/s, 2 threads ~1400 images/s, 2 spawned processes ~800 images/s.
     """
     paths = [str(p) for p in paths]
-    out = _empty(cfg.n_keypoints, len(paths), _KINDS[type(cfg)].width)
+    out = empty_features(cfg.n_keypoints, len(paths), _KINDS[type(cfg)].width)
     if paths:
         with progress("extracting ORB keypoints", total=len(paths)) as advance:
             _extract_into(paths, cfg, workers, out, advance)
     return out
 
 
-def _cache_dir(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.PathLike) -> Path:
+def keypoints_cache_file(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.PathLike) -> Path:
+    """The cache of `extract_dataset_keypoints` (an OrbConfig) or `extract_dataset_keypoint_sets` (a
+    KeypointSetConfig) for this dataset and config: a directory of .npy files."""
     kind = _KINDS[type(cfg)]
     key = stable_hash({"fingerprint": dataset.fingerprint, "cfg": asdict(cfg), "db_paths": list(dataset.db_paths),
                        "q_paths": list(dataset.q_paths), "version": kind.version, "cv2": cv2.__version__.split(".")[0],
@@ -289,29 +284,13 @@ def _cache_dir(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.
     return Path(cache_dir) / f"{kind.prefix}-{key}"
 
 
-def keypoints_cache_file(dataset, cfg: OrbConfig, cache_dir: str | os.PathLike) -> Path:
-    """The cache of `extract_dataset_keypoints` for this dataset and config: a directory of .npy files."""
-    return _cache_dir(dataset, cfg, cache_dir)
-
-
-def keypoint_set_cache_file(dataset, cfg: KeypointSetConfig, cache_dir: str | os.PathLike) -> Path:
-    """The cache of `extract_dataset_keypoint_sets` for this dataset and config: a directory of .npy files."""
-    return _cache_dir(dataset, cfg, cache_dir)
-
-
-def _specs(n_db: int, n_q: int, n: int, kind: _Kind) -> dict[str, tuple[tuple[int, ...], Any]]:
-    specs: dict[str, tuple[tuple[int, ...], Any]] = {}
-    for side, count in (("db", n_db), ("q", n_q)):
-        specs[f"{side}_desc"] = ((count, n, DESC_BYTES), np.uint8)
-        specs[f"{side}_{kind.geometry}"] = ((count, n, kind.width), np.float32)
-        specs[f"{side}_mask"] = ((count, n), np.bool_)
-    return specs
+keypoint_set_cache_file = keypoints_cache_file  # one function: the config's type picks the cache
 
 
 def _dataset_arrays(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.PathLike | None,
                     workers: int) -> dict[str, np.ndarray]:
     kind = _KINDS[type(cfg)]
-    path = _cache_dir(dataset, cfg, cache_dir) if cache_dir is not None else None
+    path = keypoints_cache_file(dataset, cfg, cache_dir) if cache_dir is not None else None
     what = f"ORB {kind.noun}s"
 
     def extract(out: dict[str, np.ndarray]) -> None:
@@ -323,7 +302,12 @@ def _dataset_arrays(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str 
                 _extract_into(files, cfg, workers,
                               (out[f"{side}_desc"], out[f"{side}_{kind.geometry}"], out[f"{side}_mask"]), advance)
 
-    specs = _specs(dataset.n_db, dataset.n_query, cfg.n_keypoints, kind)
+    n = cfg.n_keypoints
+    specs: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for side, count in (("db", dataset.n_db), ("q", dataset.n_query)):
+        specs[f"{side}_desc"] = ((count, n, DESC_BYTES), np.uint8)
+        specs[f"{side}_{kind.geometry}"] = ((count, n, kind.width), np.float32)
+        specs[f"{side}_mask"] = ((count, n), np.bool_)
     return cached_arrays(path, specs, kind.noun, extract, logger=log)
 
 

@@ -73,25 +73,28 @@ class PairRecipe:
             raise ConfigError(f"data.pairs: {exc}") from None
 
 
-class _Csr:
-    """Per-query sorted lists of database indices (compressed rows)."""
+class CompressedRows:
+    """Compressed rows 0..n-1 of int64 values (here and in data/place_batches.py): row i holds the `cols` of
+    the pairs with `rows == i`, in their given order, so the rows are sorted when the pairs are sorted by
+    (row, col), as `GroundTruth.overlaps` gives them."""
 
-    def __init__(self, ptr: np.ndarray, col: np.ndarray):
-        self.ptr, self.col = ptr, col
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, n: int) -> None:
+        rows = np.asarray(rows, np.int64)
+        self.col = np.asarray(cols, np.int64)[np.argsort(rows, kind="stable")]
+        self.ptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=n), out=self.ptr[1:])
+
+    @classmethod
+    def from_lists(cls, lists: list[np.ndarray]) -> "CompressedRows":
+        """Row i is `lists[i]`."""
+        cols = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        return cls(np.repeat(np.arange(len(lists)), [len(x) for x in lists]), cols, len(lists))
 
     def row(self, i: int) -> np.ndarray:
         return self.col[self.ptr[i] : self.ptr[i + 1]]
 
     def counts(self) -> np.ndarray:
         return np.diff(self.ptr)
-
-
-def _to_csr(rows: list[np.ndarray], cols: list[np.ndarray], n_rows: int) -> _Csr:
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    ptr = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(np.bincount(r, minlength=n_rows), out=ptr[1:])
-    return _Csr(ptr, c.astype(np.int64))  # np.nonzero yields row-major order: rows stay sorted
 
 
 def _choose(rng: np.random.Generator, items: np.ndarray, k: int) -> np.ndarray:
@@ -156,9 +159,9 @@ class PairSampler:
         row, ids, sim, fov = row[keep], ids[keep], sim[keep], fov[keep]  # sorted by row, then id
         n = len(self.query_idx)
         soft = ~sim & (fov > 0) & (fov < r.soft_max_fov)
-        self.pos = _to_csr([row[sim]], [ids[sim]], n)
-        self.soft = _to_csr([row[soft]], [ids[soft]], n)
-        self.not_hard = _to_csr([row], [ids], n)  # every stored pair has sim = 1 or fov > 0
+        self.pos = CompressedRows(row[sim], ids[sim], n)
+        self.soft = CompressedRows(row[soft], ids[soft], n)
+        self.not_hard = CompressedRows(row, ids, n)  # every stored pair has sim = 1 or fov > 0
 
     def _check_possible(self) -> None:
         r = self.recipe

@@ -53,6 +53,7 @@ from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.model import PlaceBatches as PlaceBatchesSchema
 from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth
 from siamese_retrieval.data.inputs import Tensors, take
+from siamese_retrieval.data.pairs import CompressedRows
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import release_mapped_pages
 
@@ -79,26 +80,6 @@ class PlaceConfig:
             raise ConfigError(f"data.places: {exc}") from None
 
 
-class _Csr:
-    """Per row, a sorted int64 array (compressed rows)."""
-
-    def __init__(self, rows: list[np.ndarray]):
-        lens = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
-        self.ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        self.col = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-
-    def row(self, i: int) -> np.ndarray:
-        return self.col[self.ptr[i] : self.ptr[i + 1]]
-
-
-def _group(keys: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
-    """values grouped by key 0..n-1 (each group sorted, unique)."""
-    order = np.lexsort((values, keys))
-    keys, values = keys[order], values[order]
-    bounds = np.searchsorted(keys, np.arange(n + 1))
-    return [np.unique(values[bounds[i] : bounds[i + 1]]) for i in range(n)]
-
-
 class PlaceSampler:
     """The places of `query_idx` x `db_idx` (the train split's) and their per-epoch P x K packing."""
 
@@ -118,14 +99,16 @@ class PlaceSampler:
         self.anchors = query_idx[usable]  # place p's anchor query
         new = np.cumsum(usable) - 1  # train-query row -> place
         keep = cand & usable[row]
-        self.views = _Csr(_group(new[row[keep]], ids[keep], len(self.anchors)))
+        # the stored pairs are sorted by (row, id) and unique, so every row below is sorted and unique
+        self.views = CompressedRows(new[row[keep]], ids[keep], len(self.anchors))
         # overlap neighbourhoods (module docstring): database images the anchor sees, queries that see a view
         near = usable[row]
-        self.near_db = _Csr(_group(new[row[near]], ids[near], len(self.anchors)))
+        self.near_db = CompressedRows(new[row[near]], ids[near], len(self.anchors))
         all_rows, all_ids, _, _ = self.truth.overlaps(np.arange(self.truth.n_query))
-        seers = _group(all_ids, all_rows, self.truth.n_db)  # database image -> the queries overlapping it
-        self.near_q = _Csr([np.unique(np.concatenate([[a], *(seers[d] for d in self.views.row(p))]))
-                            for p, a in enumerate(self.anchors)])
+        seers = CompressedRows(all_ids, all_rows, self.truth.n_db)  # database image -> the queries overlapping it
+        self.near_q = CompressedRows.from_lists(
+            [np.unique(np.concatenate([[a], *(seers.row(d) for d in self.views.row(p))]))
+             for p, a in enumerate(self.anchors)])
         if len(self.anchors) < 2:
             raise ConfigError(
                 f"data.batches=places: {len(self.anchors)} place(s) with a view (fov >= {self.cfg.min_fov:g}) among "
@@ -304,13 +287,10 @@ class PlaceBatches(IterableDataset):
         self.embeddings: tuple[int, np.ndarray] | None = None  # (epoch, (n_places, D)) from set_embeddings
         self._warned = False
 
-    def _rank_world(self) -> tuple[int, int]:
-        return rank_world(self.dm, self.shard)
-
     def __len__(self) -> int:
         """The epoch-0 random packing's batch count (per rank): an epoch packed into more batches drops its
         smallest ones, one packed into fewer ends early (on every rank alike)."""
-        _, world = self._rank_world()
+        _, world = rank_world(self.dm, self.shard)
         return max(1, self.sampler.n_batches // world)
 
     def set_embeddings(self, epoch: int, embeddings: torch.Tensor | np.ndarray) -> None:
@@ -327,7 +307,7 @@ class PlaceBatches(IterableDataset):
                 log.warning("data.places.lookalike=embedding: no anchor embeddings for epoch %d; random places", epoch)
                 self._warned = True
         packed = self.sampler.pack(epoch, emb)
-        rank, world = self._rank_world()
+        rank, world = rank_world(self.dm, self.shard)
         n = min(len(self), len(packed) // world)
         if len(packed) > n * world:  # too many batches: leave out the smallest (stable: same on every rank)
             keep = np.sort(np.argsort([-len(b) for b in packed], kind="stable")[: n * world])
@@ -336,7 +316,7 @@ class PlaceBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.dm.current_epoch()
-        rank, _ = self._rank_world()
+        rank, _ = rank_world(self.dm, self.shard)
         rng = np.random.default_rng([self.sampler.seed, epoch, 13, rank])
         for places in self.batches(epoch):
             release_mapped_pages()

@@ -16,6 +16,7 @@ A no-op (one isinstance test) for encoders without these heads (KeypointMLP) and
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -30,13 +31,6 @@ from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
-
-
-class _Embedder:
-    """What models.embedding.embed_all needs of a module: a device and an embed()."""
-
-    def __init__(self, device: torch.device, embed: Callable[[Tensors], torch.Tensor]) -> None:
-        self.device, self.embed = device, embed
 
 
 def training_images(dm: Any, n: int, seed: int) -> Tensors:
@@ -96,7 +90,8 @@ class AggregationFitting(pl.Callback):
         was_training = encoder.training
         encoder.eval()
         try:
-            return embed_all(_Embedder(pl_module.device, fn), images, self.batch_size)
+            # what embed_all needs of a module: a device and an embed()
+            return embed_all(SimpleNamespace(device=pl_module.device, embed=fn), images, self.batch_size)
         finally:
             encoder.train(was_training)
 

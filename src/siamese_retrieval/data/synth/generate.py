@@ -81,12 +81,9 @@ def plan_queries(cfg: SynthConfig) -> tuple[list[Camera], list[str]]:
     return cams, conditions
 
 
-def _db_name(i: int, cam: Camera) -> str:
-    return f"database/images/s{cam.street:03d}_{i:05d}.jpg"
-
-
-def _q_name(i: int, cam: Camera) -> str:
-    return f"query/images/s{cam.street:03d}_{i:05d}.jpg"
+def _image_name(kind: str, i: int, cam: Camera) -> str:
+    """The path of image `i` of `kind` ("database" | "query") under the dataset root."""
+    return f"{kind}/images/s{cam.street:03d}_{i:05d}.jpg"
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -136,8 +133,8 @@ def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
     (root / "query" / "images").mkdir(parents=True, exist_ok=True)
     db_cams = plan_database(cfg)
     q_cams, conditions = plan_queries(cfg)
-    db_paths = [_db_name(i, c) for i, c in enumerate(db_cams)]
-    q_paths = [_q_name(i, c) for i, c in enumerate(q_cams)]
+    db_paths = [_image_name("database", i, c) for i, c in enumerate(db_cams)]
+    q_paths = [_image_name("query", i, c) for i, c in enumerate(q_cams)]
     tasks = []
     for s in cfg.streets:
         db_jobs = [(i, c, db_paths[i]) for i, c in enumerate(db_cams) if c.street == s]
@@ -165,12 +162,11 @@ def generate_city(out: str | Path, cfg: SynthConfig, workers: int = 2) -> Path:
     qi, di, fov = fov_pairs(q_cams, db_cams, cfg)
     truth = SparseRelevance.from_pairs(len(q_cams), len(db_cams), qi, di, sim=fov >= cfg.sim_threshold, fov=fov)
     atomic_write_json(root / CONFIG_FILE, {**asdict(cfg), "conditions": conditions, "query_cameras": camera_array(q_cams).round(4).tolist(), "database_cameras": camera_array(db_cams).round(4).tolist()})
-    if fits_dense(truth.n_query, truth.n_db):  # the contract's dense arrays, as the study's London files
-        sim, fov_dense = truth.to_dense()
-        write_dataset(root, db_paths, world_loc(db_cams, cfg), q_paths, world_loc(q_cams, cfg), sim, fov_dense)
-    else:  # a large city: the sparse gt.h5 layout (data/dataset.py)
-        write_dataset(root, db_paths, world_loc(db_cams, cfg), q_paths, world_loc(q_cams, cfg), None, None,
-                      sparse=truth)
+    # dense: the contract's arrays, as the study's London files; a large city: the sparse gt.h5 layout (data/dataset.py)
+    dense = fits_dense(truth.n_query, truth.n_db)
+    sim, fov_dense = truth.to_dense() if dense else (None, None)
+    write_dataset(root, db_paths, world_loc(db_cams, cfg), q_paths, world_loc(q_cams, cfg), sim, fov_dense,
+                  sparse=None if dense else truth)
     return root
 
 

@@ -16,16 +16,12 @@ from pathlib import Path
 CONFIG_FILE = "synth_config.json"
 
 
-def load_config(root: str | Path) -> dict:
-    return json.loads((Path(root) / CONFIG_FILE).read_text())
-
-
 def query_conditions(root: str | Path, n_query: int | None = None) -> list[str] | None:
     """Each query's appearance condition (overcast, sunny, dusk, night, rain, fog), in query order, as
     `generate_city` stored it in the city's config file; None for a dataset without one (not a synthetic
     city, an older or unreadable config, or one whose count differs from `n_query`)."""
     try:
-        conditions = load_config(root).get("conditions")
+        conditions = json.loads((Path(root) / CONFIG_FILE).read_text()).get("conditions")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(conditions, list) or (n_query is not None and len(conditions) != n_query):

@@ -69,32 +69,31 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def to_gray(img: np.ndarray) -> np.ndarray:
-    """Grayscale (H, W, [1]), BGR or BGRA -> uint8 (H, W). Equal-channel BGR gives back the gray image."""
+def _uint8_channels(img: np.ndarray) -> tuple[np.ndarray, int]:
+    """Grayscale (H, W, [1]), BGR or BGRA -> (the image as uint8, its channels: 1, 3 or 4); a gray image comes
+    back (H, W). ValueError for any other shape."""
     img = to_uint8(np.asarray(img))
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 2:
-        return np.ascontiguousarray(img)
-    if img.ndim == 3 and img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    if img.ndim == 3 and img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        return img, 1
+    if img.ndim == 3 and img.shape[2] in (3, 4):
+        return img, img.shape[2]
     raise ValueError(f"unsupported image shape {img.shape}")
+
+
+def to_gray(img: np.ndarray) -> np.ndarray:
+    """Grayscale (H, W, [1]), BGR or BGRA -> uint8 (H, W). Equal-channel BGR gives back the gray image."""
+    img, channels = _uint8_channels(img)
+    if channels == 1:
+        return np.ascontiguousarray(img)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if channels == 3 else cv2.COLOR_BGRA2GRAY)
 
 
 def to_rgb(img: np.ndarray) -> np.ndarray:
     """Grayscale, BGR or BGRA (as decoded by OpenCV) -> uint8 RGB (H, W, 3)."""
-    img = to_uint8(np.asarray(img))
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    raise ValueError(f"unsupported image shape {img.shape}")
+    img, channels = _uint8_channels(img)
+    return cv2.cvtColor(img, {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}[channels])
 
 
 def thumbnail(path: Path, size: tuple[int, int] = (16, 12)) -> np.ndarray:

@@ -30,7 +30,6 @@ from siamese_retrieval.data.synth.config import SynthConfig
 from siamese_retrieval.errors import ConfigError
 
 DEFAULTS: dict[str, Any] = {f.name: getattr(SynthConfig(), f.name) for f in fields(SynthConfig)}
-_UNKNOWN = object()
 
 
 def views_mapping(value: Any) -> dict[str, Any] | None:
@@ -67,9 +66,7 @@ def synth_config(cfg: Mapping[str, Any], where: str = "data.train_views") -> Syn
 
 def _field_problem(name: str, value: Any) -> str | None:
     """What a SynthConfig field's value must be, or None when it fits (unknown names: from_preset says so)."""
-    default = DEFAULTS.get(name, _UNKNOWN)
-    if default is _UNKNOWN:
-        return None
+    default = DEFAULTS.get(name)  # None for an unknown name: matches no type below
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"
     if isinstance(default, int):

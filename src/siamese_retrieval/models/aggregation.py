@@ -39,10 +39,11 @@ AGGREGATION_DEFAULTS: dict[str, Any] = {"name": "gem", "project": True, "cluster
 
 
 def named_knobs(value: str | Mapping[str, Any] | None, defaults: Mapping[str, Any], names: Sequence[str],
-                what: str) -> dict[str, Any]:
-    """A name or a {name, knobs} node -> `defaults` updated by it. Unknown keys and an unknown name are a
-    ConfigError naming `what` (the config node: aggregation, pooling). Shared by the CNN's heads and keypoint_set's
-    poolings, whose config nodes work the same way."""
+                schema: type, what: str) -> dict[str, Any]:
+    """A name or a {name, knobs} node -> `defaults` updated by it, checked against the config `schema` (the same
+    one-line ConfigError as on the command line). Unknown keys and an unknown name are a ConfigError naming `what`
+    (the config node: aggregation, pooling). Shared by the CNN's heads and keypoint_set's poolings, whose config
+    nodes work the same way."""
     given = {"name": value} if isinstance(value, str) else dict(value or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
@@ -50,14 +51,14 @@ def named_knobs(value: str | Mapping[str, Any] | None, defaults: Mapping[str, An
     cfg = {**defaults, **given}
     if cfg["name"] not in names:
         raise unknown_component(f"{what}.name", cfg["name"], tuple(names))
+    check_fields(cfg, schema, what)
     return cfg
 
 
 def aggregation_config(aggregation: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """A head name or {name, knobs} -> the full knob dict, checked against the config schema (the same one-line
     ConfigError as on the command line)."""
-    cfg = named_knobs(aggregation, AGGREGATION_DEFAULTS, AGGREGATIONS.names(), "aggregation")
-    check_fields(cfg, Aggregation, "aggregation")
+    cfg = named_knobs(aggregation, AGGREGATION_DEFAULTS, AGGREGATIONS.names(), Aggregation, "aggregation")
     return {**cfg, "pool": tuple(cfg["pool"]), "project": bool(cfg["project"])}
 
 

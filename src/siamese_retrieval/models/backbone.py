@@ -280,11 +280,7 @@ class BackboneEncoder(PooledEncoder):
                         normalize, whiten_dim)
         for part in self.features.parts()[:freeze_stages]:
             part.requires_grad_(False)
-        std = torch.tensor(RGB_STD)
-        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("shift", (-torch.tensor(RGB_MEAN) / std).view(1, -1, 1, 1), persistent=False)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.to(memory_format=self.memory_format)
+        self._init_input(RGB_MEAN, RGB_STD, channels_last)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 RGB [0, 255] -> (x/255 - ImageNet mean) / std, what pretrained ResNets expect."""

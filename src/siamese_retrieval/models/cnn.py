@@ -68,8 +68,8 @@ def gem_head(dim: int, knobs: Mapping[str, Any]) -> nn.Module:
 class PooledEncoder(nn.Module):
     """What every image encoder shares after its trunk: aggregation head -> dropout -> projection -> L2 norm
     [-> PCA-whitening]. A subclass builds `self.features` (the trunk: image -> last feature map), then calls
-    `_init_head`, and defines `prepare` (uint8 images -> the trunk's input); the attribute names (pool, dropout,
-    proj, whiten) are the checkpoints' keys."""
+    `_init_head`, and defines `prepare` (uint8 images -> the trunk's input), then calls `_init_input` last; the
+    attribute names (pool, dropout, proj, whiten) are the checkpoints' keys."""
 
     memory_format = torch.contiguous_format
 
@@ -85,6 +85,16 @@ class PooledEncoder(nn.Module):
         self.normalize = normalize
         self.base_dim = int(embedding_dim) if agg["project"] else int(head_dim)  # before whitening
         self.whiten = PCAWhitening(self.base_dim, int(whiten_dim), normalize) if whiten_dim else None
+
+    def _init_input(self, mean: Sequence[float], std: Sequence[float], channels_last: bool) -> None:
+        """The buffers of the fixed input normalisation (x/255 - mean) / std = x * scale + shift, and the
+        convolutions' memory layout (`channels_last`: NHWC). Called last: it converts the 4-d weights."""
+        std_t = torch.tensor(std)
+        # Non-persistent: constants, not state; checkpoints stay independent of them.
+        self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", (-torch.tensor(mean) / std_t).view(1, -1, 1, 1), persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)  # 4-d weights; .to(device) and load_state_dict keep it
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -160,16 +170,11 @@ class PlainCNN(PooledEncoder):
         self.features = nn.Sequential(*layers)
         self._init_head(cin, aggregation, embedding_dim, gem_p, gem_learnable, dropout, normalize, whiten_dim)
         self.in_channels = in_channels
-        mean = torch.tensor(RGB_MEAN if in_channels == 3 else [0.5] * in_channels)
-        std = torch.tensor(RGB_STD if in_channels == 3 else [0.25] * in_channels)
-        # Non-persistent: constants, not state; checkpoints stay independent of them.
-        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("shift", (-mean / std).view(1, -1, 1, 1), persistent=False)
         for m in self.features.modules():  # the heads keep PyTorch's defaults (NetVLAD's conv: k-means)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.to(memory_format=self.memory_format)  # 4-d weights; .to(device) and load_state_dict keep it
+        self._init_input(RGB_MEAN if in_channels == 3 else [0.5] * in_channels,
+                         RGB_STD if in_channels == 3 else [0.25] * in_channels, channels_last)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] (or float on the same scale) -> float32 normalised: fixed ((x/255 - mean) / std)

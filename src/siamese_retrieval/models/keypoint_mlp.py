@@ -54,7 +54,7 @@ class KeypointMLP(nn.Module):
         per_kp = (32 if descriptor_encoding == "bytes" else 256) + (4 if use_geometry else 0)
         dims = [n_keypoints * per_kp, *hidden]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), activation(activation_name)]
         # The study's Dropout(0.2) sits after the last hidden layer, before the embedding layer.
         layers += [nn.Dropout(dropout), nn.Linear(dims[-1], embedding_dim)]

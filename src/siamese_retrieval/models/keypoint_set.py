@@ -40,9 +40,7 @@ _BITS = DESC_BYTES * 8
 
 def pooling_config(pooling: str | Mapping[str, Any] | None) -> dict[str, Any]:
     """A pooling name or {name, knobs} -> the full knob dict, checked against the config schema."""
-    cfg = named_knobs(pooling, POOLING_DEFAULTS, KEYPOINT_POOLINGS.names(), "pooling")
-    check_fields(cfg, KeypointPooling, "pooling")
-    return cfg
+    return named_knobs(pooling, POOLING_DEFAULTS, KEYPOINT_POOLINGS.names(), KeypointPooling, "pooling")
 
 
 def unpack_bits(desc: torch.Tensor) -> torch.Tensor:
@@ -54,8 +52,6 @@ def unpack_bits(desc: torch.Tensor) -> torch.Tensor:
 
 def fourier_features(xy: torch.Tensor, n_frequencies: int) -> torch.Tensor:
     """(..., 2) in [0, 1] -> (..., 4 * n_frequencies): sin and cos of pi * 2^k * (x, y), k < n_frequencies."""
-    if n_frequencies == 0:
-        return xy.new_zeros(xy.shape[:-1] + (0,))
     freqs = math.pi * (2.0 ** torch.arange(n_frequencies, device=xy.device, dtype=xy.dtype))
     angles = (xy.unsqueeze(-1) * freqs).flatten(-2)  # (..., 2 * F)
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
@@ -76,8 +72,7 @@ class BitsLinear(nn.Module):
     def __init__(self, out_features: int) -> None:
         super().__init__()
         self.linear = nn.Linear(_BITS, out_features)
-        values = torch.arange(256, dtype=torch.uint8).unsqueeze(-1)
-        pm1 = ((values >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1).float() * 2.0 - 1.0  # (256, 8)
+        pm1 = unpack_bits(torch.arange(256, dtype=torch.uint8).unsqueeze(-1))  # (256, 8)
         self.register_buffer("pm1", pm1, persistent=False)
 
     def forward(self, desc: torch.Tensor) -> torch.Tensor:

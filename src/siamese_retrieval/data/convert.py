@@ -151,13 +151,17 @@ def output_names(paths: Sequence[str], kind: str) -> list[str]:
     return [f"{kind}/images/{PurePosixPath(p).relative_to(common) if common else PurePosixPath(p)}" for p in paths]
 
 
-def _place(job: tuple[Path, Path, bool]) -> None:
-    src, dst, link = job
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if link:
-        os.symlink(os.path.realpath(src), dst)
-    else:
-        shutil.copyfile(src, dst)
+def _place_images(sources: Sequence[Path], targets: Sequence[Path], link: bool, workers: int = 4) -> None:
+    """Copy each source image to its target (with `link`: a symbolic link to its real path), `workers` at a time."""
+    def place(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            os.symlink(os.path.realpath(src), dst)
+        else:
+            shutil.copyfile(src, dst)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(place, sources, targets))
 
 
 def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = False, workers: int = 4,
@@ -170,9 +174,7 @@ def write_converted(dataset: RetrievalDataset, out: str | Path, *, link: bool = 
     sources += [dataset.query_file(i) for i in range(dataset.n_query)]
     check_output_names(db_names + q_names, sources)
     with staged_output_dir(out, overwrite=overwrite) as tmp:
-        jobs = [(src, tmp / n, link) for src, n in zip(sources, db_names + q_names)]
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(_place, jobs))
+        _place_images(sources, [tmp / n for n in db_names + q_names], link, workers)
         # a sparse dataset (no sim/fov: too large for the dense arrays) keeps the sparse gt.h5 layout (data/dataset.py)
         write_dataset(tmp, db_names, dataset.db_loc, q_names, dataset.q_loc, dataset.sim, dataset.fov,
                       sparse=dataset.relevance if dataset.is_sparse else None)
@@ -226,8 +228,7 @@ def write_gsv_cities(dataset: RetrievalDataset, out: str | Path, *, city: str = 
             writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
             writer.writeheader()
             writer.writerows(rows)
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(_place, [(src, tmp / n, link) for src, n in zip(sources, names)]))
+        _place_images(sources, [tmp / n for n in names], link)
         read_layout("gsv_cities", tmp, check="none", follow_symlinks_outside_root=link,
                     min_images_per_place=min_images)  # readable, or nothing is renamed
     return Path(out).expanduser()

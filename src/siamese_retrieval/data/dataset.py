@@ -101,6 +101,14 @@ class RetrievalDataset:
 # ----------------------------------------------------------------------------------------- reading
 
 
+def existing_root(root: str | Path) -> Path:
+    """A dataset root (a leading ~ expanded) as an absolute real path; one DatasetError line when it is no folder."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root not found")
+    return root.resolve()
+
+
 def _resolve_gt(root: Path, gt_h5: str | None) -> Path:
     if gt_h5:
         path = root / gt_h5
@@ -537,10 +545,7 @@ def read_dataset(
     and, unless `follow_symlinks_outside_root`, not leading out of the root through a symbolic link.
     """
     files = files or DatasetFiles()
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset root not found")
-    root = root.resolve()
+    root = existing_root(root)
     db_paths, db_loc = _read_split_json(root, files.database_json)
     q_paths, q_loc = _read_split_json(root, files.query_json)
     check_real_paths(root, db_paths, root / files.database_json, follow_symlinks_outside_root)

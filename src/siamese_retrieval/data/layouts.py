@@ -31,6 +31,7 @@ from siamese_retrieval.data.dataset import (
     dataset_with_relevance,
     check_image_files,
     check_real_paths,
+    existing_root,
     images_stamp,
     read_utf8,
 )
@@ -224,10 +225,7 @@ def read_vpr_folder(
     in one UTM zone (distances across zones are meaningless). fov = sim as float.
     """
     _check_radius(radius_m, max_heading_deg)
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset root not found")
-    root = root.resolve()
+    root = existing_root(root)
     if split not in VPR_SPLITS:
         raise DatasetError(f"{root}: unknown VPR split {split!r} (use {', '.join(VPR_SPLITS)})")
     per_kind: dict[str, tuple[list[str], np.ndarray, Path]] = {}
@@ -274,7 +272,7 @@ def read_vpr_folder(
 # positives with radius_neighbors (no heading rule). raw.csv also has 'ca', the compass angle in degrees, which
 # becomes loc's heading here and feeds the optional heading rule (`max_heading_deg`, off by default because the
 # official code has none). Rows of raw.csv are matched to postprocessed.csv by key.
-MSLS_KINDS = (("database", "database"), ("query", "query"))  # (folder name, role)
+MSLS_KINDS = ("database", "query")  # the split folders of a city
 MSLS_POSTPROCESSED_COLUMNS = ("key", "easting", "northing")
 MSLS_RAW_COLUMNS = ("key", "ca", "pano")
 
@@ -387,10 +385,7 @@ def read_msls_official(
     (compass angles from raw.csv). loc = [easting, northing, ca]; fov = sim as float.
     """
     _check_radius(radius_m, max_heading_deg)
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset root not found")
-    root = root.resolve()
+    root = existing_root(root)
     cities = msls_cities(root)
     if city is None:
         if len(cities) != 1:
@@ -408,17 +403,17 @@ def read_msls_official(
         raise DatasetError(f"{city_dir}: city folder not found; the MSLS layout is <root>/train_val/<city>/"
                            f"{{database,query}}/postprocessed.csv{have}")
     loaded = {}
-    for folder, role in MSLS_KINDS:
+    for folder in MSLS_KINDS:
         split_dir = city_dir / folder
         if not split_dir.is_dir():
             raise DatasetError(f"{split_dir}: folder not found (an MSLS city has database/ and query/)")
         keys, loc, meta = _read_msls_split(split_dir, exclude_panos)
         if not keys:
-            what = "the database is empty" if role == "database" else "there are no queries"
+            what = "the database is empty" if folder == "database" else "there are no queries"
             raise DatasetError(f"{split_dir / 'postprocessed.csv'}: {what}"
                                f"{' (after leaving out panoramas)' if exclude_panos else ''}")
         paths = [f"train_val/{city}/{folder}/images/{k}.jpg" for k in keys]
-        loaded[role] = (paths, loc, meta)
+        loaded[folder] = (paths, loc, meta)
     db_paths, db_loc, db_meta = loaded["database"]
     q_paths, q_loc, q_meta = loaded["query"]
     relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],

@@ -21,7 +21,7 @@ import numpy as np
 
 from siamese_retrieval.data.conditions import query_conditions
 from siamese_retrieval.data.convert import staged_output_dir
-from siamese_retrieval.data.dataset import RetrievalDataset, read_dataset
+from siamese_retrieval.data.dataset import read_dataset
 from siamese_retrieval.data.layouts import vpr_file_name
 
 UTM_ZONE = (33, "T")
@@ -47,9 +47,17 @@ def _stem(rel: str) -> str:
     return PurePosixPath(rel).stem
 
 
-def _notes(root: Path, ds: RetrievalDataset) -> list[str]:
+def _read_splits(city_root: str | Path) -> list[tuple[list[Path], list[str], np.ndarray, list[str]]]:
+    """The database, then the queries of `city_root`: (image files, paths in the dataset, loc, notes) each, a
+    note being a query's condition (night, fog, ...) and "" for a database image."""
+    root = Path(city_root)
+    ds = read_dataset(root, check="none")
     conditions = query_conditions(root, ds.n_query)
-    return conditions if conditions is not None else [""] * ds.n_query
+    return [
+        ([ds.db_file(i) for i in range(ds.n_db)], ds.db_paths, ds.db_loc, [""] * ds.n_db),
+        ([ds.query_file(i) for i in range(ds.n_query)], ds.q_paths, ds.q_loc,
+         conditions if conditions is not None else [""] * ds.n_query),
+    ]
 
 
 def export_vpr_folder(city_root: str | Path, out: str | Path, *, split: str = "test",
@@ -59,19 +67,14 @@ def export_vpr_folder(city_root: str | Path, out: str | Path, *, split: str = "t
     pano_id = the source file's stem (unique) and note = the query's condition (night, fog, ...). UTM is
     written with 4 decimals and the heading with 3 (the downloader writes 2 and whole degrees; the reader
     accepts either), so the coordinates read back are loc's to the 0.1 mm."""
-    root = Path(city_root)
-    ds = read_dataset(root, check="none")
-    notes = _notes(root, ds)
+    splits = _read_splits(city_root)
     with staged_output_dir(out) as tmp:
-        for kind, files, loc, kind_notes in (
-            ("database", [ds.db_file(i) for i in range(ds.n_db)], ds.db_loc, [""] * ds.n_db),
-            ("queries", [ds.query_file(i) for i in range(ds.n_query)], ds.q_loc, notes),
-        ):
+        for kind, (files, _, loc, notes) in zip(("database", "queries"), splits):
             folder = tmp / "images" / split / kind
             folder.mkdir(parents=True)
             utm = fake_utm(loc, origin)
             latlon = fake_latlon(utm, zone[0])
-            for src, (east, north), (lat, lon), heading, note in zip(files, utm, latlon, loc[:, 2], kind_notes):
+            for src, (east, north), (lat, lon), heading, note in zip(files, utm, latlon, loc[:, 2], notes):
                 name = vpr_file_name({
                     "UTM_east": f"{east:012.4f}", "UTM_north": f"{north:012.4f}",
                     "UTM_zone_number": f"{zone[0]:02d}", "UTM_zone_letter": zone[1],
@@ -96,15 +99,10 @@ def export_msls_official(city_root: str | Path, out: str | Path, *, city: str = 
     (,key,lon,lat,ca,captured_at,pano), seq_info.csv (,key,sequence_key,frame_number) and subtask_index.csv
     (,all). Keys are "<database|query>_<file stem>"; ca = loc's heading; no panoramas; a query is night when
     its synthetic condition is night."""
-    root = Path(city_root)
-    ds = read_dataset(root, check="none")
-    notes = _notes(root, ds)
+    splits = _read_splits(city_root)
     with staged_output_dir(out) as tmp:
-        for folder, files, rels, loc, kind_notes, t0 in (
-            ("database", [ds.db_file(i) for i in range(ds.n_db)], ds.db_paths, ds.db_loc, [""] * ds.n_db,
-             1_400_000_000_000),
-            ("query", [ds.query_file(i) for i in range(ds.n_query)], ds.q_paths, ds.q_loc, notes, 1_500_000_000_000),
-        ):
+        for folder, (files, rels, loc, notes) in zip(("database", "query"), splits):
+            t0 = 1_400_000_000_000 if folder == "database" else 1_500_000_000_000  # captured_at of the first, in ms
             split_dir = tmp / "train_val" / city / folder
             (split_dir / "images").mkdir(parents=True)
             utm = fake_utm(loc, origin)
@@ -116,7 +114,7 @@ def export_msls_official(city_root: str | Path, out: str | Path, *, city: str = 
                 shutil.copyfile(src, split_dir / "images" / f"{key}.jpg")
                 sequence = f"{folder}_{_stem(rel).split('_')[0]}"  # one sequence per street
                 frames[sequence] = frames.get(sequence, -1) + 1
-                post.append([i, key, f"{utm[i, 0]:.4f}", f"{utm[i, 1]:.4f}", kind_notes[i] == "night", "Forward"])
+                post.append([i, key, f"{utm[i, 0]:.4f}", f"{utm[i, 1]:.4f}", notes[i] == "night", "Forward"])
                 raw.append([i, key, f"{latlon[i, 1]:.7f}", f"{latlon[i, 0]:.7f}", f"{loc[i, 2] % 360.0:.4f}",
                             t0 + 1000 * i, False])
                 seq.append([i, key, sequence, frames[sequence]])

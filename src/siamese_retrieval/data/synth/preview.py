@@ -3,7 +3,6 @@ negatives (red: fov = 0 but the closest by a thumbnail distance, i.e. look-alike
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -49,10 +48,8 @@ def write_contact_sheet(root, png_path, n_queries: int = 6, n_pos: int = 3, n_ne
         rows.append(np.hstack(tiles))
     sheet = cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR)
     png_path = Path(png_path)
+    # atomic_path gives the file normal permissions (not a temporary's private ones): a preview is for sharing
     with atomic_path(png_path, suffix=png_path.suffix or ".png") as tmp:
         if not cv2.imwrite(str(tmp), sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
             raise OSError(f"could not write {png_path}")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(png_path, 0o666 & ~umask)  # temp files are created private; a preview is for sharing
     return png_path

@@ -126,8 +126,7 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
     if ckpt is not None:
         extra.update(pair_metrics(ckpt.module, dm, query_idx))
 
-    prefix = "all" if split == "all" else split
-    metrics = {f"{prefix}/{k}": float(v) for k, v in {**ranking.metrics, **extra}.items()}
+    metrics = {f"{split}/{k}": float(v) for k, v in {**ranking.metrics, **extra}.items()}
     result = {
         "status": "ok",
         "method": method if not cfg.get("rerank") else f"{method}+rerank_{cfg.rerank.name}",
@@ -155,7 +154,7 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
         return result
     # W&B (logger=none: nothing): job_type eval in the checkpoint's training group, or baseline
     log_evaluation(cfg, result, dataset, ranking, recall_curve(ranking), out_dir / "retrieval_grid.png", ckpt)
-    print_results(result["metrics"], title=f"{result['method']} on {result['data']}", stages=(prefix,),
+    print_results(result["metrics"], title=f"{result['method']} on {result['data']}", stages=(split,),
                   extra_rows=[("seconds/query", f"{result['seconds_per_query']:.4f}")],
                   caption=f"split {split}: {result['n_queries']} queries x {result['n_database']} database")
     return result

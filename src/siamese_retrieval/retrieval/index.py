@@ -143,7 +143,10 @@ def _flat(d: int, metric: str) -> faiss.Index:
     return faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
 
 
-def _auto_nlist(n: int) -> int:
+def _nlist(cfg: IndexConfig, n: int) -> int:
+    """cfg.nlist, or when None ~4*sqrt(n) but at most n // 39 (enough k-means points per centroid)."""
+    if cfg.nlist is not None:
+        return int(cfg.nlist)
     return max(1, min(int(round(4 * math.sqrt(n))), n // _MIN_POINTS_PER_CENTROID))
 
 
@@ -212,8 +215,7 @@ def _faiss_reason(exc: Exception) -> str:
 
 
 def _factory_string(cfg: IndexConfig, n: int) -> str:
-    nlist = int(cfg.nlist) if cfg.nlist is not None else _auto_nlist(n)
-    return str(cfg.factory).strip().replace("{nlist}", str(nlist))
+    return str(cfg.factory).strip().replace("{nlist}", str(_nlist(cfg, n)))
 
 
 def _training_needs(index: faiss.Index) -> tuple[int, int]:
@@ -388,7 +390,7 @@ def index_problem(index: faiss.Index, cfg: IndexConfig, d: int, ntotal: int) -> 
 def _build_kind(x: np.ndarray, cfg: IndexConfig) -> faiss.Index:
     n, d = x.shape
     kind = cfg.kind
-    nlist = int(cfg.nlist) if cfg.nlist is not None else _auto_nlist(n)
+    nlist = _nlist(cfg, n)
     if kind == "ivfpq" and d % cfg.pq_m != 0:
         raise ConfigError(f"index pq_m={cfg.pq_m} must divide the embedding dimension d={d}")
     if kind in ("ivf", "ivfpq") and n < nlist:
@@ -652,8 +654,9 @@ def search(
     m = q.shape[0]
     distances = np.empty((m, k), dtype=np.float32)
     ids = np.empty((m, k), dtype=np.int64)
-    for start in range(0, m, max(1, int(batch_size))):
-        stop = min(m, start + max(1, int(batch_size)))
+    step = max(1, int(batch_size))
+    for start in range(0, m, step):
+        stop = min(m, start + step)
         distances[start:stop], ids[start:stop] = index.search(q[start:stop], k, params=params)
     return distances, ids
 

@@ -121,9 +121,6 @@ class LearnedMatchesConfig:
             raise ConfigError(f"rerank (learned_matches): {exc}") from None
 
 
-# ----------------------------------------------------------------------------------------- features
-
-
 # ----------------------------------------------------------------------------------------- matching
 
 
@@ -309,7 +306,7 @@ class LearnedReranker:
         candidates, relevance = ids[:, :n], scores[:, :n].astype(np.float64)
         verified = np.where(candidates >= 0, np.asarray(self.verify(rows, candidates), np.float64), 0.0)
         key = np.maximum(verified + self.model_weight * relevance, 0.0)
-        order = np.lexsort((np.broadcast_to(np.arange(n), candidates.shape), -key), axis=-1)
+        order = np.argsort(-key, axis=1, kind="stable")  # ties: the model's order
         ids, scores = ids.copy(), scores.copy()
         ids[:, :n] = np.take_along_axis(candidates, order, axis=1)
         scores[:, :n] = np.take_along_axis(1.0 + key, order, axis=1).astype(np.float32)

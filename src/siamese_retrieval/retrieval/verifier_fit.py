@@ -133,8 +133,7 @@ class SimilarCountBatches(Sampler[list[int]]):
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        window, n = self.size * 8, len(self.counts)
-        return sum(math.ceil(min(window, n - start) / self.size) for start in range(0, n, window))
+        return math.ceil(len(self.counts) / self.size)  # every window but the last holds 8 full batches
 
     def __iter__(self) -> Iterator[list[int]]:
         perm = torch.randperm(len(self.counts), generator=self.gen)
@@ -302,8 +301,7 @@ def fit_or_load(data: TrainData, cfg: LearnedMatchesConfig, cache_dir: str | os.
     path = cache_path(data, cfg, cache_dir) if cache_dir is not None else None
     if path is not None:
         check_cache_entry(path, "learned verifier", "file", log)  # a planted symlink is removed, never read through
-    if path is not None and path.is_file():
-        net = load_weights(path, cfg.network)
+        net = load_weights(path, cfg.network) if path.is_file() else None
         if net is not None:
             log.info("learned verifier cache hit: %s", path)
             return net

@@ -204,9 +204,8 @@ def plot_recall_curve(path: Path, ranking: Any, title: str = "", truth: Any = No
     ax.set_xlim(1, ks[-1])
     ax.set_xticks([1, *range(5, int(ks[-1]) + 1, 5)])
     ax.grid(alpha=0.3)
-    n_q = int((ranking.first_positive_rank > 0).sum())
-    ax.set_title(f"{title}\nrecall@k over {n_q} queries with a positive" if title else
-                 f"recall@k over {n_q} queries with a positive", fontsize=9)
+    heading = f"recall@k over {int((ranking.first_positive_rank > 0).sum())} queries with a positive"
+    ax.set_title(f"{title}\n{heading}" if title else heading, fontsize=9)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:

@@ -43,6 +43,11 @@ class RetrievalMetrics(pl.Callback):
         self.settings = RankingSettings.from_config(settings)
         self.rankings: dict[str, Ranking] = {}
 
+    @staticmethod
+    def of(trainer: pl.Trainer) -> "RetrievalMetrics | None":
+        """The trainer's RetrievalMetrics callback, or None when it has none."""
+        return next((c for c in trainer.callbacks if isinstance(c, RetrievalMetrics)), None)
+
     def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         query_idx = dm.splits.queries(stage)
@@ -120,7 +125,7 @@ class RetrievalExamples(pl.Callback):
         self.grid_path: Path | None = None
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics_cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalMetrics)), None)
+        metrics_cb = RetrievalMetrics.of(trainer)
         if metrics_cb is None or "test" not in metrics_cb.rankings or not trainer.is_global_zero:
             return
         ranking, ds = metrics_cb.rankings["test"], trainer.datamodule.dataset
@@ -131,7 +136,6 @@ class RetrievalExamples(pl.Callback):
                 lg.log_image(key="test/retrieval_examples", images=[grid],
                              caption=["query | top-k (green: sim=1, red: sim=0)"])
             if hasattr(lg, "log_table"):
-
                 columns, rows = wandb_runs.per_query_table(ds, ranking, top_k=self.top_k, image_rows=self.table_images)
                 lg.log_table(key="test/per_query", columns=columns, data=rows)
             elif type(lg).__name__ == "TensorBoardLogger":
@@ -156,7 +160,7 @@ class BestValSummary(pl.Callback):
         names = ["val/loss"]
         if getattr(module, "range_key", None):
             names.append(f"val/{module.range_key}")
-        metrics_cb = next((c for c in trainer.callbacks if isinstance(c, RetrievalMetrics)), None)
+        metrics_cb = RetrievalMetrics.of(trainer)
         if metrics_cb is not None:
             s = metrics_cb.settings  # streaming (search_k): mAP@k, the mAP of the top k
             names += [f"val/{m}" for m in retrieval_metric_names(s.top_ks, s.ndcg_k, s.search_k)]

@@ -172,7 +172,7 @@ def find_unfinished_run(root: Path, depth: int, overrides: Iterable[str]) -> Pat
     root = Path(root)
     if not root.is_dir():
         return None
-    found: list[tuple[int, str, Path]] = []
+    found: list[tuple[int, Path]] = []
     for ckpt in root.glob("/".join(["*"] * depth) + "/" + LAST_CKPT.as_posix()):
         run = ckpt.parent.parent
         if is_finished(run):
@@ -181,10 +181,10 @@ def find_unfinished_run(root: Path, depth: int, overrides: Iterable[str]) -> Pat
         if theirs is None or comparable_overrides(theirs) != want:
             continue
         try:
-            found.append((ckpt.stat().st_mtime_ns, run.name, run))
+            found.append((ckpt.stat().st_mtime_ns, run))
         except OSError:
             continue
-    return max(found, key=lambda t: (t[0], str(t[2])))[2] if found else None
+    return max(found, key=lambda t: (t[0], str(t[1])))[1] if found else None
 
 
 _WANDB_RUN_DIR = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-(.+)$")
@@ -206,10 +206,10 @@ def wandb_run_id(run_dir: str | os.PathLike) -> str | None:
             return run_id
     runs = []
     for folder in wandb_dir.iterdir():
-        match = _WANDB_RUN_DIR.match(folder.name)
-        if match and folder.is_dir() and _id_of(folder) is not None:
-            runs.append((match.group(1), folder.name, folder))
-    return _id_of(max(runs)[2]) if runs else None
+        run_id = _id_of(folder)  # None unless a run folder holding its run-<id>.wandb
+        if run_id is not None:
+            runs.append((_WANDB_RUN_DIR.match(folder.name).group(1), folder.name, run_id))
+    return max(runs)[2] if runs else None
 
 
 def _id_of(folder: Path) -> str | None:

@@ -123,9 +123,8 @@ def benchmark_monitor(cfg: DictConfig, datamodule: Any) -> BenchmarkMetrics | No
         for key in ("model_checkpoint", "early_stopping"):
             if OmegaConf.select(cfg, f"callbacks.{key}") is not None:
                 cfg.callbacks[key].monitor, cfg.callbacks[key].mode = metric, "max"
-    settings = OmegaConf.to_container(cfg.callbacks.retrieval_metrics, resolve=True) \
-        if OmegaConf.select(cfg, "callbacks.retrieval_metrics") is not None else {}
-    settings = {k: v for k, v in settings.items() if k != "_target_"}
+    node = OmegaConf.select(cfg, "callbacks.retrieval_metrics")  # `_target_`: no RankingSettings field, ignored
+    settings = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     log.info("validating on benchmark %s (%s) every epoch; the checkpoint monitors %s", label, entries[label][1],
              metric)
     return BenchmarkMetrics(label, benchmark_data(*entries[label]), datamodule.inputs, settings)

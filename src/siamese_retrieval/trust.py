@@ -59,11 +59,16 @@ def _never(target: str) -> bool:
     return root in _NEVER_MODULES or any(not part or part.startswith("__") for part in target.split("."))
 
 
+def _nameable(target: Any) -> bool:
+    """A dotted path outside the modules that are never built: a target that could be allowed by name."""
+    return _is_dotted(target) and not _never(target)
+
+
 def user_class(target: str) -> type | None:
     """The class a user allowed by name (`trust.allow`), or None when it is not a class or may never be built.
 
     Importing its module is what the user asked for by naming it."""
-    if not _is_dotted(target) or _never(target):
+    if not _nameable(target):
         return None
     module_name, _, attr = target.rpartition(".")
     try:
@@ -77,7 +82,7 @@ def user_class(target: str) -> type | None:
 
 def is_allowed(target: Any, allow: Iterable[str] = ()) -> bool:
     """Whether a `_target_` read from a file may be instantiated (see the module docstring)."""
-    if not _is_dotted(target) or _never(target):
+    if not _nameable(target):
         return False
     if registered_target(target) is not None:
         return True
@@ -99,7 +104,7 @@ def check_targets(tree: Any, source: str, allow: Iterable[str] = (), also: Itera
     for where, target in iter_targets(tree):
         if is_allowed(target, trusted):
             continue
-        if _is_dotted(target) and not _never(target) and target not in allow:
+        if _nameable(target) and target not in allow:
             hint = f"if you trust that class, add trust.allow=[{','.join([*allow, target])}]"
         else:
             hint = "only classes can be allowed, never functions, builtins or operating-system modules"

@@ -36,8 +36,9 @@ from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.data.ground_truth import as_ground_truth
+from siamese_retrieval.errors import ConfigError, instantiate_config
 from siamese_retrieval.registry import METRICS
-from siamese_retrieval.run_outputs import finish_loggers, hydra_mode, task_overrides
+from siamese_retrieval.run_outputs import finish_loggers, hydra_mode, provenance, task_overrides
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,6 @@ def logger_settings(cfg: DictConfig, job_type: str, name: str, group: str, tags:
             lg["job_type"] = lg.get("job_type") or job_type
             lg["tags"] = sorted({*(lg.get("tags") or []), *(str(t) for t in tags)})
             if lg.get("log_model") not in LOG_MODEL:
-                from siamese_retrieval.errors import ConfigError
-
                 raise ConfigError(f"logger.{key}.log_model={lg.get('log_model')!r}: must be one of false, best, all")
         settings[str(key)] = lg
     return settings
@@ -207,8 +206,6 @@ def logger_settings(cfg: DictConfig, job_type: str, name: str, group: str, tags:
 
 def logged_config(cfg: DictConfig, settings: Mapping[str, dict], **extra: Any) -> dict[str, Any]:
     """The run's one resolved config, its `logger` holding what the loggers were given (+ `extra` keys)."""
-    from siamese_retrieval.run_outputs import provenance
-
     config = _resolved(cfg)
     config["logger"] = {k: dict(v) for k, v in settings.items()} or None
     config["provenance"] = provenance()  # library versions and the code's git commit, as in metrics.json
@@ -237,8 +234,6 @@ def _resolved(node: Any) -> Any:
 
 def make_loggers(settings: Mapping[str, dict], config: Mapping[str, Any], log_model: bool = True) -> list[Any]:
     """Instantiate the loggers of `settings` and log `config` as their hyperparameters."""
-    from siamese_retrieval.errors import instantiate_config
-
     loggers = []
     for key, lg in settings.items():
         lg = dict(lg)

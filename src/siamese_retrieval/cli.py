@@ -214,8 +214,8 @@ def hydra_error_line(exc: BaseException) -> str:
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
             suggestion = nearest_key(cause, _quoted(lines[0]))
             if suggestion is not None:  # Hydra's "To append to your config use +<typo>" no longer fits
-                return _one_line(lines[:2]) + f" (did you mean {suggestion}?)"
-    return _one_line(lines) if lines else type(exc).__name__
+                return _joined_lines(lines[:2]) + f" (did you mean {suggestion}?)"
+    return _joined_lines(lines) if lines else type(exc).__name__
 
 
 def nearest_key(error: Exception, wanted: str | None = None) -> str | None:
@@ -272,7 +272,7 @@ def _quoted(text: str) -> str | None:
     return parts[1] if len(parts) >= 3 else None
 
 
-def _one_line(lines: list[str]) -> str:
+def _joined_lines(lines: list[str]) -> str:
     """`First.` + `Second line.` -> `First: second line`: Hydra's lines joined, without its trailing dots."""
     def tidy(ln: str) -> str:
         ln = ln.rstrip(".")

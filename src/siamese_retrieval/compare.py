@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import UserError, json_kind, json_snippet, one_line
 from siamese_retrieval.run_outputs import unwritable_reason
 
 DEFAULT_METRICS = (
@@ -38,10 +38,6 @@ class CompareError(UserError):
 
 class MalformedJob(ValueError):
     """A job file that cannot be understood; the job is listed as failed with this reason."""
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 @dataclass
@@ -103,11 +99,11 @@ def _override_list(value: Any, where: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list):
-        kind = "a mapping" if isinstance(value, dict) else _json_kind(value)
+        kind = "a mapping" if isinstance(value, dict) else json_kind(value)
         raise MalformedJob(f"{where} must be a list of overrides, found {kind}")
     for o in value:
         if o is None or isinstance(o, (dict, list)):
-            raise MalformedJob(f"{where} must hold override strings, found {_one_line(repr(o))[:80]}")
+            raise MalformedJob(f"{where} must hold override strings, found {one_line(repr(o))[:80]}")
     return [str(o) for o in value]
 
 
@@ -123,14 +119,14 @@ def read_overrides(job_dir: Path, metrics: dict[str, Any]) -> list[str]:
         try:
             value = yaml.safe_load(_decode(hydra_file))
         except OSError as exc:
-            raise MalformedJob(f".hydra/overrides.yaml cannot be read ({_one_line(exc.strerror or exc)})") from None
+            raise MalformedJob(f".hydra/overrides.yaml cannot be read ({one_line(exc.strerror or exc)})") from None
         except MalformedJob as exc:
             raise MalformedJob(f".hydra/{exc}") from None
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             at = f" at line {where.line + 1} column {where.column + 1}" if where is not None else ""
             problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise MalformedJob(f".hydra/overrides.yaml is not valid YAML ({_one_line(problem)}{at})") from None
+            raise MalformedJob(f".hydra/overrides.yaml is not valid YAML ({one_line(problem)}{at})") from None
         return _override_list(value, ".hydra/overrides.yaml")
     return _override_list(metrics.get("overrides"), "metrics.json: overrides")
 
@@ -141,28 +137,15 @@ def _read_metrics(data: dict[str, Any]) -> dict[str, float]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise MalformedJob(f"metrics.json: metrics must be an object of numbers, found {_json_kind(raw)}")
+        raise MalformedJob(f"metrics.json: metrics must be an object of numbers, found {json_kind(raw)}")
     metrics = {}
     for name, value in raw.items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MalformedJob(f"metrics.json: metric {name!r} is not a number: {_as_json(value)}")
+            raise MalformedJob(f"metrics.json: metric {name!r} is not a number: {json_snippet(value, 80)}")
         metrics[name] = float(value)
     return metrics
-
-
-def _as_json(value: Any, limit: int = 80) -> str:
-    """A value read from a JSON file, written as JSON on one line, cut to `limit` characters."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def seed_of(overrides: Sequence[str], metrics: dict[str, Any]) -> int | None:
@@ -198,14 +181,14 @@ def read_job(job_dir: Path) -> Job:
         try:
             data = json.loads(_decode(metrics_file))
         except OSError as exc:
-            raise MalformedJob(f"metrics.json cannot be read ({_one_line(exc.strerror or exc)})") from None
+            raise MalformedJob(f"metrics.json cannot be read ({one_line(exc.strerror or exc)})") from None
         except json.JSONDecodeError as exc:
             raise MalformedJob(f"metrics.json is not valid JSON ({exc.msg} at line {exc.lineno} "
                                f"column {exc.colno})") from None
         except RecursionError:
             raise MalformedJob("metrics.json is not valid JSON (nested too deeply)") from None
         if not isinstance(data, dict):
-            raise MalformedJob(f"metrics.json must hold a JSON object, found {_json_kind(data)}")
+            raise MalformedJob(f"metrics.json must hold a JSON object, found {json_kind(data)}")
         overrides = read_overrides(job_dir, data)
         status = str(data.get("status", "ok"))
         metrics = _read_metrics(data) if status == "ok" else {}
@@ -213,8 +196,8 @@ def read_job(job_dir: Path) -> Job:
         if metrics and isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and elapsed >= 0:
             metrics[RUN_MINUTES] = float(elapsed) / 60
     except MalformedJob as exc:
-        return Job(job_dir, _overrides_or_none(job_dir), "failed", error=_one_line(exc))
-    error = _one_line(data.get("error", "")) if status != "ok" else ""
+        return Job(job_dir, _overrides_or_none(job_dir), "failed", error=one_line(exc))
+    error = one_line(data.get("error", "")) if status != "ok" else ""
     recorded = data.get("provenance")
     return Job(job_dir, overrides, status if status in ("ok", "failed") else "failed", metrics,
                seed_of(overrides, data), error, recorded if isinstance(recorded, dict) else None, data)

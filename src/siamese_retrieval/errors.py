@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -23,6 +24,33 @@ class UnknownComponent(ConfigError):
     imported; its message (registry.unknown_component) says `imports=[...]` wherever it is raised."""
 
 
+# ---------------------------------------------------------------------- wording a value read from a file
+def one_line(text: object) -> str:
+    """An exception's text or a user's value squeezed onto one line (error messages are one line)."""
+    return " ".join(str(text).split())
+
+
+def json_snippet(value: object, limit: int = 60) -> str:
+    """A value read from a JSON file, written as JSON (escaped: one line), cut to `limit` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_kind(value: object) -> str:
+    """The JSON name of a parsed value's type, with its article (for messages about a file's content)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------- building what the user configured
 # A TypeError raised while binding a constructor's arguments (a keyword it does not take, a missing one): the
 # config's fault, not the constructor's. Python's own wording (3.8 - 3.13).
 _BINDING_ERROR = re.compile(
@@ -106,7 +134,7 @@ def _refused_by_constructor(exc: BaseException) -> bool:
 
 def _reason(exc: BaseException) -> str:
     """The exception's message in one line; its type first where the message alone would not say what."""
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     if isinstance(exc, (ImportError, TypeError, ValueError)) or type(exc).__name__ == "MisconfigurationException":
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig
 
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import UserError, one_line
 from siamese_retrieval.io_utils import atomic_write_json
 from siamese_retrieval.registry import METRICS
 
@@ -143,7 +143,7 @@ def unwritable_reason(path: str | Path) -> str | None:
             os.close(fd)
             os.unlink(probe)
     except OSError as exc:
-        return " ".join(str(exc.strerror or exc).split())
+        return one_line(exc.strerror or exc)
     return None
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from siamese_retrieval.errors import one_line
+
 
 def sqlite_path(storage: Any) -> Path | None:
     """The database file of an SQLAlchemy sqlite URL (`sqlite:///rel/x.db`, `sqlite:////abs/x.db`), or None
@@ -82,7 +84,7 @@ def sqlite_storage_problem(path: Path) -> str | None:
     except sqlite3.DatabaseError as exc:
         return f"is a damaged SQLite database ({exc}: truncated or overwritten?)"
     if check != [("ok",)]:
-        first = " ".join(str(check[0][0]).split()) if check and check[0] else "?"
+        first = one_line(check[0][0]) if check and check[0] else "?"
         return f"is a damaged SQLite database (integrity check: {first})"
     if tables and OPTUNA_TABLE not in tables:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from siamese_retrieval.data.ground_truth import DenseRelevance, GroundTruth, SparseRelevance
-from siamese_retrieval.errors import DatasetError
+from siamese_retrieval.errors import DatasetError, json_kind, json_snippet, one_line
 from siamese_retrieval.image_header import pixel_problem
 from siamese_retrieval.io_utils import atomic_path, atomic_write_json, file_fingerprint
 from siamese_retrieval.registry import LAYOUTS
@@ -126,43 +126,18 @@ def _resolve_gt(root: Path, gt_h5: str | None) -> Path:
     raise DatasetError(f"{root}: several ground-truth files ({names}); set data.files.gt_h5")
 
 
-def _one_line(text: object) -> str:
-    """An exception's text or a user's value squeezed onto one line (error messages are one line)."""
-    return " ".join(str(text).split())
-
-
-def _short(value: object, limit: int = 60) -> str:
-    """A value read from a JSON file, written as JSON (escaped: one line), cut to `limit` characters."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _json_kind(value: object) -> str:
-    """The JSON name of a parsed value's type, with its article (for messages about a file's content)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 def relpath_problem(im_path: object) -> str | None:
     """Why `im_path` cannot be an image path of the contract (None: it can): the reader's rules, which
     convert.py also applies to the names it is about to write."""
     if not isinstance(im_path, str) or not im_path:
-        return f"is not a non-empty string: {_short(im_path)}"
+        return f"is not a non-empty string: {json_snippet(im_path)}"
     bad = next((c for c in im_path if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
-        return f"contains the control character U+{ord(bad):04X} ({_short(im_path)})"
+        return f"contains the control character U+{ord(bad):04X} ({json_snippet(im_path)})"
     try:
         im_path.encode("utf-8")
     except UnicodeEncodeError:
-        return f"is not valid UTF-8 (a name in another encoding: {_short(im_path)})"
+        return f"is not valid UTF-8 (a name in another encoding: {json_snippet(im_path)})"
     pure = PurePosixPath(im_path.replace("\\", "/"))
     if pure.is_absolute() or Path(im_path).is_absolute():
         return f"is absolute ({im_path!r})"
@@ -228,7 +203,7 @@ def read_utf8(path: Path, what: str = "", encoding: str = "utf-8") -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DatasetError(f"{path}: cannot read file ({_one_line(exc.strerror or exc)})") from None
+        raise DatasetError(f"{path}: cannot read file ({one_line(exc.strerror or exc)})") from None
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -247,32 +222,32 @@ def _load_json_object(path: Path) -> dict:
     except RecursionError:
         raise DatasetError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(meta, dict):
-        raise DatasetError(f"{path}: expected a JSON object with keys im_paths and loc, found {_json_kind(meta)}")
+        raise DatasetError(f"{path}: expected a JSON object with keys im_paths and loc, found {json_kind(meta)}")
     return meta
 
 
 def _parse_loc(path: Path, loc: object, n_paths: int) -> np.ndarray:
     """loc: one [east, north] or [east, north, heading] row of finite numbers per image -> (n, 3) float64."""
     if not isinstance(loc, list):
-        raise DatasetError(f"{path}: loc must be a list of [east, north(, heading)] rows, found {_json_kind(loc)}")
+        raise DatasetError(f"{path}: loc must be a list of [east, north(, heading)] rows, found {json_kind(loc)}")
     if len(loc) != n_paths:
         raise DatasetError(f"{path}: im_paths has {n_paths} entries but loc has {len(loc)}")
     rows = []
     for i, row in enumerate(loc):
         if not isinstance(row, list) or len(row) not in (2, 3):
-            what = f"{len(row)} value{'s' * (len(row) != 1)}" if isinstance(row, list) else _json_kind(row)
+            what = f"{len(row)} value{'s' * (len(row) != 1)}" if isinstance(row, list) else json_kind(row)
             raise DatasetError(f"{path}: loc[{i}] must be a row of 2 or 3 numbers [east, north(, heading)], "
-                               f"found {what}: {_short(row)}")
+                               f"found {what}: {json_snippet(row)}")
         values = []
         for j, value in enumerate(row):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise DatasetError(f"{path}: loc[{i}][{j}] is not a number: {_short(value)}")
+                raise DatasetError(f"{path}: loc[{i}][{j}] is not a number: {json_snippet(value)}")
             try:
                 number = float(value)
             except OverflowError:  # an integer beyond float range
                 number = math.inf
             if not math.isfinite(number):
-                raise DatasetError(f"{path}: loc[{i}][{j}] is not a finite number: {_short(value)}")
+                raise DatasetError(f"{path}: loc[{i}][{j}] is not a finite number: {json_snippet(value)}")
             values.append(number)
         rows.append(values if len(values) == 3 else values + [0.0])  # no heading: 0
     return np.array(rows, dtype=np.float64).reshape(len(rows), 3)
@@ -286,12 +261,12 @@ def _read_split_json(root: Path, rel: str) -> tuple[list[str], np.ndarray]:
         raise DatasetError(f"{path}: missing key(s) {', '.join(missing)}")
     im_paths, loc = meta["im_paths"], meta["loc"]
     if not isinstance(im_paths, list):
-        raise DatasetError(f"{path}: im_paths must be a list of strings, found {_json_kind(im_paths)}")
+        raise DatasetError(f"{path}: im_paths must be a list of strings, found {json_kind(im_paths)}")
     prefix = meta.get("im_prefix")
     if prefix is None:
         prefix = ""
     if not isinstance(prefix, str):
-        raise DatasetError(f"{path}: im_prefix must be a string, found {_json_kind(prefix)}: {_short(prefix)}")
+        raise DatasetError(f"{path}: im_prefix must be a string, found {json_kind(prefix)}: {json_snippet(prefix)}")
     rel_paths = [_safe_relpath(root, prefix + p if isinstance(p, str) else p, path, i) for i, p in enumerate(im_paths)]
     _check_unique(rel_paths, path)
     return rel_paths, _parse_loc(path, loc, len(im_paths))
@@ -385,7 +360,7 @@ def _read_gt(path: Path, n_query: int, n_db: int) -> tuple[np.ndarray, np.ndarra
             sim = _h5_array(f, path, "sim", (n_query, n_db))
             fov = _h5_array(f, path, "fov", (n_query, n_db))
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-        raise DatasetError(f"{path}: not a readable HDF5 file ({_one_line(exc)})") from None
+        raise DatasetError(f"{path}: not a readable HDF5 file ({one_line(exc)})") from None
     fov = fov.astype(np.float32)
     if np.isnan(fov).any():
         raise DatasetError(f"{path}: fov contains NaN")
@@ -472,7 +447,7 @@ def check_image(path: Path, max_pixels: int | None = None) -> str | None:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return f"cannot read image ({_one_line(exc.strerror or exc)})"
+        return f"cannot read image ({one_line(exc.strerror or exc)})"
     if not data:
         return "image file is empty (0 bytes)"
     if data.startswith(b"\xff\xd8"):

@@ -36,7 +36,7 @@ from siamese_retrieval.data.dataset import (
     read_utf8,
 )
 from siamese_retrieval.data.ground_truth import SparseRelevance, heading_difference, radius_pairs  # noqa: F401 (re-exported)
-from siamese_retrieval.errors import ConfigError, DatasetError
+from siamese_retrieval.errors import ConfigError, DatasetError, one_line
 from siamese_retrieval.io_utils import file_fingerprint
 from siamese_retrieval.registry import LAYOUTS
 
@@ -302,7 +302,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, 
                 raise DatasetError(f"{path}: line {reader.line_num} has {len(row)} fields, the header has {len(header)}")
             rows.append((reader.line_num, dict(zip(header, (c.strip() for c in row)))))
     except csv.Error as exc:
-        raise DatasetError(f"{path}: not valid CSV ({' '.join(str(exc).split())} at line {reader.line_num})") from None
+        raise DatasetError(f"{path}: not valid CSV ({one_line(exc)} at line {reader.line_num})") from None
     return rows
 
 

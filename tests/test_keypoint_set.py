@@ -275,7 +275,7 @@ def test_dataset_keypoint_sets_cache_round_trip(tmp_path: Path, monkeypatch, cap
     uncached = extract_dataset_keypoint_sets(ds, cfg, None, workers=1)
     for name, arr in first.arrays().items():
         np.testing.assert_array_equal(arr, getattr(uncached, name), err_msg=name)
-    assert [p.name for p in cache.iterdir()] == [kp.keypoint_set_cache_file(ds, cfg, cache).name]
+    assert [p.name for p in cache.iterdir()] == [kp.keypoints_cache_file(ds, cfg, cache).name]
 
     monkeypatch.setattr(kp, "extract_orb_set", lambda *a, **k: pytest.fail("cache not used"))
     with caplog.at_level(logging.INFO, logger=kp.__name__):

@@ -284,9 +284,6 @@ def keypoints_cache_file(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir:
     return Path(cache_dir) / f"{kind.prefix}-{key}"
 
 
-keypoint_set_cache_file = keypoints_cache_file  # one function: the config's type picks the cache
-
-
 def _dataset_arrays(dataset, cfg: OrbConfig | KeypointSetConfig, cache_dir: str | os.PathLike | None,
                     workers: int) -> dict[str, np.ndarray]:
     kind = _KINDS[type(cfg)]

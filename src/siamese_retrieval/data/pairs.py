@@ -29,7 +29,6 @@ from siamese_retrieval.data.ground_truth import GroundTruth, as_ground_truth, pa
 from siamese_retrieval.errors import ConfigError
 
 
-
 @dataclass(frozen=True)
 class PairRecipe:
     positives_per_query: int = 4  # -1: all

@@ -59,6 +59,7 @@ from siamese_retrieval.io_utils import release_mapped_pages
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PlaceConfig:
     """`data.places`: P places per batch, up to K views each (the anchor query included)."""

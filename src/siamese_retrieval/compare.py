@@ -48,8 +48,13 @@ class Job:
     metrics: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     error: str = ""
-    provenance: dict[str, Any] | None = None  # metrics.json's record of versions and commit, where it has one
     fields: dict[str, Any] = field(default_factory=dict)  # metrics.json as read: the chart names things by it
+
+    @property
+    def provenance(self) -> dict[str, Any] | None:
+        """metrics.json's record of versions and commit, where it has one."""
+        recorded = self.fields.get("provenance")
+        return recorded if isinstance(recorded, dict) else None
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -198,9 +203,8 @@ def read_job(job_dir: Path) -> Job:
     except MalformedJob as exc:
         return Job(job_dir, _overrides_or_none(job_dir), "failed", error=one_line(exc))
     error = one_line(data.get("error", "")) if status != "ok" else ""
-    recorded = data.get("provenance")
     return Job(job_dir, overrides, status if status in ("ok", "failed") else "failed", metrics,
-               seed_of(overrides, data), error, recorded if isinstance(recorded, dict) else None, data)
+               seed_of(overrides, data), error, data)
 
 
 def _overrides_or_none(job_dir: Path) -> list[str]:

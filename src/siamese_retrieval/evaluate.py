@@ -59,7 +59,7 @@ from siamese_retrieval.retrieval.rerankers import (
     dataset_orb_features,
     orb_config,
 )
-from siamese_retrieval.retrieval.visualize import CURVE_K, plot_recall_curve, recall_curve, save_png
+from siamese_retrieval.retrieval.visualize import CURVE_K, plot_recall_curve, save_png
 from siamese_retrieval.run_outputs import (
     print_results,
     provenance,
@@ -146,14 +146,15 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
     write_metrics_json(out_dir / "metrics.json", result)
     write_per_query_csv(out_dir / "per_query.csv", dataset, ranking,
                         decisions=getattr(reranker, "decisions", None))
-    plot_recall_curve(out_dir / "recall_at_k.png", ranking, title=f"{result['model']} on {result['data']} ({split})",
-                      truth=dataset)
+    curves = plot_recall_curve(out_dir / "recall_at_k.png", ranking, truth=dataset,
+                               title=f"{result['model']} on {result['data']} ({split})")
     save_png(out_dir / "retrieval_grid.png", ranking_grid(dataset, ranking, n_queries=int(cfg.grid.n_queries),
                                                           top_k=int(cfg.grid.top_k), seed=int(cfg.seed)))
     if not log_run:  # one benchmark of several: the benchmarks table logs and shows it
         return result
     # W&B (logger=none: nothing): job_type eval in the checkpoint's training group, or baseline
-    log_evaluation(cfg, result, dataset, ranking, recall_curve(ranking), out_dir / "retrieval_grid.png", ckpt)
+    log_evaluation(cfg, result, dataset, ranking, (curves["k"], curves["recall"]), out_dir / "retrieval_grid.png",
+                   ckpt)
     print_results(result["metrics"], title=f"{result['method']} on {result['data']}", stages=(split,),
                   extra_rows=[("seconds/query", f"{result['seconds_per_query']:.4f}")],
                   caption=f"split {split}: {result['n_queries']} queries x {result['n_database']} database")

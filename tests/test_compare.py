@@ -140,3 +140,31 @@ def test_run_minutes_are_a_column_where_less_is_best(tmp_path: Path) -> None:
     rows = {line.split(" | ")[0].lstrip("| "): line for line in result["markdown"].splitlines()[2:]}
     assert rows["model=fast"].endswith("| **11.0 ± 1.4** |"), rows
     assert rows["model=slow"].endswith("| 30.0 ± 0.0 |") and "**0.7000 ± 0.0000**" in rows["model=slow"], rows
+
+
+def _median_rank() -> None:
+    """A researcher's lower-is-better metric (registered by the test below, removed after)."""
+
+
+def test_a_registered_lower_is_better_metric_is_bolded_by_its_recorded_direction(tmp_path: Path) -> None:
+    """metrics.json records each metric's direction when it is written (METRICS); compare.py reads it, so the
+    smaller median rank is the bold one though compare.py never imports the module that registered the metric."""
+    from siamese_retrieval.registry import METRICS
+    from siamese_retrieval.run_outputs import write_metrics_json
+
+    s = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    METRICS.register("median_rank", higher_is_better=False, at_k=False, description="rank of the first positive")(
+        _median_rank)
+    try:
+        for i, (model, rank) in enumerate([("a", 3.0), ("b", 7.0)]):
+            job = write_job(s, i, [f"model={model}"], {})
+            write_metrics_json(job / "metrics.json", {"status": "ok", "overrides": [f"model={model}"], "metrics": {
+                "test/median_rank": rank, "test/recall@1": 0.4 + i / 10, "test/n_pairs": 5.0 + i}})
+    finally:
+        METRICS.unregister("median_rank")
+    recorded = json.loads((s / "0" / "metrics.json").read_text())["directions"]
+    assert recorded == {"test/median_rank": "min", "test/recall@1": "max"}  # n_pairs: no family, no direction
+    result = compare([s], metrics=["test/median_rank", "test/recall@1"], out_dir=tmp_path / "out")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in result["markdown"].splitlines()[2:]}
+    assert rows["model=a"].endswith("| **3.0000 ± 0.0000** | 0.4000 ± 0.0000 |"), rows
+    assert rows["model=b"].endswith("| 7.0000 ± 0.0000 | **0.5000 ± 0.0000** |"), rows

@@ -205,7 +205,7 @@ TABLE_ROWS = ["precision@1", "precision@5", "precision@10", "recall@1", "recall@
 
 
 def prefix_rule_best_mode(name: str) -> str | None:
-    """wandb_runs.best_mode before the registry (its metric-name prefixes), the reference for today's names."""
+    """The direction rule before the registry (metric-name prefixes), the reference for today's names."""
     metric = name.split("/", 1)[-1]
     if metric.startswith(("recall", "precision", "mAP", "ndcg", "range_acc")):
         return "max"
@@ -225,7 +225,8 @@ class LoggedNames(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from siamese_retrieval.callbacks import BestValSummary
-        from siamese_retrieval.wandb_runs import best_mode
+        from siamese_retrieval.registry import METRICS
+        best_mode = METRICS.best_mode
 
         summary = next(c for c in trainer.callbacks if isinstance(c, BestValSummary))
         LoggedNames.summarised = {n: m for n in summary._val_names(trainer, pl_module) if (m := best_mode(n))}
@@ -252,7 +253,7 @@ def tiny_run_names(tmp_path_factory: pytest.TempPathFactory, cache_dir):
 def test_every_logged_metric_of_a_tiny_run_has_a_registered_family(tiny_run_names) -> None:
     from siamese_retrieval.registry import METRICS
     from siamese_retrieval.run_outputs import shown_metrics
-    from siamese_retrieval.wandb_runs import best_mode
+    best_mode = METRICS.best_mode
 
     seen, summarised, metrics = tiny_run_names
     names = seen | set(metrics)
@@ -275,7 +276,8 @@ def test_every_logged_metric_of_a_tiny_run_has_a_registered_family(tiny_run_name
 
 def test_best_mode_and_the_table_rows_follow_the_registry() -> None:
     from siamese_retrieval.run_outputs import SHOWN_METRICS, shown_metrics
-    from siamese_retrieval.wandb_runs import best_mode
+    from siamese_retrieval.registry import METRICS
+    best_mode = METRICS.best_mode
 
     assert list(SHOWN_METRICS) == TABLE_ROWS
     for name in ["val/loss", "train/loss", "test/mAP@100", "all/ndcg@5", "before_rerank/precision@1", "loss",
@@ -298,7 +300,7 @@ def _median_rank() -> None:
 def test_a_new_metric_family_is_picked_up_without_editing_the_readers(capsys: pytest.CaptureFixture[str]) -> None:
     from siamese_retrieval.registry import METRICS
     from siamese_retrieval.run_outputs import print_results, shown_metrics
-    from siamese_retrieval.wandb_runs import best_mode
+    best_mode = METRICS.best_mode
 
     with pytest.raises(ValueError, match="higher_is_better"):
         METRICS.register("no_direction", at_k=False, description="x")(_hit_rate)

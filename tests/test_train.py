@@ -35,7 +35,10 @@ def test_metrics_json_has_every_metric(keypoint_run) -> None:
     cfg, out, result = keypoint_run
     saved = json.loads((out / "metrics.json").read_text())
     provenance = saved.pop("provenance")  # what produced the numbers: written into the file only
+    directions = saved.pop("directions")  # which way each metric is better (compare.py's bold), file only too
     assert saved == json.loads(json.dumps(result)) and provenance["versions"]["torch"]
+    assert directions == {n: "min" if n.endswith("/loss") else "max" for n in saved["metrics"]
+                          if not n.split("/")[-1].startswith("n_")}, directions  # counts: no direction
     assert saved["status"] == "ok" and saved["model"] == "keypoint_snn" and saved["data"] == "synth_tiny"
     assert saved["seed"] == 3 and saved["epochs"] == 2
     for stage in ("val", "test"):

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 
 from siamese_retrieval.data.inputs import take
 from siamese_retrieval.models.embedding import embed_sharded
+from siamese_retrieval.registry import METRICS
 from siamese_retrieval.retrieval.metrics import retrieval_metric_names
 from siamese_retrieval.retrieval.ranking import (
     Ranking,
@@ -150,7 +151,7 @@ class BestValSummary(pl.Callback):
     `epoch`; this callback adds `best_epoch/val/<m>` (0-based, the `epoch` axis). A no-op without W&B.
     The names are what the run logs: the module's loss and range key, and the RetrievalMetrics callback's
     metrics (retrieval_metric_names of its settings); each one's direction is its family's in
-    registry.METRICS (wandb_runs.best_mode), and a name of no registered family gets no summary."""
+    registry.METRICS (METRICS.best_mode), and a name of no registered family gets no summary."""
 
     def __init__(self) -> None:
         self.modes: dict[str, str] = {}
@@ -170,7 +171,7 @@ class BestValSummary(pl.Callback):
         if stage != "fit" or not trainer.is_global_zero:
             return
         runs = wandb_runs.wandb_runs(trainer.loggers)
-        self.modes = {n: m for n in self._val_names(trainer, pl_module) if (m := wandb_runs.best_mode(n))}
+        self.modes = {n: m for n in self._val_names(trainer, pl_module) if (m := METRICS.best_mode(n))}
         for run in runs:
             run.define_metric("epoch")
             run.define_metric("val/*", step_metric="epoch")

@@ -28,7 +28,7 @@ DEFAULT_METRICS = (
 SEED_KEYS = ("seed", "+seed", "++seed")
 # overrides that never define a group: where outputs go, how the job was launched, logging
 IGNORED_PREFIXES = ("hydra.", "hydra/", "paths.", "logger", "ckpt_path", "+ckpt_path")
-LOWER_IS_BETTER = ("loss", "minutes")
+LOWER_IS_BETTER = ("loss", "minutes")  # names read as lower-is-better where metrics.json records no `directions`
 RUN_MINUTES = "minutes"  # a job's wall time (metrics.json's elapsed_s / 60): `--metrics ... minutes` tables the cost
 
 
@@ -266,12 +266,15 @@ def pick_metrics(groups: Sequence[Group], wanted: Sequence[str] | None) -> list[
 
 
 def best_groups(groups: Sequence[Group], metric: str) -> set[int]:
-    """Indices of the groups with the best mean (ties all count); none when every group ties."""
+    """Indices of the groups with the best mean (ties all count); none when every group ties. Best is the way
+    the jobs' metrics.json `directions` say (what the metric's registry entry said when it was measured)."""
     means = [(g.mean_std(metric)[0], i) for i, g in enumerate(groups)]
     means = [(m, i) for m, i in means if not math.isnan(m)]
     if len(means) < 2:
         return set()
-    lower = any(tag in metric for tag in LOWER_IS_BETTER)
+    recorded = {mode for g in groups for j in g.jobs if isinstance(j.fields.get("directions"), dict)
+                and (mode := j.fields["directions"].get(metric)) in ("min", "max")}
+    lower = recorded == {"min"} if recorded else any(tag in metric for tag in LOWER_IS_BETTER)
     best = (min if lower else max)(m for m, _ in means)
     winners = {i for m, i in means if abs(m - best) <= 1e-12}
     return set() if len(winners) == len(means) else winners

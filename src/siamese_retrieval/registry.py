@@ -108,7 +108,8 @@ class MetricRegistry(Registry):
     """METRICS: one entry per metric FAMILY, registered where it is computed. A family is what a logged name
     means once its stage and cut-off are stripped: `val/precision@10`, `test/before_rerank/precision@1` and
     `precision@5` are all "precision". Everything that needs to know about metrics reads it: the results table
-    (run_outputs.shown_metrics), the W&B best-value summaries (wandb_runs.best_mode, callbacks.BestValSummary).
+    (run_outputs.shown_metrics), the W&B best-value summaries (best_mode, callbacks.BestValSummary), compare.py's bold best mean
+    (metrics.json's `directions`).
 
         @METRICS.register("recall", higher_is_better=True, at_k=True, shown=("recall@1", "recall@5"), row=20,
                           description="fraction of queries with a positive in the top k")
@@ -139,6 +140,12 @@ class MetricRegistry(Registry):
         it); None for what is not a registered metric (counts, timings, `train/loss_<term>`...)."""
         base = str(metric).rsplit("/", 1)[-1].split("@", 1)[0]
         return self.load()._entries.get(base)
+
+    def best_mode(self, metric: str) -> str | None:
+        """"max" or "min" by the metric's family (`val/recall@5` -> recall: max; `val/loss` -> loss: min); None
+        for a name of no registered family (counts, timings, `train/loss_<term>`)."""
+        family = self.family(metric)
+        return None if family is None else "max" if family.meta["higher_is_better"] else "min"
 
     def unregister(self, name: str) -> None:
         """Remove a family (a test's temporary one)."""

@@ -178,8 +178,13 @@ def strict_json(value: Any) -> Any:
 
 
 def write_metrics_json(path: Path, result: dict[str, Any]) -> None:
-    """metrics.json, with what produced it (`provenance`: library versions and the code's git commit)."""
-    atomic_write_json(path, strict_json({**result, "provenance": result.get("provenance") or provenance()}))
+    """metrics.json, with what produced it (`provenance`: library versions and the code's git commit) and which
+    way each metric is better (`directions`, from METRICS: compare.py bolds the best mean by it, so that a
+    researcher's own lower-is-better metric is bolded the right way without compare.py importing their code)."""
+    record = {**result, "provenance": result.get("provenance") or provenance()}
+    if isinstance(result.get("metrics"), Mapping):
+        record["directions"] = {n: mode for n in result["metrics"] if (mode := METRICS.best_mode(n))}
+    atomic_write_json(path, strict_json(record))
     log.info("wrote %s", path)
 
 

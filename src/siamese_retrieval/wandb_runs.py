@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.errors import ConfigError, instantiate_config
-from siamese_retrieval.registry import METRICS
 from siamese_retrieval.run_outputs import finish_loggers, hydra_mode, provenance, task_overrides
 
 log = logging.getLogger(__name__)
@@ -270,18 +269,6 @@ def write_summary(loggers: Iterable[Any], values: Mapping[str, Any], skip: tuple
     kept = {k: v for k, v in values.items() if not k.startswith(skip)}
     for run in wandb_runs(loggers):
         run.summary.update(kept)
-
-
-# ------------------------------------------------------------------------------------------------ best val/*
-
-
-def best_mode(name: str) -> str | None:
-    """"max" or "min" by the metric's family in registry.METRICS (`val/recall@5` -> recall: max; `val/loss` ->
-    loss: min); None for a name of no registered family (counts, timings, `train/loss_<term>`)."""
-    family = METRICS.family(name)
-    if family is None:
-        return None
-    return "max" if family.meta["higher_is_better"] else "min"
 
 
 # ------------------------------------------------------------------------------------------------ tables

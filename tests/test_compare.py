@@ -168,3 +168,14 @@ def test_a_registered_lower_is_better_metric_is_bolded_by_its_recorded_direction
     rows = {line.split(" | ")[0].lstrip("| "): line for line in result["markdown"].splitlines()[2:]}
     assert rows["model=a"].endswith("| **3.0000 ± 0.0000** | 0.4000 ± 0.0000 |"), rows
     assert rows["model=b"].endswith("| 7.0000 ± 0.0000 | **0.5000 ± 0.0000** |"), rows
+
+
+def test_means_equal_as_printed_are_ties(tmp_path: Path) -> None:
+    """Bold marks the best mean as the table prints it: 0.12341 and 0.12344 both read 0.1234, so both are best."""
+    s = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    for i, (model, r1) in enumerate([("a", 0.12341), ("b", 0.12344), ("c", 0.1)]):
+        write_job(s, i, [f"model={model}"], {"test/recall@1": r1})
+    result = compare([s], metrics=["test/recall@1"], out_dir=tmp_path / "out")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in result["markdown"].splitlines()[2:]}
+    assert rows["model=a"].endswith("| **0.1234 ± 0.0000** |") and rows["model=b"].endswith("| **0.1234 ± 0.0000** |")
+    assert rows["model=c"].endswith("| 0.1000 ± 0.0000 |"), rows

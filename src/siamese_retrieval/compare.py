@@ -266,9 +266,9 @@ def pick_metrics(groups: Sequence[Group], wanted: Sequence[str] | None) -> list[
 
 
 def best_groups(groups: Sequence[Group], metric: str) -> set[int]:
-    """Indices of the groups with the best mean (ties all count); none when every group ties. Best is the way
-    the jobs' metrics.json `directions` say (what the metric's registry entry said when it was measured)."""
-    means = [(g.mean_std(metric)[0], i) for i, g in enumerate(groups)]
+    """Indices of the groups with the best mean as the table shows it (ties all count); none when every group
+    ties. Best is the way the jobs' metrics.json `directions` say (the metric's registry entry when measured)."""
+    means = [(round(g.mean_std(metric)[0], shown_digits(metric)), i) for i, g in enumerate(groups)]
     means = [(m, i) for m, i in means if not math.isnan(m)]
     if len(means) < 2:
         return set()
@@ -276,8 +276,13 @@ def best_groups(groups: Sequence[Group], metric: str) -> set[int]:
                 and (mode := j.fields["directions"].get(metric)) in ("min", "max")}
     lower = recorded == {"min"} if recorded else any(tag in metric for tag in LOWER_IS_BETTER)
     best = (min if lower else max)(m for m, _ in means)
-    winners = {i for m, i in means if abs(m - best) <= 1e-12}
+    winners = {i for m, i in means if m == best}
     return set() if len(winners) == len(means) else winners
+
+
+def shown_digits(metric: str) -> int:
+    """Decimals a metric's mean is shown with (and compared at: a bold mean is best as printed)."""
+    return 1 if metric == RUN_MINUTES else 4
 
 
 def fmt(mean: float, std: float, n: int, digits: int = 4) -> str:
@@ -292,7 +297,7 @@ def markdown_table(groups: Sequence[Group], metrics: Sequence[str]) -> str:
     for i, (g, label) in enumerate(zip(groups, labels)):
         cells = [label, str(len(g.jobs))]
         for m in metrics:
-            cell = fmt(*g.mean_std(m), digits=1 if m == RUN_MINUTES else 4)
+            cell = fmt(*g.mean_std(m), digits=shown_digits(m))
             cells.append(f"**{cell}**" if i in best[m] else cell)
         rows.append(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]

@@ -107,7 +107,8 @@ CKPT_CASES = [
      r"error: ckpt_path: checkpoint {p} does not fit this model: .+ has shape \(64, .+\), the model \(100, .+\) "
      r"\(another model config\)"),
     ("evaluate_other_version", "evaluate.py", _other_version,
-     r"error: checkpoint {p} \(model_name='keypoint_snn'\) does not fit this code: .+"),
+     r"error: checkpoint {p} \(model_name='keypoint_snn'\) does not fit this code: encoder\..+ has shape "
+     r"\(.+\), the model \(.+\) \(another model config\)"),
     ("evaluate_truncated", "evaluate.py", _truncated, r"error: checkpoint {p} is not a loadable torch checkpoint \(.+\)"),
     ("retrieve_no_inputs", "retrieve.py", _no_inputs,
      r"error: checkpoint {p} has no input builder config \(hyper_parameters.inputs\): it was made by an older "

@@ -58,6 +58,19 @@ def test_foreign_targets_are_refused_before_anything_is_built(checkpoint: Path, 
     assert victim.read_text() == "precious"
 
 
+def test_lightnings_own_loader_checks_the_targets_too(checkpoint: Path, tmp_path: Path) -> None:
+    """SiameseModule.load_from_checkpoint (Lightning's API, for whoever calls it directly) refuses the same files."""
+    from siamese_retrieval.models.siamese import SiameseModule
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    bad = poisoned(checkpoint, "loss", FOREIGN["builtins.open"](victim), tmp_path / "bad.ckpt")
+    with pytest.raises(UserError, match=r"refusing to instantiate loss\._target_='builtins\.open'"):
+        SiameseModule.load_from_checkpoint(bad, weights_only=True)
+    assert victim.read_text() == "precious"
+    assert SiameseModule.load_from_checkpoint(checkpoint, weights_only=True).hparams.model_name == "keypoint_snn"
+
+
 def test_allowlist_accepts_the_projects_own_targets_only() -> None:
     assert is_allowed("torch.optim.AdamW") and is_allowed("torch.optim.lr_scheduler.CosineAnnealingLR")
     assert is_allowed("siamese_retrieval.models.cnn.PlainCNN")

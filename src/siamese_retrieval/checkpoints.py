@@ -70,20 +70,26 @@ def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = (),
     return raw
 
 
+def weights_mismatch(saved: dict[str, Any], own: dict[str, Any]) -> str | None:
+    """Why `saved` weights do not load into a model whose state is `own` (names, then shapes); None if they do."""
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or extra:
+        return f"missing {missing[:3]}, unexpected {extra[:3]} (another code version or model config)"
+    for key, value in own.items():
+        shape = tuple(getattr(saved[key], "shape", ()))
+        if shape != tuple(value.shape):
+            return f"{key} has shape {shape}, the model {tuple(value.shape)} (another model config)"
+    return None
+
+
 def check_resumable(raw: dict[str, Any], path: str | Path, module: torch.nn.Module, model_name: str) -> None:
     """A checkpoint to resume `module` from must hold the same model with the same weights' names and shapes."""
     found = raw["hyper_parameters"].get("model_name", "?")
     if found != model_name:
         raise UserError(f"ckpt_path: checkpoint {path} holds model_name={found!r}, but this run trains {model_name!r}")
-    saved, own = raw["state_dict"], module.state_dict()
-    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-    if missing or extra:
-        raise UserError(f"ckpt_path: checkpoint {path} does not fit this model: missing {missing[:3]}, "
-                        f"unexpected {extra[:3]} (another code version or model config)")
-    for key, value in own.items():
-        if tuple(saved[key].shape) != tuple(value.shape):
-            raise UserError(f"ckpt_path: checkpoint {path} does not fit this model: {key} has shape "
-                            f"{tuple(saved[key].shape)}, the model {tuple(value.shape)} (another model config)")
+    problem = weights_mismatch(raw["state_dict"], module.state_dict())
+    if problem:
+        raise UserError(f"ckpt_path: checkpoint {path} does not fit this model: {problem}")
 
 
 def load_checkpoint(path: str | Path, expected_model: str | None = None,
@@ -101,15 +107,20 @@ def load_checkpoint(path: str | Path, expected_model: str | None = None,
     if not isinstance(inputs_cfg, dict) or "_target_" not in inputs_cfg:
         raise UserError(f"checkpoint {path} has no input builder config (hyper_parameters.inputs): it was made by "
                         f"an older siamese-retrieval; retrain it with this version")
-    try:
-        module = SiameseModule.load_from_checkpoint(path, map_location=map_location, weights_only=True,
-                                                    trust_allow=allow)
+    try:  # built from the dict whose targets were checked: the file is read once, never re-read after the check
+        module = SiameseModule(**hparams)
+        problem = weights_mismatch(raw["state_dict"], module.state_dict())
+        if problem is None:
+            module.load_state_dict(raw["state_dict"])
     except UserError as exc:
         raise UserError(f"checkpoint {path}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - state_dict / hparams that no longer fit this code
-        raise UserError(f"checkpoint {path} (model_name={found!r}) does not fit this code: {_root_cause(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - hparams or weights that no longer fit this code
+        problem = _root_cause(exc)
+    if problem:
+        raise UserError(f"checkpoint {path} (model_name={found!r}) does not fit this code: {problem}")
     training = raw.get("training_data")
-    return LoadedCheckpoint(path, module.eval(), inputs_cfg, training if isinstance(training, dict) else {}, allow)
+    return LoadedCheckpoint(path, module.to(map_location).eval(), inputs_cfg,
+                            training if isinstance(training, dict) else {}, allow)
 
 
 def load_from_config(cfg: Any) -> LoadedCheckpoint:

@@ -235,7 +235,8 @@ def test_checkpoint_of_another_model_type_is_a_clear_error(trained, tmp_path: Pa
         _eval(["data=synth_tiny", "seed=3", f"ckpt_path={ckpt}", "model=cnn_snn"], tmp_path, cache_dir)
 
 
-def test_retrieve_reranks_in_the_same_order_as_evaluate(trained, tmp_path: Path, cache_dir: Path) -> None:
+def test_retrieve_reranks_in_the_same_order_as_evaluate(trained, tmp_path: Path, cache_dir: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """`retrieve.py rerank=orb_ransac` and `evaluate.py rerank=orb_ransac` build one re-ranker
     (retrieval/rerankers.py): every query of the city gets the same top 10 from both."""
     ckpt, _ = trained
@@ -262,6 +263,15 @@ def test_retrieve_reranks_in_the_same_order_as_evaluate(trained, tmp_path: Path,
         plain_order = sorted(item["results"], key=lambda r: -r["score"])
         changed += order[:8] != [r["path"] for r in plain_order[:8]]
     assert changed > 0  # verification did re-order some queries (else the check above proves nothing)
+
+    from siamese_retrieval.retrieve import print_results
+
+    print_results({**got, "queries": got["queries"][:1]}, "table")  # the console shows the score it is ordered by
+    lines = capsys.readouterr().out.splitlines()
+    assert any("relevance" in ln and "orb_ransac score" in ln for ln in lines), lines
+    first = got["queries"][0]["results"][0]
+    row = next(ln for ln in lines if f" {first['path']} " in ln)
+    assert f"{first['score']:.4f}" in row and f"{first['rerank_score']:.4f}" in row, row
 
 
 def test_benchmarks_in_one_run_equal_each_benchmark_alone(tiny_checkpoint: Path, tmp_path: Path,

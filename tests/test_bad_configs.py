@@ -117,6 +117,7 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ("train", ["data.split.fractions=[0.5,0.5,0.5]"],
      "data.split.fractions=[0.5, 0.5, 0.5]: must sum to 1 (train, val, test; they sum to 1.5)"),
     ("train", ["data.split.fractions=[0.5,0.5]"], "data.split.fractions=[0.5, 0.5]: must be a list of 3 numbers >= 0"),
+    ("train", ["data.split.fractions=[0,0.5,0.5]"], "data.split.fractions=[0, 0.5, 0.5]: train and test need a fraction > 0"),
     ("train", ["data.split.fractions=[0.5,-0.25,0.75]"],
      "data.split.fractions=[0.5, -0.25, 0.75]: every entry must be a number >= 0"),
     ("train", ["data.split.cell_size_m=0"], "data.split.cell_size_m=0: must be a number > 0"),

@@ -61,6 +61,8 @@ class Split:
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(f"{at}fractions={show(fractions, FLOATS)}: must sum to 1 (train, val, test; "
                               f"they sum to {total:g})")
+        if fractions[0] == 0 or fractions[2] == 0:
+            raise ConfigError(f"{at}fractions={show(fractions, FLOATS)}: train and test need a fraction > 0")
 
 
 @dataclass

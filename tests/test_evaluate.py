@@ -236,7 +236,8 @@ def test_checkpoint_of_another_model_type_is_a_clear_error(trained, tmp_path: Pa
 
 
 def test_retrieve_reranks_in_the_same_order_as_evaluate(trained, tmp_path: Path, cache_dir: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`retrieve.py rerank=orb_ransac` and `evaluate.py rerank=orb_ransac` build one re-ranker
     (retrieval/rerankers.py): every query of the city gets the same top 10 from both."""
     ckpt, _ = trained
@@ -272,6 +273,14 @@ def test_retrieve_reranks_in_the_same_order_as_evaluate(trained, tmp_path: Path,
     first = got["queries"][0]["results"][0]
     row = next(ln for ln in lines if f" {first['path']} " in ln)
     assert f"{first['score']:.4f}" in row and f"{first['rerank_score']:.4f}" in row, row
+
+    import siamese_retrieval.retrieve as retrieve_module
+
+    drawn = {}
+    monkeypatch.setattr(retrieve_module, "retrieval_grid", lambda q, d, labels, scores: drawn.update(scores=scores))
+    monkeypatch.setattr(retrieve_module, "save_png", lambda path, grid: path)
+    retrieve_module.write_grid(tmp_path / "grid.png", got["queries"][:2])  # the tiles are labelled as ordered
+    assert drawn["scores"] == [[r["rerank_score"] for r in item["results"]] for item in got["queries"][:2]]
 
 
 def test_benchmarks_in_one_run_equal_each_benchmark_alone(tiny_checkpoint: Path, tmp_path: Path,

@@ -190,11 +190,12 @@ def grid_name(query: Any) -> str:
 
 
 def write_grid(path: Path, results: list[dict[str, Any]], max_queries: int = 16) -> Path:
-    """One row per query (at most `max_queries`): the query, then its top-k with rank and score (grey: no labels)."""
+    """One row per query (at most `max_queries`): the query, then its top-k with rank and score (grey: no labels);
+    re-ranked, the re-ranker's score, the one the row is ordered by."""
     shown = results[:max_queries]
     grid = retrieval_grid([Path(item["query"]) for item in shown],
                           [[Path(r["file"]) for r in item["results"]] for item in shown], None,
-                          [[r["score"] for r in item["results"]] for item in shown])
+                          [[r.get("rerank_score", r["score"]) for r in item["results"]] for item in shown])
     return save_png(path, grid)
 
 

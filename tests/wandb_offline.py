@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 _BLOCK = 32 * 1024
 _HEADER = 7
@@ -76,6 +79,7 @@ class OfflineRun:
     artifacts: list[OfflineArtifact] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # files saved with the run (paths under its files/)
     path: Path | None = None
+    exited: bool = False  # the file holds the run's exit record: everything it logged is in it
 
     def last(self, key: str) -> Any:
         """Last logged value of a history key (e.g. 'test/recall@1'), falling back to the summary."""
@@ -101,7 +105,24 @@ class OfflineRun:
         return Path(artifact.files[path])
 
 
-def read_offline_run(path: str | Path) -> OfflineRun:
+def read_offline_run(path: str | Path, wait_s: float = 30.0) -> OfflineRun:
+    """The finished run in `path`: read again (every 0.2 s, up to `wait_s`) until its file holds the exit record.
+    wandb's writer may still be flushing the last records (the test-end image and table) when the process that
+    logged them has returned from `wandb.finish()` on a loaded machine; a run read then would lack them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = _parse_offline_run(path)
+        except DecodeError:  # a record cut off mid-write
+            run = None
+        if run is not None and run.exited:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {wait_s:g} s (the W&B run did not finish)")
+        time.sleep(0.2)
+
+
+def _parse_offline_run(path: str | Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2
 
     run = OfflineRun(path=Path(path))
@@ -109,7 +130,9 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(blob)
         kind = rec.WhichOneof("record_type")
-        if kind == "run":
+        if kind == "exit":
+            run.exited = True
+        elif kind == "run":
             run.name = rec.run.display_name or run.name
             run.group = rec.run.run_group or run.group
             run.tags = list(rec.run.tags) or run.tags

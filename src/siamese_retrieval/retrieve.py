@@ -217,12 +217,12 @@ def print_results(result: dict[str, Any], output: str) -> None:
         table.add_column("rank", justify="right")
         table.add_column("database image")
         table.add_column("relevance", justify="right")
-        reranked = any("rerank_score" in r for r in item["results"])  # the order is the re-ranker's: show its score
+        reranked = result["rerank"] is not None  # every result has a rerank_score: the order is the re-ranker's
         if reranked:
             table.add_column(f"{result['rerank']} score", justify="right")
         for r in item["results"]:
             table.add_row(str(r["rank"]), r["path"], f"{r['score']:.4f}",
-                          *([f"{r['rerank_score']:.4f}" if "rerank_score" in r else "-"] if reranked else []))
+                          *([f"{r['rerank_score']:.4f}"] if reranked else []))
         console.print(table)
     if result["grid"] is not None:
         console.print(f"grid: {result['grid']}", soft_wrap=True)

@@ -108,8 +108,8 @@ class MetricRegistry(Registry):
     """METRICS: one entry per metric FAMILY, registered where it is computed. A family is what a logged name
     means once its stage and cut-off are stripped: `val/precision@10`, `test/before_rerank/precision@1` and
     `precision@5` are all "precision". Everything that needs to know about metrics reads it: the results table
-    (run_outputs.shown_metrics), the W&B best-value summaries (best_mode, callbacks.BestValSummary), compare.py's bold best mean
-    (metrics.json's `directions`).
+    (run_outputs.shown_metrics), the W&B best-value summaries (best_mode, callbacks.BestValSummary), and
+    compare.py's bold best mean (metrics.json's `directions`).
 
         @METRICS.register("recall", higher_is_better=True, at_k=True, shown=("recall@1", "recall@5"), row=20,
                           description="fraction of queries with a positive in the top k")

@@ -85,6 +85,26 @@ def test_experiment_configs_define_their_sweeps(tmp_path: Path, cache_dir: Path)
     assert cfg.model.name == "keypoint_snn"
 
 
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_builds_its_model(name: str, tmp_path: Path, cache_dir: Path) -> None:
+    """Each named experiment as the README types it (no model=): its config passes the schema, and the model's
+    input builder and module, the first things a run builds, accept its values (experiment=gpu_recipe once
+    composed cnn_snn's image size onto the default keypoint model, and failed only at the first build)."""
+    from siamese_retrieval.configs import check_config
+    from siamese_retrieval.errors import instantiate_config
+
+    cfg = compose_config("train", [f"experiment={name}"], tmp_path, cache_dir)
+    assert check_config(cfg, "train") == []
+    instantiate_config("model.inputs", cfg.model.inputs)
+    module = instantiate_config("model.module", cfg.model.module, _recursive_=False)
+    assert module.hparams.model_name == cfg.model.name
+    if name in ("gpu_recipe", "large_city", "beat_verification"):
+        assert cfg.model.name == "cnn_snn", name
+
+
 @pytest.mark.slow
 def test_study_sweep_two_models_three_seeds(tmp_path: Path, cache_dir: Path) -> None:
     """The acceptance sweep on tiny settings: keypoint_snn vs cnn_snn, 3 seeds each, one table."""

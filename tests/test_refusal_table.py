@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import ROOT
 from tests.helpers import make_dataset, textured_image
@@ -688,6 +689,8 @@ STORAGE = "hydra.sweeper.storage: <user>/study.db"
 NOT_SQLITE = "is not an SQLite database (it does not start with the SQLite header)"
 CKPT_EVAL = ["data=synth_tiny", "ckpt_path=<ckpt>", "logger=none"]
 REFUSE = "it is not a registered component of this package"
+NO_CUDA = "this machine has no CUDA GPU (torch.cuda.is_available() is false); use device=auto or device=cpu"
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 NOT_MAPPING = ("must be a mapping of the training city's settings (preset, n_streets, queries_per_street, "
                "first_street) or null")
 CACHE_ERR = "is a file, not a directory; the cache needs a directory"
@@ -894,6 +897,15 @@ CASES: list[Case] = [
     Case("trust_allow_names_another_class", "evaluate", [*CKPT_EVAL, "trust.allow=[my_pkg.Mine]"],
          prep(session_cache, ckpt(foreign("loss", "no_such_pkg.Evil"))),
          ("refusing to instantiate loss._target_='no_such_pkg.Evil'", "trust.allow=[my_pkg.Mine,no_such_pkg.Evil]")),
+    # ---------------------------------------------------------------- a GPU asked for on a machine without one
+    Case("device_train_gpu_recipe", "train", [*TRAIN, "experiment=gpu_recipe"], session_cache,
+         ("trainer.accelerator='gpu': this machine has no GPU that Lightning can use", "trainer=default"),
+         marks=[NO_GPU]),
+    Case("device_evaluate_cuda", "evaluate", [*CKPT_EVAL, "device=cuda"], prep(session_cache, ckpt()),
+         (f"device=cuda: {NO_CUDA}",), marks=[NO_GPU]),
+    Case("device_retrieve_cuda", "retrieve",
+         ["data=synth_tiny", "ckpt_path=<ckpt>", "query=<user>/q.jpg", "device=cuda"],
+         prep(session_cache, ckpt(), write("q.jpg", encoded(".jpg"))), (f"device=cuda: {NO_CUDA}",), marks=[NO_GPU]),
     # ---------------------------------------------------------------- the commands themselves (real subprocesses)
     Case("script_module_main_truncated_ckpt", "module", ["evaluate", *CKPT_EVAL],
          prep(session_cache, ckpt(), truncated_ckpt), ("checkpoint <ckpt> is not a loadable torch checkpoint",)),
@@ -981,6 +993,7 @@ CATEGORIES = {  # a case's id starts with its category
     "bomb": "image bombs refused by data.max_image_pixels before decoding",
     "cachedir": "SIAMESE_CACHE_DIR / a cache key naming a file",
     "trust": "untrusted checkpoint `_target_`s (trust.allow=[...])",
+    "device": "a GPU asked for on a machine without one (trainer=gpu, device=cuda)",
     "script": "the console scripts and `python -m siamese_retrieval.entry_points` themselves",
 }
 

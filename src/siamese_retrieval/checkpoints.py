@@ -135,7 +135,11 @@ def load_from_config(cfg: Any) -> LoadedCheckpoint:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """`auto` -> cuda when available, else cpu."""
+    """`auto` -> cuda when available, else cpu; `cuda` on a machine without one is the user's one-line error,
+    not a traceback from deep inside the first tensor moved there."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda: this machine has no CUDA GPU (torch.cuda.is_available() is false); "
+                        "use device=auto or device=cpu")
     return device

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.accelerators import CUDAAccelerator, MPSAccelerator
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from siamese_retrieval.benchmarks import benchmark_data, benchmark_entries
@@ -50,6 +51,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = run_dir(cfg)
+    check_accelerator(cfg.trainer)
 
     resume_from = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     # the same checks as evaluate.py, before any work: a bad file is one line
@@ -106,6 +108,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_results(result["metrics"], title=f"{result['model']} on {result['data']} (seed {result['seed']})",
                       footer=f"best checkpoint: {best}" if best else None)
     return result
+
+
+GPU_KINDS = {"gpu": (CUDAAccelerator, MPSAccelerator), "cuda": (CUDAAccelerator,), "mps": (MPSAccelerator,)}
+
+
+def check_accelerator(trainer_cfg: DictConfig) -> None:
+    """trainer=gpu on a machine without one: one line now, not Lightning's refusal after the city was rendered and
+    its images decoded (minutes on a fresh machine)."""
+    name = str(trainer_cfg.get("accelerator") or "auto")
+    if name in GPU_KINDS and not any(kind.is_available() for kind in GPU_KINDS[name]):
+        raise ConfigError(f"trainer.accelerator={name!r}: this machine has no GPU that Lightning can use; "
+                          "add trainer=default (it takes a GPU where there is one)")
 
 
 def benchmark_monitor(cfg: DictConfig, datamodule: Any) -> BenchmarkMetrics | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -690,6 +691,8 @@ NOT_SQLITE = "is not an SQLite database (it does not start with the SQLite heade
 CKPT_EVAL = ["data=synth_tiny", "ckpt_path=<ckpt>", "logger=none"]
 REFUSE = "it is not a registered component of this package"
 NO_CUDA = "this machine has no CUDA GPU (torch.cuda.is_available() is false); use device=auto or device=cpu"
+NO_PLUGIN = "its Hydra plugin is not installed (pip install -e "
+
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 NOT_MAPPING = ("must be a mapping of the training city's settings (preset, n_streets, queries_per_street, "
                "first_street) or null")
@@ -697,6 +700,11 @@ CACHE_ERR = "is a file, not a directory; the cache needs a directory"
 CONVERT_VPR = ["--layout", "vpr_folder", "--root", "<data>"]
 CONVERT_MSLS = ["--layout", "msls_official", "--root", "<data>"]
 NOT_TRAINING_SPLIT = "this is not the training run's test split"  # the verifier's dataset is not the ckpt's
+
+
+def without(module: str) -> pytest.MarkDecorator:
+    """A row for a missing optional plugin: skipped where it is installed."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is not None, reason=f"{module} is installed")
 
 
 CASES: list[Case] = [
@@ -906,6 +914,13 @@ CASES: list[Case] = [
     Case("device_retrieve_cuda", "retrieve",
          ["data=synth_tiny", "ckpt_path=<ckpt>", "query=<user>/q.jpg", "device=cuda"],
          prep(session_cache, ckpt(), write("q.jpg", encoded(".jpg"))), (f"device=cuda: {NO_CUDA}",), marks=[NO_GPU]),
+    # ---------------------------------------------------------------- a Hydra plugin's config, its extra not installed
+    Case("plugin_slurm_launcher", "train", ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=slurm", "trainer=gpu"],
+         None, (f"Could not load 'hydra/launcher/submitit_slurm': {NO_PLUGIN}'.[launchers]')",),
+         marks=[without("hydra_plugins.hydra_submitit_launcher")]),
+    Case("plugin_local_parallel_launcher", "train",
+         ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=local_parallel"], None, (f"Could not load 'hydra/launcher/joblib': {NO_PLUGIN}'.[launchers]')",),
+         marks=[without("hydra_plugins.hydra_joblib_launcher")]),
     # ---------------------------------------------------------------- the commands themselves (real subprocesses)
     Case("script_module_main_truncated_ckpt", "module", ["evaluate", *CKPT_EVAL],
          prep(session_cache, ckpt(), truncated_ckpt), ("checkpoint <ckpt> is not a loadable torch checkpoint",)),
@@ -994,6 +1009,7 @@ CATEGORIES = {  # a case's id starts with its category
     "cachedir": "SIAMESE_CACHE_DIR / a cache key naming a file",
     "trust": "untrusted checkpoint `_target_`s (trust.allow=[...])",
     "device": "a GPU asked for on a machine without one (trainer=gpu, device=cuda)",
+    "plugin": "a Hydra launcher whose plugin (the launchers extra) is not installed",
     "script": "the console scripts and `python -m siamese_retrieval.entry_points` themselves",
 }
 

@@ -127,6 +127,9 @@ def _kind(mode: int) -> str:
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 LEAF_CUTOFF = 0.8  # difflib ratio: `heigth` ~ `height` (0.83), `lr` ~ `lr`; `foo` ~ nothing
 _saved_full_error: list[str | None] = []  # the user's HYDRA_FULL_ERROR while this process overrides it
+# Hydra plugins' configs, and the pyproject extra that installs each (missing, Hydra only says it cannot load them)
+PLUGIN_EXTRAS = {"hydra/launcher/submitit_": "launchers", "hydra/launcher/joblib": "launchers",
+                 "hydra/sweeper/optuna": "optuna"}
 
 
 def run_entry_point(main: Callable[[], Any]) -> None:
@@ -200,6 +203,9 @@ def hydra_error_line(exc: BaseException) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    plugin = next((extra for path, extra in PLUGIN_EXTRAS.items() if f"'{path}" in (lines or [""])[0]), None)
+    if plugin is not None:
+        return f"{lines[0].rstrip('.')}: its Hydra plugin is not installed (pip install -e '.[{plugin}]')"
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, name = str(exc.missing_cfg_file).rpartition("/")
         options = [str(o) for o in exc.options]

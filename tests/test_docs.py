@@ -80,10 +80,12 @@ def test_the_pages_show_train_commands() -> None:
 @pytest.mark.parametrize(("page", "command"), COMMANDS, ids=[f"{rel(p)}: {c.split('train.py ')[1][:60]}" for p, c in COMMANDS])
 def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, cache_dir: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """What `python train.py <overrides> --cfg job` would compose, and the typed checks every run makes first.
+    """What `python train.py <overrides> --cfg job` would compose, the typed checks every run makes first, and the
+    model's input builder and module it builds next (a module only where no weights file is named).
     A sweep composes its first job (`-m`, `a,b` -> a); `<date>`-style placeholders stay text (no file is read).
     The SLURM launcher's own keys need its plugin (the `launchers` extra); without it they are left out."""
     from siamese_retrieval.configs import check_config
+    from siamese_retrieval.errors import instantiate_config
     from siamese_retrieval.registry import _ALL, import_user_modules
 
     if command.startswith("PYTHONPATH="):  # a module of the user's, registering its components when imported
@@ -104,6 +106,9 @@ def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, 
     try:
         import_user_modules(cfg.get("imports"))
         check_config(cfg, "train")
+        instantiate_config("model.inputs", cfg.model.inputs)
+        if not cfg.model.get("weights"):
+            instantiate_config("model.module", cfg.model.module, _recursive_=False)
     finally:  # the user's components leave with the test: later tests on this worker see the package's own
         for registry, entries in registered.items():
             registry._entries = entries

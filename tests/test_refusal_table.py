@@ -919,7 +919,8 @@ CASES: list[Case] = [
          None, (f"Could not load 'hydra/launcher/submitit_slurm': {NO_PLUGIN}'.[launchers]')",),
          marks=[without("hydra_plugins.hydra_submitit_launcher")]),
     Case("plugin_local_parallel_launcher", "train",
-         ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=local_parallel"], None, (f"Could not load 'hydra/launcher/joblib': {NO_PLUGIN}'.[launchers]')",),
+         ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=local_parallel"], None,
+         (f"Could not load 'hydra/launcher/joblib': {NO_PLUGIN}'.[launchers]')",),
          marks=[without("hydra_plugins.hydra_joblib_launcher")]),
     # ---------------------------------------------------------------- the commands themselves (real subprocesses)
     Case("script_module_main_truncated_ckpt", "module", ["evaluate", *CKPT_EVAL],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU recipe on a bare GPU machine (one H200 here), as measured for the README:
 #   bash experiments/beat_verification/gpu_run.sh OUT_DIR [SEEDS]
-# Installs wheels from .whl/ when present (a machine without pip access: see the README's "On a GPU"),
+# Installs wheels from .whl/ when present (a machine without pip access: docs/scale.md, "On a GPU"),
 # renders the two cities on every core, then trains, side by side on the one GPU, the default cnn_snn with
 # trainer=gpu (seed 0) and experiment=gpu_recipe for each seed, then backbone_snn (ResNet-50 + MixVPR) on the
 # city exported in GSV-Cities' layout: its training images/s and its recall on the city. Each run leaves OUT_DIR/<name>.tgz (its

@@ -922,6 +922,10 @@ CASES: list[Case] = [
          ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=local_parallel"], None,
          (f"Could not load 'hydra/launcher/joblib': {NO_PLUGIN}'.[launchers]')",),
          marks=[without("hydra_plugins.hydra_joblib_launcher")]),
+    Case("plugin_slurm_off_a_cluster", "train", ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=slurm"], None,
+         ('hydra/launcher=slurm: cannot launch the jobs: Could not detect "srun", are you indeed on a slurm cluster?',),
+         marks=[pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None
+                                   or shutil.which("srun") is not None, reason="needs the plugin, off a cluster")]),
     # ---------------------------------------------------------------- the commands themselves (real subprocesses)
     Case("script_module_main_truncated_ckpt", "module", ["evaluate", *CKPT_EVAL],
          prep(session_cache, ckpt(), truncated_ckpt), ("checkpoint <ckpt> is not a loadable torch checkpoint",)),
@@ -982,6 +986,8 @@ def test_hostile_input(case: Case, tmp_path: Path, request: pytest.FixtureReques
     if case.code == 2:
         # (a metrics.json folder a row planted is no result)
         assert not [m for m in tmp_path.glob("outputs/**/metrics.json") if m.is_file()], "a refused run left results"
+        left = [str(d) for d in tmp_path.glob("outputs/*/*run*/*/*")]  # timestamped run and sweep directories
+        assert not left, f"a refused run left its directory: {left}"
     else:
         assert ctx.target is not None and _state(ctx.target) not in (ctx.damaged, {}), "the cache was not rebuilt"
     if case.bounded_memory and not ALL_SUBPROCESS:  # decoding the bomb takes >= 900 MB (3.5 GB at peak)
@@ -1010,7 +1016,7 @@ CATEGORIES = {  # a case's id starts with its category
     "cachedir": "SIAMESE_CACHE_DIR / a cache key naming a file",
     "trust": "untrusted checkpoint `_target_`s (trust.allow=[...])",
     "device": "a GPU asked for on a machine without one (trainer=gpu, device=cuda)",
-    "plugin": "a Hydra launcher whose plugin (the launchers extra) is not installed",
+    "plugin": "a Hydra launcher whose plugin (the launchers extra) is not installed, or cannot launch here",
     "script": "the console scripts and `python -m siamese_retrieval.entry_points` themselves",
 }
 

@@ -157,10 +157,11 @@ def run_entry_point(main: Callable[[], Any]) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         if not isinstance(exc, (HydraException, OmegaConfBaseException)):
-            line = null_group_override(exc, sys.argv[1:])
+            line = null_group_override(exc, sys.argv[1:]) or launcher_error(exc, sys.argv[1:])
             if line is None:
                 traceback.print_exc()  # not a config error Hydra knows: as Hydra would print it, exit 2 as before
                 sys.exit(2)
+            remove_unused_run_dir(_claimed_run_dir)  # a sweep refused by its launcher: only multirun.yaml is there
             print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
@@ -180,6 +181,16 @@ def null_group_override(exc: BaseException, argv: list[str]) -> str | None:
     groups = " or ".join(f"~{a.partition('=')[0]}" for a in nulls) or "~GROUP"
     return (f"{shown}: a config group takes an option name, not null; leave the override out for the default, "
             f"or remove the group with {groups}")
+
+
+def launcher_error(exc: BaseException, argv: list[str]) -> str | None:
+    """A launcher plugin that cannot start the jobs on this machine (`hydra/launcher=slurm` off a SLURM cluster:
+    submitit's `Could not detect "srun"`) in one line naming the launcher; None for an exception from elsewhere."""
+    if not any("hydra_plugins" in Path(frame.filename).parts for frame in traceback.extract_tb(exc.__traceback__)):
+        return None
+    launcher = next((a for a in argv if a.startswith("hydra/launcher=")), "hydra/launcher")
+    reason = str(exc).strip().splitlines()
+    return f"{launcher}: cannot launch the jobs: {reason[0] if reason else type(exc).__name__}"
 
 
 def _restore_full_error() -> None:
@@ -384,7 +395,8 @@ class OutputDirCheck(_HydraCallback):
         check_sweeper_storage(config)  # an unusable Optuna storage file: refused before the sweep dir is made
         path = str(config.hydra.sweep.dir)
         if _timestamped(config.hydra.sweep, "dir"):
-            _claim(path, unique=False)
+            global _claimed_run_dir
+            _claimed_run_dir = _claim(path, unique=False)
         self._check(path)
 
     @staticmethod
@@ -436,17 +448,19 @@ def _continuable(run_dir: Path, how: str) -> None:
         _fail(str(exc))
 
 
-_claimed_run_dir: str | None = None  # the timestamped run directory this process created (OutputDirCheck)
+_claimed_run_dir: str | None = None  # the timestamped run or sweep directory this process created (OutputDirCheck)
 
 
 def remove_unused_run_dir(path: str | None) -> None:
     """A refused run leaves no directory behind: the one this process claimed is removed while it holds only
-    what Hydra wrote before the refusal (.hydra/ and the log), with its date folder when that is left empty.
+    what Hydra wrote before the refusal (.hydra/ and the log; a sweep's multirun.yaml), with its date folder when
+    that is left empty.
     A named (`hydra.run.dir=`) or resumed directory is never touched."""
     if path is None or _claimed_run_dir is None or Path(path).resolve() != Path(_claimed_run_dir).resolve():
         return
     run_dir = Path(path)
-    if not run_dir.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
+    if not run_dir.is_dir() or any(p.name not in (".hydra", "multirun.yaml") and p.suffix != ".log"
+                                   for p in run_dir.iterdir()):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     try:

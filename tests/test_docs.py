@@ -55,35 +55,42 @@ def test_relative_links_resolve(page: Path) -> None:
         assert (page.parent / target).exists(), f"{rel(page)}: the link to {target} leads nowhere"
 
 
-def _train_commands(text: str) -> list[str]:
-    """`python train.py ...` in code blocks (to the end of the line or a comment, backslash continuations joined)
+SCRIPTS = {"train": "train", "evaluate": "eval", "retrieve": "retrieve"}  # script -> its config
+
+
+def _commands(text: str, script: str = "train") -> list[str]:
+    """`python <script>.py ...` in code blocks (to the end of the line or a comment, backslash continuations joined)
     and in inline code spans (which may wrap)."""
     blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S)
-    commands = [m for b in blocks for m in re.findall(r"((?:PYTHONPATH=\S+ )?python train\.py[^\n#]*)",
+    commands = [m for b in blocks for m in re.findall(rf"((?:PYTHONPATH=\S+ )?python {script}\.py[^\n#]*)",
                                                       re.sub(r"\\\n\s*", " ", b))]
     prose = re.sub(r"^```[a-z]*\n.*?^```", "", text, flags=re.M | re.S)
-    commands += re.findall(r"`(python train\.py[^`]*)`", prose)
+    commands += re.findall(rf"`(python {script}\.py[^`]*)`", prose)
     return sorted({" ".join(c.split()) for c in commands if "--help" not in c})  # --help: tests/test_help.py
 
 
-COMMANDS = [(page, command) for page in [README, *DOCS] for command in _train_commands(page.read_text())]
+COMMANDS = [(page, command) for page in [README, *DOCS] for script in SCRIPTS
+            for command in _commands(page.read_text(), script)]
 
 
 def _launcher_plugin() -> bool:
     return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
-def test_the_pages_show_train_commands() -> None:
+def test_the_pages_show_commands() -> None:
     assert sum(page == README for page, _ in COMMANDS) >= 10 and len(COMMANDS) >= 20
+    assert sum(".py " in c and "train.py" not in c for _, c in COMMANDS) >= 8  # evaluate.py and retrieve.py
 
 
-@pytest.mark.parametrize(("page", "command"), COMMANDS, ids=[f"{rel(p)}: {c.split('train.py ')[1][:60]}" for p, c in COMMANDS])
-def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, cache_dir: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """What `python train.py <overrides> --cfg job` would compose, the typed checks every run makes first, and the
-    model's input builder and module it builds next (a module only where no weights file is named).
-    A sweep composes its first job (`-m`, `a,b` -> a); `<date>`-style placeholders stay text (no file is read).
-    The SLURM launcher's own keys need its plugin (the `launchers` extra); without it they are left out."""
+@pytest.mark.parametrize(("page", "command"), COMMANDS,
+                         ids=[f"{rel(p)}: {c.split('python ')[1][:70]}" for p, c in COMMANDS])
+def test_every_command_composes(page: Path, command: str, tmp_path: Path, cache_dir: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `python train.py <overrides> --cfg job` would compose (evaluate.py, retrieve.py likewise), the typed
+    checks every run makes first, and the model's input builder and module a training run builds next (a module
+    only where no weights file is named). A sweep composes its first job (`-m`, `a,b` -> a); `<date>`-style
+    placeholders become a word (no file is read)."""
+    # The SLURM launcher's own keys need its plugin (the `launchers` extra); without it they are left out.
     from siamese_retrieval.configs import check_config
     from siamese_retrieval.errors import instantiate_config
     from siamese_retrieval.registry import _ALL, import_user_modules
@@ -91,8 +98,14 @@ def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, 
     if command.startswith("PYTHONPATH="):  # a module of the user's, registering its components when imported
         folder, command = command.split(" ", 1)
         monkeypatch.syspath_prepend(str(ROOT / folder.split("=", 1)[1]))
+    words = re.sub(r"<[^>]*>", "PLACEHOLDER", command).split()  # <its checkpoint>: Hydra's grammar has no `<`
+    script = words[1].removesuffix(".py")
     overrides = []
-    for word in command.split()[2:]:
+    if "--config-dir" in words:  # the user's configs: searched after the package's, as Hydra's --config-dir does
+        at = words.index("--config-dir")
+        overrides.append(f"hydra.searchpath=[file://{ROOT / words[at + 1]}]")
+        del words[at:at + 2]
+    for word in words[2:]:
         word = word.strip("'\"")
         if word in ("-m", "--multirun") or (not _launcher_plugin() and word.startswith(("hydra/launcher=",
                                                                                        "hydra.launcher."))):
@@ -101,14 +114,15 @@ def test_every_train_command_composes(page: Path, command: str, tmp_path: Path, 
         if "," in value and not value.startswith("["):
             value = value.split(",")[0]
         overrides.append(f"{key}={value}" if _ else word)
-    cfg = compose_config("train", overrides, tmp_path, cache_dir)
+    cfg = compose_config(SCRIPTS[script], overrides, tmp_path, cache_dir)
     registered = {registry: dict(registry.load()._entries) for registry in _ALL.values()}
     try:
         import_user_modules(cfg.get("imports"))
-        check_config(cfg, "train")
-        instantiate_config("model.inputs", cfg.model.inputs)
-        if not cfg.model.get("weights"):
-            instantiate_config("model.module", cfg.model.module, _recursive_=False)
+        check_config(cfg, SCRIPTS[script])
+        if script == "train":
+            instantiate_config("model.inputs", cfg.model.inputs)
+            if not cfg.model.get("weights"):
+                instantiate_config("model.module", cfg.model.module, _recursive_=False)
     finally:  # the user's components leave with the test: later tests on this worker see the package's own
         for registry, entries in registered.items():
             registry._entries = entries
@@ -123,7 +137,7 @@ def test_the_compose_check_can_fail(tmp_path: Path, cache_dir: Path) -> None:
     from siamese_retrieval.configs import check_config
     from siamese_retrieval.errors import ConfigError
 
-    assert _train_commands("run `python train.py model=nope`\n\n```bash\npython train.py model.batch_size=abc  # x\n```") \
+    assert _commands("run `python train.py model=nope`\n\n```bash\npython train.py model.batch_size=abc  # x\n```") \
         == ["python train.py model.batch_size=abc", "python train.py model=nope"]
     with pytest.raises(MissingConfigException):
         compose_config("train", ["model=nope"], tmp_path, cache_dir)

@@ -1,5 +1,5 @@
-"""The README and docs/ are for users: short, linked, free of the project's own bookkeeping, and every
-`python train.py ...` they show composes. (Tables of results: tests/test_results_tables.py; commands run as
+"""The README, docs/ and the experiments' READMEs are for users: short, linked, free of the project's own
+bookkeeping, and every `python train.py / evaluate.py / retrieve.py ...` they show composes. (Tables of results: tests/test_results_tables.py; commands run as
 typed: tests/test_readme_commands.py and tests/test_examples.py.)"""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _commands(text: str, script: str = "train") -> list[str]:
     return sorted({" ".join(c.split()) for c in commands if "--help" not in c})  # --help: tests/test_help.py
 
 
-COMMANDS = [(page, command) for page in [README, *DOCS] for script in SCRIPTS
+COMMANDS = [(page, command) for page in [README, *DOCS, *EXPERIMENTS] for script in SCRIPTS
             for command in _commands(page.read_text(), script)]
 
 

@@ -396,6 +396,10 @@ TYPO_CASES: list[tuple[str, list[str], str]] = [
     ("train.py", ["trainer.max_epochs=3="],
      "error: Error parsing override 'trainer.max_epochs=3=': extraneous input '=' expecting <EOF>; "
      "see https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+    ("retrieve.py", ["query=/photos/Zürich (1).jpg"],  # a file name Hydra's grammar wants quoted: how to quote it
+     "error: LexerNoViableAltException: query=/photos/Zürich (1).jpg: ^; "
+     "see https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details; "
+     "quote such a value: 'query=\"/photos/Zürich (1).jpg\"'"),
 ]
 
 # Runs the script as `python script args`, then prints which heavy modules were imported by the time it exited.
@@ -425,6 +429,15 @@ def test_typo_is_one_line_with_the_nearest_name(script: str, overrides: list[str
     assert proc.stderr.splitlines() == [expected]
     assert proc.stdout.splitlines() == ["[]"]  # no heavy import: it failed before torch
     assert not (tmp_path / "outputs").exists()  # nor made a run directory
+
+
+def test_the_quoting_hint_parses_to_the_file_name() -> None:
+    """What the hint tells the user to type (inside the shell's single quotes) is the value they meant."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    suggestion = TYPO_CASES[-1][2].rsplit("quote such a value: ", 1)[1]
+    assert suggestion.startswith("'") and suggestion.endswith("'")
+    assert OverridesParser.create().parse_override(suggestion[1:-1]).value() == "/photos/Zürich (1).jpg"
 
 
 def test_hydra_full_error_keeps_hydras_traceback(tmp_path: Path) -> None:

@@ -128,6 +128,7 @@ FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 LEAF_CUTOFF = 0.8  # difflib ratio: `heigth` ~ `height` (0.83), `lr` ~ `lr`; `foo` ~ nothing
 _saved_full_error: list[str | None] = []  # the user's HYDRA_FULL_ERROR while this process overrides it
 # Hydra plugins' configs, and the pyproject extra that installs each (missing, Hydra only says it cannot load them)
+NEEDS_QUOTES = set("()<>#!&;^~`")  # in an override's value, these (and non-ASCII letters) need Hydra's quotes
 PLUGIN_EXTRAS = {"hydra/launcher/submitit_": "launchers", "hydra/launcher/joblib": "launchers",
                  "hydra/sweeper/optuna": "optuna"}
 
@@ -232,7 +233,21 @@ def hydra_error_line(exc: BaseException) -> str:
             suggestion = nearest_key(cause, _quoted(lines[0]))
             if suggestion is not None:  # Hydra's "To append to your config use +<typo>" no longer fits
                 return _joined_lines(lines[:2]) + f" (did you mean {suggestion}?)"
-    return _joined_lines(lines) if lines else type(exc).__name__
+    text = _joined_lines(lines) if lines else type(exc).__name__
+    return text + quoting_hint(exc)
+
+
+def quoting_hint(exc: BaseException) -> str:
+    """An override Hydra could not parse because its value holds a character its grammar wants quoted (a file
+    name such as `Zürich (1).jpg`): how to quote it, for the shell and for Hydra. Empty for any other error."""
+    from hydra.errors import OverrideParseException
+
+    key, _, value = str(getattr(exc, "override", "")).partition("=")
+    if (not isinstance(exc, OverrideParseException) or value.startswith(("'", '"', "[", "{"))
+            or not any(not c.isascii() or c in NEEDS_QUOTES for c in value)):
+        return ""
+    quoted = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f"; quote such a value: '{key}=\"{quoted}\"'"
 
 
 def nearest_key(error: Exception, wanted: str | None = None) -> str | None:

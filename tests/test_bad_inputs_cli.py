@@ -172,9 +172,17 @@ def test_only_the_claimed_run_directory_of_a_refused_run_is_removed(tmp_path: Pa
 
     refused, named = made("10-00-00"), made("named")
     monkeypatch.setattr(cli, "_claimed_run_dir", str(refused))
+    monkeypatch.setattr(cli, "_created_parents", [])
     cli.remove_unused_run_dir(str(named))  # not the claimed one
     cli.remove_unused_run_dir(str(refused))
     assert not refused.exists() and named.exists()
+
+    fresh = tmp_path / "new" / "outputs" / "eval" / "runs" / "2026-12-07" / "10-00-00"  # claimed in a new folder
+    monkeypatch.setattr(cli, "_claimed_run_dir", str(fresh))
+    monkeypatch.setattr(cli, "_created_parents", [p for p in fresh.parents if not p.exists()])
+    (fresh / ".hydra").mkdir(parents=True)
+    cli.remove_unused_run_dir(str(fresh))
+    assert not (tmp_path / "new").exists()  # every folder the claim made went with it, and no other
 
     used = made("10-00-01", "metrics.json")
     monkeypatch.setattr(cli, "_claimed_run_dir", str(used))

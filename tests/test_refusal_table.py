@@ -114,6 +114,7 @@ def run_in_process(command: str, args: list[str], env: dict[str, str], cwd: Path
             sys.argv = [_argv(command)[-1], *args]
             os.chdir(cwd)
             cli._task_started = False  # a fresh process: Hydra's composition errors are exit 2, not 1
+            cli._claimed_run_dir, cli._created_parents = None, []  # nor has it claimed a run directory yet
             try:
                 returned = _main(command)()
                 code = returned if isinstance(returned, int) else 0
@@ -841,6 +842,10 @@ CASES: list[Case] = [
          prep(session_cache, previous_run("10-00-00", RESUME, last=b"PK\x03\x04 half a zip")),
          ("checkpoint <run>/checkpoints/last.ckpt is not a loadable torch checkpoint",),
          allow=("ckpt_path=last: resuming <run>",)),
+    Case("resume_evaluate_a_run_directory", "evaluate", ["data=synth_tiny", "ckpt_path=<user>/run", "logger=none"],
+         prep(session_cache, write("run/checkpoints/last.ckpt", b"x"), write("run/checkpoints/epoch03.ckpt", b"x")),
+         ("checkpoint <user>/run is a directory, not a checkpoint file "
+          "(its checkpoints/ holds epoch03.ckpt, last.ckpt)",)),
     Case("resume_run_dir_without_last_ckpt", "train", [*RESUME, "ckpt_path=<run>"],
          prep(session_cache, previous_run("10-00-00", RESUME, last=None)),
          ("ckpt_path: run directory <run> holds no checkpoints/last.ckpt",)),
@@ -965,6 +970,7 @@ def test_hostile_input(case: Case, tmp_path: Path, request: pytest.FixtureReques
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     before = {str(p): _state(p) for p in ctx.watched}
+    folders_before = set(tmp_path.glob("outputs/**/"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if command.startswith("siamese-") or ALL_SUBPROCESS:
         outcome = run_subprocess(command, args, run_env, cwd)
@@ -986,7 +992,8 @@ def test_hostile_input(case: Case, tmp_path: Path, request: pytest.FixtureReques
     if case.code == 2:
         # (a metrics.json folder a row planted is no result)
         assert not [m for m in tmp_path.glob("outputs/**/metrics.json") if m.is_file()], "a refused run left results"
-        left = [str(d) for d in tmp_path.glob("outputs/*/*run*/*/*")]  # timestamped run and sweep directories
+        # run directories and the folders above them (Hydra's .hydra/ copy in a named, existing run dir aside)
+        left = sorted(str(d) for d in set(tmp_path.glob("outputs/**/")) - folders_before if d.name != ".hydra")
         assert not left, f"a refused run left its directory: {left}"
     else:
         assert ctx.target is not None and _state(ctx.target) not in (ctx.damaged, {}), "the cache was not rebuilt"

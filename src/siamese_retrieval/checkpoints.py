@@ -57,6 +57,10 @@ def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = (),
     """The raw checkpoint dict, checked: a torch file, a SiameseModule checkpoint, only allowed targets
     (`allow`: the user's trust.allow; `also`: what the caller trusts besides, e.g. a resumed run's own classes)."""
     path = Path(path)
+    if path.is_dir():  # a run directory, most likely: name the checkpoints it holds
+        held = sorted(p.name for p in (path / "checkpoints").glob("*.ckpt"))
+        hint = f" (its checkpoints/ holds {', '.join(held)})" if held else ""
+        raise UserError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:

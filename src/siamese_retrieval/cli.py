@@ -394,14 +394,17 @@ class OutputDirCheck(_HydraCallback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _claimed_run_dir, _created_parents
         path = str(config.hydra.run.dir)
         if _timestamped(config.hydra.run, "dir"):
-            global _claimed_run_dir
             resumed = _resumed_run_dir(config)
             path = str(resumed) if resumed is not None else _claim(path, unique=True)
             _claimed_run_dir = None if resumed is not None else path
             with read_write(config.hydra.run):
                 config.hydra.run.dir = path
+        elif not Path(path).exists():  # a fixed or named folder this run creates (retrieve's outputs/retrieve)
+            _claimed_run_dir = path
+            _created_parents = [p for p in Path(path).absolute().parents if not p.exists()]
         self._check(path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -464,13 +467,14 @@ def _continuable(run_dir: Path, how: str) -> None:
 
 
 _claimed_run_dir: str | None = None  # the timestamped run or sweep directory this process created (OutputDirCheck)
+_created_parents: list[Path] = []  # the folders above it that claiming it created (outputs/eval/runs/<date>/...)
 
 
 def remove_unused_run_dir(path: str | None) -> None:
     """A refused run leaves no directory behind: the one this process claimed is removed while it holds only
-    what Hydra wrote before the refusal (.hydra/ and the log; a sweep's multirun.yaml), with its date folder when
-    that is left empty.
-    A named (`hydra.run.dir=`) or resumed directory is never touched."""
+    what Hydra wrote before the refusal (.hydra/ and the log; a sweep's multirun.yaml), with the folders above it
+    that claiming it created, where they are left empty (its date folder; `outputs/eval/runs` in a new folder).
+    A directory that existed before (`hydra.run.dir=` an existing folder, a resumed run) is never touched."""
     if path is None or _claimed_run_dir is None or Path(path).resolve() != Path(_claimed_run_dir).resolve():
         return
     run_dir = Path(path)
@@ -478,10 +482,11 @@ def remove_unused_run_dir(path: str | None) -> None:
                                    for p in run_dir.iterdir()):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    try:
-        run_dir.parent.rmdir()  # only when empty
-    except OSError:
-        pass
+    for folder in _created_parents:  # deepest first
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def _fail(message: str) -> None:
@@ -496,7 +501,9 @@ def _timestamped(node: DictConfig, key: str) -> bool:
 
 def _claim(path: str, unique: bool) -> str:
     """Create `path` atomically; when it exists, `path-1`, `path-2`, ... (unique) or refuse (exit 2)."""
+    global _created_parents
     base = Path(path)
+    _created_parents = [p for p in base.absolute().parents if not p.exists()]
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError:

@@ -165,3 +165,13 @@ def test_unusable_input_or_out_is_one_error_line(kind: str, out, needles: tuple[
 
 def test_case_tables_are_big_enough() -> None:
     assert len(MALFORMED_JOBS) + len(UNUSABLE) >= 10
+
+
+def test_a_metric_no_job_recorded_is_one_error_line(tmp_path: Path) -> None:
+    """A mistyped --metrics name was dropped from the table without a word; it is refused, naming what is there."""
+    sweep = _make_sweep("good", tmp_path)
+    proc = run_compare(sweep, "--metrics", "test/recall@1", "test/recal@5")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == ["error: --metrics test/recal@5: no job recorded it (did you mean "
+                                        "test/recall@1?); recorded: test/mAP, test/recall@1"]
+    assert not (sweep / "comparison.md").exists()

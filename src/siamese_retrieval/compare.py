@@ -11,6 +11,7 @@ the reason, never crashed on. A sweep directory without jobs, or an --out that c
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import statistics
@@ -259,9 +260,17 @@ def group_labels(groups: Sequence[Group]) -> list[str]:
 
 
 def pick_metrics(groups: Sequence[Group], wanted: Sequence[str] | None) -> list[str]:
+    """The --metrics asked for (one no job recorded is a typo, refused with the names there are), else the
+    default ones present. A sweep whose jobs all failed records none: its table lists what was asked."""
     present = {m for g in groups for j in g.jobs for m in j.metrics}
     if wanted:
-        return [m for m in wanted if m in present] or list(wanted)
+        unknown = [m for m in wanted if m not in present]
+        if present and unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(present), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise CompareError(f"--metrics {' '.join(unknown)}: no job recorded it{hint}; recorded: "
+                               f"{', '.join(sorted(present))}")
+        return list(wanted)
     return [m for m in DEFAULT_METRICS if m in present] or sorted(present)
 
 

@@ -67,8 +67,9 @@ def test_places_become_a_query_and_its_database_images(two_cities: Path) -> None
         read_gsv_cities(two_cities, min_images_per_place=3)
     ds = read_gsv_cities(two_cities, cities=["London"], min_images_per_place=3)
     assert ds.n_query == 2 and ds.n_db == 4  # two places of three images: the oldest of each is the query
-    assert ds.q_paths == ["Images/London/london_0000000_2015_03_350_51.5001_-0.1200_pano0y2015m3.jpg",
-                          "Images/London/london_0000001_2018_06_270_51.5101_-0.1000_pano1y2018m6.jpg"]
+    # named as gsv-cities' loader names them: pandas reads the csv's -0.1200 as a float, str() writes -0.12
+    assert ds.q_paths == ["Images/London/london_0000000_2015_03_350_51.5001_-0.12_pano0y2015m3.jpg",
+                          "Images/London/london_0000001_2018_06_270_51.5101_-0.1_pano1y2018m6.jpg"]
     sim, _ = as_ground_truth(ds).lookup(np.arange(2), np.tile(np.arange(4), (2, 1)))
     np.testing.assert_array_equal(sim, [[1, 1, 0, 0], [0, 0, 1, 1]])  # relevant to its own place only
     # local metres: place 1 lies 0.01 deg north (1112 m) and 0.02 deg east (cos 51.5 x 2224 m) of place 0
@@ -97,7 +98,7 @@ def test_cities_never_share_a_frame_and_small_places_are_left_out(two_cities: Pa
 @pytest.mark.parametrize("damage,said", [
     (lambda r: (r / "Images" / "London" / image_name({k: str(v) for k, v in row(1, 2021, 1, 95, "51.5100",
                                                                                "-0.1001").items()})).unlink(),
-     "london_0000001_2021_01_095_51.5100_-0.1001_pano1y2021m1.jpg: image not found"),
+     "london_0000001_2021_01_095_51.51_-0.1001_pano1y2021m1.jpg: image not found"),
     (lambda r: _rewrite(r, "51.5100,-0.1000", "north,-0.1000"), "London.csv: line 5: malformed row"),
     (lambda r: _rewrite(r, "place_id,", "place,"), "London.csv: missing column(s) ['place_id']"),
     (lambda r: _rewrite(r, "pano1y2020m1", "../../evil"), "London.csv: line 5: malformed row"),
@@ -133,6 +134,12 @@ def test_the_synthetic_city_exported_and_read_back(cache_dir: Path, tmp_path: Pa
                          "gsv_cities"]) == 0
     names = sorted(p.name for p in (out / "Images" / "Synth").iterdir())
     assert names and all(NAME.match(n) for n in names), names[:3]
+    with open(out / "Dataframes" / "Synth.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    # the csv's coordinates are written as pandas reads and str() prints them, so gsv-cities' own loader
+    # (GSVCitiesDataset.get_img_name) finds these very files
+    assert all(str(float(r[k])) == r[k] for r in rows for k in ("lat", "lon")), rows[0]
+    assert sorted(image_name(r) for r in rows) == names
     ds = read_layout("gsv_cities", out, check="decode")
     truth, city_truth = as_ground_truth(ds), as_ground_truth(city)
     n_pos = truth.n_positives(np.arange(ds.n_query))

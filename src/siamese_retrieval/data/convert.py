@@ -217,8 +217,8 @@ def write_gsv_cities(dataset: RetrievalDataset, out: str | Path, *, city: str = 
             lat = lat0 + math.degrees(north / EARTH_RADIUS_M)
             lon = math.degrees(east / (EARTH_RADIUS_M * math.cos(math.radians(lat0))))
             rows.append({"place_id": str(place_id), "year": str(2000 + k // 12), "month": str(k % 12 + 1),
-                         "northdeg": str(int(heading) % 360), "city_id": city_id, "lat": f"{lat:.7f}",
-                         "lon": f"{lon:.7f}", "panoid": f"p{place_id:06d}x{k:03d}"})
+                         "northdeg": str(int(heading) % 360), "city_id": city_id, "lat": str(round(lat, 7)),
+                         "lon": str(round(lon, 7)), "panoid": f"p{place_id:06d}x{k:03d}"})
             sources.append(src)
     names = [f"Images/{city}/{image_name(r)}" for r in rows]
     check_output_names(names, sources)

@@ -3,7 +3,8 @@
     <root>/Dataframes/<City>.csv    place_id,year,month,northdeg,city_id,lat,lon,panoid   (one row per image)
     <root>/Images/<City>/<city_id>_<place_id:07d>_<year:04d>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg
 
-(the names amaralibey/gsv-cities builds in GSVCitiesDataset.get_img_name: lat and lon as written in the csv).
+(the names amaralibey/gsv-cities builds in GSVCitiesDataset.get_img_name: pandas reads lat and lon as floats and
+str() writes them, so a csv's 51.5100 names a file ..._51.51_...).
 A place is every image of one (city, place_id): the same spot photographed in different years and headings.
 
 Mapped onto the project's contract so that places feed the P x K place batches directly: each place's oldest
@@ -44,9 +45,9 @@ CITY_OFFSET_M = 1_000_000.0  # east shift between cities' local frames
 
 
 def image_name(row: dict[str, str]) -> str:
-    """The image file name of one csv row (gsv-cities' naming)."""
+    """The image file name of one csv row (gsv-cities' naming; coordinates as Python prints the float)."""
     return (f"{row['city_id']}_{int(row['place_id']):07d}_{int(row['year']):04d}_{int(row['month']):02d}_"
-            f"{int(float(row['northdeg'])):03d}_{row['lat']}_{row['lon']}_{row['panoid']}.jpg")
+            f"{int(float(row['northdeg'])):03d}_{float(row['lat'])}_{float(row['lon'])}_{row['panoid']}.jpg")
 
 
 def read_city(path: Path) -> list[dict[str, str]]:

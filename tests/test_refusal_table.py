@@ -29,6 +29,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -700,6 +701,12 @@ NOT_MAPPING = ("must be a mapping of the training city's settings (preset, n_str
 CACHE_ERR = "is a file, not a directory; the cache needs a directory"
 CONVERT_VPR = ["--layout", "vpr_folder", "--root", "<data>"]
 CONVERT_MSLS = ["--layout", "msls_official", "--root", "<data>"]
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned",))
+
+
+PLAIN_PICKLE = pickle.dumps({"state_dict": _RunsCode()}, protocol=4)  # not torch's zip format; names os.system
 NOT_TRAINING_SPLIT = "this is not the training run's test split"  # the verifier's dataset is not the ckpt's
 
 
@@ -842,6 +849,11 @@ CASES: list[Case] = [
          prep(session_cache, previous_run("10-00-00", RESUME, last=b"PK\x03\x04 half a zip")),
          ("checkpoint <run>/checkpoints/last.ckpt is not a loadable torch checkpoint",),
          allow=("ckpt_path=last: resuming <run>",)),
+    Case("resume_evaluate_a_plain_pickle", "siamese-evaluate",  # a real process: torch's warning would be a line
+         ["data=synth_tiny", "ckpt_path=<user>/model.ckpt", "logger=none"],
+         prep(session_cache, write("model.ckpt", PLAIN_PICKLE)),  # one line: no torch warning, none of its advice
+         ("checkpoint <user>/model.ckpt is not a loadable torch checkpoint (the weights-only loader refused it: "
+          "Unsupported operand",)),
     Case("resume_evaluate_a_run_directory", "evaluate", ["data=synth_tiny", "ckpt_path=<user>/run", "logger=none"],
          prep(session_cache, write("run/checkpoints/last.ckpt", b"x"), write("run/checkpoints/epoch03.ckpt", b"x")),
          ("checkpoint <user>/run is a directory, not a checkpoint file "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import UserError, load_failure
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.trust import allow_list, check_targets, checked_instantiate
 
@@ -66,7 +66,7 @@ def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = (),
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - zip/pickle/unpickler errors have no common base class
-        raise UserError(f"checkpoint {path} is not a loadable torch checkpoint ({_first_line(exc)[:200]})") from None
+        raise UserError(f"checkpoint {path} is not a loadable torch checkpoint ({load_failure(exc)})") from None
     hparams = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     if not isinstance(raw, dict) or "state_dict" not in raw or not isinstance(hparams, dict) or "encoder" not in hparams:
         raise UserError(f"checkpoint {path} is not a SiameseModule checkpoint (no hyper_parameters.encoder / state_dict)")

@@ -30,6 +30,19 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why `torch.load(weights_only=True)` could not read a file, on one line. For the weights-only unpickler's
+    refusal, its own reason (`Unsupported operand 103`: no torch save; `Unsupported global: ...`: a pickle that
+    names code), never torch's advice to load the file again without weights_only, which would run that code."""
+    text = str(exc).strip()
+    marker = "WeightsUnpickler error:"
+    if "Weights only load failed" in text and marker in text:
+        reason = one_line(text.split(marker, 1)[1].split("Check the documentation", 1)[0])
+        return f"the weights-only loader refused it: {reason[:200]}"
+    first = (text.splitlines() or [type(exc).__name__])[0]
+    return first.split(". ", 1)[0][:300]  # torch's first sentence; the rest is advice
+
+
 def json_snippet(value: object, limit: int = 60) -> str:
     """A value read from a JSON file, written as JSON (escaped: one line), cut to `limit` characters."""
     try:

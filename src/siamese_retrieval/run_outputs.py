@@ -93,6 +93,8 @@ def quiet_known_warnings() -> None:
     # DDP: retrieval metrics are computed once on rank zero and broadcast, so every rank logs the same value
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting")
     warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated")
+    # a plain pickle given as a checkpoint or weights: the weights-only loader's refusal is the one error line
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
 
 
 quiet_third_party_logs()  # at import: the pipelines import this module before faiss

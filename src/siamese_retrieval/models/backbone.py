@@ -32,7 +32,7 @@ from torch import nn
 
 from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.model import Encoder
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import UserError, load_failure
 from siamese_retrieval.models.cnn import RGB_MEAN, RGB_STD, PooledEncoder
 from siamese_retrieval.registry import ENCODERS
 
@@ -152,9 +152,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged or hostile file is one line, never a traceback
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"model.weights={path}: not a readable weights file ({type(exc).__name__}: {first[:200]})") \
-            from None
+        raise UserError(f"model.weights={path}: not a readable weights file ({load_failure(exc)})") from None
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in NESTED if isinstance(state.get(k), Mapping)), None)
         if inner is None:

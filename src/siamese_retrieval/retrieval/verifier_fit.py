@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from siamese_retrieval.data.images import thumbnail
-from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.errors import ConfigError, load_failure
 from siamese_retrieval.io_utils import atomic_path, check_cache_entry, stable_hash
 from siamese_retrieval.progress import progress_enabled
 from siamese_retrieval.retrieval.learned_matches import LearnedMatchesConfig, MatchNet, NetworkConfig, TrainConfig, \
@@ -288,8 +288,7 @@ def load_weights(path: Path, cfg: NetworkConfig) -> MatchNet | None:
         net.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - a cache is disposable: whatever is wrong with the file, refit
         # (weights_only refuses to unpickle anything but tensors: a hostile file is an UnpicklingError here)
-        log.warning("learned verifier cache %s is unusable (%s); refitting", path,
-                    (str(exc).splitlines() or [type(exc).__name__])[0])
+        log.warning("learned verifier cache %s is unusable (%s); refitting", path, load_failure(exc))
         return None
     net.eval()
     return net

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from memory_format import embed_rate, train_rate  # noqa: E402
+from memory_format import check_device, embed_rate, train_rate  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +52,7 @@ def encoder(head: str, device: str) -> tuple[torch.nn.Module, int, int, int]:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parse_args(argv)
+    check_device(args.device)
     if "gem" not in args.heads:
         args.heads = ["gem", *args.heads]  # the baseline is measured in the same run
     models = {head: encoder(head, args.device) for head in args.heads}

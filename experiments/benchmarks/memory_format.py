@@ -84,8 +84,15 @@ def embed_rate(model: torch.nn.Module, images: torch.Tensor, device: str) -> flo
     return len(images) / (time.perf_counter() - start)
 
 
+def check_device(device: str) -> None:
+    """--device cuda on a machine without one: one line, not a traceback from the first tensor moved there."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_device(args.device)
     nhwc, nchw, batch, h, w = build(args)
     gen = torch.Generator().manual_seed(0)
     train_images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=gen).to(args.device)

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from pytorch_lightning import Callback
 
 from siamese_retrieval.errors import UserError
 from siamese_retrieval.resume import (
@@ -233,3 +235,43 @@ def test_last_ckpt_is_the_last_epoch_even_when_the_best_is_older(tmp_path: Path,
     assert Path(result["checkpoint"]).name == "epoch00.ckpt"
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2 and last["global_step"] == 6, (last["epoch"], last["global_step"])
+
+
+class CtrlCInTheSecondEpoch(Callback):
+    """Ctrl-C as Lightning sees it: a KeyboardInterrupt during training, here after the first epoch's checkpoint."""
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_says_where_training_stopped_and_how_to_continue(tmp_path: Path, cache_dir: Path) -> None:
+    """Lightning answers Ctrl-C with exit 1 and no word on the console; train() raises a KeyboardInterrupt that
+    names the epoch and the last.ckpt that `ckpt_path=last` continues from (cli.py prints it, exit 130), and
+    leaves no metrics.json, so the run stays unfinished."""
+    from siamese_retrieval.train import train
+    from tests.conftest import compose_config
+
+    out = tmp_path / "run"
+    cfg = compose_config("train", ["data=synth_tiny", "trainer.max_epochs=3", "+trainer.limit_train_batches=2",
+                                   "logger=none", f"+callbacks.ctrl_c._target_={__name__}.CtrlCInTheSecondEpoch"],
+                         out, cache_dir)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(cfg)
+    last = out / "checkpoints" / "last.ckpt"
+    assert str(info.value) == (f"training stopped in epoch 2 of 3; the same command with ckpt_path=last continues "
+                               f"this run from {last} (its last finished epoch)")
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
+    assert not (out / "metrics.json").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys: pytest.CaptureFixture) -> None:
+    from siamese_retrieval import cli
+
+    def main() -> None:
+        raise KeyboardInterrupt("training stopped in epoch 2 of 3")
+
+    with pytest.raises(SystemExit) as info:
+        cli.run_entry_point(main)
+    assert info.value.code == 130
+    assert capsys.readouterr().err == "interrupted: training stopped in epoch 2 of 3\n"

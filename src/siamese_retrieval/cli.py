@@ -136,7 +136,7 @@ PLUGIN_EXTRAS = {"hydra/launcher/submitit_": "launchers", "hydra/launcher/joblib
 def run_entry_point(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function; Hydra's own errors (unknown key, unknown group option, a bad override)
     are one `error:` line with exit code 2 like every user error, instead of Hydra's several lines and 1.
-    A failure inside the task keeps its code.
+    A failure inside the task keeps its code; Ctrl-C is one `interrupted` line and 130, not a traceback.
 
     Hydra prints its errors itself unless HYDRA_FULL_ERROR=1, when it raises them: set until the task starts,
     so its composition errors reach us as exceptions with the config node that refused the key (for "did you
@@ -147,6 +147,9 @@ def run_entry_point(main: Callable[[], Any]) -> None:
         os.environ[FULL_ERROR_ENV] = "1"
     try:
         main()
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (train.py says how to continue), the shell's exit code 130
+        print(f"interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        sys.exit(130)
     except SystemExit as exc:
         if exc.code == 1 and not _task_started:
             sys.exit(2)

@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         if cfg.train:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+            fit(trainer, model, datamodule, resume_from)
         best = best_checkpoint(trainer)
         metrics: dict[str, float] = {}
         if datamodule.splits is not None and len(datamodule.splits.val_q):
@@ -108,6 +108,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_results(result["metrics"], title=f"{result['model']} on {result['data']} (seed {result['seed']})",
                       footer=f"best checkpoint: {best}" if best else None)
     return result
+
+
+def fit(trainer: pl.Trainer, model: Any, datamodule: Any, resume_from: str | None) -> None:
+    """trainer.fit. On Ctrl-C Lightning shuts down and exits 1 without a word on this run's console: the
+    KeyboardInterrupt raised instead says where the run stopped and how to continue it (cli.py: exit 130)."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        ckpt_cb = trainer.checkpoint_callback
+        last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
+        how = (f"the same command with ckpt_path=last continues this run from {last} (its last finished epoch)"
+               if last is not None and last.is_file() else "no epoch finished, so there is nothing to continue")
+        raise KeyboardInterrupt(f"training stopped in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; "
+                                f"{how}") from None
 
 
 GPU_KINDS = {"gpu": (CUDAAccelerator, MPSAccelerator), "cuda": (CUDAAccelerator,), "mps": (MPSAccelerator,)}

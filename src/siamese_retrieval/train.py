@@ -24,6 +24,7 @@ from siamese_retrieval.malloc_tuning import tune_malloc
 from siamese_retrieval.resume import resolve_ckpt_path, wandb_run_id
 from siamese_retrieval.run_outputs import (
     finish_loggers,
+    hydra_mode,
     print_results,
     quiet_known_warnings,
     run_dir,
@@ -120,8 +121,12 @@ def fit(trainer: pl.Trainer, model: Any, datamodule: Any, resume_from: str | Non
             raise
         ckpt_cb = trainer.checkpoint_callback
         last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
-        how = (f"the same command with ckpt_path=last continues this run from {last} (its last finished epoch)"
-               if last is not None and last.is_file() else "no epoch finished, so there is nothing to continue")
+        if last is None or not last.is_file():
+            how = "no epoch finished, so there is nothing to continue"
+        elif hydra_mode() == "MULTIRUN":  # a sweep's job: ckpt_path=last is the rule of single runs
+            how = f"its last finished epoch is in {last}"
+        else:
+            how = f"the same command with ckpt_path=last continues this run from {last} (its last finished epoch)"
         raise KeyboardInterrupt(f"training stopped in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; "
                                 f"{how}") from None
 

@@ -127,8 +127,8 @@ def _kind(mode: int) -> str:
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 LEAF_CUTOFF = 0.8  # difflib ratio: `heigth` ~ `height` (0.83), `lr` ~ `lr`; `foo` ~ nothing
 _saved_full_error: list[str | None] = []  # the user's HYDRA_FULL_ERROR while this process overrides it
-# Hydra plugins' configs, and the pyproject extra that installs each (missing, Hydra only says it cannot load them)
 NEEDS_QUOTES = set("()<>#!&;^~`")  # in an override's value, these (and non-ASCII letters) need Hydra's quotes
+# Hydra plugins' configs, and the pyproject extra that installs each (missing, Hydra only says it cannot load them)
 PLUGIN_EXTRAS = {"hydra/launcher/submitit_": "launchers", "hydra/launcher/joblib": "launchers",
                  "hydra/sweeper/optuna": "optuna"}
 

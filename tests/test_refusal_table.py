@@ -931,6 +931,11 @@ CASES: list[Case] = [
     Case("device_retrieve_cuda", "retrieve",
          ["data=synth_tiny", "ckpt_path=<ckpt>", "query=<user>/q.jpg", "device=cuda"],
          prep(session_cache, ckpt(), write("q.jpg", encoded(".jpg"))), (f"device=cuda: {NO_CUDA}",), marks=[NO_GPU]),
+    # ---------------------------------------------------------------- W&B asked to stream without a login
+    Case("wandb_online_without_a_login", "train", ["data=synth_tiny", "trainer.max_epochs=1", "logger=wandb"],
+         prep(session_cache, env(WANDB_MODE="online", WANDB_API_KEY="", HOME="<user>", WANDB_CONFIG_DIR="<user>")),
+         ("logger.wandb: W&B could not start its run in mode 'online' (No API key configured); run `wandb login` "
+          "first, or log offline (the default) and upload later with `wandb sync`",)),
     # ---------------------------------------------------------------- a Hydra plugin's config, its extra not installed
     Case("plugin_slurm_launcher", "train", ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=slurm", "trainer=gpu"],
          None, (f"Could not load 'hydra/launcher/submitit_slurm': {NO_PLUGIN}'.[launchers]')",),
@@ -1035,6 +1040,7 @@ CATEGORIES = {  # a case's id starts with its category
     "cachedir": "SIAMESE_CACHE_DIR / a cache key naming a file",
     "trust": "untrusted checkpoint `_target_`s (trust.allow=[...])",
     "device": "a GPU asked for on a machine without one (trainer=gpu, device=cuda)",
+    "wandb": "W&B asked to stream its run (WANDB_MODE=online) on a machine without a login",
     "plugin": "a Hydra launcher whose plugin (the launchers extra) is not installed, or cannot launch here",
     "script": "the console scripts and `python -m siamese_retrieval.entry_points` themselves",
 }

@@ -36,7 +36,7 @@ from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.data.ground_truth import as_ground_truth
-from siamese_retrieval.errors import ConfigError, instantiate_config
+from siamese_retrieval.errors import ConfigError, UserError, instantiate_config, load_failure
 from siamese_retrieval.run_outputs import finish_loggers, hydra_mode, provenance, task_overrides
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,16 @@ def make_loggers(settings: Mapping[str, dict], config: Mapping[str, Any], log_mo
             lg["log_model"] = LOG_MODEL[lg.get("log_model")] if log_model else False
             Path(lg["save_dir"]).mkdir(parents=True, exist_ok=True)
         loggers.append(instantiate_config(f"logger.{key}", lg, _convert_="all"))  # a bad node: one line
-    for lg in loggers:
-        lg.log_hyperparams(dict(config))
+    for key, lg in zip(settings, loggers):
+        try:
+            lg.log_hyperparams(dict(config))  # W&B starts its run here
+        except Exception as exc:
+            if not type(exc).__module__.startswith("wandb."):
+                raise
+            finish_loggers(loggers)  # no API key, no network: one line, not wandb's traceback
+            raise UserError(f"logger.{key}: W&B could not start its run in mode {settings[key].get('mode')!r} "
+                            f"({load_failure(exc)}); run `wandb login` first, or log offline (the default) and "
+                            "upload later with `wandb sync`") from None
     return loggers
 
 

@@ -310,6 +310,12 @@ def test_benchmarks_in_one_run_equal_each_benchmark_alone(tiny_checkpoint: Path,
     with pytest.raises(ConfigError, match="benchmarks: 'vpr_folder' must be NAME:ROOT"):
         evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "logger=none", "benchmarks=[vpr_folder]"],
                                 tmp_path / "c", cache_dir))
+    with pytest.raises(ConfigError) as info:  # a mistyped NAME: the data configs it could be
+        evaluate(compose_config("eval", [f"ckpt_path={tiny_checkpoint}", "logger=none",
+                                         f"benchmarks=[vpr_foldr:{vpr}]"], tmp_path / "d", cache_dir))
+    assert str(info.value).startswith(f"benchmarks: vpr_foldr:{vpr}: In 'eval': Could not find 'data/vpr_foldr'")
+    assert str(info.value).endswith("; NAME is one of gsv_cities, msls_city, msls_official, synth, synth_large, "
+                                    "synth_tiny, synth_views, vpr_folder")
 
 
 def test_a_benchmark_monitors_training(tmp_path: Path, cache_dir: Path) -> None:

@@ -47,4 +47,6 @@ def benchmark_data(name: str, root: str) -> DictConfig:
         with initialize_config_module("siamese_retrieval.conf", version_base="1.3"):  # called as a library
             return compose(config_name="eval", overrides=overrides).data
     except HydraException as exc:
-        raise ConfigError(f"benchmarks: {name}:{root}: {str(exc).splitlines()[0]}") from None
+        options = getattr(exc, "options", None)  # an unknown NAME (MissingConfigException): the data configs there are
+        known = f"; NAME is one of {', '.join(map(str, options))}" if options else ""
+        raise ConfigError(f"benchmarks: {name}:{root}: {str(exc).splitlines()[0]}{known}") from None

@@ -119,9 +119,8 @@ def fit(trainer: pl.Trainer, model: Any, datamodule: Any, resume_from: str | Non
     except SystemExit:
         if not trainer.interrupted:
             raise
-        ckpt_cb = trainer.checkpoint_callback
-        last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
-        if last is None or not last.is_file():
+        last = last_checkpoint(trainer)
+        if last is None:
             how = "no epoch finished, so there is nothing to continue"
         elif hydra_mode() == "MULTIRUN":  # a sweep's job: ckpt_path=last is the rule of single runs
             how = f"its last finished epoch is in {last}"
@@ -184,6 +183,14 @@ def best_checkpoint(trainer: pl.Trainer) -> str | None:
     return ckpt_cb.best_model_path or ckpt_cb.last_model_path or None
 
 
+def last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """The run's last.ckpt (written after every epoch: the last one finished), or None before there is one."""
+    ckpt_cb = trainer.checkpoint_callback
+    dirpath = getattr(ckpt_cb, "dirpath", None) if ckpt_cb is not None else None
+    last = Path(dirpath) / "last.ckpt" if dirpath else None
+    return last if last is not None and last.is_file() else None
+
+
 def epochs_trained(trainer: pl.Trainer) -> int:
     """Epochs completed by fit (resumed ones included).
 
@@ -191,9 +198,8 @@ def epochs_trained(trainer: pl.Trainer) -> int:
     last.ckpt (saved every epoch) then holds the last completed epoch.
     """
     epochs = int(trainer.current_epoch)
-    ckpt_cb = trainer.checkpoint_callback
-    last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and getattr(ckpt_cb, "dirpath", None) else None
-    if epochs == 0 and last is not None and last.is_file():
+    last = last_checkpoint(trainer)
+    if epochs == 0 and last is not None:
         import torch
 
         epochs = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1

@@ -692,6 +692,8 @@ STORAGE = "hydra.sweeper.storage: <user>/study.db"
 NOT_SQLITE = "is not an SQLite database (it does not start with the SQLite header)"
 CKPT_EVAL = ["data=synth_tiny", "ckpt_path=<ckpt>", "logger=none"]
 REFUSE = "it is not a registered component of this package"
+NO_WANDB_LOGIN = ("logger.wandb: W&B could not start its run in mode 'online' (No API key configured); run `wandb "
+                  "login` first, or log offline (the default) and upload later with `wandb sync`")
 NO_CUDA = "this machine has no CUDA GPU (torch.cuda.is_available() is false); use device=auto or device=cpu"
 NO_PLUGIN = "its Hydra plugin is not installed (pip install -e "
 
@@ -934,8 +936,11 @@ CASES: list[Case] = [
     # ---------------------------------------------------------------- W&B asked to stream without a login
     Case("wandb_online_without_a_login", "train", ["data=synth_tiny", "trainer.max_epochs=1", "logger=wandb"],
          prep(session_cache, env(WANDB_MODE="online", WANDB_API_KEY="", HOME="<user>", WANDB_CONFIG_DIR="<user>")),
-         ("logger.wandb: W&B could not start its run in mode 'online' (No API key configured); run `wandb login` "
-          "first, or log offline (the default) and upload later with `wandb sync`",)),
+         (NO_WANDB_LOGIN,)),
+    Case("wandb_online_without_a_login_evaluate", "evaluate",
+         ["data=synth_tiny", "method=orb_ransac", "split=all", "logger=wandb"],  # refused before it evaluates
+         prep(session_cache, env(WANDB_MODE="online", WANDB_API_KEY="", HOME="<user>", WANDB_CONFIG_DIR="<user>")),
+         (NO_WANDB_LOGIN,)),
     # ---------------------------------------------------------------- a Hydra plugin's config, its extra not installed
     Case("plugin_slurm_launcher", "train", ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=slurm", "trainer=gpu"],
          None, (f"Could not load 'hydra/launcher/submitit_slurm': {NO_PLUGIN}'.[launchers]')",),

@@ -67,7 +67,7 @@ from siamese_retrieval.run_outputs import (
     run_dir,
     write_metrics_json,
 )
-from siamese_retrieval.wandb_runs import log_evaluation
+from siamese_retrieval.wandb_runs import check_wandb_login, log_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tune_malloc()  # malloc_tuning.py: freed activations reused, not faulted in again every step
     quiet_known_warnings()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    check_wandb_login(cfg)
     out_dir = run_dir(cfg)
     if cfg.get("fit_only"):
         return fit_reranker(cfg, out_dir)

@@ -34,6 +34,7 @@ from siamese_retrieval.run_outputs import (
 )
 from siamese_retrieval.trust import allow_list, iter_targets
 from siamese_retrieval.wandb_runs import (
+    check_wandb_login,
     is_wandb,
     logged_config,
     logger_settings,
@@ -53,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = run_dir(cfg)
     check_accelerator(cfg.trainer)
+    check_wandb_login(cfg)
 
     resume_from = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     # the same checks as evaluate.py, before any work: a bad file is one line

@@ -247,10 +247,27 @@ def make_loggers(settings: Mapping[str, dict], config: Mapping[str, Any], log_mo
             if not type(exc).__module__.startswith("wandb."):
                 raise
             finish_loggers(loggers)  # no API key, no network: one line, not wandb's traceback
-            raise UserError(f"logger.{key}: W&B could not start its run in mode {settings[key].get('mode')!r} "
-                            f"({load_failure(exc)}); run `wandb login` first, or log offline (the default) and "
-                            "upload later with `wandb sync`") from None
+            raise _no_wandb_run(key, settings[key].get("mode"), exc) from None
     return loggers
+
+
+def check_wandb_login(cfg: DictConfig) -> None:
+    """Before any work: a W&B logger in mode 'online' needs credentials (wandb's own lookup: WANDB_API_KEY,
+    ~/.netrc, or its prompt on a terminal), or the refusal would come after the training / evaluation."""
+    for key, node in (cfg.get("logger") or {}).items():
+        if node is None or not is_wandb(node) or node.get("mode") != "online":
+            continue
+        import wandb
+
+        try:
+            wandb.login(verify=False)  # no network: only whether a key is there
+        except wandb.errors.UsageError as exc:
+            raise _no_wandb_run(key, "online", exc) from None
+
+
+def _no_wandb_run(key: str, mode: Any, exc: Exception) -> UserError:
+    return UserError(f"logger.{key}: W&B could not start its run in mode {mode!r} ({load_failure(exc)}); run "
+                     "`wandb login` first, or log offline (the default) and upload later with `wandb sync`")
 
 
 def wandb_runs(loggers: Iterable[Any]) -> list[Any]:

@@ -121,7 +121,17 @@ class KeypointPooling:
 
 
 @dataclass
-class Encoder(Built):
+class BackboneKnobs:
+    """backbone_snn's knobs, set at the top of its yaml (model.*) and interpolated into its encoder."""
+
+    backbone: str = knob("backbone_snn: resnet18|34|50|101 (models/backbone.py) or timm:<name>")
+    weights: Optional[str] = knob("backbone_snn: a local state dict; null: random init", kind="path")
+    stages: int = knob("backbone_snn: residual stages kept", ge=1, le=4)
+    freeze_stages: int = knob("backbone_snn: stem + N-1 stages frozen", ge=0, le=5)
+
+
+@dataclass
+class Encoder(BackboneKnobs, Built):
     """The encoder of any shipped model: keypoint MLP, plain CNN / backbone, keypoint set."""
 
     n_keypoints: int = knob(ge=1)
@@ -141,10 +151,6 @@ class Encoder(Built):
     normalize: bool = knob()
     input_norm: str = knob("models/cnn.py: ImageNet constants or per-image statistics", choices=("fixed", "per_image"))
     channels_last: bool = knob("NHWC convolutions: a speed choice, same numbers")
-    backbone: str = knob("backbone_snn: the model's backbone")
-    weights: Optional[str] = knob("backbone_snn: a local state dict; null: random init", kind="path")
-    stages: int = knob("backbone_snn: residual stages kept", ge=1, le=4)
-    freeze_stages: int = knob("backbone_snn: stem + N-1 stages frozen", ge=0, le=5)
     aggregation: Optional[Aggregation] = node(registry="AGGREGATIONS")
     whiten_dim: Optional[int] = knob("PCA-whitening dims, <= embedding_dim; null: off", ge=1)
     d_model: int = knob("keypoint_set: token width", ge=1)
@@ -254,7 +260,7 @@ class Module(Built):
 
 
 @dataclass
-class Model:
+class Model(BackboneKnobs):
     """conf/model/<name>.yaml."""
 
     name: str = knob()
@@ -264,10 +270,6 @@ class Model:
     batches: str = knob("data.batches defaults to it", choices=BATCHES)
     places: Optional[PlaceBatches] = node()
     train_views: Optional[TrainViews] = node(TRAIN_VIEWS_NOTE)
-    backbone: str = knob("backbone_snn: resnet18|34|50|101 (models/backbone.py) or timm:<name>")
-    weights: Optional[str] = knob("backbone_snn: a local state dict; null: random init", kind="path")
-    stages: int = knob("backbone_snn: residual stages kept", ge=1, le=4)
-    freeze_stages: int = knob("backbone_snn: stem + N-1 stages frozen", ge=0, le=5)
     inputs: Optional[Inputs] = node()
     module: Optional[Module] = node()
 

@@ -387,16 +387,12 @@ def log_evaluation(cfg: DictConfig, result: Mapping[str, Any], dataset: Any, ran
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
         runs = wandb_runs(loggers)
+        if runs:
+            import wandb  # only with a W&B run to log to
         if runs and table is not None:
-            import wandb
-
             name, columns, rows = table
-            for run in runs:
-                run.log({name: wandb.Table(columns=columns, data=rows)})
-                run.summary.update(metrics)
+            media, extra = {name: wandb.Table(columns=columns, data=rows)}, {}
         elif runs:
-            import wandb
-
             prefix = "all" if result["split"] == "all" else str(result["split"])
             ks, recall = curve
             curve_table = wandb.Table(columns=["k", "recall"],
@@ -411,9 +407,9 @@ def log_evaluation(cfg: DictConfig, result: Mapping[str, Any], dataset: Any, ran
                 media[f"{prefix}/retrieval_examples"] = wandb.Image(
                     str(grid_path), caption="query | top-k (green: sim=1, red: sim=0)")
             extra = {k: result[k] for k in ("seconds_per_query", "ranking_s", "n_queries", "n_database") if k in result}
-            for run in runs:
-                run.log(media)
-                run.summary.update({**metrics, **extra})
+        for run in runs:
+            run.log(media)
+            run.summary.update({**metrics, **extra})
         for lg in loggers:
             lg.save()
             lg.finalize("success")

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.errors import ConfigError, first_line
 
 
 def parse_benchmark(entry: Any) -> tuple[str, str]:
@@ -49,4 +49,4 @@ def benchmark_data(name: str, root: str) -> DictConfig:
     except HydraException as exc:
         options = getattr(exc, "options", None)  # an unknown NAME (MissingConfigException): the data configs there are
         known = f"; NAME is one of {', '.join(map(str, options))}" if options else ""
-        raise ConfigError(f"benchmarks: {name}:{root}: {str(exc).splitlines()[0]}{known}") from None
+        raise ConfigError(f"benchmarks: {name}:{root}: {first_line(exc)}{known}") from None

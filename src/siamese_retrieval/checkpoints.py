@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from siamese_retrieval.errors import UserError, load_failure
+from siamese_retrieval.errors import UserError, first_line, load_failure
 from siamese_retrieval.models.siamese import SiameseModule
 from siamese_retrieval.trust import allow_list, check_targets, checked_instantiate
 
@@ -39,17 +39,12 @@ class LoadedCheckpoint:
         return checked_instantiate(self.inputs_cfg, f"checkpoint {self.path}: inputs", self.trust_allow)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _root_cause(exc: BaseException) -> str:
     """The innermost cause's first line: Hydra wraps a builder's error in `Error in call to target ...:`, whose
     own first line says nothing (a registry name this process does not know says `imports=[...]` itself)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    return _first_line(exc)
+    return first_line(exc)
 
 
 def read_checkpoint(path: str | Path, allow: tuple[str, ...] | list[str] = (),

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from hydra.experimental.callback import Callback as _HydraCallback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from siamese_retrieval.errors import UserError
+from siamese_retrieval.errors import UserError, first_line
 from siamese_retrieval.run_outputs import check_writable_dir, hydra_mode, task_overrides, write_metrics_json
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,7 @@ def launcher_error(exc: BaseException, argv: list[str]) -> str | None:
     if not any("hydra_plugins" in Path(frame.filename).parts for frame in traceback.extract_tb(exc.__traceback__)):
         return None
     launcher = next((a for a in argv if a.startswith("hydra/launcher=")), "hydra/launcher")
-    reason = str(exc).strip().splitlines()
-    return f"{launcher}: cannot launch the jobs: {reason[0] if reason else type(exc).__name__}"
+    return f"{launcher}: cannot launch the jobs: {first_line(exc)}"
 
 
 def _restore_full_error() -> None:

@@ -30,6 +30,12 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def first_line(exc: BaseException) -> str:
+    """What a one-line refusal quotes of an exception: its first line (its class name when it has no text)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def load_failure(exc: BaseException) -> str:
     """Why `torch.load(weights_only=True)` could not read a file, on one line. For the weights-only unpickler's
     refusal, its own reason (`Unsupported operand 103`: no torch save; `Unsupported global: ...`: a pickle that
@@ -39,8 +45,7 @@ def load_failure(exc: BaseException) -> str:
     if "Weights only load failed" in text and marker in text:
         reason = one_line(text.split(marker, 1)[1].split("Check the documentation", 1)[0])
         return f"the weights-only loader refused it: {reason[:200]}"
-    first = (text.splitlines() or [type(exc).__name__])[0]
-    return first.split(". ", 1)[0][:300]  # torch's first sentence; the rest is advice
+    return first_line(exc).split(". ", 1)[0]  # torch's first sentence; the rest is advice
 
 
 def json_snippet(value: object, limit: int = 60) -> str:

@@ -32,7 +32,7 @@ from torch import nn
 
 from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.model import Encoder
-from siamese_retrieval.errors import UserError, load_failure
+from siamese_retrieval.errors import UserError, first_line, load_failure
 from siamese_retrieval.models.cnn import RGB_MEAN, RGB_STD, PooledEncoder
 from siamese_retrieval.registry import ENCODERS
 
@@ -227,9 +227,8 @@ class TimmTrunk(nn.Module):
         try:
             self.model = timm.create_model(name, **kwargs)
         except (RuntimeError, KeyError, ValueError) as exc:  # a file that does not fit, an unknown model
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"model.backbone=timm:{name}" + (f" model.weights={weights}" if weights else "")
-                            + f": {first[:300]}") from None
+                            + f": {first_line(exc)}") from None
         self.name = name
         self.out_channels = int(self.model.feature_info.channels()[-1])
 

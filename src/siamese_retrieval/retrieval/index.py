@@ -44,7 +44,7 @@ import torch
 
 from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.search import Index
-from siamese_retrieval.errors import ConfigError
+from siamese_retrieval.errors import ConfigError, first_line
 from siamese_retrieval.io_utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _is_ivf(part: Any) -> bool:
 
 def _faiss_reason(exc: Exception) -> str:
     """The one-line gist of a FAISS C++ exception ("Error in <function> at <file>:<line>: <what>")."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     m = re.match(r"^Error in .*? at \S+:\d+: (.*)$", text)
     return (m.group(1) if m else text).strip()
 

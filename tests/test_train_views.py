@@ -95,3 +95,16 @@ def test_train_py_with_training_views(tmp_path: Path, cache_dir: Path) -> None:
     result = train(cfg)
     assert 0.0 <= result["metrics"]["test/recall@1"] <= 1.0
     assert Path(result["checkpoint"]).is_file()
+
+
+def test_an_empty_data_synth_is_the_default_city_whose_streets_stay_out_of_training() -> None:
+    """`data.synth={}` renders the default city (resolve_root): the training city must start after its streets
+    too, not at street 0 of the same seed, where the val/test places are."""
+    from siamese_retrieval.data.datamodule import RetrievalDataModule
+    from siamese_retrieval.data.inputs import NoInputs
+
+    default = SynthConfig.from_preset("default")
+    dm = RetrievalDataModule(NoInputs(), synth={}, train_views=VIEWS)
+    assert dm._eval_city() == default
+    views = views_config(dm.train_views, dm._eval_city())
+    assert views.first_street == default.first_street + default.n_streets and views.seed == default.seed

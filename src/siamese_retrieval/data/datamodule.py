@@ -132,7 +132,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             raise ConfigError("data: set data.root (a dataset in the MSLS/GCL format) or data.synth")
         self.inputs = inputs
         self.root = root
-        self.synth = dict(synth) if synth else None
+        self.synth = dict(synth) if synth is not None else None  # {}: the default city
         self.files = DatasetFiles(**dict(files or {}))
         self.image_check = image_check
         self.follow_symlinks_outside_root = bool(follow_symlinks_outside_root)

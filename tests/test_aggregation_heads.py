@@ -172,6 +172,23 @@ def test_callback_is_a_no_op_without_fitted_parts() -> None:
         cb.on_train_epoch_start(trainer, module)
 
 
+def test_backbone_encoder_gets_its_netvlad_clusters_and_whitening(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backbone_snn's encoder has PlainCNN's head (PooledEncoder): the callback fits its NetVLAD and whitening too,
+    where it used to leave random centroids and an identity whitening."""
+    from siamese_retrieval.models import aggregation_fitting
+    from siamese_retrieval.models.backbone import BackboneEncoder
+
+    images = {"image": torch.randint(0, 256, (24, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+                                     dtype=torch.uint8)}
+    monkeypatch.setattr(aggregation_fitting, "training_images", lambda dm, n, seed: images)
+    enc = BackboneEncoder(stages=1, embedding_dim=16, aggregation={"name": "netvlad", "clusters": 4}, whiten_dim=8,
+                          channels_last=False)
+    assert enc.needs_cluster_init and not enc.whiten.is_fitted
+    AggregationFitting().on_fit_start(SimpleNamespace(datamodule=None, current_epoch=0, world_size=1),
+                                      SimpleNamespace(encoder=enc, device=torch.device("cpu")))
+    assert not enc.needs_cluster_init and enc.whiten.is_fitted and enc.embedding_dim == 8
+
+
 def test_train_initialises_netvlad_and_fits_whitening(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """train.py with the default callbacks: k-means once at fit start, whitening at epochs 0 and 1 (a 64-image
     dataset from tests/helpers.py: seconds, where the tiny synthetic city takes ~20 s to render)."""

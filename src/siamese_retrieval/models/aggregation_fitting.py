@@ -1,4 +1,5 @@
-"""AggregationFitting: fits the parts of a PlainCNN aggregation that come from data, not from gradients.
+"""AggregationFitting: fits the parts of an image encoder's aggregation (PlainCNN, BackboneEncoder: a PooledEncoder)
+that come from data, not from gradients.
 
   * NetVLAD clusters: k-means on local descriptors of training images, ONCE, at fit start, and only while the
     head's `initialised` flag (saved in the checkpoint) is unset: a resumed or loaded model keeps its clusters.
@@ -26,7 +27,7 @@ from torch import nn
 
 from siamese_retrieval.data.inputs import Tensors, take
 from siamese_retrieval.errors import UserError
-from siamese_retrieval.models.cnn import PlainCNN
+from siamese_retrieval.models.cnn import PooledEncoder
 from siamese_retrieval.models.embedding import embed_all
 from siamese_retrieval.registry import CALLBACKS
 
@@ -68,7 +69,7 @@ class AggregationFitting(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._whitened_epoch = None
         encoder = getattr(pl_module, "encoder", None)
-        if not isinstance(encoder, PlainCNN):
+        if not isinstance(encoder, PooledEncoder):
             return
         if encoder.needs_cluster_init:
             self._init_clusters(trainer, pl_module, encoder)
@@ -77,13 +78,13 @@ class AggregationFitting(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         encoder = getattr(pl_module, "encoder", None)
-        if not isinstance(encoder, PlainCNN) or encoder.whiten is None:
+        if not isinstance(encoder, PooledEncoder) or encoder.whiten is None:
             return
         if self._whitened_epoch != trainer.current_epoch:  # epoch 0 (or a resumed epoch): fitted at fit start
             self._fit_whitening(trainer, pl_module, encoder)
 
     # ------------------------------------------------------------------ the fits
-    def _embed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, encoder: PlainCNN,
+    def _embed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, encoder: PooledEncoder,
                fn: Callable[[Tensors], torch.Tensor], n: int, seed: int) -> torch.Tensor:
         """fn over `n` sampled training images, in eval mode (BN running stats, no dropout), on CPU."""
         images = training_images(trainer.datamodule, n, seed)
@@ -95,7 +96,7 @@ class AggregationFitting(pl.Callback):
         finally:
             encoder.train(was_training)
 
-    def _init_clusters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, encoder: PlainCNN) -> None:
+    def _init_clusters(self, trainer: pl.Trainer, pl_module: pl.LightningModule, encoder: PooledEncoder) -> None:
         head = encoder.pool
         channels = int(head.dim)
 
@@ -112,7 +113,7 @@ class AggregationFitting(pl.Callback):
         log.info("NetVLAD: %d clusters from k-means on %d local descriptors of training images (alpha %.3g)",
                  head.clusters, len(feats), getattr(head, "alpha", float("nan")))
 
-    def _fit_whitening(self, trainer: pl.Trainer, pl_module: pl.LightningModule, encoder: PlainCNN) -> None:
+    def _fit_whitening(self, trainer: pl.Trainer, pl_module: pl.LightningModule, encoder: PooledEncoder) -> None:
         whiten = encoder.whiten
         assert whiten is not None
         epoch = int(trainer.current_epoch)

@@ -12,16 +12,12 @@ a `Distance` owns all of it so that switching `model.module.distance` switches e
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 from torch import nn
 
 from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.model import Module
-
-DistanceKind = Literal["euclidean", "cosine"]
 
 
 class Distance:

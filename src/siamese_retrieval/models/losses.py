@@ -93,19 +93,6 @@ class SumOfLosses(nn.Module):
         return sum(self.weights[name] * value for name, value in self.last_terms.items())
 
 
-@LOSSES.register("contrastive")
-class ContrastiveLoss(nn.Module):
-    """Hadsell et al. 2006: y * d^2 + (1 - y) * max(0, margin - d)^2 on binary sim (target > 0.5)."""
-
-    def __init__(self, margin: float = 0.5) -> None:
-        super().__init__()
-        self.margin = margin
-
-    def forward(self, out: PairOutput) -> torch.Tensor:
-        y = (out.target > 0.5).float()
-        return graded_contrastive(out.distance, y, self.margin)
-
-
 @LOSSES.register("graded_contrastive")
 class GradedContrastiveLoss(nn.Module):
     """Generalized Contrastive Loss (Leyva-Vallina et al.): the binary label replaced by fov in [0, 1].
@@ -120,6 +107,16 @@ class GradedContrastiveLoss(nn.Module):
 
     def forward(self, out: PairOutput) -> torch.Tensor:
         return graded_contrastive(out.distance, out.fov.float(), self.margin)
+
+
+@LOSSES.register("contrastive")
+class ContrastiveLoss(GradedContrastiveLoss):
+    """Hadsell et al. 2006: y * d^2 + (1 - y) * max(0, margin - d)^2 on binary sim (target > 0.5).
+    The graded loss on the binary label instead of fov, hence its subclass (same margin)."""
+
+    def forward(self, out: PairOutput) -> torch.Tensor:
+        y = (out.target > 0.5).float()
+        return graded_contrastive(out.distance, y, self.margin)
 
 
 def graded_contrastive(distance: torch.Tensor, psi: torch.Tensor, margin: float) -> torch.Tensor:

@@ -49,6 +49,7 @@ from siamese_retrieval.configs.search import Rerank
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig
 from siamese_retrieval.retrieval.orb_ransac import single_threaded_kernels
+from siamese_retrieval.retrieval.ranking import reorder_top
 
 N_INPUTS = 9  # per-match features (see match_features)
 _FAR = 1 << 20  # Hamming distance of a padded (absent) candidate feature
@@ -306,8 +307,4 @@ class LearnedReranker:
         candidates, relevance = ids[:, :n], scores[:, :n].astype(np.float64)
         verified = np.where(candidates >= 0, np.asarray(self.verify(rows, candidates), np.float64), 0.0)
         key = np.maximum(verified + self.model_weight * relevance, 0.0)
-        order = np.argsort(-key, axis=1, kind="stable")  # ties: the model's order
-        ids, scores = ids.copy(), scores.copy()
-        ids[:, :n] = np.take_along_axis(candidates, order, axis=1)
-        scores[:, :n] = np.take_along_axis(1.0 + key, order, axis=1).astype(np.float32)
-        return ids, scores
+        return reorder_top(ids, scores, key, (1.0 + key).astype(np.float32))

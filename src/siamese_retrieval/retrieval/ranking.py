@@ -208,6 +208,18 @@ def search_relevance(module: Embedder, index: Any, q_emb: torch.Tensor, k: int) 
 Reranker = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def reorder_top(ids: np.ndarray, scores: np.ndarray, key: np.ndarray, new_scores: np.ndarray,
+                rows: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of `ids`, `scores` whose top n = key.shape[1] of `rows` are sorted by `key`, highest first (ties:
+    the model's order) and scored `new_scores`: one write-back for every re-ranker. Sorted on the exact key,
+    not on the float32 new scores, which can round two relevances of one key to the same value."""
+    order = np.argsort(-key, axis=1, kind="stable")
+    ids, scores = ids.copy(), scores.copy()
+    ids[rows, : key.shape[1]] = np.take_along_axis(ids[rows, : key.shape[1]], order, axis=1)
+    scores[rows, : key.shape[1]] = np.take_along_axis(new_scores, order, axis=1)
+    return ids, scores
+
+
 def ranked_chunks(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor,
                   settings: RankingSettings) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """(rows of q_emb, ids best first, relevance scores) per chunk of queries: the whole database per query,
@@ -281,13 +293,7 @@ class InlierReranker:
         candidates, relevance = ids[:, :n], scores[:, :n]
         inliers = np.asarray(self.verify(rows, candidates), dtype=np.float64)
         fused = (1.0 + inliers + relevance.astype(np.float64) / 2.0).astype(np.float32)
-        # sorted on the exact keys (inliers, then the model's rank): float32 `fused` can round two
-        # relevances of one inlier count to the same value
-        order = np.lexsort((np.broadcast_to(np.arange(n), candidates.shape), -inliers), axis=-1)
-        ids, scores = ids.copy(), scores.copy()
-        ids[:, :n] = np.take_along_axis(candidates, order, axis=1)
-        scores[:, :n] = np.take_along_axis(fused, order, axis=1)
-        return ids, scores
+        return reorder_top(ids, scores, inliers, fused)
 
 
 class FusedReranker:
@@ -328,23 +334,18 @@ class FusedReranker:
 
     def __call__(self, rows: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = min(self.top_n, ids.shape[1])
-        ids, scores = ids.copy(), scores.copy()
         todo = np.arange(len(rows))
         if self.skip_margin is not None and n > 1:
             todo = np.flatnonzero(scores[:, 0] - scores[:, 1] <= self.skip_margin)
         self.verified_queries += len(todo)
         if not len(todo):
-            return ids, scores
+            return ids.copy(), scores.copy()
         candidates, relevance = ids[todo, :n], scores[todo, :n].astype(np.float64)
         inliers = np.asarray(self.verify(rows[todo], candidates), dtype=np.float64)
         inliers = np.where(candidates >= 0, inliers, 0.0)
         strength = np.where(self.verified(inliers), 1.0 + np.minimum(inliers, self.saturate), 0.0)
         fused = (1.0 + strength + relevance / 2.0).astype(np.float32)
-        # sorted on the exact keys (strength, then the model's rank): float32 can tie two relevances
-        order = np.lexsort((np.broadcast_to(np.arange(n), candidates.shape), -strength), axis=-1)
-        ids[todo, :n] = np.take_along_axis(candidates, order, axis=1)
-        scores[todo, :n] = np.take_along_axis(fused, order, axis=1)
-        return ids, scores
+        return reorder_top(ids, scores, strength, fused, todo)
 
 
 # ----------------------------------------------------------------------------------------- pictures

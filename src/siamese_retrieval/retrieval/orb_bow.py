@@ -47,9 +47,9 @@ from siamese_retrieval.configs.fields import check_fields
 from siamese_retrieval.configs.search import OrbBow
 from siamese_retrieval.errors import ConfigError
 from siamese_retrieval.io_utils import cached_npz, stable_hash
-from siamese_retrieval.retrieval.index import build_index, search, set_faiss_threads
+from siamese_retrieval.retrieval.index import set_faiss_threads
 from siamese_retrieval.retrieval.orb_features import Features
-from siamese_retrieval.retrieval.ranking import Ranking, RankingBuilder, RankingSettings, canonical_order, index_config
+from siamese_retrieval.retrieval.ranking import Ranking, RankingSettings, rank_index
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +247,4 @@ def cached_vocabulary(feats: Sequence[Features], key: dict, cfg: BowConfig,
 def rank_bow(db_vecs: np.ndarray, q_vecs: np.ndarray, query_idx: np.ndarray, truth: Any,
              settings: RankingSettings) -> Ranking:
     """Rank the whole database (or its top search_k) by cosine of the histograms; the engine's metrics."""
-    full = settings.search_k is None
-    index = build_index(db_vecs, index_config("ip", settings, full_ranking=full))
-    k = len(db_vecs) if full else min(settings.search_k, len(db_vecs))
-    builder = RankingBuilder(query_idx, truth, settings)
-    for start in range(0, len(q_vecs), settings.query_chunk):
-        rows = slice(start, start + settings.query_chunk)
-        scores, ids = search(index, q_vecs[rows], k=k)
-        builder.add_ranked(query_idx[rows], *canonical_order(ids, scores))
-    return builder.result()
+    return rank_index(db_vecs, q_vecs, "ip", query_idx, truth, settings)

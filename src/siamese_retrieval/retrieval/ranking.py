@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -220,31 +220,23 @@ def reorder_top(ids: np.ndarray, scores: np.ndarray, key: np.ndarray, new_scores
     return ids, scores
 
 
-def ranked_chunks(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor,
-                  settings: RankingSettings) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """(rows of q_emb, ids best first, relevance scores) per chunk of queries: the whole database per query,
-    or its top `settings.search_k` (streaming: (chunk, k) arrays only)."""
+def rank_index(db: np.ndarray, queries: Any, metric: str, query_idx: np.ndarray, truth: Relevance | GroundTruth,
+               settings: RankingSettings, rerank: Reranker | None = None,
+               search_chunk: Callable[[Any, Any, int], tuple[np.ndarray, np.ndarray]] = search) -> Ranking:
+    """Rank `db` (rows as the index of `metric` holds them) for each of `queries` (rows of `query_idx`), a chunk
+    at a time: the whole database, or its top `settings.search_k` (streaming: (chunk, k) arrays only). One loop
+    for every ranking by search: `search_chunk(index, queries, k)` -> (scores, ids) best first, FAISS' own by
+    default (rank_bow), a model's relevance for embeddings. With `rerank`, each chunk's rankings pass through it
+    and `before_rerank` holds the metrics of the ranking it started from (computed in the same pass)."""
     full = settings.search_k is None
-    index = build_index(module.distance.for_index(db_emb).numpy(),
-                        index_config(module.distance.faiss_metric, settings, full_ranking=full))
-    k = db_emb.shape[0] if full else min(settings.search_k, db_emb.shape[0])
-    for start in range(0, len(q_emb), settings.query_chunk):
-        rows = slice(start, start + settings.query_chunk)
-        ids, _, scores = search_relevance(module, index, q_emb[rows], k=k)
-        yield (rows, *canonical_order(ids, scores))
-
-
-def rank_embeddings(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor, query_idx: np.ndarray,
-                    truth: Relevance | GroundTruth, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
-    """Rank the whole database (or its top `settings.search_k`) for each query embedding (rows of
-    `query_idx`) and score the rankings. `truth`: the dataset (dense sim/fov) or a `GroundTruth`.
-
-    With `rerank`, each chunk's rankings pass through it; the result's `before_rerank` holds the metrics
-    of the model's own ranking (computed in the same pass).
-    """
+    index = build_index(db, index_config(metric, settings, full_ranking=full))
+    k = len(db) if full else min(settings.search_k, len(db))
     builder = RankingBuilder(query_idx, truth, settings)
     before = RankingBuilder(query_idx, truth, settings) if rerank is not None else None
-    for rows, ids, scores in ranked_chunks(module, db_emb, q_emb, settings):
+    for start in range(0, len(queries), settings.query_chunk):
+        rows = slice(start, start + settings.query_chunk)
+        scores, ids = search_chunk(index, queries[rows], k)
+        ids, scores = canonical_order(ids, scores)
         qi = query_idx[rows]
         if before is not None:
             before.add_ranked(qi, ids, scores)
@@ -254,6 +246,19 @@ def rank_embeddings(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor,
     if before is not None:
         ranking.before_rerank = before.result().metrics
     return ranking
+
+
+def rank_embeddings(module: Embedder, db_emb: torch.Tensor, q_emb: torch.Tensor, query_idx: np.ndarray,
+                    truth: Relevance | GroundTruth, settings: RankingSettings, rerank: Reranker | None = None) -> Ranking:
+    """`rank_index` of the query embeddings (rows of `query_idx`) in the database's, scored by the model's
+    relevance. `truth`: the dataset (dense sim/fov) or a `GroundTruth`."""
+
+    def relevance(index: Any, q: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, _, scores = search_relevance(module, index, q, k=k)
+        return scores, ids
+
+    return rank_index(module.distance.for_index(db_emb).numpy(), q_emb, module.distance.faiss_metric, query_idx,
+                      truth, settings, rerank, relevance)
 
 
 def rank_queries(module: Embedder, db_inputs: Tensors, q_inputs: Tensors, query_idx: np.ndarray,

@@ -245,7 +245,7 @@ def test_factory_index_inner_product_refines_exactly():
 
 def test_factory_config_round_trips(tmp_path, cache_dir):
     from siamese_retrieval.configs import check_config
-    from siamese_retrieval.retrieval.ranking import RankingSettings, ranking_config
+    from siamese_retrieval.retrieval.ranking import RankingSettings
     from tests.conftest import compose_config
 
     cfg = IndexConfig(factory=FACTORY, nprobe=8, k_factor=32, tune=True, target_recall=0.97)
@@ -255,7 +255,7 @@ def test_factory_config_round_trips(tmp_path, cache_dir):
     # the shipped config group composes, passes the config check and becomes the same IndexConfig
     composed = compose_config("eval", ["index=opq_ivfpq_refine", "model=cnn_snn"], tmp_path / "run", cache_dir)
     assert check_config(composed, "eval") == []
-    index_cfg = RankingSettings.from_config(ranking_config(composed)).index
+    index_cfg = RankingSettings.from_config(composed).index
     assert index_cfg.kind == "factory" and index_cfg.factory == "OPQ16_64,IVF{nlist},PQ16x8,Refine(Flat)"
     assert index_cfg.tune and index_cfg.target_recall == 0.95
     assert IndexConfig(**dataclasses.asdict(index_cfg)) == index_cfg

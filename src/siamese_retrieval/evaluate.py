@@ -50,7 +50,6 @@ from siamese_retrieval.retrieval.ranking import (
     RankingSettings,
     rank_queries,
     rank_scores,
-    ranking_config,
     ranking_grid,
 )
 from siamese_retrieval.retrieval.rerankers import (
@@ -94,7 +93,7 @@ def evaluate_dataset(cfg: DictConfig, ckpt: LoadedCheckpoint | None, out_dir: Pa
     """One dataset (cfg.data, cfg.split) ranked by the loaded checkpoint (or the baseline `method`); writes the
     run's files into `out_dir`; `log_run`: also log it to the configured loggers."""
     method, split = str(cfg.method), str(cfg.split)  # values checked with the whole config (configs/)
-    settings = RankingSettings.from_config(ranking_config(cfg), keep_top=CURVE_K)
+    settings = RankingSettings.from_config(cfg, keep_top=CURVE_K)
     target = ckpt.training_data.get("pairs_target") if ckpt is not None else None
     dm = build_datamodule(evaluation_data_config(cfg.data, target), ckpt.build_inputs() if ckpt else NoInputs())
     query_idx = load_split(dm, split)

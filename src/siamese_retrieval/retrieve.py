@@ -36,7 +36,6 @@ from siamese_retrieval.retrieval.ranking import (
     RankingSettings,
     canonical_order,
     index_config,
-    ranking_config,
     search_relevance,
 )
 from siamese_retrieval.retrieval.rerankers import RerankSource, build_reranker
@@ -59,7 +58,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         check_writable_dir(grid_dir)  # before any work: an unwritable place is one line
     ckpt = load_from_config(cfg)
     module = ckpt.module
-    settings = RankingSettings.from_config(ranking_config(cfg))
+    settings = RankingSettings.from_config(cfg)
 
     dm = build_datamodule(evaluation_data_config(cfg.data), ckpt.build_inputs())
     dm.prepare_data()

@@ -74,24 +74,21 @@ class RankingSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None = None, **overrides: Any) -> "RankingSettings":
-        """From a config mapping (extra keys ignored); `index` may be a mapping of IndexConfig fields."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in {**dict(cfg or {}), **overrides}.items() if k in names and v is not None}
+        """From a config mapping, e.g. an entry point's top level: other keys are ignored and never read (none of
+        their interpolations is resolved), OmegaConf nodes become plain values; `index` may be a mapping of
+        IndexConfig fields."""
+        from omegaconf import OmegaConf
+
+        names, cfg = {f.name for f in dataclasses.fields(cls)}, cfg or {}
+        given = {**{k: cfg[k] for k in cfg if k in names}, **overrides}
+        values = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                  for k, v in given.items() if k in names and v is not None}
         if isinstance(values.get("index"), Mapping):
             try:
                 values["index"] = IndexConfig(**dict(values["index"]))
             except TypeError as exc:
                 raise ConfigError(f"index: {exc}") from None
         return cls(**values)
-
-
-def ranking_config(cfg: Any) -> dict[str, Any]:
-    """The `RankingSettings` fields of an entry point's config (top-level keys), resolved to plain values."""
-    from omegaconf import OmegaConf
-
-    names = {f.name for f in dataclasses.fields(RankingSettings)}
-    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k in names}
 
 
 @dataclass

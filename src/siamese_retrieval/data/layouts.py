@@ -63,19 +63,22 @@ TRAIN_RADIUS_M = 10.0
 # ----------------------------------------------------------------------------------------- shared checks
 
 
-def with_training_radius(dataset: RetrievalDataset, train_radius_m: float | None, radius_m: float,
-                         max_heading_deg: float | None) -> RetrievalDataset:
-    """The dataset with its training positives (`train_relevance`): the benchmarks' training convention, 10 m
-    against evaluation's 25 m. Pairs within `train_radius_m` are positives (sim, fov 1); those between it and
-    `radius_m` stay overlaps, not positives and never negatives (fov 0.5, as MSLS's negDistThr keeps them out of
-    the negatives). null, or >= radius_m: the evaluation's positives."""
+def _radius_dataset(root: Path, db_paths: list[str], db_loc: np.ndarray, q_paths: list[str], q_loc: np.ndarray, *,
+                    radius_m: float, train_radius_m: float | None, max_heading_deg: float | None,
+                    **finish: Any) -> RetrievalDataset:
+    """`finish_dataset` with positives within `radius_m` and training positives (`train_relevance`) from the same
+    pairs: one radius search serves both. Training follows the benchmarks' convention, 10 m against evaluation's
+    25 m: pairs within `train_radius_m` are positives (sim, fov 1); those between it and `radius_m` stay overlaps,
+    not positives and never negatives (fov 0.5, as MSLS's negDistThr keeps them out of the negatives). null, or
+    >= radius_m: the evaluation's positives."""
+    qi, di = radius_pairs(q_loc[:, :2], db_loc[:, :2], radius_m, q_heading=q_loc[:, 2], db_heading=db_loc[:, 2],
+                          max_heading_deg=max_heading_deg)
+    relevance = SparseRelevance.from_pairs(len(q_loc), len(db_loc), qi, di)
+    dataset = finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, **finish)
     if train_radius_m is None or train_radius_m >= radius_m:
         return dataset
-    _check_radius(train_radius_m, max_heading_deg)
-    q, db = dataset.q_loc, dataset.db_loc
-    heading = {"q_heading": q[:, 2], "db_heading": db[:, 2], "max_heading_deg": max_heading_deg}
-    qi, di = radius_pairs(q[:, :2], db[:, :2], radius_m, **heading)
-    near = ((q[qi, :2] - db[di, :2]) ** 2).sum(axis=1) <= float(train_radius_m) ** 2
+    _check_radius(train_radius_m, max_heading_deg)  # after the images' checks, as before
+    near = ((q_loc[qi, :2] - db_loc[di, :2]) ** 2).sum(axis=1) <= float(train_radius_m) ** 2
     dataset.train_relevance = SparseRelevance.from_pairs(dataset.n_query, dataset.n_db, qi, di, sim=near,
                                                          fov=np.where(near, 1.0, 0.5).astype(np.float32))
     return dataset
@@ -253,13 +256,10 @@ def read_vpr_folder(
                                "lie in one UTM zone (distances across zones are meaningless)")
     db_paths, db_loc, db_folder = per_kind["database"]
     q_paths, q_loc, q_folder = per_kind["queries"]
-    relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
-                                                 db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
-    dataset = finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_folder,
-                             q_source=q_folder,
-                             meta_files=[], check=check, name=name or f"{root.name}-{split}",
-                             follow_symlinks_outside_root=follow_symlinks_outside_root)
-    return with_training_radius(dataset, train_radius_m, radius_m, max_heading_deg)
+    return _radius_dataset(root, db_paths, db_loc, q_paths, q_loc, radius_m=radius_m, train_radius_m=train_radius_m,
+                           max_heading_deg=max_heading_deg, db_source=db_folder, q_source=q_folder, meta_files=[],
+                           check=check, name=name or f"{root.name}-{split}",
+                           follow_symlinks_outside_root=follow_symlinks_outside_root)
 
 
 # ----------------------------------------------------------------------------------------- MSLS official layout
@@ -416,13 +416,10 @@ def read_msls_official(
         loaded[folder] = (paths, loc, meta)
     db_paths, db_loc, db_meta = loaded["database"]
     q_paths, q_loc, q_meta = loaded["query"]
-    relevance = SparseRelevance.from_coordinates(db_loc[:, :2], q_loc[:, :2], radius_m, q_heading=q_loc[:, 2],
-                                                 db_heading=db_loc[:, 2], max_heading_deg=max_heading_deg)
-    dataset = finish_dataset(root, db_paths, db_loc, q_paths, q_loc, relevance, db_source=db_meta[0],
-                             q_source=q_meta[0],
-                             meta_files=db_meta + q_meta, check=check, name=name or city,
-                             follow_symlinks_outside_root=follow_symlinks_outside_root)
-    return with_training_radius(dataset, train_radius_m, radius_m, max_heading_deg)
+    return _radius_dataset(root, db_paths, db_loc, q_paths, q_loc, radius_m=radius_m, train_radius_m=train_radius_m,
+                           max_heading_deg=max_heading_deg, db_source=db_meta[0], q_source=q_meta[0],
+                           meta_files=db_meta + q_meta, check=check, name=name or city,
+                           follow_symlinks_outside_root=follow_symlinks_outside_root)
 
 
 def read_layout(layout: str, root: str | Path, **options) -> RetrievalDataset:

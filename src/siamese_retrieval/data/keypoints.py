@@ -123,23 +123,15 @@ N_SET_FEATURES = len(SET_FEATURES)
 
 
 @dataclass(frozen=True)
-class KeypointSetConfig:
-    """ORB detection for keypoint sets. `n_features` candidates are detected over the pyramid (OpenCV spreads
-    them over the levels) and the `n_keypoints` strongest are kept. `image_scale` resizes the image first
-    (> 1 finds more, finer keypoints on small images; the default city is 256 x 192)."""
+class KeypointSetConfig(OrbConfig):
+    """ORB detection for keypoint sets: `OrbConfig`'s detector knobs (and checks), keeping more keypoints.
+    `n_features` candidates are detected over the pyramid (OpenCV spreads them over the levels) and the
+    `n_keypoints` strongest are kept. `image_scale` resizes the image first (> 1 finds more, finer keypoints on
+    small images; the default city is 256 x 192); `max_side` then applies to the resized image."""
 
     n_keypoints: int = 256
     n_features: int = 500
     image_scale: float = 1.0
-    scale_factor: float = 1.2
-    n_levels: int = 8
-    edge_threshold: int = 31
-    fast_threshold: int = 20
-    patch_size: int = 31
-    max_side: int = 1024  # larger images (after image_scale) are downscaled to this side first
-
-    def __post_init__(self) -> None:
-        check_fields(self, Inputs, "model.inputs")
 
     def create(self) -> cv2.ORB:
         return create_orb(self, self.n_features)

@@ -196,17 +196,12 @@ class SparseRelevance:
 
     @classmethod
     def from_dense(cls, sim: np.ndarray, fov: np.ndarray | None = None, row_chunk: int = 4096) -> "SparseRelevance":
-        """The stored pairs are those with sim=1 or fov > 0 (read `row_chunk` rows at a time)."""
+        """The stored pairs are those with sim=1 or fov > 0 (`DenseRelevance.overlaps`, one scan of `row_chunk` rows
+        at a time); no fov: fov = sim as float."""
         sim = np.asarray(sim)
         n_query, n_db = sim.shape
-        parts = []
-        for start in range(0, n_query, row_chunk):
-            s = sim[start : start + row_chunk].astype(bool)
-            f = np.asarray(fov[start : start + row_chunk], np.float32) if fov is not None else s.astype(np.float32)
-            q, d = np.nonzero(s | (f > 0))
-            parts.append((q + start, d, s[q, d], f[q, d]))
-        cat = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(4)]
-        return cls.from_pairs(n_query, n_db, cat[0], cat[1], cat[2], cat[3])
+        rows, ids, s, f = DenseRelevance(sim, sim if fov is None else fov).overlaps(np.arange(n_query), row_chunk)
+        return cls.from_pairs(n_query, n_db, rows, ids, s, f)
 
     @classmethod
     def from_positives(cls, lists: Sequence[Sequence[int]], n_db: int) -> "SparseRelevance":
@@ -233,13 +228,11 @@ class SparseRelevance:
         valid = (ids >= 0) & (ids < self.n_db)
         keys = qi[:, None] * self.n_db + np.where(valid, ids, 0)
         keys_sorted: np.ndarray = self._keys  # type: ignore[attr-defined]
-        pos = np.searchsorted(keys_sorted, keys)
-        pos_c = np.minimum(pos, max(len(keys_sorted) - 1, 0))
-        found = valid & (pos < len(keys_sorted)) if len(keys_sorted) else np.zeros(ids.shape, bool)
-        if len(keys_sorted):
-            found &= keys_sorted[pos_c] == keys
-            return found & self.sim[pos_c], np.where(found, self.fov[pos_c], np.float32(0))
-        return found, np.zeros(ids.shape, np.float32)
+        if not len(keys_sorted):
+            return np.zeros(ids.shape, bool), np.zeros(ids.shape, np.float32)
+        pos = np.minimum(np.searchsorted(keys_sorted, keys), len(keys_sorted) - 1)  # past the end: never equal
+        found = valid & (keys_sorted[pos] == keys)
+        return found & self.sim[pos], np.where(found, self.fov[pos], np.float32(0))
 
     def n_positives(self, qi: np.ndarray) -> np.ndarray:
         return self._n_pos[_rows(qi)]  # type: ignore[attr-defined]

@@ -54,13 +54,8 @@ def staged_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     and a symbolic link under `out` is refused, never followed. With `overwrite`, a non-empty folder `out` is
     replaced, only once the block has succeeded (until then it stays as it was).
     """
+    check_output_folder(out, overwrite, hint="")  # no "--overwrite" hint: the synth exports have no such flag
     out = Path(out).expanduser()
-    if os.path.islink(out):
-        raise UserError(f"{out}: is a symbolic link (to {os.readlink(out)}); choose a new output folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: already exists and is not a folder; choose a new output folder")
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not an empty folder; choose a new output folder")
     ensure_folder(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None
@@ -111,9 +106,9 @@ def check_output_place(root: str | Path, out: str | Path) -> None:
         raise UserError(f"--out {_shown(out)} holds the source root {_shown(root)}; choose a folder outside it")
 
 
-def check_output_folder(out: str | Path, overwrite: bool) -> None:
+def check_output_folder(out: str | Path, overwrite: bool, hint: str = " (or pass --overwrite to replace it)") -> None:
     """Before reading the source: `out` is new, an empty folder, or (with `overwrite`) a folder; never a link or a
-    file (the same rules as `staged_output_dir`, which checks them again when it starts)."""
+    file. `staged_output_dir` checks them again when it starts (hint "": not every caller has --overwrite)."""
     out = Path(out).expanduser()
     if os.path.islink(out):
         raise UserError(f"{_shown(out)}: is a symbolic link (to {_shown(os.readlink(out))}); choose a new output "
@@ -121,8 +116,7 @@ def check_output_folder(out: str | Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{_shown(out)}: already exists and is not a folder; choose a new output folder")
     if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{_shown(out)}: already exists and is not an empty folder; choose a new output folder "
-                        "(or pass --overwrite to replace it)")
+        raise UserError(f"{_shown(out)}: already exists and is not an empty folder; choose a new output folder{hint}")
 
 
 def check_output_names(names: Sequence[str], sources: Sequence[Path]) -> None:

@@ -255,7 +255,8 @@ def place_batch(sampler: PlaceSampler, places: list[int], rng: np.random.Generat
     rows, cols = np.zeros(len(pair_q), bool), np.zeros(len(pair_d), bool)
     rows[first_q], cols[first_d] = True, True
     cross[~rows[:, None] | ~cols[None, :]] = np.nan  # each (anchor, view) combination once
-    images = {k: torch.cat([take(q_inputs, anchors)[k], take(db_inputs, view_ids)[k]]) for k in q_inputs}
+    anchor_rows, view_rows = take(q_inputs, anchors), take(db_inputs, view_ids)  # once, not once per key
+    images = {k: torch.cat([anchor_rows[k], view_rows[k]]) for k in q_inputs}
     return {
         "images": images,
         "labels": torch.from_numpy(np.concatenate([np.arange(p), view_place]).astype(np.int64)),

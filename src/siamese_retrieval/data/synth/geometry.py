@@ -104,18 +104,11 @@ def fov_matrix(cams_a, cams_b, cfg: SynthConfig) -> np.ndarray:
 # ------------------------------------------------------------------------------ world placement
 
 
-def street_origin(street: int | np.ndarray, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
-    """World (east, north) of a street's x = 0, y = 0 point (streets run east)."""
-    street = np.asarray(street, dtype=np.float64)
-    east = np.full_like(street, cfg.street_spacing_m / 2 - cfg.street_length_m / 2)
-    north = street * cfg.street_spacing_m + cfg.street_spacing_m / 2
-    return east, north
-
-
 def world_loc(cams, cfg: SynthConfig) -> np.ndarray:
     """(n, 3) [east, north, heading] with heading a compass bearing in degrees (0 north, 90 east)."""
     s, x, y, yaw = as_arrays(cams)
-    e0, n0 = street_origin(s, cfg)
+    e0 = cfg.street_spacing_m / 2 - cfg.street_length_m / 2  # world (east, north) of a street's x = 0, y = 0
+    n0 = s.astype(np.float64) * cfg.street_spacing_m + cfg.street_spacing_m / 2  # (streets run east)
     heading = np.mod(90.0 - np.rad2deg(yaw), 360.0)
     return np.stack([e0 + x, n0 + y, heading], axis=1)
 

@@ -33,9 +33,11 @@ IMAGES_CACHE_VERSION = 2  # 2: a directory of memory-mapped .npy files (1: one .
 # ----------------------------------------------------------------------------------------- decoding
 
 
-def _read_checked(path: Path, max_pixels: int | None) -> np.ndarray:
-    """The bytes of the image file `path`, once its header says it is no larger than `max_pixels` (None: the
-    process's data.max_image_pixels, image_header.py); DatasetError naming the file otherwise."""
+def read_image(path: str | os.PathLike, max_pixels: int | None = None, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode `path` as stored (grayscale, BGR or BGRA; any bit depth), or as cv2.imdecode's `flags` say (e.g.
+    cv2.IMREAD_GRAYSCALE); DatasetError if impossible, or when its header says it has more than `max_pixels` pixels
+    (None: data.max_image_pixels, image_header.py), which is never decoded."""
+    path = Path(path)
     try:
         with open(path, "rb") as f:  # unlike cv2.imread, works for any path encoding
             data = f.read()
@@ -44,15 +46,7 @@ def _read_checked(path: Path, max_pixels: int | None) -> np.ndarray:
     if not data:
         raise DatasetError(f"{path}: not a decodable image")
     check_pixels(path, data, max_pixels)  # before decoding: a small file can claim a huge image
-    return np.frombuffer(data, dtype=np.uint8)
-
-
-def read_image(path: str | os.PathLike, max_pixels: int | None = None, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Decode `path` as stored (grayscale, BGR or BGRA; any bit depth), or as cv2.imdecode's `flags` say (e.g.
-    cv2.IMREAD_GRAYSCALE); DatasetError if impossible, or when its header says it has more than `max_pixels` pixels
-    (None: data.max_image_pixels), which is never decoded."""
-    path = Path(path)
-    img = cv2.imdecode(_read_checked(path, max_pixels), flags)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if img is None or img.size == 0:
         raise DatasetError(f"{path}: not a decodable image")
     return img

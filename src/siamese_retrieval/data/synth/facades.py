@@ -507,15 +507,12 @@ def paint_ground(cfg: SynthConfig, width_m: float, length_m: float, rng: np.rand
 class StreetScene:
     """Everything drawn for one street: strips and props, in the street frame."""
 
-    street: int
     width: float  # wall-to-wall
     x_start: float  # street x of strip column 0 (left wall, ground); the right wall runs backwards
-    length_m: float
     left: tuple[np.ndarray, np.ndarray, np.ndarray]
     right: tuple[np.ndarray, np.ndarray, np.ndarray]
     ground: np.ndarray
     props: list[tuple[str, float, float, float, tuple]]  # (kind, x, y, height_m, colour)
-    sky_seed: int
     backdrop: tuple
 
 
@@ -545,4 +542,4 @@ def build_street(street: int, cfg: SynthConfig, archetypes: list[Archetype] | No
                 props.append(("tree", x, side * inner, rng.uniform(4.0, 7.0), tuple(float(c) for c in g)))
             x += spacing * rng.uniform(0.7, 1.3)
     backdrop = (rng.uniform(8, 25), tuple(float(c) for c in _hsv(rng.uniform(90, 120), rng.uniform(5, 40), rng.uniform(120, 180))))
-    return StreetScene(street, width, -pad, length, left, right, ground, props, int(rng.integers(2**31)), backdrop)
+    return StreetScene(width, -pad, left, right, ground, props, backdrop)

@@ -49,9 +49,8 @@ class PairRecipe:
 
     @classmethod
     def default(cls, **overrides) -> "PairRecipe":
-        """Up to 4 positives, 2 soft and 6 hard negatives per query, target sim (fields overridable)."""
-        base = dict(positives_per_query=4, soft_negatives_per_query=2, hard_negatives_per_query=6)
-        return cls(**{**base, **overrides})
+        """Up to 4 positives, 2 soft and 6 hard negatives per query, target sim: the field defaults (overridable)."""
+        return cls(**overrides)
 
     @classmethod
     def light(cls, **overrides) -> "PairRecipe":

@@ -207,14 +207,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> None:
-    """An .npz cache written under a temporary name and renamed: a killed writer leaves no half file."""
-    import numpy as np
-
-    with atomic_file(path, suffix=".npz") as f:  # a file object: np.savez would otherwise append .npz to the name
-        np.savez(f, **arrays)
-
-
 def make_temp_dir(path: str | os.PathLike) -> Path:
     """A new, empty, private (0700) directory beside the cache directory `path`, to be filled and then
     `publish_dir`-ed: `.<name>.tmp-<random>-<pid>`, made by mkdtemp, so it is never an existing name or a planted
@@ -266,20 +258,6 @@ def _no_link(path: Path) -> Path:
     return path
 
 
-def load_npz_cache(path: Path, keys: Sequence[str], what: str, logger: logging.Logger = log) -> dict[str, Any] | None:
-    """The arrays of an .npz cache, or None (the file deleted, with a warning to `logger`) when it cannot be read. A
-    link under `path` is not opened (O_NOFOLLOW): unreadable, so removed and rebuilt."""
-    import numpy as np
-
-    try:
-        with os.fdopen(_open_nofollow(path, os.O_RDONLY), "rb") as f, np.load(f, allow_pickle=False) as z:
-            return {k: z[k] for k in keys}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        logger.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, exc)
-        safe_remove(path, ignore_errors=True)
-        return None
-
-
 def cached_npz(
     path: Path | None,
     keys: Sequence[str],
@@ -294,26 +272,31 @@ def cached_npz(
     `problem(arrays)`, when given, says why the arrays cannot be used (None: they can), in the one warning.
     What a cache holds is data: check every array the caller uses (dtype, shape, values), not only one of
     them. No cache when `path` is None. `what` names the cache in the messages ("image" -> "image
-    cache hit"), which go to `logger` (the caller's)."""
+    cache hit"), which go to `logger` (the caller's). Written under a temporary name and renamed (`atomic_file`):
+    a killed writer leaves no half file."""
+    import numpy as np
+
     if path is not None:
         path = Path(path)
         check_cache_entry(path, what, "file", logger)
         if path.is_file():
-            arrays = load_npz_cache(path, keys, what, logger)
-            why = None
-            if arrays is not None and problem is not None:
-                why = problem(arrays)
-            if why is not None:
-                logger.warning("%s cache %s %s; rebuilding it", what, path, why)
-                safe_remove(path, ignore_errors=True)
-                arrays = None
-            if arrays is not None:
-                logger.info("%s cache hit: %s", what, path)
-                return arrays
+            try:  # O_NOFOLLOW: a link planted under `path` since the check is unreadable, so removed and rebuilt
+                with os.fdopen(_open_nofollow(path, os.O_RDONLY), "rb") as f, np.load(f, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in keys}
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                why = f"is unreadable ({exc})"
+            else:
+                why = problem(arrays) if problem is not None else None
+                if why is None:
+                    logger.info("%s cache hit: %s", what, path)
+                    return arrays
+            logger.warning("%s cache %s %s; rebuilding it", what, path, why)
+            safe_remove(path, ignore_errors=True)
     arrays = dict(compute())
     if path is not None:
         check_cache_entry(path, what, "file", logger)  # what appeared there while computing
-        atomic_save_npz(path, **arrays)
+        with atomic_file(path, suffix=".npz") as f:  # a file object: np.savez would otherwise append .npz to the name
+            np.savez(f, **arrays)
     return arrays
 
 

@@ -251,8 +251,9 @@ def publish_dir(tmp: Path, path: Path, what: str, keep_existing: Callable[[Path]
     raise OSError(errno.EEXIST, f"{what} cache keeps reappearing while being replaced", str(path))
 
 
-def _no_link(path: Path) -> Path:
-    """`path`, or ValueError when it is a symbolic link (a cache's member files are read, never followed)."""
+def no_link(path: Path) -> Path:
+    """`path`, or ValueError when it is a symbolic link (a cache's member files are read, never followed: in a
+    shared cache folder a planted link must not redirect the read)."""
     if os.path.islink(path):
         raise ValueError(f"{path.name} is a symbolic link")
     return path
@@ -371,7 +372,7 @@ def _open_arrays(path: Path, specs: ArraySpecs) -> dict[str, np.ndarray] | None:
 
     arrays = {}
     for name, (shape, dtype) in specs.items():
-        arr = np.load(_no_link(path / f"{name}.npy"), mmap_mode="c", allow_pickle=False)
+        arr = np.load(no_link(path / f"{name}.npy"), mmap_mode="c", allow_pickle=False)
         if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype) or not arr.flags.c_contiguous:
             return None
         arrays[name] = arr

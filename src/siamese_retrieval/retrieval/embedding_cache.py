@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from siamese_retrieval.errors import UserError
-from siamese_retrieval.io_utils import check_cache_entry, make_temp_dir, publish_dir, safe_remove, stable_hash
+from siamese_retrieval.io_utils import check_cache_entry, make_temp_dir, no_link, publish_dir, safe_remove, stable_hash
 from siamese_retrieval.retrieval.index import (
     IndexConfig,
     build_index,
@@ -82,14 +82,6 @@ def cache_key(ckpt_path: str | os.PathLike, dataset: Any, inputs_cfg: dict[str, 
     }
 
 
-def _member(entry: Path, name: str) -> Path:
-    """A file of the entry, never through a symbolic link (a shared cache folder: a planted one is not followed)."""
-    path = entry / name
-    if os.path.islink(path):
-        raise ValueError(f"{name} is a symbolic link")
-    return path
-
-
 def embeddings_problem(emb: np.ndarray, n_db: int, dim: int | None) -> str | None:
     """Why cached embeddings cannot be this database's (None: they can): (n_db, dim) float32, finite."""
     if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[0] != n_db or (dim is not None and emb.shape[1] != dim):
@@ -107,12 +99,12 @@ def _read_entry(entry: Path, key: dict, index_cfg: IndexConfig,
     kind, float32 finite embeddings. Anything else is one warning and None (rebuilt). The entry is data: read with
     allow_pickle=False, never through a link."""
     try:
-        meta = json.loads(_member(entry, "meta.json").read_text())
+        meta = json.loads(no_link(entry / "meta.json").read_text())
         if not isinstance(meta, dict) or meta.get("key") != json.loads(json.dumps(key)):
             log.warning("embedding cache %s does not match its key; rebuilding it", entry)
             return None
-        emb = np.load(_member(entry, "embeddings.npy"), allow_pickle=False)
-        index = load_index(_member(entry, "index.faiss"), use_gpu=False)
+        emb = np.load(no_link(entry / "embeddings.npy"), allow_pickle=False)
+        index = load_index(no_link(entry / "index.faiss"), use_gpu=False)
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
         log.warning("embedding cache %s is unreadable (%s); rebuilding it", entry, exc)
         return None

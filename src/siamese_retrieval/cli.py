@@ -396,32 +396,33 @@ class OutputDirCheck(_HydraCallback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Claim (or resume) the run directory; a UserError is one line and exit 2, not Hydra's traceback."""
         global _claimed_run_dir, _created_parents
-        path = str(config.hydra.run.dir)
-        if _timestamped(config.hydra.run, "dir"):
-            resumed = _resumed_run_dir(config)
-            path = str(resumed) if resumed is not None else _claim(path, unique=True)
-            _claimed_run_dir = None if resumed is not None else path
-            with read_write(config.hydra.run):
-                config.hydra.run.dir = path
-        elif not Path(path).exists():  # a fixed or named folder this run creates (retrieve's outputs/retrieve)
-            _claimed_run_dir = path
-            _created_parents = [p for p in Path(path).absolute().parents if not p.exists()]
-        self._check(path)
+        try:
+            path = str(config.hydra.run.dir)
+            if _timestamped(config.hydra.run, "dir"):
+                resumed = _resumed_run_dir(config)
+                path = str(resumed) if resumed is not None else _claim(path, unique=True)
+                _claimed_run_dir = None if resumed is not None else path
+                with read_write(config.hydra.run):
+                    config.hydra.run.dir = path
+            elif not Path(path).exists():  # a fixed or named folder this run creates (retrieve's outputs/retrieve)
+                _claimed_run_dir = path
+                _created_parents = [p for p in Path(path).absolute().parents if not p.exists()]
+            check_writable_dir(path)
+        except UserError as exc:
+            _fail(str(exc))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check the sweeper's storage, claim the sweep directory; a UserError is one line, exit 2."""
         from siamese_retrieval.sweeper_storage import check_sweeper_storage
 
-        check_sweeper_storage(config)  # an unusable Optuna storage file: refused before the sweep dir is made
-        path = str(config.hydra.sweep.dir)
-        if _timestamped(config.hydra.sweep, "dir"):
-            global _claimed_run_dir
-            _claimed_run_dir = _claim(path, unique=False)
-        self._check(path)
-
-    @staticmethod
-    def _check(path: str) -> None:
+        global _claimed_run_dir
         try:
+            check_sweeper_storage(config)  # an unusable Optuna storage file: refused before the sweep dir is made
+            path = str(config.hydra.sweep.dir)
+            if _timestamped(config.hydra.sweep, "dir"):
+                _claimed_run_dir = _claim(path, unique=False)
             check_writable_dir(path)
         except UserError as exc:
             _fail(str(exc))
@@ -430,9 +431,10 @@ class OutputDirCheck(_HydraCallback):
 def _resumed_run_dir(config: DictConfig) -> Path | None:
     """The run directory a training run continues (`ckpt_path=last` / `ckpt_path=<run dir>`), else None.
 
-    Exit 2 with one line when `ckpt_path=last` finds no run to continue, or a directory holds no last.ckpt.
+    UserError when `ckpt_path=last` finds no run to continue, a directory holds no last.ckpt, or the run to
+    continue could not record its result (before any training).
     """
-    from siamese_retrieval.resume import LAST_CKPT, find_unfinished_run, runs_root
+    from siamese_retrieval.resume import LAST_CKPT, check_continuable, find_unfinished_run, runs_root
 
     if config.get("task_name") != "train":
         return None
@@ -445,27 +447,18 @@ def _resumed_run_dir(config: DictConfig) -> Path | None:
                                 lambda text: OmegaConf.create({"v": text}, parent=config).v)
         found = find_unfinished_run(root, depth, list(config.hydra.overrides.task))
         if found is None:
-            _fail(f"ckpt_path=last: no unfinished run of these overrides under {root}; start one without ckpt_path")
-        _continuable(found, "ckpt_path=last")
+            raise UserError(f"ckpt_path=last: no unfinished run of these overrides under {root}; "
+                            f"start one without ckpt_path")
+        check_continuable(found, "ckpt_path=last")
         print(f"ckpt_path=last: resuming {found}", file=sys.stderr)
         return found
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_dir():
         return None  # a checkpoint file: a new run directory
     if not (path / LAST_CKPT).is_file():
-        _fail(f"ckpt_path: run directory {ckpt_path} holds no {LAST_CKPT.as_posix()}")
-    _continuable(path, "ckpt_path")
+        raise UserError(f"ckpt_path: run directory {ckpt_path} holds no {LAST_CKPT.as_posix()}")
+    check_continuable(path, "ckpt_path")
     return path
-
-
-def _continuable(run_dir: Path, how: str) -> None:
-    """Exit 2 with one line, before any training, when the run to continue could not record its result."""
-    from siamese_retrieval.resume import check_continuable
-
-    try:
-        check_continuable(run_dir, how)
-    except UserError as exc:
-        _fail(str(exc))
 
 
 _claimed_run_dir: str | None = None  # the timestamped run or sweep directory this process created (OutputDirCheck)
@@ -509,7 +502,7 @@ def _claim(path: str, unique: bool) -> str:
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
-        return path  # _check reports it
+        return path  # check_writable_dir reports it
     for n in range(1000):
         candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
         try:
@@ -520,5 +513,5 @@ def _claim(path: str, unique: bool) -> str:
                 _fail(f"sweep directory {base} is already used by another sweep started in the same second; "
                       f"start this one again")
         except OSError:
-            return str(candidate)  # _check reports it
+            return str(candidate)  # check_writable_dir reports it
     return path

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from hydra.experimental.callback import Callback as _HydraCallback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from siamese_retrieval.errors import UserError, first_line
+from siamese_retrieval.errors import UserError, fail, first_line
 from siamese_retrieval.run_outputs import check_writable_dir, hydra_mode, task_overrides, write_metrics_json
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
             if message is not None:
                 if hydra_mode() == "MULTIRUN":
                     return sweeper_value(mark_job_failed(cfg, message))
-                print(f"error: {message}", file=sys.stderr)
-                sys.exit(2)
+                fail(message)
             if hydra_mode() != "MULTIRUN":
                 raise
             log.exception("job crashed")
@@ -166,10 +165,8 @@ def run_entry_point(main: Callable[[], Any]) -> None:
                 traceback.print_exc()  # not a config error Hydra knows: as Hydra would print it, exit 2 as before
                 sys.exit(2)
             remove_unused_run_dir(_claimed_run_dir)  # a sweep refused by its launcher: only multirun.yaml is there
-            print(f"error: {line}", file=sys.stderr)
-            sys.exit(2)
-        print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+            fail(line)
+        fail(hydra_error_line(exc))
     finally:
         _restore_full_error()
 
@@ -411,7 +408,7 @@ class OutputDirCheck(_HydraCallback):
                 _created_parents = [p for p in Path(path).absolute().parents if not p.exists()]
             check_writable_dir(path)
         except UserError as exc:
-            _fail(str(exc))
+            fail(str(exc))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Check the sweeper's storage, claim the sweep directory; a UserError is one line, exit 2."""
@@ -425,7 +422,7 @@ class OutputDirCheck(_HydraCallback):
                 _claimed_run_dir = _claim(path, unique=False)
             check_writable_dir(path)
         except UserError as exc:
-            _fail(str(exc))
+            fail(str(exc))
 
 
 def _resumed_run_dir(config: DictConfig) -> Path | None:
@@ -484,11 +481,6 @@ def remove_unused_run_dir(path: str | None) -> None:
             break
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _timestamped(node: DictConfig, key: str) -> bool:
     raw = OmegaConf.to_container(node, resolve=False).get(key)
     return isinstance(raw, str) and "${now:" in raw
@@ -510,8 +502,8 @@ def _claim(path: str, unique: bool) -> str:
             return str(candidate)
         except FileExistsError:
             if not unique:
-                _fail(f"sweep directory {base} is already used by another sweep started in the same second; "
-                      f"start this one again")
+                fail(f"sweep directory {base} is already used by another sweep started in the same second; "
+                     f"start this one again")
         except OSError:
             return str(candidate)  # check_writable_dir reports it
     return path

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from siamese_retrieval.cli import report_user_errors, run_entry_point
 from siamese_retrieval.configs import register_schemas
+from siamese_retrieval.errors import fail
 from siamese_retrieval.sweeper_storage import check_sweeper_storage, sqlite_path
 
 CONF_PACKAGE = "siamese_retrieval.conf"
@@ -209,9 +210,7 @@ class SweeperStorageDir(_HydraCallback):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(f"error: cannot create {path.parent} for the sweeper's storage ({exc.strerror or exc})",
-                  file=sys.stderr)
-            sys.exit(2)
+            fail(f"cannot create {path.parent} for the sweeper's storage ({exc.strerror or exc})")
 
 
 COMMANDS = {"train": train_main, "evaluate": evaluate_main, "retrieve": retrieve_main, "compare": compare_main}

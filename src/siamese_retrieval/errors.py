@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 
 class UserError(Exception):
@@ -22,6 +23,13 @@ class ConfigError(UserError):
 class UnknownComponent(ConfigError):
     """A name that no registry of this process holds: a typo, or a component of the user's module that was not
     imported; its message (registry.unknown_component) says `imports=[...]` wherever it is raised."""
+
+
+def fail(message: str) -> NoReturn:
+    """End the process as every refusal does: `error: <message>` on stderr, exit code 2 (here, importable before
+    torch, so that Hydra callbacks and entry points share one wording)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 # ---------------------------------------------------------------------- wording a value read from a file

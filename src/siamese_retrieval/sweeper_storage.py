@@ -4,13 +4,12 @@ one line and exit code 2, and is left exactly as it is (read only)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from siamese_retrieval.errors import one_line
+from siamese_retrieval.errors import fail, one_line
 
 
 def sqlite_path(storage: Any) -> Path | None:
@@ -41,9 +40,8 @@ def check_sweeper_storage(config: DictConfig) -> None:
     if problem is not None:
         if path.is_symlink():
             path = f"{path} (a symbolic link to {os.readlink(path)})"
-        print(f"error: hydra.sweeper.storage: {path} {problem}; it was left as it is: move it away, or set "
-              f"hydra.sweeper.storage=sqlite:///<another file> (a new file starts a new study)", file=sys.stderr)
-        sys.exit(2)
+        fail(f"hydra.sweeper.storage: {path} {problem}; it was left as it is: move it away, or set "
+             f"hydra.sweeper.storage=sqlite:///<another file> (a new file starts a new study)")
 
 
 def sqlite_storage_problem(path: Path) -> str | None:

@@ -67,13 +67,10 @@ class Group:
     key: tuple[str, ...]
     jobs: list[Job]
 
-    def values(self, metric: str) -> list[float]:
-        return [j.metrics[metric] for j in self.jobs if isinstance(j.metrics.get(metric), (int, float))
-                and not math.isnan(j.metrics[metric])]
-
     def mean_std(self, metric: str) -> tuple[float, float, int]:
         """Mean, sample standard deviation (0 for one seed) and the number of seeds with a value."""
-        vals = self.values(metric)
+        vals = [j.metrics[metric] for j in self.jobs if isinstance(j.metrics.get(metric), (int, float))
+                and not math.isnan(j.metrics[metric])]
         if not vals:
             return float("nan"), float("nan"), 0
         return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)

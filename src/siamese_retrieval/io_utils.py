@@ -264,13 +264,13 @@ def cached_npz(
     keys: Sequence[str],
     what: str,
     compute: Callable[[], Mapping[str, Any]],
+    problem: Callable[[dict[str, Any]], str | None],
     logger: logging.Logger = log,
-    problem: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> dict[str, Any]:
     """The arrays `keys` of the .npz cache at `path` when it is readable and `problem(arrays)` finds no fault;
     otherwise `compute()`'s arrays, written to `path` atomically. A bad cache is deleted with a warning,
     and so is a symbolic link (or folder) under `path`: never followed, rebuilt (`check_cache_entry`).
-    `problem(arrays)`, when given, says why the arrays cannot be used (None: they can), in the one warning.
+    `problem(arrays)` says why the arrays cannot be used (None: they can), in the one warning.
     What a cache holds is data: check every array the caller uses (dtype, shape, values), not only one of
     them. No cache when `path` is None. `what` names the cache in the messages ("image" -> "image
     cache hit"), which go to `logger` (the caller's). Written under a temporary name and renamed (`atomic_file`):
@@ -287,7 +287,7 @@ def cached_npz(
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 why = f"is unreadable ({exc})"
             else:
-                why = problem(arrays) if problem is not None else None
+                why = problem(arrays)
                 if why is None:
                     logger.info("%s cache hit: %s", what, path)
                     return arrays
@@ -480,10 +480,10 @@ def release_mapped_pages(force: bool = False) -> int:
 # ----------------------------------------------------------------------------------------- keys
 
 
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """Short content hash of a JSON-serialisable object (cache keys)."""
+def stable_hash(obj: Any) -> str:
+    """Short (16 hex digits) content hash of a JSON-serialisable object (cache keys)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def file_fingerprint(paths: list[Path]) -> str:

@@ -104,7 +104,7 @@ def _shortest_unique(key: str, keys: Sequence[str]) -> str:
     return key
 
 
-def job_token(cfg: DictConfig | None = None) -> str | None:
+def job_token(cfg: DictConfig) -> str | None:
     """`job<N>` for a multirun job (N = hydra.job.num, its directory), `trial<N>` under the Optuna sweeper
     (N = the trial's number in its study); None for a single run. `cfg`: the job's config (it resolves the
     sweeper's storage path)."""
@@ -142,12 +142,11 @@ def optuna_trial_number(overrides: Sequence[str], storage: str | None, study_nam
     return None
 
 
-def _sweeper_storage(hc: Any, cfg: DictConfig | None) -> tuple[str | None, str | None]:
+def _sweeper_storage(hc: Any, cfg: DictConfig) -> tuple[str | None, str | None]:
     """hydra.sweeper.storage / study_name, resolved against the job's config (they name ${paths...}, ${model...})."""
     try:
         root = OmegaConf.create({"hydra": {"sweeper": OmegaConf.to_container(hc.sweeper, resolve=False)}})
-        if cfg is not None:
-            root = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=False), root)
+        root = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=False), root)
         return (OmegaConf.select(root, "hydra.sweeper.storage", default=None),
                 OmegaConf.select(root, "hydra.sweeper.study_name", default=None))
     except Exception as exc:  # noqa: BLE001
@@ -289,9 +288,9 @@ def wandb_run_info(loggers: Iterable[Any]) -> dict[str, str] | None:
     return None
 
 
-def write_summary(loggers: Iterable[Any], values: Mapping[str, Any], skip: tuple[str, ...] = ("val/",)) -> None:
-    """Set W&B summary values; keys under `skip` keep their define_metric summary (best + last)."""
-    kept = {k: v for k, v in values.items() if not k.startswith(skip)}
+def write_summary(loggers: Iterable[Any], values: Mapping[str, Any]) -> None:
+    """Set W&B summary values; val/ keys keep their define_metric summary (best + last)."""
+    kept = {k: v for k, v in values.items() if not k.startswith("val/")}
     for run in wandb_runs(loggers):
         run.summary.update(kept)
 
@@ -301,8 +300,8 @@ def write_summary(loggers: Iterable[Any], values: Mapping[str, Any], skip: tuple
 THUMB = (96, 72)  # (W, H) of the table's image cells
 
 
-def per_query_table(dataset: Any, ranking: Any, top_k: int = 5, image_rows: int = 100,
-                    thumb_size: tuple[int, int] = THUMB) -> tuple[list[str], list[list[Any]]]:
+def per_query_table(dataset: Any, ranking: Any, top_k: int = 5,
+                    image_rows: int = 100) -> tuple[list[str], list[list[Any]]]:
     """Columns and rows of the per-query W&B table: one row per query of the ranking.
 
     query (image, grey border), query_path, first_positive_rank (1-based; 0: no positive in the database),
@@ -321,7 +320,7 @@ def per_query_table(dataset: Any, ranking: Any, top_k: int = 5, image_rows: int 
         key = (kind, i, colour == GREEN)
         if key not in thumbs:
             path = dataset.query_file(i) if kind == "q" else dataset.db_file(i)
-            framed = np.pad(thumb(path, thumb_size), ((3, 3), (3, 3), (0, 0)), mode="constant")
+            framed = np.pad(thumb(path, THUMB), ((3, 3), (3, 3), (0, 0)), mode="constant")
             framed[:3], framed[-3:], framed[:, :3], framed[:, -3:] = colour, colour, colour, colour
             thumbs[key] = wandb.Image(framed, caption=caption)
         return thumbs[key]

@@ -339,8 +339,8 @@ MUTATIONS: list[Mutation] = [
       "tuning accepts a setting on the UPPER confidence bound of its recall (sign error)"),
     # ------------------------------------------------------------------ sparse ground truth
     M("sparse-lookup-match", "sparse ground truth", TRUTH,
-      "found &= keys_sorted[pos_c] == keys",
-      "found &= keys_sorted[pos_c] >= keys",
+      "found = valid & (keys_sorted[pos] == keys)",
+      "found = valid & (keys_sorted[pos] >= keys)",
       [T_STREAM],
       "sparse lookup accepts the next stored pair, not only an exact (query, id) match"),
     M("sparse-lookup-negative-ids", "sparse ground truth", TRUTH,

@@ -369,6 +369,13 @@ def env(**values: str) -> Prep:
     return step
 
 
+def fresh_wandb(ctx: Ctx) -> None:
+    """wandb set up anew, as in a new process: an earlier test's offline setup makes wandb.login answer False."""
+    import wandb
+
+    wandb.teardown()
+
+
 def write(rel: str, content: bytes | str | Callable[[Ctx], bytes]) -> Prep:
     """<user>/<rel> with these bytes (a callable: made from the case's fixtures)."""
     def step(ctx: Ctx) -> None:
@@ -939,7 +946,7 @@ CASES: list[Case] = [
          (NO_WANDB_LOGIN,)),
     Case("wandb_online_without_a_login_evaluate", "evaluate",
          ["data=synth_tiny", "method=orb_ransac", "split=all", "logger=wandb"],  # refused before it evaluates
-         prep(session_cache, env(WANDB_MODE="online", WANDB_API_KEY="", HOME="<user>", WANDB_CONFIG_DIR="<user>")),
+         prep(session_cache, fresh_wandb, env(WANDB_MODE="online", WANDB_API_KEY="", HOME="<user>", WANDB_CONFIG_DIR="<user>")),
          (NO_WANDB_LOGIN,)),
     # ---------------------------------------------------------------- a Hydra plugin's config, its extra not installed
     Case("plugin_slurm_launcher", "train", ["-m", "experiment=keypoint_vs_cnn", "hydra/launcher=slurm", "trainer=gpu"],

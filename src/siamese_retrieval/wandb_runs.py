@@ -246,7 +246,7 @@ def make_loggers(settings: Mapping[str, dict], config: Mapping[str, Any], log_mo
             if not type(exc).__module__.startswith("wandb."):
                 raise
             finish_loggers(loggers)  # no API key, no network: one line, not wandb's traceback
-            raise _no_wandb_run(key, settings[key].get("mode"), exc) from None
+            raise _no_wandb_run(key, settings[key].get("mode"), load_failure(exc)) from None
     return loggers
 
 
@@ -258,15 +258,15 @@ def check_wandb_login(cfg: DictConfig) -> None:
             continue
         import wandb
 
-        try:
-            wandb.login(verify=False)  # no network: only whether a key is there
+        try:  # verify=False: the key is not checked with the server here, wandb.init does that. It returns
+            wandb.login(verify=False)  # False where this process set wandb up offline before: make_loggers tells
         except wandb.errors.UsageError as exc:
-            raise _no_wandb_run(key, "online", exc) from None
+            raise _no_wandb_run(key, "online", load_failure(exc)) from None
 
 
-def _no_wandb_run(key: str, mode: Any, exc: Exception) -> UserError:
-    return UserError(f"logger.{key}: W&B could not start its run in mode {mode!r} ({load_failure(exc)}); run "
-                     "`wandb login` first, or log offline (the default) and upload later with `wandb sync`")
+def _no_wandb_run(key: str, mode: Any, reason: str) -> UserError:
+    return UserError(f"logger.{key}: W&B could not start its run in mode {mode!r} ({reason}); run `wandb login` "
+                     "first, or log offline (the default) and upload later with `wandb sync`")
 
 
 def wandb_runs(loggers: Iterable[Any]) -> list[Any]:

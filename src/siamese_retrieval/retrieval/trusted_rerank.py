@@ -164,7 +164,7 @@ def load_rule(path: Path) -> TrustRule | None:
 
 
 def rule_path(cache_dir: Path, key: dict[str, Any]) -> Path:
-    return Path(cache_dir) / f"trust-rule-{stable_hash({'v': RULE_VERSION, **key})[:16]}.json"
+    return Path(cache_dir) / f"trust-rule-{stable_hash({'v': RULE_VERSION, **key})}.json"
 
 
 class TrustedReranker:

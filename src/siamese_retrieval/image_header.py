@@ -34,7 +34,7 @@ from siamese_retrieval.errors import ConfigError, DatasetError
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (they carry the size): SOF0-3, 5-7, 9-11, 13-15 (0xC4 DHT, 0xC8 JPG, 0xCC DAC are not)
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -74,31 +74,45 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the first frame header, walking the segments (not the scans) from the start."""
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(marker, position of its 0xFF, payload start, length field) of each segment of the JPEG `data`: the one
+    walker of untrusted JPEG structure, shared by the size reader here and the dataset check (data/dataset.py).
+
+    Markers without a length are skipped. The end-of-image marker (EOI, yielded with length 0) and a segment with
+    a length below 2 (yielded) end the walk; so does data that ends before a marker or its length field.
+    """
     n, i = len(data), 2
-    while i < n:
-        j = data.find(b"\xff", i)
+    while True:
+        j = data.find(b"\xff", i)  # a marker; anything before it is junk that decoders skip
         while 0 <= j < n - 1 and data[j + 1] == 0xFF:  # fill bytes
             j += 1
         if j < 0 or j >= n - 1:
-            return None
+            return
         marker, i = data[j + 1], j + 2
-        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length
+        if marker == 0xD9:  # EOI
+            yield marker, j, i, 0
+            return
+        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # stuffed byte, TEM, SOI, RSTn: no length
             continue
+        if i + 2 > n:
+            return
+        length = int.from_bytes(data[i : i + 2], "big")
+        yield marker, j, i, length
+        if length < 2:
+            return
+        i += length
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the first frame header, walking the segments (not the scans) from the start."""
+    for marker, _, i, length in jpeg_segments(data):
         if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header: no size
             return None
-        if i + 2 > n:
-            return None
-        length = int.from_bytes(data[i : i + 2], "big")
         if marker in _SOF_MARKERS:
-            if length < 7 or i + 7 > n:
+            if length < 7 or i + 7 > len(data):
                 return None
             height, width = int.from_bytes(data[i + 3 : i + 5], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
             return width, height
-        if length < 2:
-            return None
-        i += length
     return None
 
 
@@ -127,7 +141,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the header of the encoded image `data` (the file's bytes), None when no header says
     it. Never decodes."""
     data = data if isinstance(data, bytes) else bytes(data)
-    if data.startswith(_PNG_SIGNATURE):
+    if data.startswith(PNG_SIGNATURE):
         return _png_size(data)
     if data.startswith(b"\xff\xd8"):
         return _jpeg_size(data)

@@ -29,7 +29,7 @@ import numpy as np
 
 from siamese_retrieval.data.ground_truth import DenseRelevance, GroundTruth, SparseRelevance
 from siamese_retrieval.errors import DatasetError, json_kind, json_snippet, one_line
-from siamese_retrieval.image_header import pixel_problem
+from siamese_retrieval.image_header import PNG_SIGNATURE, jpeg_segments, pixel_problem
 from siamese_retrieval.io_utils import atomic_path, atomic_write_json, file_fingerprint
 from siamese_retrieval.registry import LAYOUTS
 
@@ -373,7 +373,6 @@ def _read_gt(path: Path, n_query: int, n_db: int) -> tuple[np.ndarray, np.ndarra
 
 # ----------------------------------------------------------------------------------------- images
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TRUNCATED_JPEG = "truncated JPEG (the data ends before the end-of-image marker)"
 
 
@@ -384,31 +383,19 @@ def _jpeg_problem(data: bytes) -> str | None:
     cut short. Decoders differ here (OpenCV 4 fills the missing part with grey and prints a warning), so
     truncation is decided from the structure, whatever the decoder does.
     """
-    n, i = len(data), 2
-    while True:
-        j = data.find(b"\xff", i)  # a marker; anything before it is junk that decoders skip
-        while 0 <= j < n - 1 and data[j + 1] == 0xFF:  # fill bytes
-            j += 1
-        if j < 0 or j >= n - 1:
-            return _TRUNCATED_JPEG
-        marker, i = data[j + 1], j + 2
+    for marker, j, i, length in jpeg_segments(data):
         if marker == 0xD9:  # EOI
             return None
-        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # stuffed byte, TEM, SOI, RSTn: no length
-            continue
-        if i + 2 > n:
-            return _TRUNCATED_JPEG
-        length = int.from_bytes(data[i : i + 2], "big")
         if length < 2:
             return f"corrupt JPEG (segment 0xFF{marker:02X} at byte {j} has length {length})"
-        if i + length > n:
+        if i + length > len(data):
             return _TRUNCATED_JPEG
-        i += length  # after SOS, the scan's entropy-coded data follows: the search skips it (FF00, RSTn)
+    return _TRUNCATED_JPEG  # the data ends before a marker or a length field
 
 
 def _png_problem(data: bytes) -> str | None:
     """Walk a PNG's chunks up to IEND: a file that ends before it was cut short (trailing bytes are fine)."""
-    n, i = len(data), len(_PNG_SIGNATURE)
+    n, i = len(data), len(PNG_SIGNATURE)
     while i + 8 <= n:
         length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
         i += 12 + length  # length, type, data, CRC
@@ -452,7 +439,7 @@ def check_image(path: Path, max_pixels: int | None = None) -> str | None:
         return "image file is empty (0 bytes)"
     if data.startswith(b"\xff\xd8"):
         problem = _jpeg_problem(data)
-    elif data.startswith(_PNG_SIGNATURE):
+    elif data.startswith(PNG_SIGNATURE):
         problem = _png_problem(data)
     else:
         problem = None

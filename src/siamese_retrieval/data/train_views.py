@@ -36,20 +36,20 @@ def views_mapping(value: Any) -> dict[str, Any] | None:
     """`data.train_views` as a plain dict (None when null / empty); ConfigError when it is not a mapping."""
     if value is None or (isinstance(value, Mapping) and not value):
         return None
+    return _views_dict(value)
+
+
+def _views_dict(value: Any) -> dict[str, Any]:
+    """`data.train_views` as a plain dict; ConfigError when it is not a mapping (null too: a city is needed)."""
     if not isinstance(value, Mapping):
-        _not_a_mapping("data.train_views", value)
+        raise ConfigError(f"data.train_views={show(value, STR)}: must be a mapping of {TRAIN_VIEWS_NOTE} or null")
     return dict(value)
-
-
-def _not_a_mapping(where: str, value: Any) -> None:
-    raise ConfigError(f"{where}={show(value, STR)}: must be a mapping of {TRAIN_VIEWS_NOTE} or null")
 
 
 def synth_config(cfg: Mapping[str, Any], where: str = "data.train_views") -> SynthConfig:
     """A `data.synth`-style mapping (preset + field overrides) as a SynthConfig; ConfigError (naming `where`)
-    when it is not a mapping, names an unknown preset or field, or a field has a wrong type or range."""
-    if not isinstance(cfg, Mapping):
-        _not_a_mapping(where, cfg)
+    when it names an unknown preset or field, or a field has a wrong type or range. Its callers pass a dict
+    (views_config, the datamodule's `dict(synth)`): refusing a non-mapping is theirs."""
     values = dict(cfg)
     preset = values.pop("preset", "default")
     typed = {f.name for f in fields(TrainViews)}  # the knobs the schema types and ranges
@@ -82,9 +82,7 @@ def _field_problem(name: str, value: Any) -> str | None:
 def views_config(views: Mapping[str, Any], eval_city: SynthConfig | None) -> SynthConfig:
     """The training city of `data.train_views`. Its seed defaults to the evaluation city's and `first_street`
     (null) to the street right after the evaluation city's last one."""
-    if not isinstance(views, Mapping):
-        _not_a_mapping("data.train_views", views)
-    values = dict(views)
+    values = _views_dict(views)
     if eval_city is not None:
         values.setdefault("seed", eval_city.seed)
         if values.get("first_street") is None:

@@ -32,7 +32,7 @@ from siamese_retrieval.configs.search import OrbRansac
 from siamese_retrieval.parallel import chunked_map, opencv_single_threaded
 from siamese_retrieval.progress import counted, progress
 from siamese_retrieval.retrieval.index import set_faiss_threads
-from siamese_retrieval.retrieval.orb_features import Features
+from siamese_retrieval.retrieval.orb_features import Features, OrbFeatureConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,16 @@ _METHODS = {"usac": cv2.USAC_DEFAULT, "ransac": cv2.RANSAC, "rho": cv2.RHO}
 
 
 @dataclass(frozen=True)
-class OrbRansacConfig:
-    n_features: int = 1000  # ORB features per image
+class OrbRansacConfig(OrbFeatureConfig):
+    """OrbFeatureConfig's feature fields (declared there once) and RANSAC's; by keyword: the inherited come first."""
+
     ratio: float = 0.8  # Lowe's ratio test: best / second-best Hamming distance below this
     ransac_threshold: float = 5.0  # reprojection error (px, in the resized frame) for an inlier
     ransac_max_iters: int = 2000
     ransac_method: str = "usac"  # usac (cv2.USAC_DEFAULT, LO-RANSAC) | ransac (cv2.RANSAC) | rho (cv2.RHO)
     min_matches: int = 8  # fewer ratio-test matches than this: score 0 (4 is the homography minimum)
-    min_side: int = 240  # smaller images are upscaled first
-    max_side: int = 640  # larger images are downscaled first
-    fast_threshold: int = 20
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the orb_ransac schema checks the feature fields too (not `features`)
         check_fields(self, OrbRansac, "orb_ransac")
 
 

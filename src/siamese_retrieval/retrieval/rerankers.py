@@ -176,7 +176,6 @@ def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers
     is too little to learn from (also cached, as `abstain`)."""
     from dataclasses import asdict
 
-    from siamese_retrieval.data.ground_truth import as_ground_truth
     from siamese_retrieval.retrieval.learned_matches import TrainConfig
     from siamese_retrieval.retrieval.verifier_fit import TrainData, training_candidates
 
@@ -190,9 +189,7 @@ def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers
         if rule is not None:
             return None if rule.n_train == 0 else rule
     db, queries = dataset_orb_features(cfg, workers, train_ds, cache_dir)
-    truth = as_ground_truth(train_ds)
-    data = TrainData(queries, db, [train_ds.query_file(i) for i in range(train_ds.n_query)],
-                     [train_ds.db_file(j) for j in range(train_ds.n_db)], splits.train_q, splits.train_db, truth)
+    data = TrainData.of(train_ds, splits, db, queries)
     picked = training_candidates(data, TrainConfig(positives=2, partial=4, lookalikes=max(width - 6, 1), seed=0))
     ds_name = train_ds.name or Path(train_ds.root).name
     log.info("%s: fitting its trust rule on %s's training split (%d queries)", name, ds_name, len(picked))
@@ -200,7 +197,7 @@ def _fitted_trust_rule(train_ds: Any, splits: Any, cfg: OrbRansacConfig, workers
     if opinion_of is not None:
         evidence = with_opinion(evidence, opinion_of(train_ds))
     rule = fitted_rule(evidence, np.array([q for q, _ in picked], np.int64), [c for _, c in picked],
-                       lambda q, c: truth.lookup(np.array([q]), np.maximum(c, 0)[None])[0][0],
+                       lambda q, c: data.truth.lookup(np.array([q]), np.maximum(c, 0)[None])[0][0],
                        source=f"{ds_name} training split", width=width) if picked else None
     if path is not None:
         save_rule(rule or abstain, path)
@@ -236,7 +233,6 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
     combine=trusted (the default) is rerank=fused's abstaining rule with the verifier's agreement as a 7th feature:
     the verifier alone re-ordered real photographs worse than RANSAC (viewpoint stress set 0.93-0.95 recall@1
     against 0.98-1.0), so it vetoes or supports a promotion instead of choosing one."""
-    from siamese_retrieval.data.ground_truth import as_ground_truth
     from siamese_retrieval.retrieval import learned_matches as lm
     from siamese_retrieval.retrieval import verifier_fit
 
@@ -261,10 +257,7 @@ def learned_matches(cfg: Mapping[str, Any], source: RerankSource) -> Reranker:
         return loaded[id(ds)]
 
     train_db_feats, train_q_feats = features_of(train_ds)
-    data = verifier_fit.TrainData(train_q_feats, train_db_feats,
-                                  [train_ds.query_file(i) for i in range(train_ds.n_query)],
-                                  [train_ds.db_file(j) for j in range(train_ds.n_db)], splits.train_q, splits.train_db,
-                                  as_ground_truth(train_ds), key={"fingerprint": train_ds.fingerprint})
+    data = verifier_fit.TrainData.of(train_ds, splits, train_db_feats, train_q_feats, fingerprint=train_ds.fingerprint)
     net = verifier_fit.fit_or_load(data, lm_cfg, source.cache_dir, source.log_dir)
     db_feats, queries = features_of(source.dataset)
     q_feats = ([queries[int(i)] for i in source.query_idx] if source.query_idx is not None

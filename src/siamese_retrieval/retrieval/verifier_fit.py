@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from siamese_retrieval.data.ground_truth import as_ground_truth
 from siamese_retrieval.data.images import thumbnail
 from siamese_retrieval.errors import ConfigError, load_failure
 from siamese_retrieval.io_utils import atomic_path, check_cache_entry, stable_hash
@@ -62,6 +63,12 @@ class TrainData:
     train_db: np.ndarray
     truth: Any  # a GroundTruth (data/ground_truth.py)
     key: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ds: Any, splits: Any, db: Sequence[Features], queries: Sequence[Features], **key: Any) -> TrainData:
+        """The training split of a RetrievalDataset `ds`: built here once for the trust rule and the verifier."""
+        return cls(queries, db, [ds.query_file(i) for i in range(ds.n_query)], [ds.db_file(j) for j in range(ds.n_db)],
+                   splits.train_q, splits.train_db, as_ground_truth(ds), key)
 
 
 def training_candidates(data: TrainData, cfg: TrainConfig) -> list[tuple[int, np.ndarray]]:

@@ -52,9 +52,8 @@ def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfi
         except UserError as exc:
             if hydra_mode() == "MULTIRUN":
                 return sweeper_value(mark_job_failed(cfg, str(exc)))
-            print(f"error: {exc}", file=sys.stderr)
             remove_unused_run_dir(output_dir(cfg))
-            sys.exit(2)
+            fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - a multirun job's crash must not stop the sweep's other jobs
             message = storage_error(exc, output_dir(cfg))  # full disk / unwritable place: one line too
             if message is not None:
@@ -405,7 +404,7 @@ class OutputDirCheck(_HydraCallback):
                     config.hydra.run.dir = path
             elif not Path(path).exists():  # a fixed or named folder this run creates (retrieve's outputs/retrieve)
                 _claimed_run_dir = path
-                _created_parents = [p for p in Path(path).absolute().parents if not p.exists()]
+                _created_parents = _missing_parents(path)
             check_writable_dir(path)
         except UserError as exc:
             fail(str(exc))
@@ -486,11 +485,16 @@ def _timestamped(node: DictConfig, key: str) -> bool:
     return isinstance(raw, str) and "${now:" in raw
 
 
+def _missing_parents(path: str) -> list[Path]:
+    """The folders above `path` that do not exist yet, deepest first: made by creating it, removed on a refusal."""
+    return [p for p in Path(path).absolute().parents if not p.exists()]
+
+
 def _claim(path: str, unique: bool) -> str:
-    """Create `path` atomically; when it exists, `path-1`, `path-2`, ... (unique) or refuse (exit 2)."""
+    """Create `path` atomically; when it exists, `path-1`, `path-2`, ... (unique) or refuse (UserError)."""
     global _created_parents
     base = Path(path)
-    _created_parents = [p for p in base.absolute().parents if not p.exists()]
+    _created_parents = _missing_parents(path)
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -502,8 +506,8 @@ def _claim(path: str, unique: bool) -> str:
             return str(candidate)
         except FileExistsError:
             if not unique:
-                fail(f"sweep directory {base} is already used by another sweep started in the same second; "
-                     f"start this one again")
+                raise UserError(f"sweep directory {base} is already used by another sweep started in the same "
+                                f"second; start this one again")
         except OSError:
             return str(candidate)  # check_writable_dir reports it
     return path
